@@ -1,0 +1,103 @@
+"""Errors raised on bad input, each with a machine-readable ``reason`` for quarantine records.
+
+Every error names the offending path (or a pseudonymous case id) and never carries PHI: a message
+may quote file paths of the drop only before de-identification, and the ingest pipeline records
+only the ``reason`` and a PHI-free ``detail`` downstream.
+"""
+
+from __future__ import annotations
+
+
+class ImagingError(Exception):
+    """Base class: bad or unsupported imaging input. ``reason`` is a stable snake_case code."""
+
+    reason = "imaging_error"
+
+    def __init__(self, detail: str, *, path: str | None = None) -> None:
+        self.detail = detail
+        self.path = path
+        super().__init__(f"{detail} [{path}]" if path else detail)
+
+
+class UnreadableFileError(ImagingError):
+    """The file is missing, truncated, or not in the expected format."""
+
+    reason = "unreadable_file"
+
+
+class NotDicomError(UnreadableFileError):
+    """The file is not a DICOM Part 10 file (nor a preamble-less DICOM data set)."""
+
+    reason = "not_dicom"
+
+
+class NoPixelDataError(ImagingError):
+    reason = "no_pixel_data"
+
+
+class NoDecoderError(ImagingError):
+    """Pixel data in a transfer syntax for which no installed plugin has a decoder."""
+
+    reason = "no_decoder"
+
+
+class NotAnImageError(ImagingError):
+    """A non-image object (SR, RTPLAN, presentation state ...): skipped, with this reason."""
+
+    reason = "not_an_image"
+
+
+class EmptySeriesError(ImagingError):
+    """A folder or series with no image slices."""
+
+    reason = "no_slices"
+
+
+class TooFewSlicesError(ImagingError):
+    reason = "too_few_slices"
+
+
+class InconsistentGeometryError(ImagingError):
+    """Slices disagree on orientation or pixel spacing, or positions are not on one line."""
+
+    reason = "inconsistent_geometry"
+
+
+class MixedSliceSizeError(InconsistentGeometryError):
+    reason = "mixed_slice_sizes"
+
+
+class MissingSliceError(InconsistentGeometryError):
+    """A gap in the slice positions larger than the series' regular spacing."""
+
+    reason = "missing_slices"
+
+
+class UnevenSpacingError(InconsistentGeometryError):
+    reason = "uneven_slice_spacing"
+
+
+class DuplicatePositionError(InconsistentGeometryError):
+    """Several slices (e.g. several acquisitions) at one position."""
+
+    reason = "duplicate_slice_positions"
+
+
+class LabelGridMismatchError(ImagingError):
+    """A label volume does not lie on its image's voxel grid."""
+
+    reason = "label_grid_mismatch"
+
+
+class UnknownLabelValueError(ImagingError):
+    reason = "label_values_not_in_label_map"
+
+
+class EmptyImageError(ImagingError):
+    """An image whose voxels are all equal (nothing to learn from)."""
+
+    reason = "empty_image"
+
+
+class NonFiniteValuesError(ImagingError):
+    reason = "non_finite_values"

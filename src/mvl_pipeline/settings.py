@@ -1,0 +1,18 @@
+"""Kedro project settings."""
+
+from kedro.config import OmegaConfigLoader
+from omegaconf.resolvers import oc
+
+CONFIG_LOADER_CLASS = OmegaConfigLoader
+CONFIG_LOADER_ARGS = {
+    "base_env": "base",
+    "default_run_env": "local",
+    # conf/cluster reads site settings (bucket, MLflow URI ...) from the pod's environment,
+    # which the ConfigMap and Secret of k8s/ provide. Values, never secrets, live in git.
+    "custom_resolvers": {"oc.env": oc.env},
+    "config_patterns": {
+        "parameters": ["parameters*", "parameters*/**", "**/parameters*"],
+        "mlflow": ["mlflow*", "mlflow*/**"],
+        "globals": ["globals*", "globals*/**"],
+    },
+}

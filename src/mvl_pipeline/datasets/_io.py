@@ -3,9 +3,9 @@
 Saves are atomic. A single file is written to a temporary sibling and renamed into place (local)
 or uploaded in one PUT (object stores only show completed uploads). A multi-file artefact (a
 folder) is written with :func:`atomic_directory`: locally into a temporary sibling folder that is
-swapped in when complete; on object stores the folder's ``_COMPLETE`` marker is removed first and
-written last, and :func:`is_complete` is what loaders check. A crash mid-save therefore never
-leaves something a later load would accept.
+swapped in when complete; on object stores the folder's ``_COMPLETE`` marker is removed first
+(then any objects of an earlier version) and written last, and :func:`is_complete` is what
+loaders check. A crash mid-save therefore never leaves something a later load would accept.
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def atomic_directory(fs: fsspec.AbstractFileSystem, protocol: str, path: str) ->
 
     Local: a temporary sibling folder, swapped with any existing ``path`` at the end (the old
     version is removed only after the new one is in place). Object stores: ``path`` itself, with
-    its ``_COMPLETE`` marker deleted before the first write and written after the last.
+    its ``_COMPLETE`` marker deleted before the first write (then the earlier version's objects,
+    so that old and new files never mix) and written after the last.
     """
     if protocol == "file":
         parent = os.path.dirname(path.rstrip("/")) or "."
@@ -106,6 +107,10 @@ def atomic_directory(fs: fsspec.AbstractFileSystem, protocol: str, path: str) ->
         marker = join(path, COMPLETE_MARKER)
         if fs.exists(marker):
             fs.rm_file(marker)
+        # objects of an earlier version would otherwise mix with the new ones
+        stale = fs.find(path) if fs.isdir(path) else []
+        if stale:
+            fs.rm(stale)
         yield path
         fs.pipe_file(marker, b"")
         fs.invalidate_cache(path)

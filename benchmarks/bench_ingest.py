@@ -1,0 +1,224 @@
+"""Series assembly throughput (slices/s): our reader vs a bare pydicom loop vs SimpleITK.
+
+Usage::
+
+    PYTHONPATH=src python benchmarks/bench_ingest.py [--repeats 5] [--keep DIR]
+
+Two generated drops (written with ``write_image_series``; synthetic phantom pixels, generated
+headers, explicit VR little endian):
+
+- ``sample``: 16 series of 96x96x48 (like the sample drop),
+- ``large``: 8 series of 512x512x48 CT.
+
+For each drop, with the page cache warm and best-of-N timing over the whole drop:
+
+- ``pydicom_loop``: ``pydicom.dcmread(f).pixel_array`` for every file (no sorting, no stacking),
+- ``simpleitk``: ``ImageSeriesReader`` per series (``GetGDCMSeriesFileNames`` + ``Execute``),
+- ``ours``: ``assemble_series`` per series, one process (the headline ratios use this),
+- ``ours_2_processes_volumes``: ``assemble_many(..., executor=pool)``, a warm 2-process pool,
+  volumes handed back through ``/dev/shm`` (pool start-up is paid once per run, not timed),
+- ``ours_2_threads_volumes``: the same with a 2-thread pool (no transfer),
+- ``ours_summary`` / ``ours_2_processes_summary``: ``assemble_many(..., then=summary)`` in one
+  process / in the 2-process pool: each series is assembled and consumed where it was read and
+  only a small result comes back (``two_worker_speedup`` is their ratio).
+
+CPU seconds (this process plus the pool's workers, from /proc) are recorded too:
+``two_worker_speedup_cpu_estimate`` = 2 x single-process CPU / 2-process CPU is what two idle
+cores would give; on a shared machine the wall-clock ratio can be far below it.
+
+Headline ratios are for the large drop; ``sample_*`` keys repeat them for the small one. The
+last line printed is one JSON object. Timings on a shared machine are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+
+def _phantom(shape: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
+    """A body-like CT phantom in HU: air, an elliptic body of soft tissue, a bright spine, noise."""
+    x, y, z = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")
+    body = (x / 0.8) ** 2 + (y / 0.6) ** 2 < 1
+    values = np.where(body, 40.0, -1000.0)
+    values[((x / 0.1) ** 2 + ((y + 0.35) / 0.1) ** 2) < 1] = 700.0
+    values += 0.1 * z + rng.normal(0.0, 15.0, shape)
+    return values.astype(np.float32)
+
+
+def generate_drop(root: str, n_series: int, shape: tuple[int, int, int], seed: int) -> list[str]:
+    from mvl_pipeline.imaging.dicom_write import series_uids, write_image_series
+    from mvl_pipeline.imaging.volume import Volume, affine_from_geometry
+
+    rng = np.random.default_rng(seed)
+    folders = []
+    for index in range(n_series):
+        spacing = (350.0 / shape[0], 350.0 / shape[1], 2.5)
+        volume = Volume(_phantom(shape, rng), affine_from_geometry(spacing, (-175.0, -175.0, 0.0)))
+        uids = series_uids("bench", f"case-{seed}-{index}", n_slices=shape[2])
+        header = {
+            "PatientName": f"BENCH^{index}",
+            "PatientID": f"B{index:04d}",
+            "StudyDate": "20240101",
+        }
+        folder = os.path.join(root, f"series-{index:03d}")
+        os.makedirs(folder)
+        for ds in write_image_series(volume, header=header, uids=uids):
+            ds.save_as(os.path.join(folder, f"{ds.SOPInstanceUID}.dcm"), enforce_file_format=True)
+        folders.append(folder)
+    return folders
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) used so far by this process and the given child processes."""
+    total = time.process_time()
+    ticks = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total
+
+
+def best_of(repeats: int, run: Callable[[], object], pids: list[int]) -> tuple[float, float]:
+    """(best wall-clock seconds, mean CPU seconds over all processes) of ``repeats`` runs."""
+    times = []
+    cpu_start = cpu_seconds(pids)
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times), (cpu_seconds(pids) - cpu_start) / repeats
+
+
+def summary(volume) -> tuple[tuple[int, int, int], float]:
+    """What a worker hands back instead of the volume (cheap: shape and a sparse mean)."""
+    return volume.shape, float(volume.array[::8, ::8, :].mean())
+
+
+def bench_drop(folders: list[str], repeats: int, pool, threads) -> dict[str, float]:
+    import pydicom
+    import SimpleITK as sitk
+
+    from mvl_pipeline.imaging.dicom_series import assemble_many, assemble_series
+
+    series = [sorted(glob.glob(os.path.join(folder, "*.dcm"))) for folder in folders]
+    files = [f for s in series for f in s]
+    for path in files:  # warm the page cache for everyone
+        with open(path, "rb") as handle:
+            handle.read()
+
+    def pydicom_loop() -> None:
+        for path in files:
+            pydicom.dcmread(path).pixel_array  # noqa: B018
+
+    def simpleitk() -> None:
+        for folder in folders:
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(reader.GetGDCMSeriesFileNames(folder))
+            sitk.GetArrayViewFromImage(reader.Execute())
+
+    def ours() -> None:
+        for paths in series:
+            assemble_series(paths)
+
+    def checked(results: list) -> None:
+        assert not any(isinstance(r, Exception) for r in results), results
+
+    runs = {
+        "pydicom_loop": pydicom_loop,
+        "simpleitk": simpleitk,
+        "ours": ours,
+        # volumes handed to the caller: through /dev/shm from processes, in place from threads
+        "ours_2_processes_volumes": lambda: checked(assemble_many(series, executor=pool)),
+        "ours_2_threads_volumes": lambda: checked(assemble_many(series, executor=threads)),
+        # per-series work stays where the series was assembled (as an ingest node would do)
+        "ours_summary": lambda: checked(assemble_many(series, then=summary)),
+        "ours_2_processes_summary": lambda: checked(
+            assemble_many(series, executor=pool, then=summary)
+        ),
+    }
+    rates: dict[str, float] = {}
+    for name, run in runs.items():
+        run()  # warm-up (imports, pool workers, caches)
+        pids = list(pool._processes) if "processes" in name else []
+        wall, cpu = best_of(repeats, run, pids)
+        rates[name] = len(files) / wall
+        rates[f"cpu_s_per_1000_slices_{name}"] = 1000 * cpu / len(files)
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--keep", help="write the drops here instead of a temporary folder")
+    args = parser.parse_args()
+
+    from mvl_pipeline.imaging.dicom_series import process_pool
+
+    root = args.keep or tempfile.mkdtemp(prefix="bench-ingest-")
+    drops = {
+        "sample_16x96x96x48": generate_drop(os.path.join(root, "sample"), 16, (96, 96, 48), seed=1),
+        "large_8x512x512x48": generate_drop(os.path.join(root, "large"), 8, (512, 512, 48), seed=2),
+    }
+    pool = process_pool(2)
+    threads = ThreadPoolExecutor(2)
+    results = {}
+    try:
+        for name, folders in drops.items():
+            rates = bench_drop(folders, args.repeats, pool, threads)
+            results[name] = {
+                k: round(v, 3 if k.startswith("cpu_") else 1) for k, v in rates.items()
+            }
+            shown = {k: v for k, v in rates.items() if not k.startswith("cpu_")}
+            print(f"{name}: " + ", ".join(f"{k} {v:,.0f}" for k, v in shown.items()) + " slices/s")
+    finally:
+        pool.shutdown()
+        threads.shutdown()
+        if not args.keep:
+            import shutil
+
+            shutil.rmtree(root, ignore_errors=True)
+
+    def ratios(rates: dict[str, float]) -> dict[str, float]:
+        cpu = "cpu_s_per_1000_slices_"
+        return {
+            "vs_pydicom_loop": round(rates["ours"] / rates["pydicom_loop"], 2),
+            "vs_simpleitk": round(rates["ours"] / rates["simpleitk"], 2),
+            "two_worker_speedup": round(
+                rates["ours_2_processes_summary"] / rates["ours_summary"], 2
+            ),
+            # what 2 idle cores would give: 2 x single-process CPU / 2-process CPU (all processes)
+            "two_worker_speedup_cpu_estimate": round(
+                2 * rates[cpu + "ours_summary"] / rates[cpu + "ours_2_processes_summary"], 2
+            ),
+            "two_process_volumes_speedup": round(
+                rates["ours_2_processes_volumes"] / rates["ours"], 2
+            ),
+            "two_thread_volumes_speedup": round(rates["ours_2_threads_volumes"] / rates["ours"], 2),
+        }
+
+    large = ratios(results["large_8x512x512x48"])
+    sample = ratios(results["sample_16x96x96x48"])
+    summary = {
+        **large,
+        **{f"sample_{key}": value for key, value in sample.items()},
+        "slices_per_s": results,
+        "cpus": os.cpu_count(),
+        "load_avg_1min_at_end": round(os.getloadavg()[0], 2),
+        "python": sys.version.split()[0],
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""``DropFolderDataset``: a hospital drop folder (local or ``s3://``) of files at any depth.
+
+``load()`` lists the folder and returns a :class:`DropFolder`: the file list (relative POSIX
+paths, sizes and a cheap change marker) plus methods that read one file at a time. A
+``DropFolder`` is picklable: it carries the filepath, credentials and fs_args, and recreates its
+fsspec filesystem lazily in whichever process uses it (e.g. a Ray or multiprocessing worker).
+
+Hidden entries (any path component starting with ``.``) are skipped: they are temporary files of
+an unfinished atomic write (``_io.write_bytes_atomic``) or OS litter.
+
+``save(mapping)`` takes ``{relpath: pydicom.Dataset | bytes}`` and writes each file atomically
+(DICOM data sets as Part 10 files with preamble and file meta). Files already in the folder and
+not named in the mapping are never touched; a file named again is replaced atomically.
+
+The fingerprint of a file is ``"mtime_ns:size"`` locally and ``"etag:<ETag>"`` on object stores:
+enough to notice that a file changed since it was last ingested, without reading it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator, Mapping
+from copy import deepcopy
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import IO, Any
+
+from kedro.io import AbstractDataset, DatasetError
+from kedro.io.core import get_protocol_and_path
+
+from mvl_pipeline.datasets import _io
+from mvl_pipeline.imaging.errors import EmptySeriesError, UnreadableFileError
+
+_CHUNK = 1 << 20
+
+
+class DropFolderError(UnreadableFileError, DatasetError):
+    """The drop folder (or a file in it) is missing or cannot be read."""
+
+    reason = "unreadable_file"
+
+
+class EmptyDropFolderError(EmptySeriesError, DatasetError):
+    """The drop folder exists but holds no (non-hidden) file."""
+
+    reason = "empty_drop_folder"
+
+
+@dataclass(frozen=True, order=True)
+class DropFile:
+    relpath: str  # POSIX path relative to the drop folder's root
+    size: int  # bytes
+    fingerprint: str  # "mtime_ns:size" (local) or "etag:<ETag>" (object store)
+
+
+def check_relpath(relpath: str) -> str:
+    """``relpath`` if it is a plain relative POSIX path inside the folder, else ``ValueError``."""
+    parts = relpath.split("/")
+    if "\\" in relpath or any(part in ("", ".", "..") or part.startswith(".") for part in parts):
+        raise ValueError(f"not a plain relative path inside the drop folder: {relpath!r}")
+    return relpath
+
+
+def _is_hidden(relpath: str) -> bool:
+    return any(part.startswith(".") for part in PurePosixPath(relpath).parts)
+
+
+class DropFolder:
+    """A listed drop folder: ``files`` plus per-file readers (see module doc)."""
+
+    def __init__(
+        self,
+        *,
+        filepath: str,
+        files: tuple[DropFile, ...],
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.filepath = filepath
+        self.files = list(files)
+        self._storage_options = dict(storage_options or {})
+        self._fs: Any = None
+
+    # -- pickling: drop the live filesystem, rebuild it on first use in the new process --
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_fs"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:  # never the storage options: they hold credentials
+        return f"DropFolder(filepath={self.filepath!r}, files={len(self.files)})"
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __iter__(self) -> Iterator[DropFile]:
+        return iter(self.files)
+
+    def _filesystem(self) -> tuple[Any, str, str]:
+        if self._fs is None:
+            options = deepcopy(self._storage_options)
+            self._fs = _io.filesystem(self.filepath, options.pop("credentials", None), options)
+        return self._fs
+
+    def path(self, relpath: str) -> str:
+        """The full fsspec path (``bucket/key`` on s3) of ``relpath``."""
+        _, _, root = self._filesystem()
+        return _io.join(root, check_relpath(relpath))
+
+    def open(self, relpath: str) -> IO[bytes]:
+        """A binary file object for ``relpath`` (close it, or use ``with``)."""
+        fs, _, _ = self._filesystem()
+        path = self.path(relpath)
+        try:
+            return fs.open(path, "rb")
+        except (FileNotFoundError, IsADirectoryError) as exc:
+            raise DropFolderError("no such file in the drop folder", path=path) from exc
+
+    def read_bytes(self, relpath: str) -> bytes:
+        fs, _, _ = self._filesystem()
+        path = self.path(relpath)
+        try:
+            return fs.cat_file(path)
+        except (FileNotFoundError, IsADirectoryError) as exc:
+            raise DropFolderError("no such file in the drop folder", path=path) from exc
+
+    def sha256(self, relpath: str) -> str:
+        """Hex SHA-256 of the file's content, streamed in 1 MiB chunks."""
+        digest = hashlib.sha256()
+        with self.open(relpath) as handle:
+            for chunk in iter(lambda: handle.read(_CHUNK), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+
+def list_drop_files(fs: Any, protocol: str, root: str) -> tuple[DropFile, ...]:
+    """Every non-hidden file under ``root`` at any depth, sorted by relative path."""
+    fs.invalidate_cache(root)
+    if not fs.isdir(root):
+        raise DropFolderError("drop folder not found", path=_io.full_path(protocol, root))
+    infos = fs.find(root, detail=True)
+    prefix = root.rstrip("/") + "/"
+    files = []
+    for name, info in infos.items():
+        if info.get("type") == "directory":
+            continue
+        name = name if protocol == "file" else name.split("://", 1)[-1]
+        if not name.startswith(prefix):
+            continue
+        relpath = name[len(prefix) :]
+        if _is_hidden(relpath):
+            continue
+        size = int(info.get("size") or 0)
+        if protocol == "file":
+            stat = os.stat(name)
+            fingerprint = f"{stat.st_mtime_ns}:{stat.st_size}"
+            size = int(stat.st_size)
+        else:
+            etag = info.get("ETag") or info.get("etag") or info.get("md5")
+            fingerprint = f"etag:{str(etag).strip(chr(34))}" if etag else f"size:{size}"
+        files.append(DropFile(relpath=relpath, size=size, fingerprint=fingerprint))
+    return tuple(sorted(files))
+
+
+def encode_file(data: Any) -> bytes:
+    """Bytes to store for one mapping value: raw bytes, or a pydicom Dataset as a Part 10 file."""
+    if isinstance(data, bytes | bytearray | memoryview):
+        return bytes(data)
+    from pydicom.dataset import Dataset
+
+    if isinstance(data, Dataset):
+        from mvl_pipeline.imaging.dicom_write import dataset_bytes
+
+        return dataset_bytes(data)
+    raise DatasetError(f"a drop folder stores bytes or pydicom Datasets, not {type(data).__name__}")
+
+
+class DropFolderDataset(AbstractDataset[Mapping[str, Any], DropFolder]):
+    """A hospital drop folder (see module doc).
+
+    Example catalog entry::
+
+        sample_drop:
+          type: mvl_pipeline.datasets.drop.DropFolderDataset
+          filepath: data/01_raw/sample_drop
+    """
+
+    def __init__(  # noqa: PLR0913
+        self,
+        *,
+        filepath: str,
+        credentials: dict[str, Any] | None = None,
+        fs_args: dict[str, Any] | None = None,
+        load_args: dict[str, Any] | None = None,
+        save_args: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        self._filepath = str(filepath).rstrip("/")
+        if get_protocol_and_path(self._filepath)[0] == "file":
+            # workers may run elsewhere: the DropFolder they receive carries an absolute path
+            self._filepath = os.path.abspath(get_protocol_and_path(self._filepath)[1])
+        self._storage_options = {
+            **deepcopy(fs_args or {}),
+            **({"credentials": deepcopy(credentials)} if credentials else {}),
+        }
+        self._fs, self._protocol, self._root = _io.filesystem(
+            self._filepath, deepcopy(credentials), deepcopy(fs_args)
+        )
+        self._load_args = {"allow_empty": False, **(load_args or {})}
+        self._save_args = dict(save_args or {})
+        if set(self._load_args) - {"allow_empty"}:
+            raise DatasetError(f"unknown load_args {sorted(set(self._load_args) - {'allow_empty'})}")
+        if self._save_args:
+            raise DatasetError(f"DropFolderDataset takes no save_args, got {sorted(self._save_args)}")
+        self.metadata = metadata
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": self._filepath, "protocol": self._protocol, "load_args": self._load_args}
+
+    def load(self) -> DropFolder:
+        files = list_drop_files(self._fs, self._protocol, self._root)
+        if not files and not self._load_args["allow_empty"]:
+            raise EmptyDropFolderError("drop folder holds no files", path=self._filepath)
+        return DropFolder(
+            filepath=self._filepath, files=files, storage_options=self._storage_options
+        )
+
+    def save(self, data: Mapping[str, Any]) -> None:
+        if not isinstance(data, Mapping):
+            raise DatasetError(f"DropFolderDataset saves a mapping relpath -> file, got {type(data).__name__}")
+        checked = {check_relpath(str(relpath)): value for relpath, value in data.items()}
+        for relpath in sorted(checked):
+            _io.write_bytes_atomic(
+                self._fs,
+                self._protocol,
+                _io.join(self._root, relpath),
+                encode_file(checked[relpath]),
+            )
+        self._fs.invalidate_cache(self._root)
+
+    def _exists(self) -> bool:
+        try:
+            return bool(list_drop_files(self._fs, self._protocol, self._root))
+        except DropFolderError:
+            return False

@@ -1,0 +1,174 @@
+"""DropFolderDataset: listing at any depth, reading, pickling into workers, atomic saves."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import pickle
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import pydicom
+import pytest
+from kedro.io.core import DatasetError
+from pydicom.data import get_testdata_file
+
+from mvl_pipeline.datasets.drop import (
+    DropFile,
+    DropFolder,
+    DropFolderDataset,
+    DropFolderError,
+    EmptyDropFolderError,
+)
+from mvl_pipeline.imaging.errors import EmptySeriesError, UnreadableFileError
+
+
+def _files() -> dict:
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    return {
+        "1.2.3/4.5.6/7.8.9/1.dcm": ct,
+        "1.2.3/4.5.6/7.8.9/2.dcm": Path(get_testdata_file("MR_small.dcm")).read_bytes(),
+        "readme.txt": b"drop manifest\n",
+        "deep/a/b/c/d/e.bin": bytes(range(256)) * 10,
+    }
+
+
+def _dataset(where: str, tmp_path, s3_bucket, name: str = "drop") -> DropFolderDataset:
+    if where == "local":
+        return DropFolderDataset(filepath=str(tmp_path / name))
+    return DropFolderDataset(
+        filepath=f"s3://{s3_bucket['bucket']}/{name}", credentials=s3_bucket["credentials"]
+    )
+
+
+def _sha256_in_worker(drop: DropFolder, relpath: str) -> tuple[str, int]:
+    return drop.sha256(relpath), len(drop.read_bytes(relpath))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_round_trip(tmp_path, s3_bucket, where: str):
+    files = _files()
+    dataset = _dataset(where, tmp_path, s3_bucket)
+    assert not dataset.exists()
+    dataset.save(files)
+    assert dataset.exists()
+    drop = dataset.load()
+    assert [f.relpath for f in drop.files] == sorted(files)
+    for item in drop.files:
+        content = drop.read_bytes(item.relpath)
+        assert item.size == len(content)
+        assert drop.sha256(item.relpath) == hashlib.sha256(content).hexdigest()
+        with drop.open(item.relpath) as handle:
+            assert handle.read() == content
+        expected = files[item.relpath]
+        if isinstance(expected, bytes):
+            assert content == expected
+        if where == "s3":
+            assert item.fingerprint.startswith("etag:") and len(item.fingerprint) > 10
+        else:
+            assert item.fingerprint.endswith(f":{item.size}")
+    with drop.open("1.2.3/4.5.6/7.8.9/1.dcm") as handle:
+        ct = pydicom.dcmread(handle)
+    assert ct.SOPInstanceUID == files["1.2.3/4.5.6/7.8.9/1.dcm"].SOPInstanceUID
+    assert (ct.pixel_array == files["1.2.3/4.5.6/7.8.9/1.dcm"].pixel_array).all()
+
+
+def test_drop_folder_survives_pickling_into_a_worker_process(s3_bucket):
+    dataset = _dataset("s3", None, s3_bucket)
+    dataset.save(_files())
+    drop = dataset.load()
+    drop.read_bytes("readme.txt")  # a live filesystem exists now; it must not be pickled
+    clone = pickle.loads(pickle.dumps(drop))
+    assert clone.files == drop.files and clone._fs is None
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        digest, size = pool.submit(_sha256_in_worker, drop, "deep/a/b/c/d/e.bin").result(timeout=120)
+    assert size == 2560
+    assert digest == hashlib.sha256(bytes(range(256)) * 10).hexdigest()
+    assert "testing" not in repr(drop)  # credentials never shown
+
+
+def test_hidden_entries_are_skipped_and_saves_never_delete(tmp_path):
+    root = tmp_path / "drop"
+    dataset = DropFolderDataset(filepath=str(root))
+    dataset.save({"a/x.dcm": b"first"})
+    (root / "a" / ".x.dcm.tmp-123").write_bytes(b"half")  # a crashed atomic write
+    (root / ".DS_Store").write_bytes(b"litter")
+    (root / ".cache").mkdir()
+    (root / ".cache" / "y.dcm").write_bytes(b"hidden folder")
+    (root / "placed_by_hospital.dcm").write_bytes(b"already there")
+    dataset.save({"b/z.dcm": b"second"})
+    drop = dataset.load()
+    assert [f.relpath for f in drop.files] == ["a/x.dcm", "b/z.dcm", "placed_by_hospital.dcm"]
+    before = {f.relpath: f for f in drop.files}
+    dataset.save({"a/x.dcm": b"first, re-sent and longer"})
+    after = {f.relpath: f for f in dataset.load().files}
+    assert after["a/x.dcm"].fingerprint != before["a/x.dcm"].fingerprint
+    assert after["b/z.dcm"] == before["b/z.dcm"]
+    assert (root / "placed_by_hospital.dcm").read_bytes() == b"already there"
+
+
+def test_relative_paths_are_kept_inside_the_folder(tmp_path):
+    dataset = DropFolderDataset(filepath=str(tmp_path / "drop"))
+    for bad in ("../escape.dcm", "/abs.dcm", "a/../../b.dcm", ".hidden.dcm", "a//b.dcm", ""):
+        with pytest.raises(DatasetError):
+            dataset.save({"ok.dcm": b"fine", bad: b"x"})
+    assert not (tmp_path / "escape.dcm").exists()
+    assert not (tmp_path / "drop").exists()  # paths are all checked before anything is written
+    dataset.save({"ok.dcm": b"fine"})
+    with pytest.raises(ValueError):
+        dataset.load().read_bytes("../drop/ok.dcm")
+
+
+def test_bad_input_raises_specific_errors_naming_the_path(tmp_path, s3_bucket):
+    good = DropFolderDataset(filepath=str(tmp_path / "good"))
+    good.save({"f.dcm": b"good data"})
+    missing = tmp_path / "missing"
+    with pytest.raises(DropFolderError, match="not found") as info:
+        DropFolderDataset(filepath=str(missing)).load()
+    assert isinstance(info.value, UnreadableFileError) and str(missing) in str(info.value)
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / ".partial").write_bytes(b"x")
+    with pytest.raises(EmptyDropFolderError) as info:
+        DropFolderDataset(filepath=str(empty)).load()
+    assert isinstance(info.value, EmptySeriesError) and info.value.path == str(empty)
+    assert DropFolderDataset(filepath=str(empty), load_args={"allow_empty": True}).load().files == []
+    with pytest.raises(DropFolderError):
+        _dataset("s3", None, s3_bucket, "nothing-here").load()
+    drop = good.load()
+    (tmp_path / "good" / "f.dcm").unlink()
+    with pytest.raises(DropFolderError, match="no such file") as info:
+        drop.read_bytes("f.dcm")
+    assert info.value.path.endswith("good/f.dcm")
+    with pytest.raises(DatasetError, match="bytes or pydicom"):
+        good.save({"n.dcm": 42})
+
+
+def test_crash_mid_save_leaves_only_complete_files(tmp_path, monkeypatch):
+    dataset = DropFolderDataset(filepath=str(tmp_path / "drop"))
+    dataset.save({"old.dcm": b"from yesterday"})
+    calls = {"n": 0}
+    real_fsync = os.fsync
+
+    def crash_on_second(fd):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("power cut")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", crash_on_second)
+    with pytest.raises(DatasetError):
+        dataset.save({"s/1.dcm": b"a" * 1000, "s/2.dcm": b"b" * 1000, "s/3.dcm": b"c" * 1000})
+    monkeypatch.undo()
+    listed = {f.relpath: f.size for f in dataset.load().files}
+    assert listed == {"old.dcm": 14, "s/1.dcm": 1000}  # 2 never appears, not even truncated
+    assert sorted(os.listdir(tmp_path / "drop" / "s")) == ["1.dcm"]
+
+
+def test_describe_never_shows_credentials(s3_bucket):
+    credentials = {**s3_bucket["credentials"], "secret": "very-secret-value"}
+    dataset = DropFolderDataset(filepath=f"s3://{s3_bucket['bucket']}/d", credentials=credentials)
+    assert "very-secret-value" not in repr(dataset)
+    assert isinstance(DropFile("a", 1, "x"), DropFile)

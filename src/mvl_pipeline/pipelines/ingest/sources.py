@@ -1,0 +1,154 @@
+"""What a hospital drop holds, as units of ingest work.
+
+A drop is any mix of DICOM files (any depth, with or without suffix or preamble), NIfTI / NRRD
+image-label pairs, and Medical Segmentation Decathlon task folders. This module sorts its files
+into *units*: a DICOM study (all files sharing a StudyInstanceUID, labels included), one
+image/label pair, or one unreadable file (so that it can be quarantined on its own). Units are
+what gets processed in parallel, re-processed when changed, and quarantined as a whole.
+
+Only raw paths and raw UIDs are handled here, in memory: what leaves is keyed (see ``keys``).
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr")
+IGNORED_SUFFIXES = (
+    ".json", ".txt", ".csv", ".md", ".xml", ".html", ".pdf", ".log", ".yml", ".yaml",
+    ".raw", ".raw.gz", ".zraw", ".dvc", ".gitignore", ".ds_store",
+)  # fmt: skip
+IGNORED_NAMES = ("dicomdir", "thumbs.db", "license", "readme", "_complete")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit of ingest work.
+
+    ``kind`` is ``dicom`` (a study), ``volume`` (an image with an optional label file),
+    or ``bad_file``. ``source_id`` is the raw identity the unit is keyed by (StudyInstanceUID
+    or the image's relative path): it stays in memory. ``files`` are relative paths in the drop.
+    """
+
+    kind: str
+    source_id: str
+    files: tuple[str, ...]
+    image: str | None = None
+    label: str | None = None
+    patient_hint: str | None = None
+    label_names: Mapping[int, str] = field(default_factory=dict)
+    modality: str | None = None
+    error_reason: str | None = None
+    error_detail: str | None = None
+
+
+def volume_suffix(relpath: str) -> str | None:
+    lower = relpath.lower()
+    return next((s for s in VOLUME_SUFFIXES if lower.endswith(s)), None)
+
+
+def is_ignored(relpath: str) -> bool:
+    name = posixpath.basename(relpath).lower()
+    if name.startswith(".") or name in IGNORED_NAMES:
+        return True
+    return name.endswith(IGNORED_SUFFIXES) and name != "dataset.json"
+
+
+def is_msd_descriptor(relpath: str) -> bool:
+    return posixpath.basename(relpath) == "dataset.json"
+
+
+def _strip(relpath: str) -> str:
+    suffix = volume_suffix(relpath) or ""
+    return relpath[: len(relpath) - len(suffix)]
+
+
+def pair_volumes(
+    relpaths: Sequence[str],
+    *,
+    label_suffixes: Sequence[str],
+    image_suffixes: Sequence[str],
+    exclude: Iterable[str] = (),
+) -> list[Unit]:
+    """Pair loose NIfTI/NRRD files: ``x_image.nii.gz`` + ``x_label.nii.gz``, ``x.nrrd`` +
+    ``x_seg.nrrd`` ... (suffixes from parameters). A file that is nobody's label is an image."""
+    excluded = set(exclude)
+    candidates = sorted(p for p in relpaths if volume_suffix(p) and p not in excluded)
+    label_re = re.compile(
+        "(" + "|".join(re.escape(s) for s in sorted(label_suffixes, key=len, reverse=True)) + ")$",
+        re.IGNORECASE,
+    )
+    labels: dict[str, str] = {}
+    for path in candidates:
+        stem = _strip(path)
+        match = label_re.search(stem)
+        if match:
+            labels[stem[: match.start()]] = path
+    units = []
+    for path in candidates:
+        if path in labels.values():
+            continue
+        stem = _strip(path)
+        base = stem
+        for suffix in sorted(image_suffixes, key=len, reverse=True):
+            if suffix and stem.lower().endswith(suffix.lower()):
+                base = stem[: -len(suffix)]
+                break
+        label = labels.get(base) or labels.get(stem)
+        files = (path,) if label is None else (path, label)
+        units.append(
+            Unit("volume", path, files, image=path, label=label, patient_hint=posixpath.basename(base))
+        )
+    used = {f for u in units for f in u.files}
+    for _stem, path in sorted(labels.items()):
+        if path not in used:
+            units.append(
+                Unit("bad_file", path, (path,), error_reason="orphan_label",
+                     error_detail="label volume without a matching image")
+            )  # fmt: skip
+    return units
+
+
+def msd_units(descriptor_path: str, descriptor: bytes, available: set[str]) -> list[Unit]:
+    """Units of a Medical Segmentation Decathlon task from its ``dataset.json``."""
+    root = posixpath.dirname(descriptor_path)
+    try:
+        spec = json.loads(descriptor)
+        label_names = {int(k): str(v) for k, v in spec.get("labels", {}).items()}
+        modalities = spec.get("modality", {}) or {}
+        training = spec.get("training", [])
+        test = spec.get("test", [])
+    except (ValueError, AttributeError, TypeError) as exc:
+        return [Unit("bad_file", descriptor_path, (descriptor_path,),
+                     error_reason="invalid_msd_descriptor", error_detail=str(exc)[:200])]  # fmt: skip
+    modality = None
+    if len(modalities) == 1:
+        modality = str(next(iter(modalities.values()))).upper()
+    elif len(modalities) > 1:
+        modality = "MULTI"
+    units = []
+    entries = [(e.get("image"), e.get("label")) for e in training if isinstance(e, dict)]
+    entries += [(e if isinstance(e, str) else None, None) for e in test]
+    for image_rel, label_rel in entries:
+        if not image_rel:
+            continue
+        image = posixpath.normpath(posixpath.join(root, image_rel))
+        label = posixpath.normpath(posixpath.join(root, label_rel)) if label_rel else None
+        missing = [p for p in (image, label) if p and p not in available]
+        files = tuple(p for p in (image, label) if p and p in available)
+        if missing:
+            units.append(
+                Unit("bad_file", image, files or (descriptor_path,), error_reason="missing_file",
+                     error_detail=f"{len(missing)} file(s) listed in dataset.json are missing")
+            )  # fmt: skip
+            continue
+        patient = posixpath.basename(_strip(image))
+        units.append(
+            Unit("volume", image, files, image=image, label=label, patient_hint=patient,
+                 label_names=label_names, modality=modality)
+        )  # fmt: skip
+    return units

@@ -1,0 +1,64 @@
+"""Wiring of the ``preprocess`` pipeline (the functions are in ``nodes.py``).
+
+ingested_cases -> fingerprint_node -> dataset_fingerprint
+dataset_fingerprint + previous_preprocessing_plan + params -> plan_node -> preprocessing_plan
+ingested_cases + dataset_fingerprint + preprocessing_plan + model_input_records
+    -> preprocess_node -> model_input_cases
+dataset_fingerprint + previous_data_split -> split_node -> data_split
+"""
+
+from kedro.pipeline import Pipeline, node
+
+from mvl_pipeline.pipelines.preprocess.nodes import (
+    fingerprint_dataset,
+    plan_dataset,
+    preprocess_dataset,
+    split_dataset,
+)
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline(
+        [
+            node(
+                fingerprint_dataset,
+                inputs=["ingested_cases", "params:preprocess"],
+                outputs="dataset_fingerprint",
+                name="fingerprint_node",
+                tags=["fingerprint"],
+            ),
+            node(
+                plan_dataset,
+                inputs=[
+                    "dataset_fingerprint",
+                    "previous_preprocessing_plan",
+                    "params:preprocess",
+                    "params:model",
+                ],
+                outputs="preprocessing_plan",
+                name="plan_node",
+                tags=["plan"],
+            ),
+            node(
+                preprocess_dataset,
+                inputs=[
+                    "ingested_cases",
+                    "dataset_fingerprint",
+                    "preprocessing_plan",
+                    "model_input_records",
+                    "params:preprocess",
+                ],
+                outputs="model_input_cases",
+                name="preprocess_node",
+                tags=["apply"],
+            ),
+            node(
+                split_dataset,
+                inputs=["dataset_fingerprint", "previous_data_split", "params:preprocess"],
+                outputs="data_split",
+                name="split_node",
+                tags=["split"],
+            ),
+        ],
+        tags="preprocess",
+    )

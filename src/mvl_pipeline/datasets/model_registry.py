@@ -1,0 +1,172 @@
+"""The MLflow model registry as a Kedro dataset.
+
+``load()`` returns a :class:`RegistryView`: the current champion (``None`` before the first
+registration) and the latest version, as :class:`ModelVersionView` objects whose weights are
+fetched only when asked for. ``save(request)`` logs a
+:class:`RegistrationRequest`: the model bundle as an MLflow pyfunc with its signature, a new
+model version with its tags, and the aliases the gate decided. The gate itself is a pure node;
+this dataset only talks to MLflow (sqlite under the project by default, a server on the cluster:
+whatever tracking/registry URI is configured, e.g. by kedro-mlflow).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kedro.io import AbstractDataset, DatasetError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelVersionView:
+    name: str
+    version: str
+    run_id: str | None
+    tags: dict[str, str]
+    tracking_uri: str | None = None
+    registry_uri: str | None = None
+
+    def load_bundle(self) -> tuple[tuple[dict[str, Any], dict[str, Any]], dict[str, Any]]:
+        """``((state_dict, config), plan)`` of the champion, downloaded from the registry."""
+        import mlflow
+
+        from mvl_pipeline.serving import read_model_bundle
+
+        with tempfile.TemporaryDirectory(prefix="mvl-champion-") as tmp:
+            if self.tracking_uri:
+                mlflow.set_tracking_uri(self.tracking_uri)
+            if self.registry_uri:
+                mlflow.set_registry_uri(self.registry_uri)
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{self.name}/{self.version}", dst_path=tmp
+            )
+            bundle = Path(local) / "artifacts" / "model_dir"
+            return read_model_bundle(bundle)
+
+
+@dataclass(frozen=True)
+class RegistryView:
+    champion: ModelVersionView | None
+    latest: ModelVersionView | None
+    aliases_of_latest: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RegistrationRequest:
+    weights: tuple[dict[str, Any], dict[str, Any]]
+    plan: dict[str, Any]
+    aliases: tuple[str, ...]
+    tags: dict[str, str]
+    run_name: str
+    num_classes: int
+    in_channels: int = 1
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class MlflowRegistryDataset(AbstractDataset[RegistrationRequest, RegistryView]):
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        champion_alias: str = "champion",
+        tracking_uri: str | None = None,
+        registry_uri: str | None = None,
+        llm_cache_dir: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        self._name = model_name
+        self._champion = champion_alias
+        self._tracking_uri = tracking_uri
+        self._registry_uri = registry_uri
+        self._llm_cache_dir = llm_cache_dir
+        self.metadata = metadata
+        self.last_version: str | None = None
+
+    def _client(self) -> Any:
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self._tracking_uri, registry_uri=self._registry_uri)
+
+    def _view(self, version: Any) -> ModelVersionView:
+        return ModelVersionView(
+            name=self._name,
+            version=str(version.version),
+            run_id=version.run_id,
+            tags=dict(version.tags or {}),
+            tracking_uri=self._tracking_uri,
+            registry_uri=self._registry_uri,
+        )
+
+    def load(self) -> RegistryView:
+        from mlflow.exceptions import MlflowException
+
+        client = self._client()
+        try:
+            versions = client.search_model_versions(f"name = '{self._name}'")
+        except MlflowException as exc:
+            raise DatasetError(f"cannot read the registry for model {self._name!r}: {exc}") from exc
+        if not versions:
+            return RegistryView(champion=None, latest=None)
+        latest = max(versions, key=lambda v: int(v.version))
+        try:
+            champion = self._view(client.get_model_version_by_alias(self._name, self._champion))
+        except MlflowException:
+            champion = None  # no version holds the alias yet
+        aliases = tuple(client.get_model_version(self._name, latest.version).aliases or ())
+        return RegistryView(champion=champion, latest=self._view(latest), aliases_of_latest=aliases)
+
+    def save(self, data: RegistrationRequest) -> None:
+        import mlflow
+        import numpy as np
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        from mvl_pipeline.serving import MedVisionLlamaPyfunc, write_model_bundle
+
+        if self._tracking_uri:
+            mlflow.set_tracking_uri(self._tracking_uri)
+        if self._registry_uri:
+            mlflow.set_registry_uri(self._registry_uri)
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, data.in_channels, -1, -1, -1), "image")]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, max(2, data.num_classes), -1, -1, -1), "probabilities")]),
+        )
+        started = mlflow.active_run() is None
+        run = mlflow.start_run(run_name=data.run_name) if started else mlflow.active_run()
+        try:
+            with tempfile.TemporaryDirectory(prefix="mvl-register-") as tmp:
+                bundle = Path(tmp) / "model_dir"
+                write_model_bundle(bundle, data.weights, data.plan)
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=MedVisionLlamaPyfunc(),
+                    artifacts={"model_dir": str(bundle)},
+                    signature=signature,
+                    pip_requirements=["mvl_pipeline", "torch", "transformers", "safetensors", "monai"],
+                    model_config={"llm_cache_dir": self._llm_cache_dir} if self._llm_cache_dir else None,
+                )
+            client = self._client()
+            try:
+                client.create_registered_model(self._name)
+            except mlflow.exceptions.MlflowException:
+                pass  # already registered
+            version = client.create_model_version(
+                self._name, source=info.model_uri, run_id=run.info.run_id, tags=data.tags,
+                description=data.description,
+            )  # fmt: skip
+            for alias in data.aliases:
+                client.set_registered_model_alias(self._name, alias, version.version)
+            self.last_version = str(version.version)
+            logger.info("registered %s version %s with alias(es) %s", self._name, version.version, ", ".join(data.aliases))
+        finally:
+            if started:
+                mlflow.end_run()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"model_name": self._name, "champion_alias": self._champion}

@@ -1,0 +1,77 @@
+"""Whole-volume prediction by sliding window (MONAI, Gaussian weighting) and quick Dice.
+
+Used for validation inside the training loop, by ``evaluate`` and by the ``predict`` command, so
+that a model is always applied to a case the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from torch import nn
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16-mixed":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def predict_probabilities(
+    model: nn.Module,
+    image: np.ndarray,
+    *,
+    roi_size: Sequence[int],
+    num_classes: int,
+    overlap: float = 0.5,
+    sw_batch_size: int = 2,
+    precision: str = "fp32",
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """Class probabilities ``(C, X, Y, Z)`` float32 for an image ``(X, Y, Z)`` or ``(C_in, X, Y, Z)``.
+
+    For a single sigmoid channel (``num_classes == 1``) the result has two channels
+    (background, foreground) so that callers can always take an argmax.
+    """
+    device = torch.device(device)
+    array = image if image.ndim == 4 else image[None]
+    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None].to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast_context(device, precision):
+            logits = sliding_window_inference(
+                x,
+                roi_size=tuple(int(r) for r in roi_size),
+                sw_batch_size=sw_batch_size,
+                predictor=model,
+                overlap=overlap,
+                mode="gaussian",
+                padding_mode="constant",
+                cval=float(array.min()),
+            )
+    finally:
+        model.train(was_training)
+    logits = logits.float()[0]
+    if num_classes == 1:
+        foreground = torch.sigmoid(logits)
+        probs = torch.cat([1.0 - foreground, foreground], dim=0)
+    else:
+        probs = torch.softmax(logits, dim=0)
+    return probs.cpu().numpy()
+
+
+def dice_per_class(prediction: np.ndarray, label: np.ndarray, classes: Sequence[int]) -> dict[int, float]:
+    """Hard Dice per class; a class absent from both prediction and label scores 1.0."""
+    scores = {}
+    for value in classes:
+        pred = prediction == value
+        true = label == value
+        denominator = int(pred.sum()) + int(true.sum())
+        scores[int(value)] = 1.0 if denominator == 0 else 2.0 * int((pred & true).sum()) / denominator
+    return scores

@@ -1,0 +1,364 @@
+"""The training loop, in the shape of Ray Train's own examples.
+
+``train_loop_per_worker(config)`` runs in every Ray worker: it loads its shard of the training
+cases from the model-input store (the driver never holds the data), builds the model, resumes
+from ``ray.train.get_checkpoint()`` when there is one, and reports every epoch with a
+checkpoint and the validation Dice (sliding window over whole validation cases, sharded over
+workers and all-reduced). ``run_training(config, session)`` is the same loop with the Ray calls
+behind a small ``Session`` interface, so that a plain single-process run (benchmarks, debugging)
+executes exactly the same steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mvl_pipeline.model import (
+    MedVisionLlamaConfig,
+    build_model,
+    configure_optimizers,
+    load_model,
+    save_model,
+)
+from mvl_pipeline.training.inference import autocast_context, dice_per_class, predict_probabilities
+from mvl_pipeline.training.losses import make_loss, prepare_target
+from mvl_pipeline.training.sampling import AugmentConfig, TrainingVolume, augment, sample_batch
+
+logger = logging.getLogger(__name__)
+
+MODEL_DIR = "model"
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Hyper-parameters of the loop (the ``fit`` block of parameters_train.yml, minus Ray)."""
+
+    epochs: int = 30
+    steps_per_epoch: int = 25
+    batch_size: int = 2
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.99)
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.02
+    grad_clip: float = 1.0
+    foreground_fraction: float = 1 / 3
+    seed: int = 42
+    val_every: int = 1
+    val_overlap: float = 0.25
+    val_sw_batch_size: int = 2
+    torch_threads: int = 0  # 0: the worker's CPU share
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    inject_failure: Mapping[str, int] | None = None  # {"epoch": e, "step": s, "rank": r}: tests
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> LoopConfig:
+        values = {k: v for k, v in params.items() if k in cls.__dataclass_fields__}
+        if "augment" in values:
+            values["augment"] = AugmentConfig.from_params(values["augment"])
+        if "betas" in values:
+            values["betas"] = tuple(values["betas"])
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Session:
+    """What the loop needs from its runtime. The plain session is one process, rank 0."""
+
+    world_rank = 0
+    world_size = 1
+
+    def get_checkpoint_dir(self) -> str | None:
+        return None
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        del metrics, checkpoint_dir
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:
+        return values
+
+    def device(self) -> torch.device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class RaySession(Session):
+    def __init__(self) -> None:
+        import ray.train
+
+        self._train = ray.train
+        context = ray.train.get_context()
+        self.world_rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self._restored = ray.train.get_checkpoint()
+
+    def get_checkpoint_dir(self) -> str | None:
+        if self._restored is None:
+            return None
+        local = tempfile.mkdtemp(prefix="mvl-restore-")
+        return self._restored.to_directory(local)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        checkpoint = None
+        if checkpoint_dir is not None:
+            checkpoint = self._train.Checkpoint.from_directory(checkpoint_dir)
+        self._train.report(metrics, checkpoint=checkpoint)
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        import ray.train.torch
+
+        if self.world_size == 1:
+            return model.to(self.device())
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
+
+    def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:
+        if self.world_size == 1 or not torch.distributed.is_initialized():
+            return values
+        tensor = torch.from_numpy(np.asarray(values, dtype=np.float64))
+        torch.distributed.all_reduce(tensor)
+        return tensor.numpy()
+
+    def device(self) -> torch.device:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
+    def schedule(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return schedule
+
+
+def _load_volumes(loaders: Mapping[str, Callable[[], Any]], ids: Sequence[str], seed: int) -> list[TrainingVolume]:
+    volumes = []
+    for index, case_id in enumerate(ids):
+        case = loaders[case_id]()
+        if case.label is None:
+            raise ValueError(f"training case {case_id} has no label")
+        volumes.append(
+            TrainingVolume.from_arrays(np.asarray(case.image.array), np.asarray(case.label.array), seed=seed + index)
+        )
+    return volumes
+
+
+def validate(
+    model: nn.Module,
+    loaders: Mapping[str, Callable[[], Any]],
+    ids: Sequence[str],
+    *,
+    roi_size: Sequence[int],
+    num_classes: int,
+    classes: Sequence[int],
+    overlap: float,
+    sw_batch_size: int,
+    precision: str,
+    device: torch.device,
+) -> np.ndarray:
+    """Per-class Dice sums over ``ids`` and the case count: ``[sum_c1, ..., sum_cK, n]``."""
+    sums = np.zeros(len(classes) + 1, dtype=np.float64)
+    for case_id in ids:
+        case = loaders[case_id]()
+        probs = predict_probabilities(
+            model, np.asarray(case.image.array), roi_size=roi_size, num_classes=num_classes,
+            overlap=overlap, sw_batch_size=sw_batch_size, precision=precision, device=device,
+        )  # fmt: skip
+        prediction = probs.argmax(axis=0)
+        scores = dice_per_class(prediction, np.asarray(case.label.array), classes)
+        sums[: len(classes)] += [scores[c] for c in classes]
+        sums[-1] += 1
+    return sums
+
+
+def _save_checkpoint(
+    directory: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: dict[str, Any],
+) -> None:
+    save_model(_unwrap(model), Path(directory) / MODEL_DIR)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, Path(directory) / OPTIMIZER_FILE)
+    (Path(directory) / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+
+
+def run_training(config: Mapping[str, Any], session: Session) -> dict[str, Any]:
+    """Train as configured; returns the final trainer state (history included)."""
+    loop = LoopConfig.from_params(config["loop"])
+    model_cfg = MedVisionLlamaConfig.from_params(config["model"])
+    plan = config["plan"]
+    roi = [int(v) for v in plan["patch_size"]]
+    classes = [int(c) for c in config["classes"]]
+    loaders = config["loaders"]
+    rank, world = session.world_rank, session.world_size
+    device = session.device()
+    threads = loop.torch_threads or int(config.get("cpus_per_worker", 0)) or (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, threads))
+    torch.manual_seed(loop.seed + 1000 * rank)
+
+    train_ids = sorted(config["train_ids"])[rank::world]
+    val_ids = sorted(config["val_ids"])[rank::world]
+    volumes = _load_volumes(loaders, train_ids, loop.seed)
+    if not volumes:
+        raise ValueError(f"worker {rank} of {world} got no training case (train split has {len(config['train_ids'])})")
+
+    restored = session.get_checkpoint_dir()
+    if restored is not None:
+        model = load_model(Path(restored) / MODEL_DIR, llm_cache_dir=config["llm_cache_dir"], device="cpu")
+        state = json.loads((Path(restored) / STATE_FILE).read_text(encoding="utf-8"))
+    else:
+        model = build_model(model_cfg, device="cpu", llm_cache_dir=config["llm_cache_dir"])
+        state = {"epoch": -1, "history": [], "best_val_dice": -1.0, "global_step": 0}
+    model = session.prepare_model(model.to(device))
+    optimizer = configure_optimizers(_unwrap(model), lr=loop.lr, weight_decay=loop.weight_decay, betas=loop.betas)
+    total_steps = loop.epochs * loop.steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(total_steps, int(loop.warmup_epochs * loop.steps_per_epoch), loop.min_lr_ratio)
+    )
+    if restored is not None:
+        saved = torch.load(Path(restored) / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        logger.info("worker %d: resumed after epoch %d", rank, state["epoch"])
+    loss_fn = make_loss(model_cfg.num_classes)
+    start_epoch = int(state["epoch"]) + 1
+    if start_epoch >= loop.epochs and restored is not None:
+        # A finished run re-run under the same name: nothing to train, report what it has.
+        last = dict(state["history"][-1]) if state["history"] else {}
+        session.report(last, restored if rank == 0 else None)
+        return state
+
+    for epoch in range(start_epoch, loop.epochs):
+        started = time.perf_counter()
+        rng = np.random.default_rng([loop.seed, rank, epoch])
+        model.train()
+        losses = []
+        for step in range(loop.steps_per_epoch):
+            _maybe_fail(loop.inject_failure, epoch, step, rank, config.get("failure_marker"))
+            x, y = sample_batch(volumes, roi, loop.batch_size, rng, foreground_fraction=loop.foreground_fraction)
+            x, y = augment(x, y, rng, loop.augment)
+            x, y = x.to(device), y.to(device)
+            with autocast_context(device, model_cfg.precision):
+                logits = model(x)
+            loss = loss_fn(logits.float(), prepare_target(y, model_cfg.num_classes))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if loop.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in model.parameters() if p.requires_grad], loop.grad_clip
+                )
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+            state["global_step"] = int(state["global_step"]) + 1
+        train_time = time.perf_counter() - started
+        loss_sum = session.all_reduce_sum(np.array([sum(losses), len(losses)], dtype=np.float64))
+        metrics: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": float(loss_sum[0] / max(1.0, loss_sum[1])),
+            "lr": float(scheduler.get_last_lr()[0]),
+            "samples_per_s": float(loop.steps_per_epoch * loop.batch_size * world / max(train_time, 1e-9)),
+        }
+        is_last = epoch == loop.epochs - 1
+        validated = (epoch + 1) % loop.val_every == 0 or is_last
+        if validated:
+            sums = session.all_reduce_sum(
+                validate(
+                    _unwrap(model), loaders, val_ids, roi_size=roi, num_classes=model_cfg.num_classes,
+                    classes=classes, overlap=loop.val_overlap, sw_batch_size=loop.val_sw_batch_size,
+                    precision=model_cfg.precision, device=device,
+                )  # fmt: skip
+            )
+            count = max(1.0, sums[-1])
+            per_class = {f"val_dice_{c}": float(sums[i] / count) for i, c in enumerate(classes)}
+            metrics.update(per_class)
+            metrics["val_dice"] = float(np.mean(list(per_class.values())))
+        metrics["epoch_time_s"] = time.perf_counter() - started
+        state["epoch"] = epoch
+        state["history"].append(metrics)
+        if validated:
+            state["best_val_dice"] = max(float(state["best_val_dice"]), metrics["val_dice"])
+        remaining = (loop.epochs - epoch - 1) * metrics["epoch_time_s"]
+        if rank == 0:
+            logger.info(
+                "epoch %d/%d  loss %.4f  val Dice %s  %.1f samples/s  ETA %.0f s",
+                epoch + 1, loop.epochs, metrics["train_loss"],
+                f"{metrics['val_dice']:.3f}" if validated else "-", metrics["samples_per_s"], remaining,
+            )  # fmt: skip
+            _log_mlflow(config.get("mlflow"), metrics, epoch)
+        # Checkpoints only after a validation: each carries the Dice it is ranked by, and a
+        # resumed run restarts after the last validated epoch.
+        if rank == 0 and validated:
+            with tempfile.TemporaryDirectory(prefix="mvl-ckpt-") as directory:
+                _save_checkpoint(directory, model, optimizer, scheduler, state)
+                session.report(metrics, directory)
+        else:
+            session.report(metrics, None)
+    return state
+
+
+def _maybe_fail(spec: Mapping[str, int] | None, epoch: int, step: int, rank: int, marker: str | None) -> None:
+    """Fault injection for tests: fail once at the given (epoch, step, rank)."""
+    if not spec or (epoch, step, rank) != (spec.get("epoch"), spec.get("step", 0), spec.get("rank", 0)):
+        return
+    if marker is not None:
+        path = Path(marker)
+        if path.exists():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("failed once\n", encoding="utf-8")
+    raise RuntimeError(f"injected failure at epoch {epoch} step {step} on worker {rank}")
+
+
+def _log_mlflow(spec: Mapping[str, str] | None, metrics: Mapping[str, Any], epoch: int) -> None:
+    """Stream epoch metrics to the MLflow run the driver opened (rank 0 only)."""
+    if not spec or not spec.get("run_id"):
+        return
+    try:
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=spec["tracking_uri"])
+        stamp = int(time.time() * 1000)
+
+        client.log_batch(
+            spec["run_id"],
+            metrics=[Metric(f"fit.{k}", float(v), stamp, epoch) for k, v in metrics.items() if k != "epoch"],
+        )
+    except Exception as exc:  # tracking must never stop training
+        logger.warning("could not stream metrics to MLflow: %s", exc)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point (module level, as Ray's examples)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("ray", "ray.train", "highdicom"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    run_training(config, RaySession())

@@ -10,6 +10,8 @@ CONFIG_LOADER_ARGS = {
     # conf/cluster reads site settings (bucket, MLflow URI ...) from the pod's environment,
     # which the ConfigMap and Secret of k8s/ provide. Values, never secrets, live in git.
     "custom_resolvers": {"oc.env": oc.env},
+    # An environment (conf/cluster) overrides single keys of a parameter block, not whole blocks.
+    "merge_strategy": {"parameters": "soft", "globals": "soft"},
     "config_patterns": {
         "parameters": ["parameters*", "parameters*/**", "**/parameters*"],
         "mlflow": ["mlflow*", "mlflow*/**"],

@@ -450,7 +450,8 @@ def _decode_pixels(name: str, ds: Dataset) -> np.ndarray:
         raise NoDecoderError(no_decoder, path=name) from exc
     except RuntimeError as exc:
         if "Unable to decode" in str(exc) or "plugin" in str(exc):
-            log.debug("every decoder plugin failed for %s: %s", name, exc)
+            # no file name here: drop paths can carry identity (the error names it for the caller)
+            log.debug("every decoder plugin failed for %s: %s", _transfer_syntax_name(uid), exc)
             error = NoDecoderError(no_decoder, path=name)
             error.plugin_errors = str(exc)  # type: ignore[attr-defined]
             raise error from exc

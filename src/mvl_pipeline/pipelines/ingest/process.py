@@ -309,6 +309,11 @@ def _header_json(ds: Any) -> dict[str, Any]:
 
 
 # -- NIfTI / NRRD / MSD ----------------------------------------------------------------------
+#: What the volume decoders are told the file is called: they may log it (e.g. "NRRD without
+#: 'space'" at WARNING), and a drop's paths can carry names. Quarantine details never use it.
+_VOLUME_NAME = "<drop volume>"
+
+
 def read_volume(drop: Any, relpath: str) -> Volume:
     """A NIfTI / NRRD file of the drop as a Volume (a detached .nhdr reads its data file too)."""
     from mvl_pipeline.datasets.volume import decode_nifti, decode_nrrd
@@ -316,17 +321,17 @@ def read_volume(drop: Any, relpath: str) -> Volume:
     lower = relpath.lower()
     data = drop.read_bytes(relpath)
     if lower.endswith((".nii.gz", ".nii")):
-        return decode_nifti(data, compressed=lower.endswith(".gz"), path=relpath)
+        return decode_nifti(data, compressed=lower.endswith(".gz"), path=_VOLUME_NAME)
     if lower.endswith(".nhdr"):
         import nrrd
 
         header = nrrd.read_header(io.BytesIO(data))
         data_file = header.get("data file") or header.get("datafile")
         if not data_file:
-            return decode_nrrd(data, path=relpath)
+            return decode_nrrd(data, path=_VOLUME_NAME)
         sibling = relpath.rsplit("/", 1)[0] + "/" + str(data_file) if "/" in relpath else str(data_file)
-        return decode_nrrd(data, path=relpath, data_bytes=drop.read_bytes(sibling))
-    return decode_nrrd(data, path=relpath)
+        return decode_nrrd(data, path=_VOLUME_NAME, data_bytes=drop.read_bytes(sibling))
+    return decode_nrrd(data, path=_VOLUME_NAME)
 
 
 def process_volume_unit(drop: Any, unit: Unit, key: bytes, settings: IngestSettings) -> UnitResult:

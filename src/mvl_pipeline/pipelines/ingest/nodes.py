@@ -20,6 +20,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from mvl_pipeline.imaging.case import Case
+from mvl_pipeline.imaging.deid import DeidKeyError, require_key
 from mvl_pipeline.pipelines.ingest import keys
 from mvl_pipeline.pipelines.ingest.process import IngestSettings, UnitResult, process_unit
 from mvl_pipeline.pipelines.ingest.scan import DropScan, scan_drop
@@ -79,6 +80,23 @@ def _empty_manifest() -> dict[str, Any]:
     return {"version": MANIFEST_VERSION, "files": {}, "units": {}}
 
 
+def checked_key(pseudonymisation_key: bytes) -> bytes:
+    """The key, refused up front when de-identification would refuse it.
+
+    SecretKeyDataset checks length and hex only; ``deid.require_key`` also refuses keys with too
+    few distinct bytes. Checking late would quarantine every DICOM study as ``internal_error``.
+    """
+    try:
+        return require_key(pseudonymisation_key)
+    except DeidKeyError as exc:
+        raise DeidKeyError(
+            f"refusing to ingest: {exc}. Replace pseudonymisation.key in conf/local/credentials.yml "
+            "with a random one, e.g. from `python -c 'import secrets; print(secrets.token_hex(32))'` "
+            "(or delete it and run `python -m mvl_pipeline.secrets ensure-key "
+            "conf/local/credentials.yml`)."
+        ) from None
+
+
 def _executor(workers: int) -> Executor | None:
     if workers <= 1:
         return None
@@ -113,12 +131,12 @@ def ingest_drop(
     params: Mapping[str, Any],
 ) -> Iterator[tuple[dict[str, Case | None], dict[str, Any]]]:
     """Ingest new or changed units of the drop; yield ``(cases, manifest)`` batches."""
+    key = checked_key(pseudonymisation_key)
     config = IngestParams.from_params(params)
     manifest = dict(previous_manifest) if previous_manifest else _empty_manifest()
     if manifest.get("version") != MANIFEST_VERSION:
         logger.warning("ingest manifest has another version: re-ingesting everything")
         manifest = _empty_manifest()
-    key = pseudonymisation_key
     workers = config.n_workers()
     pool = _executor(workers)
     try:

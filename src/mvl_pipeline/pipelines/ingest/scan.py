@@ -3,8 +3,9 @@
 A file whose cheap fingerprint (size + mtime locally, ETag on S3) is unchanged is not read at
 all; one whose fingerprint changed is hashed, and only if its content changed is it treated as
 new. New DICOM files have their header read (in parallel) to find their study. A unit (study,
-image/label pair) is processed again when any of its files is new or changed, or when it has no
-result yet. Files that disappeared from the drop do not delete what was ingested from them:
+image/label pair) is processed again when any of its files is new or changed, when it has no
+result yet, or when its last result was an ``internal_error`` (a crash of the code, not bad
+data). Files that disappeared from the drop do not delete what was ingested from them:
 hospitals often clear a drop once it has been collected.
 """
 
@@ -40,6 +41,12 @@ class DropScan:
     live_units: set[str] = field(default_factory=set)
     n_files: int = 0
     n_units: int = 0
+
+
+def failed_internally(unit_entry: Mapping[str, Any]) -> bool:
+    """True when a unit's last result was an ``internal_error``: a crash of the code, not a
+    verdict on the data, so the unit is retried on the next run instead of being kept."""
+    return any(r.get("reason") == "internal_error" for r in unit_entry.get("quarantined", []))
 
 
 def _dicom_study_of(drop: Any, relpath: str) -> tuple[str, str | None, str | None]:
@@ -120,12 +127,12 @@ def scan_drop(drop: Any, manifest: Mapping[str, Any], key: bytes, config: Any, p
         ukey = keys.unit_key(key, "dicom", study)
         new_files = [p for p, s in study_of_new.items() if s == study]
         units.append(Unit("dicom", study, tuple(sorted(set(members.pop(ukey, [])) | set(new_files)))))
-    # Studies with no new file: unchanged unless they have no result yet.
+    # Studies with no new file: unchanged unless they have no result yet (or failed on a bug).
     for ukey, relpaths in members.items():
-        if ukey in old_units:
+        if ukey in old_units and not failed_internally(old_units[ukey]):
             for relpath in relpaths:
                 files[fkeys[relpath]]["unit"] = ukey
-        else:  # unknown unit: re-read one header to rebuild it (rare: a lost manifest entry)
+        else:  # re-read one header to rebuild the unit (rare: a lost manifest entry, a crash)
             _, study, _ = _dicom_study_of(drop, relpaths[0])
             if study:
                 units.append(Unit("dicom", study, tuple(sorted(relpaths))))
@@ -142,6 +149,11 @@ def scan_drop(drop: Any, manifest: Mapping[str, Any], key: bytes, config: Any, p
             key, "source", *sorted(files[fkeys[f]]["content"] for f in unit.files if f in fkeys)
         )[:32]
         previous = old_units.get(ukey)
-        if previous is None or previous.get("source_hash") != source_hash or any(f in dirty for f in unit.files):
+        if (
+            previous is None
+            or previous.get("source_hash") != source_hash
+            or any(f in dirty for f in unit.files)
+            or failed_internally(previous)
+        ):
             todo.append((unit, ukey, source_hash))
     return DropScan(files=files, todo=todo, live_units=live, n_files=len(fkeys), n_units=len(live))

@@ -1,0 +1,146 @@
+"""Incremental ingest: only new or changed studies are processed, everything else is left
+byte-identical, and a study changed upstream replaces its old outputs."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pydicom
+import pytest
+from conftest import drop_files, run_ingest, snapshot, write_drop
+
+from mvl_pipeline.datasets.drop import encode_file
+
+
+@pytest.fixture
+def first_run(tmp_path, sample_studies):
+    """Three studies ingested once; returns (drop folder, output root, run)."""
+    drop = write_drop(tmp_path / "drop", drop_files(*sample_studies[:3]))
+    run = run_ingest(drop, tmp_path / "data")
+    assert run.case_ids() == sorted(s.case_id for s in sample_studies[:3])
+    return drop, tmp_path / "data", run
+
+
+def _case_folders(run, case_ids) -> dict[str, bytes]:
+    return snapshot(run.cases_path, under=case_ids)
+
+
+def test_two_new_studies_are_the_only_work_and_earlier_cases_stay_byte_identical(
+    first_run, sample_studies, count_processed
+):
+    drop, root, run = first_run
+    earlier_ids = [s.case_id for s in sample_studies[:3]]
+    before = _case_folders(run, earlier_ids)
+    units_before = run.manifest["units"]
+    assert len(before) == 3 * 4  # image, label, case.json, _COMPLETE per case
+
+    write_drop(drop, drop_files(*sample_studies[3:]))
+    second = run_ingest(drop, root)
+
+    assert sorted(count_processed()) == sorted(s.study_uid for s in sample_studies[3:])
+    assert second.case_ids() == sorted(s.case_id for s in sample_studies)
+    assert _case_folders(second, earlier_ids) == before
+    units_after = second.manifest["units"]
+    assert {k: units_after[k] for k in units_before} == units_before
+    assert len(units_after) == 5
+    assert second.summary_counts() == {("ingested", "ok"): 5}
+
+
+def test_rerun_with_nothing_new_processes_nothing_and_changes_no_byte(first_run, count_processed):
+    drop, root, run = first_run
+    before = snapshot(root)
+    assert set(before) >= {
+        "02_intermediate/ingest_manifest.json",
+        "02_intermediate/quarantine.json",
+        "08_reporting/ingest_summary.csv",
+    }
+    run_ingest(drop, root)
+    assert count_processed() == []
+    assert snapshot(root) == before
+
+
+def test_touched_but_unchanged_file_is_not_reprocessed(first_run, sample_studies, count_processed):
+    drop, root, run = first_run
+    cases_before = snapshot(run.cases_path)
+    touched = drop / sample_studies[0].slice_relpath(3)
+    stat = touched.stat()
+    os.utime(touched, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a copy tool re-stamps it
+
+    again = run_ingest(drop, root)
+    assert count_processed() == []
+    assert snapshot(again.cases_path) == cases_before
+
+
+def test_study_changed_upstream_is_reingested_and_replaces_its_old_outputs(
+    first_run, sample_studies, count_processed
+):
+    drop, root, run = first_run
+    changed, *unchanged = sample_studies[:3]
+    untouched_before = _case_folders(run, [s.case_id for s in unchanged])
+    old_case = run.case(changed.case_id)
+    old_files = _case_folders(run, [changed.case_id])
+    old_hash = run.unit_of(changed.slice_relpath(0))["source_hash"]
+
+    # the hospital re-sends slice 6 with corrected pixels (a 10x10 patch raised by 300 HU)
+    relpath = changed.slice_relpath(6)
+    ds = pydicom.dcmread(io.BytesIO(changed.files[relpath]))
+    pixels = ds.pixel_array.copy()
+    pixels[:10, :10] += 300
+    ds.PixelData = pixels.tobytes()
+    write_drop(drop, {relpath: encode_file(ds)})
+
+    second = run_ingest(drop, root)
+    assert count_processed() == [changed.study_uid]
+    assert second.case_ids() == run.case_ids()  # same case id: replaced, not duplicated
+    new_case = second.case(changed.case_id)
+    difference = new_case.image.array - old_case.image.array
+    # pixel [row, column] -> array [i = column, j = row, k]
+    np.testing.assert_allclose(difference[:10, :10, 6], 300.0)
+    difference[:10, :10, 6] = 0
+    assert not difference.any()
+    np.testing.assert_array_equal(new_case.label.array, old_case.label.array)
+    assert _case_folders(second, [changed.case_id]) != old_files
+    assert new_case.meta["source_hash"] != old_case.meta["source_hash"]
+    assert (
+        second.unit_of(changed.slice_relpath(0))["source_hash"]
+        == new_case.meta["source_hash"]
+        != old_hash
+    )
+    assert _case_folders(second, [s.case_id for s in unchanged]) == untouched_before
+    # the replaced folder holds exactly one version (no leftovers of the old write)
+    assert sorted(p.name for p in (second.cases_path / changed.case_id).iterdir()) == [
+        "_COMPLETE",
+        "case.json",
+        "image.nii.gz",
+        "label.nii.gz",
+    ]
+    assert not [p for p in second.cases_path.iterdir() if p.name.startswith(".")]
+
+
+def test_study_that_turns_bad_upstream_loses_its_old_case(
+    first_run, sample_studies, count_processed
+):
+    """The hospital re-sends a study's SEG with a structure outside the label map: the study is
+    quarantined, and its case from the earlier version is removed rather than left stale."""
+    drop, root, run = first_run
+    changed, *unchanged = sample_studies[:3]
+    untouched_before = _case_folders(run, [s.case_id for s in unchanged])
+    slices = {changed.slice_relpath(k) for k in range(len(changed.sop_uids))}
+    (seg_path,) = set(changed.files) - slices
+    seg = pydicom.dcmread(io.BytesIO(changed.files[seg_path]))
+    seg.SegmentSequence[1].SegmentLabel = "Spleen"
+    write_drop(drop, {seg_path: encode_file(seg)})
+
+    second = run_ingest(drop, root)
+    assert count_processed() == [changed.study_uid]
+    assert second.case_ids() == sorted(s.case_id for s in unchanged)
+    assert not (second.cases_path / changed.case_id).exists()
+    unit = second.unit_of(seg_path)
+    assert (unit["status"], unit["cases"]) == ("quarantined", [])
+    assert [(q["reason"], q["case_id"]) for q in unit["quarantined"]] == [
+        ("label_values_not_in_label_map", changed.case_id)
+    ]
+    assert "'spleen' is not in the label map" in unit["quarantined"][0]["detail"]
+    assert _case_folders(second, [s.case_id for s in unchanged]) == untouched_before

@@ -3,6 +3,8 @@
 from kedro.config import OmegaConfigLoader
 from omegaconf.resolvers import oc
 
+from mvl_pipeline.hooks import LineageTagsHook
+
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
@@ -18,3 +20,6 @@ CONFIG_LOADER_ARGS = {
         "globals": ["globals*", "globals*/**"],
     },
 }
+
+# kedro-mlflow registers its own hook through its entry point; ours tags the run it starts.
+HOOKS = (LineageTagsHook(),)

@@ -96,6 +96,7 @@ def decide_registration(
     tags = {
         "data_version": str(fit_history.get("data_version")),
         "dvc_data_version": str(lineage.get("dvc_data_version")),
+        "dvc_data_status": str(lineage.get("dvc_data_status")),
         "plan_id": str(preprocessing_plan.get("plan_id")),
         "git_commit": str(lineage.get("git_commit")),
         "git_dirty": str(lineage.get("git_dirty")),

@@ -1,0 +1,63 @@
+"""Kedro hooks: tag each kedro-mlflow run with where it comes from (code and data versions).
+
+kedro-mlflow 2.0.3 starts its run in its own ``before_pipeline_run``; this hook runs after it
+(``trylast``) and sets, on that active run, the tags ``git_commit``, ``git_dirty``,
+``dvc_data_version`` and ``dvc_data_status`` (see ``mvl_pipeline.datasets.lineage``). Values are
+commit ids, booleans and content hashes: no PHI. Pipelines with MLflow disabled (``sample_data``)
+have no active run and get nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kedro.framework.hooks import hook_impl
+
+from mvl_pipeline.datasets.lineage import LineageDataset
+
+logger = logging.getLogger(__name__)
+
+#: The catalog entry that describes the lineage (conf/base/catalog_train.yml).
+LINEAGE_DATASET = "lineage"
+#: The dataset whose DVC version is "the data version" (written by the ingest pipeline).
+DATA_DATASET = "ingested_cases"
+
+LINEAGE_TAGS = ("git_commit", "git_dirty", "dvc_data_version", "dvc_data_status")
+
+
+def lineage_tags(lineage: dict[str, Any], *, produces_data: bool) -> dict[str, str]:
+    """MLflow tag values (strings, as the register stage writes them on model versions).
+
+    A run that itself writes the ingested cases (``ingest``, ``train``) reads no recorded
+    version: what it trains on is produced during the run, so its version is not known yet.
+    """
+    lineage = dict(lineage)
+    if produces_data:
+        lineage.update(dvc_data_version=None, dvc_data_status="being_produced")
+    return {key: str(lineage.get(key)) for key in LINEAGE_TAGS}
+
+
+class LineageTagsHook:
+    @hook_impl(trylast=True)  # after kedro-mlflow's before_pipeline_run has started the run
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        import mlflow
+
+        run = mlflow.active_run()
+        if run is None:
+            return
+        try:
+            if LINEAGE_DATASET in catalog:
+                lineage = catalog.load(LINEAGE_DATASET)
+            else:
+                lineage = LineageDataset(project_path=run_params.get("project_path") or ".").load()
+        except Exception as error:  # noqa: BLE001 - provenance must never stop a training run
+            logger.warning("lineage unavailable (%s): MLflow run not tagged", type(error).__name__)
+            return
+        tags = lineage_tags(lineage, produces_data=DATA_DATASET in pipeline.all_outputs())
+        mlflow.set_tags(tags)
+        logger.info(
+            "MLflow run %s tagged: git_commit=%s git_dirty=%s dvc_data_version=%s (%s)",
+            run.info.run_id, tags["git_commit"], tags["git_dirty"], tags["dvc_data_version"],
+            tags["dvc_data_status"],
+        )  # fmt: skip

@@ -60,5 +60,9 @@ def create_pipeline(**kwargs) -> Pipeline:
                 tags=["split"],
             ),
         ],
+        # No namespace, unlike the other stages: kedro-viz draws a namespace as one node whose
+        # inputs include the read-back documents (model_input layer) and whose outputs include the
+        # fingerprint and plan (feature layer), a feature <-> model_input cycle that makes it drop
+        # the layers of the whole graph. The tag groups these nodes instead.
         tags="preprocess",
     )

@@ -7,7 +7,7 @@ import io
 
 import numpy as np
 import pydicom
-from conftest import SAMPLE_PARAMS, build_sample_studies, drop_files, run_ingest, write_drop
+from ingest_support import SAMPLE_PARAMS, build_sample_studies, drop_files, run_ingest, write_drop
 
 from mvl_pipeline.datasets.drop import encode_file
 

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pydicom
 import pytest
-from conftest import drop_files, run_ingest, snapshot, write_drop
+from ingest_support import drop_files, run_ingest, snapshot, write_drop
 
 from mvl_pipeline.datasets.drop import encode_file
 

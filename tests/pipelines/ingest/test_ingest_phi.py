@@ -18,7 +18,7 @@ import numpy as np
 import pydicom
 import pytest
 import yaml
-from conftest import KEY, PROJECT, drop_files, ingest_params, run_ingest, write_drop
+from ingest_support import KEY, PROJECT, drop_files, ingest_params, run_ingest, write_drop
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 

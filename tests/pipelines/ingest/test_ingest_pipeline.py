@@ -10,7 +10,7 @@ import logging
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import (
+from ingest_support import (
     KEY,
     assert_same_cases,
     drop_files,

@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from conftest import KEY, ingest_params, real_file, run_ingest, write_drop
+from ingest_support import KEY, ingest_params, real_file, run_ingest, write_drop
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 

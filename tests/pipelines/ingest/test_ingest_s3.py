@@ -7,7 +7,7 @@ import gzip
 
 import nibabel as nib
 import s3fs
-from conftest import assert_same_cases, drop_files, run_ingest, snapshot, write_drop
+from ingest_support import assert_same_cases, drop_files, run_ingest, snapshot, write_drop
 
 
 def test_drop_in_s3_ingests_like_the_same_drop_on_disk(

@@ -227,7 +227,9 @@ def process_dicom_study(drop: Any, unit: Unit, key: bytes, settings: IngestSetti
                         case_id=None, n_files=len(files), kind="dicom")  # fmt: skip
             )
     if not result.cases and result.modality == "unknown" and headers:
-        result.modality = str(next(iter(headers.values())).get("Modality", "unknown"))
+        # the study's image modality (a SEG or RTSTRUCT may come first in file-name order)
+        images = [h for p, h in headers.items() if p not in label_objects] or list(headers.values())
+        result.modality = str(images[0].get("Modality", "unknown"))
     guard_no_identity(result, identity)
     return result
 

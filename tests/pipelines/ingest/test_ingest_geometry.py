@@ -81,8 +81,10 @@ def test_coronal_series_keeps_its_direction(tmp_path):
 def test_series_with_a_missing_slice_is_quarantined_and_others_are_kept(tmp_path, sample_studies):
     broken, good = sample_studies[3], sample_studies[4]
     files = drop_files(broken, good)
-    gone = broken.slice_relpath(5)
-    del files[gone]
+    del files[broken.slice_relpath(5)]
+    # the PACS export names the SEG so that it sorts before the slices
+    (seg_path,) = set(broken.files) - {broken.slice_relpath(k) for k in range(12)}
+    files[f"{seg_path.split('/')[0]}/0_seg.dcm"] = files.pop(seg_path)
     run = run_ingest(write_drop(tmp_path / "drop", files), tmp_path / "out")
 
     assert run.case_ids() == [good.case_id]
@@ -96,3 +98,9 @@ def test_series_with_a_missing_slice_is_quarantined_and_others_are_kept(tmp_path
     assert "1 slice(s) missing" in record["detail"]
     assert [r["reason"] for r in run.quarantine] == ["missing_slices"]
     assert run.summary_counts() == {("ingested", "ok"): 1, ("quarantined", "missing_slices"): 1}
+    # the quarantined study is reported under its image modality, not its SEG's
+    assert unit["modality"] == run.quarantine[0]["modality"] == "CT"
+    assert set(run.summary.itertuples(index=False, name=None)) == {
+        ("ingested", "ok", "CT", 1),
+        ("quarantined", "missing_slices", "CT", 1),
+    }

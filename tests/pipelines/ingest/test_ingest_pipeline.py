@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -20,6 +21,7 @@ from ingest_support import (
     write_drop,
 )
 from kedro.io import DatasetError
+from pydicom.data import get_testdata_file
 
 from mvl_pipeline.datasets.drop import EmptyDropFolderError
 from mvl_pipeline.imaging.deid import DeidKeyError
@@ -128,9 +130,10 @@ def test_empty_drop_is_refused_by_default_and_is_a_no_op_when_allowed(tmp_path):
 
 
 def test_drop_of_only_ignored_files_ingests_nothing(tmp_path):
-    drop = write_drop(
-        tmp_path / "drop", {"README.txt": b"hello", "DICOMDIR": b"\x00" * 200, "x/export.log": b""}
-    )
+    dicomdir = get_testdata_file("DICOMDIR")  # pydicom's real media directory file
+    assert dicomdir is not None, "pydicom's DICOMDIR test file is missing"
+    files = {"README.txt": b"hello", "DICOMDIR": Path(dicomdir).read_bytes(), "x/export.log": b""}
+    drop = write_drop(tmp_path / "drop", files)
     (drop / ".DS_Store").write_bytes(b"\x00")
     run = run_ingest(drop, tmp_path / "data")
     assert run.case_ids() == []

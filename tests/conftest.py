@@ -77,3 +77,47 @@ def s3_bucket(s3_endpoint: str) -> dict:
         "client_kwargs": {"endpoint_url": s3_endpoint, "region_name": "us-east-1"},
     }
     return {"bucket": bucket, "endpoint_url": s3_endpoint, "credentials": credentials}
+
+
+@pytest.fixture(scope="session")
+def llm_cache_dir(tmp_path_factory) -> str:
+    """One cache of converted LLM layers for the whole session (the GGUF conversion takes ~15 s)."""
+    return str(tmp_path_factory.mktemp("llm-cache"))
+
+
+@pytest.fixture(scope="session")
+def project_copy(tmp_path_factory):
+    """Factory: ``make(name) -> root`` of a fresh copy of the project's source tree.
+
+    The copy holds the files git tracks or would track (``git ls-files --cached --others
+    --exclude-standard``: no data, no conf/local, no MLflow store), sits beside a link named
+    ``shared`` to ``../shared`` (so ``<copy>/../shared/data`` resolves as in the checkout), and has
+    a new pseudonymisation key in its conf/local/credentials.yml. For tests that run Kedro, DVC
+    or kedro-viz on a whole project without touching the checkout.
+    """
+    import shutil
+    import subprocess
+    import sys
+
+    listing = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=PROJECT_ROOT, capture_output=True, check=True,
+    ).stdout.decode()  # fmt: skip
+    files = [name for name in listing.split("\0") if name and (PROJECT_ROOT / name).is_file()]
+
+    def make(name: str) -> Path:
+        base = tmp_path_factory.mktemp(name)
+        root = base / "project"
+        for relpath in files:
+            target = root / relpath
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(PROJECT_ROOT / relpath, target)
+        if SHARED_DATA.parent.is_dir():
+            (base / "shared").symlink_to(SHARED_DATA.parent, target_is_directory=True)
+        subprocess.run(
+            [sys.executable, "-m", "mvl_pipeline.secrets", "ensure-key", "conf/local/credentials.yml"],
+            cwd=root, check=True, capture_output=True,
+        )  # fmt: skip
+        return root
+
+    return make

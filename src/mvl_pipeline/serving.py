@@ -58,6 +58,8 @@ class MedVisionLlamaPyfunc(mlflow.pyfunc.PythonModel):
 
         from mvl_pipeline.training.inference import predict_probabilities
 
+        if isinstance(model_input, dict):  # a named tensor signature hands over {"image": array}
+            model_input = model_input["image"]
         batch = np.asarray(model_input, dtype=np.float32)
         if batch.ndim != 5:
             raise ValueError(f"expected (B, C, X, Y, Z) float32, got shape {batch.shape}")

@@ -104,11 +104,6 @@ def bert_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def llm_cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("llm-cache")
-
-
-@pytest.fixture(scope="session")
 def s3_server() -> Iterator[dict[str, Any]]:
     """A moto S3 server on 127.0.0.1 (random port) with bucket ``models``; yields the fsspec
     storage options that reach it."""

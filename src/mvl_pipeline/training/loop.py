@@ -233,9 +233,10 @@ def run_training(config: Mapping[str, Any], session: Session) -> dict[str, Any]:
     if restored is not None:
         model = load_model(Path(restored) / MODEL_DIR, llm_cache_dir=config["llm_cache_dir"], device="cpu")
         state = json.loads((Path(restored) / STATE_FILE).read_text(encoding="utf-8"))
+        state.setdefault("resumed_after_epochs", []).append(int(state["epoch"]))
     else:
         model = build_model(model_cfg, device="cpu", llm_cache_dir=config["llm_cache_dir"])
-        state = {"epoch": -1, "history": [], "best_val_dice": -1.0, "global_step": 0}
+        state = {"epoch": -1, "history": [], "best_val_dice": -1.0, "global_step": 0, "resumed_after_epochs": []}
     model = session.prepare_model(model.to(device))
     optimizer = configure_optimizers(_unwrap(model), lr=loop.lr, weight_decay=loop.weight_decay, betas=loop.betas)
     total_steps = loop.epochs * loop.steps_per_epoch
@@ -252,6 +253,8 @@ def run_training(config: Mapping[str, Any], session: Session) -> dict[str, Any]:
     if start_epoch >= loop.epochs and restored is not None:
         # A finished run re-run under the same name: nothing to train, report what it has.
         last = dict(state["history"][-1]) if state["history"] else {}
+        if rank == 0:
+            (Path(restored) / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
         session.report(last, restored if rank == 0 else None)
         return state
 

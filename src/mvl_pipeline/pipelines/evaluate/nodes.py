@@ -63,7 +63,7 @@ def evaluate_holdout(
         logger.info(
             "holdout %-8s Dice %.3f (95%% CI %.3f-%.3f; %.3f where present, n=%d)  HD95 %s mm  NSD %.3f",
             name, entry["dice"]["mean"], *entry["dice"]["ci95"],
-            entry["dice_label_present"]["mean"] or float("nan"), entry["dice_label_present"]["n"],
+            _or_nan(entry["dice_label_present"]["mean"]), entry["dice_label_present"]["n"],
             "n/a" if entry["hd95_mm"]["mean"] is None else f"{entry['hd95_mm']['mean']:.1f}",
             entry["nsd"]["mean"],
         )  # fmt: skip
@@ -133,3 +133,7 @@ def plot_overlays(overlays: list[Mapping[str, Any]]) -> plt.Figure:
         ax.set_axis_off()
     fig.tight_layout()
     return fig
+
+
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else float(value)

@@ -201,6 +201,8 @@ def fit_model(
         "best_epoch": int(best_metrics.get("epoch", -1)),
         "best_val_dice": float(best_metrics.get("val_dice", float("nan"))),
         "epochs": state["history"],
+        "resumed_after_epochs": state.get("resumed_after_epochs", []),
+        "global_step": state.get("global_step"),
         "classes": classes,
         "num_workers": fit.num_workers,
     }

@@ -1,0 +1,180 @@
+"""Shared by the fit / evaluate / register tests: a tiny project's data made by the real
+pipelines (sample_data -> ingest -> preprocess), a tiny model configuration, one local Ray."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def base_params(name: str) -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "conf" / "base" / f"parameters_{name}.yml").read_text())
+
+
+TINY_MODEL = {
+    "embed_dim": 48,
+    "depth": 2,
+    "num_heads": 2,
+    "patch_size": [8, 8, 8],
+    "pos_grid": [4, 4, 2],
+    "token_budget": 32,
+    "decoder": {"taps": [1], "channels": [16, 8, 8], "stem_channels": 4},
+    "llm": {"mode": "pretrained", "source": "smollm2-offline", "layer_index": -1},
+}
+
+
+def tiny_model_params() -> dict[str, Any]:
+    model = base_params("model")["model"]
+    merged = copy.deepcopy(model)
+    for key, value in TINY_MODEL.items():
+        if isinstance(value, dict):
+            merged[key] = {**merged.get(key, {}), **value}
+        else:
+            merged[key] = value
+    merged["num_classes"] = 3
+    return merged
+
+
+@pytest.fixture(scope="session")
+def tiny_training_data(tmp_path_factory, llm_cache_dir) -> dict[str, Any]:
+    """Model-input cases, split, plan, manifest and ingested cases of 8 tiny phantom patients."""
+    from kedro.io import DataCatalog, MemoryDataset
+    from kedro.runner import SequentialRunner
+
+    from mvl_pipeline.datasets.case_store import CaseStoreDataset
+    from mvl_pipeline.datasets.drop import DropFolderDataset
+    from mvl_pipeline.datasets.json_file import AtomicJSONDataset
+    from mvl_pipeline.datasets.secret_key import SecretKeyDataset
+    from mvl_pipeline.pipelines.ingest import create_pipeline as ingest_pipeline
+    from mvl_pipeline.pipelines.preprocess import create_pipeline as preprocess_pipeline
+    from mvl_pipeline.pipelines.sample_data.nodes import generate_sample_drop
+
+    tmp = tmp_path_factory.mktemp("tiny-project")
+    sample = base_params("sample_data")["sample_data"] | {
+        "n_patients": 8,
+        "followup_fraction": 0.0,
+        "image_size": 48,
+        "pixel_spacing_mm": [7.5, 8.0],
+        "n_slices": [16, 20],
+        "slice_spacing_mm": 10.0,
+        "thin_slice_studies": 0,
+        "non_axial_studies": 0,
+    }
+    DropFolderDataset(filepath=str(tmp / "drop")).save(generate_sample_drop(sample))
+
+    def json_ds(name: str, **kwargs: Any) -> AtomicJSONDataset:
+        return AtomicJSONDataset(filepath=str(tmp / f"{name}.json"), **kwargs)
+
+    catalog = DataCatalog(
+        {
+            "hospital_drop": DropFolderDataset(filepath=str(tmp / "drop")),
+            "pseudonymisation_key": SecretKeyDataset(credentials={"key": hashlib.sha256(b"tiny").hexdigest()}),
+            "previous_ingest_manifest": json_ds("manifest", missing={}),
+            "ingest_manifest": json_ds("manifest"),
+            "ingested_cases": CaseStoreDataset(path=str(tmp / "cases")),
+            "quarantine_report": MemoryDataset(),
+            "ingest_summary": MemoryDataset(),
+            "dataset_fingerprint": json_ds("fingerprint"),
+            "preprocessing_plan": json_ds("plan"),
+            "previous_preprocessing_plan": json_ds("plan", missing={}),
+            "model_input_cases": CaseStoreDataset(path=str(tmp / "model_input"), format="npy"),
+            "model_input_records": CaseStoreDataset(path=str(tmp / "model_input"), format="npy"),
+            "data_split": json_ds("split"),
+            "previous_data_split": json_ds("split", missing={}),
+        }
+    )
+    ingest = base_params("ingest")["ingest"] | {"workers": 1, "progress": False}
+    preprocess = base_params("preprocess")["preprocess"]
+    preprocess["split"]["ratios"] = {"train": 0.5, "validation": 0.25, "test": 0.25}
+    catalog["params:ingest"] = ingest
+    catalog["params:preprocess"] = preprocess
+    catalog["params:model"] = tiny_model_params()
+    runner = SequentialRunner()
+    runner.run(ingest_pipeline(), catalog)
+    runner.run(preprocess_pipeline(), catalog)
+    split = catalog.load("data_split")
+    assert split["train"] and split["validation"] and split["test"], split
+    return {
+        "root": tmp,
+        "model_input_cases": catalog.load("model_input_cases"),
+        "ingested_cases": catalog.load("ingested_cases"),
+        "data_split": split,
+        "preprocessing_plan": catalog.load("preprocessing_plan"),
+        "ingest_manifest": catalog.load("ingest_manifest"),
+        "labels": ingest["labels"],
+        "model": tiny_model_params(),
+        "llm_cache_dir": llm_cache_dir,
+    }
+
+
+def tiny_fit_params(tmp: Path, llm_cache_dir: str, **loop: Any) -> dict[str, Any]:
+    fit = base_params("train")["fit"]
+    fit["scaling"] = {"num_workers": 2, "cpus_per_worker": 1, "use_gpu": False}
+    fit["storage_path"] = str(tmp / "ray_results")
+    fit["llm_cache_dir"] = llm_cache_dir
+    fit["stream_to_mlflow"] = False
+    fit["loop"] |= {"epochs": 3, "steps_per_epoch": 4, "batch_size": 2, "val_every": 1, "lr": 0.003} | loop
+    return fit
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (starting it costs seconds)."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def tiny_fit(tmp_path, tiny_training_data):
+    """``tiny_fit(**loop_overrides)`` -> fit parameters writing into this test's tmp_path."""
+
+    def make(**loop: Any) -> dict[str, Any]:
+        return tiny_fit_params(tmp_path, tiny_training_data["llm_cache_dir"], **loop)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_training_data) -> dict[str, tuple[dict, dict]]:
+    """Three models of known relative quality, as ``(state_dict, config)``: ``untrained``,
+    ``short`` (a few steps) and ``long`` (more steps), trained in-process (no Ray)."""
+    from mvl_pipeline.model import MedVisionLlamaConfig, build_model, model_weights
+    from mvl_pipeline.training.loop import LoopConfig, Session, run_training
+
+    data = tiny_training_data
+    cfg = MedVisionLlamaConfig.from_params(data["model"])
+    models = {"untrained": model_weights(build_model(cfg, llm_cache_dir=data["llm_cache_dir"]))}
+
+    class Capture(Session):
+        def report(self, metrics, checkpoint_dir):
+            if checkpoint_dir is not None:
+                from mvl_pipeline.pipelines.fit.nodes import _read_model_dir
+
+                self.weights = _read_model_dir(Path(checkpoint_dir) / "model")
+
+    cases = data["model_input_cases"]
+    for name, epochs in (("short", 1), ("long", 8)):
+        loop = LoopConfig.from_params({"epochs": epochs, "steps_per_epoch": 5, "batch_size": 2, "lr": 0.003,
+                                       "val_every": epochs}).to_dict()  # fmt: skip
+        session = Capture()
+        run_training(
+            {"loop": loop, "model": data["model"], "plan": data["preprocessing_plan"], "classes": [1, 2],
+             "train_ids": data["data_split"]["train"], "val_ids": data["data_split"]["validation"],
+             "loaders": cases, "llm_cache_dir": data["llm_cache_dir"], "cpus_per_worker": 2},
+            session,
+        )  # fmt: skip
+        models[name] = session.weights
+    return models

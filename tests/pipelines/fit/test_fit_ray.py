@@ -1,0 +1,60 @@
+"""Ray Train `fit` with 2 CPU workers: trains, reports per epoch, survives a worker failure,
+and a re-run of the same run name resumes instead of retraining."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from mvl_pipeline.pipelines.fit.nodes import fit_model
+
+pytestmark = pytest.mark.slow
+
+
+def run_fit(data, fit):
+    return fit_model(
+        data["model_input_cases"], data["data_split"], data["preprocessing_plan"], data["ingest_manifest"],
+        data["model"], fit, data["labels"],
+    )  # fmt: skip
+
+
+def test_two_worker_fit_trains_and_reports_every_epoch(tiny_training_data, ray_local, tiny_fit):
+    fit = tiny_fit()
+    (state, config), history = run_fit(tiny_training_data, fit)
+    epochs = history["epochs"]
+    assert [e["epoch"] for e in epochs] == [0, 1, 2]
+    assert all("val_dice" in e and "train_loss" in e for e in epochs)
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    assert history["num_workers"] == 2
+    assert history["best_val_dice"] == max(e["val_dice"] for e in epochs)
+    # the kept model is the one with the best validation Dice, not the last or lowest-loss one
+    assert history["best_epoch"] == max(epochs, key=lambda e: e["val_dice"])["epoch"]
+    assert config["model"]["num_classes"] == 3 and state
+
+    # Same data, plan and configuration -> same run name -> resumes the finished run: no step.
+    started = time.perf_counter()
+    _, again = run_fit(tiny_training_data, fit)
+    assert again["run_name"] == history["run_name"]
+    assert again["global_step"] == history["global_step"]
+    assert again["resumed_after_epochs"] == [2]
+    assert [e["train_loss"] for e in again["epochs"]] == [e["train_loss"] for e in epochs]
+    assert time.perf_counter() - started < 60
+
+
+def test_a_worker_failure_is_recovered_from_the_last_checkpoint(tiny_training_data, ray_local, tiny_fit, tmp_path):
+    fit = tiny_fit(inject_failure={"epoch": 1, "step": 2, "rank": 1})
+    fit["max_failures"] = 1
+    _, history = run_fit(tiny_training_data, fit)
+    marker = tmp_path / "ray_results" / history["run_name"] / ".injected_failure"
+    assert marker.exists()  # the failure really happened
+    assert history["resumed_after_epochs"] == [0]  # restarted from epoch 0's checkpoint
+    assert [e["epoch"] for e in history["epochs"]] == [0, 1, 2]
+    assert history["global_step"] == 3 * 4
+
+
+def test_without_failure_budget_the_injected_failure_fails_the_fit(tiny_training_data, ray_local, tiny_fit):
+    fit = tiny_fit(epochs=2, inject_failure={"epoch": 0, "step": 1, "rank": 0})
+    fit["max_failures"] = 0
+    with pytest.raises(Exception, match="injected failure"):
+        run_fit(tiny_training_data, fit)

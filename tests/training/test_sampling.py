@@ -1,0 +1,40 @@
+"""Patch sampling and on-the-fly augmentation."""
+
+import numpy as np
+import torch
+
+from mvl_pipeline.training.sampling import AugmentConfig, TrainingVolume, augment, sample_batch
+
+
+def volume(seed=0):
+    rng = np.random.default_rng(seed)
+    image = rng.normal(size=(64, 64, 32)).astype(np.float32)
+    label = np.zeros((64, 64, 32), np.uint8)
+    label[50:54, 50:54, 20:22] = 2  # a small lesion far from the centre
+    return TrainingVolume.from_arrays(image, label)
+
+
+def test_foreground_fraction_of_patches_is_centred_on_foreground():
+    rng = np.random.default_rng(0)
+    x, y = sample_batch([volume()], (16, 16, 8), 6, rng, foreground_fraction=1 / 3)
+    assert x.shape == (6, 1, 16, 16, 8) and y.shape == (6, 16, 16, 8)
+    has_lesion = [(y[i] == 2).any().item() for i in range(6)]
+    assert all(has_lesion[-2:])  # the last third is forced onto foreground
+
+
+def test_small_volumes_are_padded_to_the_patch():
+    small = TrainingVolume.from_arrays(np.ones((10, 12, 4), np.float32), np.ones((10, 12, 4), np.uint8))
+    x, y = sample_batch([small], (16, 16, 8), 2, np.random.default_rng(0))
+    assert x.shape == (2, 1, 16, 16, 8)
+    assert set(np.unique(y.numpy())) <= {0, 1}
+
+
+def test_augmentation_is_seeded_and_keeps_label_values():
+    x, y = sample_batch([volume()], (16, 16, 8), 4, np.random.default_rng(3), foreground_fraction=1.0)
+    config = AugmentConfig(rotate_prob=1.0, scale_prob=1.0, intensity_prob=1.0, noise_prob=1.0)
+    a = augment(x, y, np.random.default_rng(7), config)
+    b = augment(x, y, np.random.default_rng(7), config)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert set(np.unique(a[1].numpy())) <= {0, 2}
+    assert not torch.equal(a[0], x)  # something happened
+    assert torch.equal(x, sample_batch([volume()], (16, 16, 8), 4, np.random.default_rng(3), foreground_fraction=1.0)[0])

@@ -16,7 +16,7 @@ export MLFLOW_ENABLE_TELEMETRY := false
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup train test lint sample-data key viz bench clean-venv
+.PHONY: setup train test lint sample-data key viz bench clean-venv browser
 
 $(STAMP): requirements/runtime.lock requirements/dev.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,7 +45,25 @@ train: setup key sample-data
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
 
-test: setup
+# Headless Chromium for the kedro-viz lineage test (tests/test_viz_lineage.py): Debian's
+# `chromium`, installed with apt when missing (as root, or through passwordless sudo). Where it
+# cannot be installed, make goes on and that test FAILS with the reason (it never skips).
+CHROMIUM ?= /usr/bin/chromium
+export CHROMIUM
+browser:
+	@if [ -x "$(CHROMIUM)" ]; then echo "[browser] $(CHROMIUM) present"; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+		echo "[browser] WARNING: no $(CHROMIUM) and no apt-get: install Chromium and set CHROMIUM=<path>; tests/test_viz_lineage.py will fail" >&2; \
+	else \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+		echo "[browser] installing Debian chromium (apt-get install -y chromium)"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		$$SUDO apt-get install -y -q chromium >/dev/null \
+			|| { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium >/dev/null; } \
+			|| echo "[browser] WARNING: apt-get could not install chromium; tests/test_viz_lineage.py will fail" >&2; \
+	fi
+
+test: setup browser
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

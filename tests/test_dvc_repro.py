@@ -1,0 +1,249 @@
+"""`dvc repro` end to end on a tiny copy of the project (minutes: marked slow, CI runs it).
+
+A copy of the project's tracked files becomes its own git repository, with parameters shrunk
+(5 phantom patients of 48x48x16, a ViT of width 32 without the LLM layer, 1 Ray worker, one epoch
+of 2 steps). Then, in order:
+
+1. ``dvc repro`` runs every stage once, in dependency order; a second ``dvc repro`` runs none.
+2. The kedro-mlflow runs and the registered model version carry the git commit and the DVC data
+   version that dvc.lock records for data/02_intermediate/cases.
+3. A changed evaluate parameter reruns exactly evaluate and register; a changed register
+   parameter or shared module marks exactly the stages that depend on it.
+4. ``dvc push`` to the default local remote and to S3 (moto_server on 127.0.0.1, the endpoint
+   and credentials from the environment, none in .dvc/config), then ``dvc pull`` from S3 after
+   deleting the cache and every output restores byte-identical data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mvl_pipeline.pipeline_registry import TRAIN_STAGES
+
+pytestmark = pytest.mark.slow
+
+STAGES = ["sample_data", *TRAIN_STAGES]
+BIN = Path(sys.executable).parent
+DVC = str(BIN / "dvc")
+
+
+def _edit_yaml(path: Path, edit) -> None:
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    edit(data)
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+
+def shrink(root: Path) -> None:
+    """Tiny parameters, written into the copy's conf/base (what DVC tracks)."""
+    base = root / "conf/base"
+    _edit_yaml(base / "parameters_sample_data.yml", lambda d: d["sample_data"].update(
+        n_patients=5, followup_fraction=0.0, image_size=48, n_slices=[16, 16], pixel_spacing_mm=[6.0, 6.0],
+        slice_spacing_mm=8.0, thin_slice_studies=0, non_axial_studies=0,
+    ))  # fmt: skip
+    _edit_yaml(base / "parameters_ingest.yml", lambda d: d["ingest"].update(workers=1, progress=False))
+    _edit_yaml(base / "parameters_preprocess.yml", lambda d: d["preprocess"]["apply"].update(workers=1))
+
+    def model(d):
+        d["model"].update(embed_dim=32, depth=2, num_heads=2, token_budget=64, pos_grid=[4, 4, 2], precision="fp32")
+        d["model"]["llm"]["mode"] = "none"
+        d["model"]["decoder"].update(taps=[1, 2], channels=[8, 8, 8], stem_channels=4)
+
+    def train(d):
+        d["fit"]["scaling"]["num_workers"] = 1
+        d["fit"]["ray_num_cpus"] = 1
+        d["fit"]["loop"].update(epochs=1, steps_per_epoch=2, batch_size=1, val_every=1, warmup_epochs=0)
+        d["evaluate"].update(overlay_cases=1, sw_batch_size=1)
+
+    _edit_yaml(base / "parameters_model.yml", model)
+    _edit_yaml(base / "parameters_train.yml", train)
+
+
+class Project:
+    def __init__(self, root: Path, env: dict[str, str]) -> None:
+        self.root, self.env = root, env
+
+    def run(self, *args: str, env: dict[str, str] | None = None, timeout: int = 900, stdout: bool = False) -> str:
+        """stdout + stderr of a command that must succeed (stdout only with ``stdout=True``)."""
+        done = subprocess.run(
+            args, cwd=self.root, env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=timeout,
+            check=False,
+        )
+        output = done.stdout + done.stderr
+        assert done.returncode == 0, f"{' '.join(args)} failed ({done.returncode}):\n{output[-6000:]}"
+        return done.stdout if stdout else output
+
+    def dvc(self, *args: str, **kwargs) -> str:
+        return self.run(DVC, *args, **kwargs)
+
+    def dvc_json(self, *args: str) -> dict:
+        return json.loads(self.dvc(*args, "--json", stdout=True))
+
+    def repro(self) -> list[str]:
+        """Run ``dvc repro``; the stages that ran, in order."""
+        output = self.dvc("repro")
+        ran = re.findall(r"Running stage '([^']+)'", output)
+        skipped = re.findall(r"Stage '([^']+)' didn't change, skipping", output)
+        assert sorted(ran + skipped) == sorted(STAGES), output[-3000:]
+        return ran
+
+    def status(self) -> dict:
+        return self.dvc_json("status")
+
+    def lock(self) -> dict:
+        return yaml.safe_load((self.root / "dvc.lock").read_text(encoding="utf-8"))
+
+    def head(self) -> str:
+        return self.run("git", "rev-parse", "HEAD").strip()
+
+    def out_paths(self) -> list[str]:
+        return sorted(out["path"] for stage in self.lock()["stages"].values() for out in stage.get("outs", []))
+
+    def digest_outputs(self) -> dict[str, str]:
+        """sha256 of every file under every DVC out."""
+        digests = {}
+        for out in self.out_paths():
+            path = self.root / out
+            files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+            for file in files:
+                digests[str(file.relative_to(self.root))] = hashlib.sha256(file.read_bytes()).hexdigest()
+        return digests
+
+
+@pytest.fixture(scope="module")
+def project(project_copy) -> Project:
+    root = project_copy("dvc-repro")
+    shrink(root)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DVC_STAGE", "MLFLOW_TRACKING_URI")}
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+        KEDRO_DISABLE_TELEMETRY="true", MLFLOW_ENABLE_TELEMETRY="false", HF_HUB_OFFLINE="1",
+        DVC_NO_ANALYTICS="1", DVC_SITE_CACHE_DIR=str(root.parent / "dvc-site-cache"),
+    )  # fmt: skip
+    project = Project(root, env)
+    project.run("git", "init", "-q")
+    project.run("git", "add", "-A")
+    project.run("git", "-c", "user.name=ci", "-c", "user.email=ci@example.org", "commit", "-qm", "copy")
+    return project
+
+
+@pytest.fixture(scope="module")
+def first_repro(project) -> list[str]:
+    return project.repro()
+
+
+def test_repro_runs_every_stage_in_order_then_none(project, first_repro):
+    assert first_repro == STAGES
+    lock = project.lock()
+    assert list(lock["stages"]) == STAGES
+    for out in project.out_paths():
+        assert (project.root / out).exists(), out
+    assert any((project.root / "data/02_intermediate/cases").iterdir())
+    model_versions = list((project.root / "data/06_models/medvisionllama").iterdir())
+    assert len(model_versions) == 1  # the Kedro-versioned folder holds the current model only
+
+    assert project.repro() == []  # nothing changed: nothing runs
+    assert project.status() == {}
+    assert "up to date" in project.dvc("status")
+
+    metrics = project.dvc_json("metrics", "show")[""]["data"]["data/08_reporting/evaluation_summary.json"]["data"]
+    assert 0.0 <= metrics["classes"]["organ"]["dice"]["mean"] <= 1.0
+    plots = project.dvc_json("plots", "show", "-o", str(project.root.parent / "dvc_plots"))["data"]
+    assert set(plots) == {f"data/08_reporting/{name}.png" for name in ("learning_curves", "per_case_boxplot", "overlays")}
+    assert all(entry[0]["type"] == "image" for entry in plots.values())
+
+
+def test_mlflow_runs_and_model_version_carry_code_and_data_version(project, first_repro):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project.root / 'mlflow.db'}", registry_uri=f"sqlite:///{project.root / 'mlflow.db'}")
+    (cases_out,) = [o for o in project.lock()["stages"]["ingest"]["outs"] if o["path"] == "data/02_intermediate/cases"]
+    data_version = cases_out["md5"]
+    head = project.head()
+    runs = {}
+    for run in client.search_runs([e.experiment_id for e in client.search_experiments()], order_by=["start_time ASC"]):
+        runs.setdefault(run.info.run_name, run.data.tags)  # the first repro's run of each stage
+    assert set(runs) >= set(TRAIN_STAGES)  # sample_data has MLflow disabled
+    for stage in TRAIN_STAGES:
+        tags = runs[stage]
+        assert tags["git_commit"] == head and tags["git_dirty"] == "False", stage
+        if stage == "ingest":  # it produces the data: no version yet
+            assert (tags["dvc_data_version"], tags["dvc_data_status"]) == ("None", "being_produced")
+        else:
+            assert (tags["dvc_data_version"], tags["dvc_data_status"]) == (data_version, "recorded"), stage
+    (version,) = client.search_model_versions("name='medvisionllama'")
+    assert version.tags["dvc_data_version"] == data_version
+    assert version.tags["dvc_data_status"] == "recorded"
+    assert version.tags["git_commit"] == head
+
+
+def test_a_change_reruns_exactly_the_stages_that_depend_on_it(project, first_repro):
+    params = project.root / "conf/base/parameters_train.yml"
+    original = params.read_text(encoding="utf-8")
+    _edit_yaml(params, lambda d: d["register"].update(margin=0.01))
+    assert set(project.status()) == {"register"}
+    params.write_text(original, encoding="utf-8")
+
+    shared = project.root / "src/mvl_pipeline/training/metrics.py"
+    code = shared.read_text(encoding="utf-8")
+    shared.write_text(code + "\n# touched\n", encoding="utf-8")
+    assert set(project.status()) == {"fit", "evaluate", "register"}
+    shared.write_text(code, encoding="utf-8")
+    assert project.status() == {}
+
+    _edit_yaml(params, lambda d: d["evaluate"].update(nsd_tolerance_mm=3.0))
+    status = project.status()
+    assert set(status) == {"evaluate", "register"}
+    assert "conf/base/parameters_train.yml" in json.dumps(status["evaluate"])
+    assert project.repro() == ["evaluate", "register"]
+    assert project.lock()["stages"]["evaluate"]["params"]["conf/base/parameters_train.yml"]["evaluate"][
+        "nsd_tolerance_mm"
+    ] == 3.0
+    assert project.status() == {}
+    assert project.repro() == []
+
+
+def test_push_then_pull_from_s3_restores_identical_data(project, first_repro, s3_bucket):
+    import boto3
+
+    tracked_config = (project.root / ".dvc/config").read_bytes()
+    s3_env = {
+        "AWS_ENDPOINT_URL": s3_bucket["endpoint_url"], "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+    }  # fmt: skip
+    # the bucket of this site goes into the untracked .dvc/config.local, like on the cluster
+    project.dvc("remote", "modify", "--local", "s3", "url", f"s3://{s3_bucket['bucket']}/dvc")
+    assert (project.root / ".dvc/config").read_bytes() == tracked_config
+
+    project.dvc("push")  # default remote: ../mvl-dvc-store beside the project
+    local_store = project.root.parent / "mvl-dvc-store"
+    assert sum(1 for p in local_store.rglob("*") if p.is_file()) > 50
+    pushed = project.dvc("push", "-r", "s3", env=s3_env)
+    assert re.search(r"\d+ files? pushed", pushed), pushed
+    client = boto3.client(
+        "s3", endpoint_url=s3_bucket["endpoint_url"], aws_access_key_id="testing",
+        aws_secret_access_key="testing", region_name="us-east-1",
+    )  # fmt: skip
+    keys = client.list_objects_v2(Bucket=s3_bucket["bucket"], Prefix="dvc/").get("KeyCount", 0)
+    assert keys > 50
+
+    before = project.digest_outputs()
+    assert len(before) > 50
+    shutil.rmtree(project.root / ".dvc/cache")
+    for out in project.out_paths():
+        path = project.root / out
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert project.status() != {}  # outputs are gone
+
+    project.dvc("pull", "-r", "s3", env=s3_env)
+    assert project.digest_outputs() == before
+    assert project.status() == {}

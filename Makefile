@@ -36,11 +36,11 @@ key: setup
 sample-data: setup
 	@if [ -z "$$(find data/01_raw -mindepth 1 ! -name .gitkeep -print -quit)" ]; then \
 		echo "[train] data/01_raw is empty: generating the sample hospital drop"; \
-		$(BIN)/kedro run --pipeline sample_data; \
+		$(BIN)/kedro run --pipelines sample_data; \
 	else echo "[train] data/01_raw already holds a drop: using it"; fi
 
 train: setup key sample-data
-	$(BIN)/kedro run --pipeline $(PIPELINE) --env $(KEDRO_ENV)
+	$(BIN)/kedro run --pipelines $(PIPELINE) --env $(KEDRO_ENV)
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import logging
-
 from kedro.framework.project import find_pipelines
 from kedro.pipeline import Pipeline
 
-logger = logging.getLogger(__name__)
-
-#: The stages of ``train`` in order (each is also its own pipeline and DVC stage).
-TRAIN_STAGES = ("ingest", "preprocess", "fit", "evaluate", "register")
-
 
 def register_pipelines() -> dict[str, Pipeline]:
+    # Kedro 1.7 imports only the pipelines a run asks for; each is a package under pipelines/.
     pipelines = find_pipelines(raise_errors=True)
-    missing = [stage for stage in TRAIN_STAGES if stage not in pipelines]
-    if missing:
-        logger.warning("not built yet, left out of 'train': %s", ", ".join(missing))
-    stages = [pipelines[stage] for stage in TRAIN_STAGES if stage in pipelines]
-    pipelines["train"] = sum(stages, start=Pipeline([]))
-    pipelines["__default__"] = pipelines["train"]
+    if "train" in pipelines:
+        pipelines["__default__"] = pipelines["train"]
     return pipelines

@@ -1,0 +1,152 @@
+"""Ray overhead of `fit`: the same epochs through Ray Train vs a plain single-process loop.
+
+Builds a small sample drop in a temporary folder (sample_data -> ingest -> preprocess, the real
+pipelines), then runs the same training steps three ways, in this process's machine:
+
+- ``plain``: ``run_training`` in this process (no Ray), all cores;
+- ``ray_1x``: the ``fit`` node with 1 Ray worker owning all cores (Ray + DDP-free overhead);
+- ``ray_2x``: the ``fit`` node with 2 workers x 1 core (the default local layout: DDP over gloo).
+
+``startup_s`` is the Ray run's wall time before its first training step (Ray start, worker
+spawn, data loading, model build), taken as wall time minus the epochs' own time;
+``ray_overhead_ratio`` compares the epoch time under Ray with the plain loop's. Target: at most
+1.10 with a start-up of at most 20 s. Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
+
+import yaml  # noqa: E402
+from kedro.io import DataCatalog, MemoryDataset  # noqa: E402
+from kedro.runner import SequentialRunner  # noqa: E402
+
+from mvl_pipeline.datasets.case_store import CaseStoreDataset  # noqa: E402
+from mvl_pipeline.datasets.drop import DropFolderDataset  # noqa: E402
+from mvl_pipeline.datasets.json_file import AtomicJSONDataset  # noqa: E402
+from mvl_pipeline.datasets.secret_key import SecretKeyDataset  # noqa: E402
+from mvl_pipeline.pipelines.ingest import create_pipeline as ingest_pipeline  # noqa: E402
+from mvl_pipeline.pipelines.preprocess import create_pipeline as preprocess_pipeline  # noqa: E402
+from mvl_pipeline.pipelines.sample_data.nodes import generate_sample_drop  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def params(name: str) -> dict:
+    return yaml.safe_load((ROOT / "conf" / "base" / f"parameters_{name}.yml").read_text())
+
+
+def build_data(tmp: Path, n_patients: int) -> DataCatalog:
+    sample = params("sample_data")["sample_data"] | {"n_patients": n_patients, "followup_fraction": 0.0}
+    DropFolderDataset(filepath=str(tmp / "drop")).save(generate_sample_drop(sample))
+    json_ds = lambda name, **kw: AtomicJSONDataset(filepath=str(tmp / f"{name}.json"), **kw)  # noqa: E731
+    catalog = DataCatalog(
+        {
+            "hospital_drop": DropFolderDataset(filepath=str(tmp / "drop")),
+            "pseudonymisation_key": SecretKeyDataset(credentials={"key": "ab" * 32}),
+            "previous_ingest_manifest": json_ds("manifest", missing={}),
+            "ingest_manifest": json_ds("manifest"),
+            "ingested_cases": CaseStoreDataset(path=str(tmp / "cases")),
+            "quarantine_report": MemoryDataset(),
+            "ingest_summary": MemoryDataset(),
+            "dataset_fingerprint": json_ds("fingerprint"),
+            "preprocessing_plan": json_ds("plan"),
+            "previous_preprocessing_plan": json_ds("plan", missing={}),
+            "model_input_cases": CaseStoreDataset(path=str(tmp / "model_input"), format="npy"),
+            "model_input_records": CaseStoreDataset(path=str(tmp / "model_input"), format="npy"),
+            "data_split": json_ds("split"),
+            "previous_data_split": json_ds("split", missing={}),
+        }
+    )
+    all_params = params("ingest") | params("preprocess") | params("model")
+    for key, value in all_params.items():
+        catalog[f"params:{key}"] = value
+    ingest = params("ingest")["ingest"] | {"workers": 1, "progress": False}
+    catalog["params:ingest"] = ingest
+    runner = SequentialRunner()
+    runner.run(ingest_pipeline(), catalog)
+    runner.run(preprocess_pipeline(), catalog)
+    return catalog
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--patients", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(prefix="bench-fit-") as folder:
+        tmp = Path(folder)
+        catalog = build_data(tmp, args.patients)
+        cases = catalog.load("model_input_cases")
+        split, plan = catalog.load("data_split"), catalog.load("preprocessing_plan")
+        manifest = catalog.load("ingest_manifest")
+        model = params("model")["model"]
+        labels = params("ingest")["ingest"]["labels"]
+        base_fit = params("train")["fit"]
+        base_fit["loop"] |= {"epochs": args.epochs, "steps_per_epoch": args.steps, "val_every": args.epochs}
+        base_fit |= {"llm_cache_dir": str(ROOT / "data/06_models/llm_cache"), "stream_to_mlflow": False}
+
+        from mvl_pipeline.model import MedVisionLlamaConfig, build_model
+        from mvl_pipeline.pipelines.fit.nodes import fit_model
+        from mvl_pipeline.training.loop import LoopConfig, Session, run_training
+
+        model = {**model, "num_classes": max(labels.values()) + 1}
+        build_model(MedVisionLlamaConfig.from_params(model), llm_cache_dir=base_fit["llm_cache_dir"])  # warm cache
+
+        # plain single process, all cores
+        train_ids = [c for c in split["train"] if c in cases]
+        val_ids = [c for c in split["validation"] if c in cases]
+        config = {
+            "loop": LoopConfig.from_params(base_fit["loop"]).to_dict(), "model": model, "plan": plan,
+            "classes": sorted(labels.values()), "train_ids": train_ids, "val_ids": val_ids,
+            "loaders": {c: cases[c] for c in train_ids + val_ids}, "llm_cache_dir": base_fit["llm_cache_dir"],
+            "cpus_per_worker": cores, "mlflow": None,
+        }  # fmt: skip
+        started = time.perf_counter()
+        state = run_training(config, Session())
+        plain_wall = time.perf_counter() - started
+        plain_epochs = sum(e["epoch_time_s"] for e in state["history"])
+
+        results = {}
+        for name, workers, cpus in (("ray_1x", 1, cores), ("ray_2x", 2, max(1, cores // 2))):
+            fit = {**base_fit, "scaling": {"num_workers": workers, "cpus_per_worker": cpus, "use_gpu": False},
+                   "storage_path": str(tmp / f"ray_{name}"), "run_name": f"bench-{name}"}  # fmt: skip
+            started = time.perf_counter()
+            _, history = fit_model(cases, split, plan, manifest, model, fit, labels)
+            wall = time.perf_counter() - started
+            epochs = sum(e["epoch_time_s"] for e in history["epochs"])
+            results[name] = {
+                "wall_s": round(wall, 2),
+                "epochs_s": round(epochs, 2),
+                "startup_s": round(wall - epochs, 2),
+                "ray_overhead_ratio": round(epochs / plain_epochs, 3),
+                "samples_per_s": round(history["epochs"][-1]["samples_per_s"], 2),
+            }
+    summary = {
+        "plain_wall_s": round(plain_wall, 2),
+        "plain_epochs_s": round(plain_epochs, 2),
+        "epochs": args.epochs,
+        "steps_per_epoch": args.steps,
+        "ray_overhead_ratio": results["ray_1x"]["ray_overhead_ratio"],
+        "startup_s": results["ray_1x"]["startup_s"],
+        "two_worker_overhead_ratio": results["ray_2x"]["ray_overhead_ratio"],
+        "two_worker_startup_s": results["ray_2x"]["startup_s"],
+        "runs": results,
+        "cores": cores,
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

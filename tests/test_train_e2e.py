@@ -1,0 +1,120 @@
+"""End to end, as a user runs it: `kedro run --pipeline sample_data` then `kedro run --pipeline
+train` in a fresh copy of the project (tiny parameters in conf/local), then the predict command
+on a study of the drop. Leaves a champion in the project's sqlite registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "sample_data": {
+        "n_patients": 8, "followup_fraction": 0.0, "image_size": 48, "pixel_spacing_mm": [7.5, 8.0],
+        "n_slices": [16, 20], "slice_spacing_mm": 10.0, "thin_slice_studies": 0, "non_axial_studies": 1,
+    },
+    "ingest": {"workers": 1, "progress": False},
+    "preprocess": {"split": {"ratios": {"train": 0.5, "validation": 0.25, "test": 0.25}}},
+    "model": {
+        "embed_dim": 48, "depth": 2, "num_heads": 2, "pos_grid": [4, 4, 2], "token_budget": 32,
+        "decoder": {"taps": [1], "channels": [16, 8, 8], "stem_channels": 4},
+    },
+    "fit": {
+        "scaling": {"num_workers": 1, "cpus_per_worker": 2},
+        "loop": {"epochs": 2, "steps_per_epoch": 3, "val_every": 1},
+    },
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A copy of the tracked project files (what a fresh clone has), beside ../shared."""
+    target = tmp_path_factory.mktemp("clone") / "project"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split()  # fmt: skip
+    for name in files:
+        source = ROOT / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    (target / "conf" / "local").mkdir(parents=True, exist_ok=True)
+    (target / "conf" / "local" / "parameters.yml").write_text(yaml.safe_dump(TINY), encoding="utf-8")
+    return target
+
+
+def kedro(project: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": ""}
+    return subprocess.run([sys.executable, "-m", "kedro", *args], check=False, cwd=project, env=env, capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+
+
+def test_make_train_flow_leaves_a_champion_and_a_report(project):
+    missing_key = kedro(project, "run", "--pipelines", "ingest")
+    assert missing_key.returncode != 0  # no key yet: refuse rather than fall back
+    subprocess.run([sys.executable, "-m", "mvl_pipeline.secrets", "ensure-key", "conf/local/credentials.yml"],
+                   cwd=project, check=True)  # fmt: skip
+    sample = kedro(project, "run", "--pipelines", "sample_data")
+    assert sample.returncode == 0, sample.stdout[-3000:] + sample.stderr[-3000:]
+    train = kedro(project, "run", "--pipelines", "train")
+    assert train.returncode == 0, train.stdout[-5000:] + train.stderr[-5000:]
+
+    reporting = project / "data" / "08_reporting"
+    for name in ("ingest_summary.csv", "fit_history.json", "evaluation_summary.json", "evaluation_per_case.csv",
+                 "learning_curves.png", "per_case_boxplot.png", "overlays.png", "registration.json"):
+        assert (reporting / name).stat().st_size > 0, name  # fmt: skip
+    registration = json.loads((reporting / "registration.json").read_text())
+    assert registration["promoted"] and registration["registered_aliases"] == ["champion"]
+    with sqlite3.connect(project / "mlflow.db") as db:
+        aliases = db.execute("select name, alias, version from registered_model_aliases").fetchall()
+        run_tags = dict(db.execute("select key, value from tags").fetchall())
+    assert ("medvisionllama", "champion", 1) in aliases
+    assert "mlflow.runName" in run_tags
+    history = json.loads((reporting / "fit_history.json").read_text())
+    assert len(history["epochs"]) == 2
+
+    # a second `train` with nothing new: ingest and preprocess recompute nothing, fit resumes the
+    # finished run, and the same model is not promoted over itself
+    again = kedro(project, "run", "--pipelines", "train")
+    assert again.returncode == 0, again.stdout[-5000:] + again.stderr[-5000:]
+    log = again.stdout + again.stderr
+    assert "0 new or changed to process" in log and "0 to compute" in log
+    second = json.loads((reporting / "registration.json").read_text())
+    assert not second["promoted"] and second["champion_dice"] == pytest.approx(second["challenger_dice"])
+
+
+def test_predict_writes_nifti_and_a_dicom_seg_on_the_source_grid(project):
+    from mvl_pipeline.datasets.volume import decode_nifti
+    from mvl_pipeline.imaging.dicom_labels import read_segmentation
+    from mvl_pipeline.imaging.dicom_series import assemble_series
+
+    if not (project / "mlflow.db").exists():
+        pytest.fail("needs the champion registered by the end-to-end test (run the module as a whole)")
+    study = next(p for p in sorted((project / "data/01_raw/sample_drop").glob("*/*")) if p.is_dir())
+    series = max((d for d in study.iterdir() if d.is_dir()), key=lambda d: len(list(d.iterdir())))
+    out = project / "prediction"
+    env = {**os.environ, "PYTHONPATH": ""}
+    done = subprocess.run([sys.executable, "-m", "mvl_pipeline.predict", str(study), str(out)], check=False, cwd=project,
+                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    source = assemble_series(sorted(series.iterdir()))
+    prediction = decode_nifti((out / "prediction.nii.gz").read_bytes(), compressed=True, path="prediction")
+    assert prediction.shape == source.shape and np.allclose(prediction.affine, source.affine, atol=1e-3)
+    seg = pydicom.dcmread(out / "prediction_seg.dcm")
+    assert seg.Modality == "SEG"
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == pydicom.dcmread(next(series.iterdir())).SeriesInstanceUID
+    labels, names = read_segmentation(seg, source)
+    assert np.array_equal(labels.array, prediction.array)
+    assert set(names.values()) <= {"organ", "lesion"}

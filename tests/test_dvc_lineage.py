@@ -8,6 +8,7 @@ stage (trusted) and of the producing stage itself (not known yet).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -119,16 +120,25 @@ def _identity(x):
 
 @pytest.fixture
 def mlflow_store(tmp_path, monkeypatch):
+    """A sqlite MLflow store as the global tracking URI, restored afterwards (no set_experiment:
+    it would leave MLFLOW_EXPERIMENT_ID in the environment of later tests' subprocesses)."""
     monkeypatch.delenv("DVC_STAGE", raising=False)
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mlflow.set_experiment("lineage-hook")
-    yield mlflow.tracking.MlflowClient()
-    while mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.tracking.MlflowClient(uri)
+    try:
+        yield client, client.create_experiment("lineage-hook")
+    finally:
+        while mlflow.active_run():
+            mlflow.end_run()
+        mlflow.set_tracking_uri(None)  # also unsets MLFLOW_TRACKING_URI
+        if previous is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
 def test_hook_tags_the_active_run_with_code_and_data_version(toy_repo, mlflow_store):
+    client, experiment = mlflow_store
     _run(DVC, "repro", cwd=toy_repo)
     catalog = DataCatalog({"lineage": LineageDataset(project_path=str(toy_repo))})
     downstream = Pipeline([node(_identity, "model_input_cases", "trained_model", name="fit_node")])
@@ -136,23 +146,22 @@ def test_hook_tags_the_active_run_with_code_and_data_version(toy_repo, mlflow_st
     head = _run("git", "rev-parse", "HEAD", cwd=toy_repo).strip()
     hook = LineageTagsHook()
 
-    with mlflow.start_run() as run:
+    with mlflow.start_run(experiment_id=experiment) as run:
         hook.before_pipeline_run({"project_path": str(toy_repo)}, downstream, catalog)
-    tags = mlflow_store.get_run(run.info.run_id).data.tags
+    tags = client.get_run(run.info.run_id).data.tags
     assert tags["git_commit"] == head and tags["git_dirty"] == "False"
     assert tags["dvc_data_version"] == _lock_md5(toy_repo) and tags["dvc_data_status"] == "recorded"
 
-    with mlflow.start_run() as run:
+    with mlflow.start_run(experiment_id=experiment) as run:
         hook.before_pipeline_run({"project_path": str(toy_repo)}, ingest, catalog)
-    tags = mlflow_store.get_run(run.info.run_id).data.tags
+    tags = client.get_run(run.info.run_id).data.tags
     assert tags["dvc_data_version"] == "None" and tags["dvc_data_status"] == "being_produced"
 
     # no active run (MLflow disabled for the pipeline, e.g. sample_data): nothing is started
-    experiment = mlflow.get_experiment_by_name("lineage-hook").experiment_id
-    runs_before = len(mlflow_store.search_runs([experiment]))
+    runs_before = len(client.search_runs([experiment]))
     hook.before_pipeline_run({"project_path": str(toy_repo)}, downstream, catalog)
     assert mlflow.active_run() is None
-    assert len(mlflow_store.search_runs([experiment])) == runs_before
+    assert len(client.search_runs([experiment])) == runs_before
 
 
 def test_hook_is_registered_and_runs_after_kedro_mlflow_starts_its_run():

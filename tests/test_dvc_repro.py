@@ -28,10 +28,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mvl_pipeline.pipeline_registry import TRAIN_STAGES
-
 pytestmark = pytest.mark.slow
 
+TRAIN_STAGES = ["ingest", "preprocess", "fit", "evaluate", "register"]
 STAGES = ["sample_data", *TRAIN_STAGES]
 BIN = Path(sys.executable).parent
 DVC = str(BIN / "dvc")
@@ -123,7 +122,7 @@ class Project:
 def project(project_copy) -> Project:
     root = project_copy("dvc-repro")
     shrink(root)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DVC_STAGE", "MLFLOW_TRACKING_URI")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DVC_STAGE", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
     env.update(
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
         KEDRO_DISABLE_TELEMETRY="true", MLFLOW_ENABLE_TELEMETRY="false", HF_HUB_OFFLINE="1",

@@ -26,11 +26,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from mvl_pipeline.pipeline_registry import TRAIN_STAGES
-
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
+TRAIN_STAGES = ("ingest", "preprocess", "fit", "evaluate", "register")
 LAYERS = ["raw", "intermediate", "feature", "model_input", "models", "reporting", "registry"]
 PLOTS = ("learning_curves_plot", "per_case_plot", "overlay_plot")
 CHROMIUM_FLAGS = [

@@ -144,3 +144,19 @@ def test_study_that_turns_bad_upstream_loses_its_old_case(
     ]
     assert "'spleen' is not in the label map" in unit["quarantined"][0]["detail"]
     assert _case_folders(second, [s.case_id for s in unchanged]) == untouched_before
+
+
+def test_changed_ingest_settings_reingest_every_study_once(first_run, sample_studies, count_processed):
+    """A new label alias (or any setting that shapes a case) must not be silently ignored for the
+    studies ingested before it; the run after that is incremental again."""
+    from ingest_support import ingest_params
+
+    drop, root, run = first_run
+    first_settings = run.manifest["settings_id"]
+    params = ingest_params(label_aliases={"liver": "organ", "lesion": "lesion", "hepar": "organ"})
+    changed = run_ingest(drop, root, params=params)
+    assert sorted(count_processed()) == sorted(s.study_uid for s in sample_studies[:3])
+    assert changed.case_ids() == run.case_ids()
+    assert changed.manifest["settings_id"] != first_settings
+    run_ingest(drop, root, params=params)
+    assert len(count_processed()) == 3  # nothing more the second time

@@ -7,13 +7,15 @@ at most one batch (the manifest saved with each batch records what is done; a re
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import multiprocessing
 import os
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import pandas as pd
@@ -71,6 +73,12 @@ class IngestParams:
             keep_unlabelled=self.keep_unlabelled,
             volume_modality=self.volume_modality,
         )
+
+    def settings_id(self) -> str:
+        """Hash of everything that shapes a unit's result: a change re-ingests every unit."""
+        shaping = {**asdict(self.settings()), "label_suffixes": self.label_suffixes,
+                   "image_suffixes": self.image_suffixes}  # fmt: skip
+        return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def n_workers(self) -> int:
         return self.workers if self.workers > 0 else max(1, os.cpu_count() or 1)
@@ -137,17 +145,26 @@ def ingest_drop(
     if manifest.get("version") != MANIFEST_VERSION:
         logger.warning("ingest manifest has another version: re-ingesting everything")
         manifest = _empty_manifest()
+    settings_id = config.settings_id()
+    force = bool(manifest.get("units")) and manifest.get("settings_id") != settings_id
+    if force:
+        logger.info("ingest settings changed since the last run: every study in the drop is ingested again")
     workers = config.n_workers()
     pool = _executor(workers)
     try:
-        scan: DropScan = scan_drop(drop, manifest, key, config, pool)
+        scan: DropScan = scan_drop(drop, manifest, key, config, pool, force=force)
         logger.info(
             "drop: %d files, %d units; %d new or changed to process, %d unchanged",
             scan.n_files, scan.n_units, len(scan.todo), scan.n_units - len(scan.todo),
         )  # fmt: skip
         # Units whose files left the drop stay: their cases were collected and remain valid.
         units_state = dict(manifest.get("units", {}))
-        new_manifest = {"version": MANIFEST_VERSION, "files": scan.files, "units": units_state}
+        new_manifest = {
+            "version": MANIFEST_VERSION,
+            "settings_id": settings_id,
+            "files": scan.files,
+            "units": units_state,
+        }
         if not scan.todo:
             yield {}, new_manifest
             return

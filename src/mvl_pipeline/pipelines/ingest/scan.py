@@ -67,7 +67,10 @@ def _read_studies(drop: Any, relpaths: list[str], pool: Executor | None) -> list
     return list(pool.map(_dicom_study_of, [drop] * len(relpaths), relpaths, chunksize=64))
 
 
-def scan_drop(drop: Any, manifest: Mapping[str, Any], key: bytes, config: Any, pool: Executor | None) -> DropScan:
+def scan_drop(
+    drop: Any, manifest: Mapping[str, Any], key: bytes, config: Any, pool: Executor | None, *, force: bool = False
+) -> DropScan:
+    """``force``: every unit still in the drop is processed again (the ingest settings changed)."""
     old_files: Mapping[str, Mapping[str, Any]] = manifest.get("files", {})
     old_units: Mapping[str, Mapping[str, Any]] = manifest.get("units", {})
     files: dict[str, dict[str, Any]] = {}
@@ -129,10 +132,10 @@ def scan_drop(drop: Any, manifest: Mapping[str, Any], key: bytes, config: Any, p
         units.append(Unit("dicom", study, tuple(sorted(set(members.pop(ukey, [])) | set(new_files)))))
     # Studies with no new file: unchanged unless they have no result yet (or failed on a bug).
     for ukey, relpaths in members.items():
-        if ukey in old_units and not failed_internally(old_units[ukey]):
+        if ukey in old_units and not failed_internally(old_units[ukey]) and not force:
             for relpath in relpaths:
                 files[fkeys[relpath]]["unit"] = ukey
-        else:  # re-read one header to rebuild the unit (rare: a lost manifest entry, a crash)
+        else:  # re-read one header to rebuild the unit (new settings, a lost entry, a crash)
             _, study, _ = _dicom_study_of(drop, relpaths[0])
             if study:
                 units.append(Unit("dicom", study, tuple(sorted(relpaths))))
@@ -150,7 +153,8 @@ def scan_drop(drop: Any, manifest: Mapping[str, Any], key: bytes, config: Any, p
         )[:32]
         previous = old_units.get(ukey)
         if (
-            previous is None
+            force
+            or previous is None
             or previous.get("source_hash") != source_hash
             or any(f in dirty for f in unit.files)
             or failed_internally(previous)

@@ -27,16 +27,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
 
 import yaml  # noqa: E402
-from kedro.io import DataCatalog, MemoryDataset  # noqa: E402
-from kedro.runner import SequentialRunner  # noqa: E402
 
-from mvl_pipeline.datasets.case_store import CaseStoreDataset  # noqa: E402
 from mvl_pipeline.datasets.drop import DropFolderDataset  # noqa: E402
-from mvl_pipeline.datasets.json_file import AtomicJSONDataset  # noqa: E402
-from mvl_pipeline.datasets.secret_key import SecretKeyDataset  # noqa: E402
-from mvl_pipeline.pipelines.ingest import create_pipeline as ingest_pipeline  # noqa: E402
-from mvl_pipeline.pipelines.preprocess import create_pipeline as preprocess_pipeline  # noqa: E402
 from mvl_pipeline.pipelines.sample_data.nodes import generate_sample_drop  # noqa: E402
+from mvl_pipeline.workspace import local_catalog, prepare  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,37 +39,15 @@ def params(name: str) -> dict:
     return yaml.safe_load((ROOT / "conf" / "base" / f"parameters_{name}.yml").read_text())
 
 
-def build_data(tmp: Path, n_patients: int) -> DataCatalog:
+def build_data(tmp: Path, n_patients: int) -> dict:
     sample = params("sample_data")["sample_data"] | {"n_patients": n_patients, "followup_fraction": 0.0}
     DropFolderDataset(filepath=str(tmp / "drop")).save(generate_sample_drop(sample))
-    json_ds = lambda name, **kw: AtomicJSONDataset(filepath=str(tmp / f"{name}.json"), **kw)  # noqa: E731
-    catalog = DataCatalog(
-        {
-            "hospital_drop": DropFolderDataset(filepath=str(tmp / "drop")),
-            "pseudonymisation_key": SecretKeyDataset(credentials={"key": "ab" * 32}),
-            "previous_ingest_manifest": json_ds("manifest", missing={}),
-            "ingest_manifest": json_ds("manifest"),
-            "ingested_cases": CaseStoreDataset(path=str(tmp / "cases")),
-            "quarantine_report": MemoryDataset(),
-            "ingest_summary": MemoryDataset(),
-            "dataset_fingerprint": json_ds("fingerprint"),
-            "preprocessing_plan": json_ds("plan"),
-            "previous_preprocessing_plan": json_ds("plan", missing={}),
-            "model_input_cases": CaseStoreDataset(path=str(tmp / "model_input"), format="npy"),
-            "model_input_records": CaseStoreDataset(path=str(tmp / "model_input"), format="npy"),
-            "data_split": json_ds("split"),
-            "previous_data_split": json_ds("split", missing={}),
-        }
-    )
-    all_params = params("ingest") | params("preprocess") | params("model")
-    for key, value in all_params.items():
-        catalog[f"params:{key}"] = value
-    ingest = params("ingest")["ingest"] | {"workers": 1, "progress": False}
-    catalog["params:ingest"] = ingest
-    runner = SequentialRunner()
-    runner.run(ingest_pipeline(), catalog)
-    runner.run(preprocess_pipeline(), catalog)
-    return catalog
+    blocks = {
+        "ingest": params("ingest")["ingest"] | {"workers": 1, "progress": False},
+        "preprocess": params("preprocess")["preprocess"],
+        "model": params("model")["model"],
+    }
+    return prepare(local_catalog(tmp, blocks))
 
 
 def main() -> None:
@@ -87,10 +59,9 @@ def main() -> None:
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="bench-fit-") as folder:
         tmp = Path(folder)
-        catalog = build_data(tmp, args.patients)
-        cases = catalog.load("model_input_cases")
-        split, plan = catalog.load("data_split"), catalog.load("preprocessing_plan")
-        manifest = catalog.load("ingest_manifest")
+        data = build_data(tmp, args.patients)
+        cases, split, plan = data["model_input_cases"], data["data_split"], data["preprocessing_plan"]
+        manifest = data["ingest_manifest"]
         model = params("model")["model"]
         labels = params("ingest")["ingest"]["labels"]
         base_fit = params("train")["fit"]

@@ -46,16 +46,9 @@ def tiny_model_params() -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def tiny_training_data(tmp_path_factory, llm_cache_dir) -> dict[str, Any]:
     """Model-input cases, split, plan, manifest and ingested cases of 8 tiny phantom patients."""
-    from kedro.io import DataCatalog, MemoryDataset
-    from kedro.runner import SequentialRunner
-
-    from mvl_pipeline.datasets.case_store import CaseStoreDataset
     from mvl_pipeline.datasets.drop import DropFolderDataset
-    from mvl_pipeline.datasets.json_file import AtomicJSONDataset
-    from mvl_pipeline.datasets.secret_key import SecretKeyDataset
-    from mvl_pipeline.pipelines.ingest import create_pipeline as ingest_pipeline
-    from mvl_pipeline.pipelines.preprocess import create_pipeline as preprocess_pipeline
     from mvl_pipeline.pipelines.sample_data.nodes import generate_sample_drop
+    from mvl_pipeline.workspace import local_catalog, prepare
 
     tmp = tmp_path_factory.mktemp("tiny-project")
     sample = base_params("sample_data")["sample_data"] | {
@@ -70,45 +63,16 @@ def tiny_training_data(tmp_path_factory, llm_cache_dir) -> dict[str, Any]:
     }
     DropFolderDataset(filepath=str(tmp / "drop")).save(generate_sample_drop(sample))
 
-    def json_ds(name: str, **kwargs: Any) -> AtomicJSONDataset:
-        return AtomicJSONDataset(filepath=str(tmp / f"{name}.json"), **kwargs)
-
-    catalog = DataCatalog(
-        {
-            "hospital_drop": DropFolderDataset(filepath=str(tmp / "drop")),
-            "pseudonymisation_key": SecretKeyDataset(credentials={"key": hashlib.sha256(b"tiny").hexdigest()}),
-            "previous_ingest_manifest": json_ds("manifest", missing={}),
-            "ingest_manifest": json_ds("manifest"),
-            "ingested_cases": CaseStoreDataset(path=str(tmp / "cases")),
-            "quarantine_report": MemoryDataset(),
-            "ingest_summary": MemoryDataset(),
-            "dataset_fingerprint": json_ds("fingerprint"),
-            "preprocessing_plan": json_ds("plan"),
-            "previous_preprocessing_plan": json_ds("plan", missing={}),
-            "model_input_cases": CaseStoreDataset(path=str(tmp / "model_input"), format="npy"),
-            "model_input_records": CaseStoreDataset(path=str(tmp / "model_input"), format="npy"),
-            "data_split": json_ds("split"),
-            "previous_data_split": json_ds("split", missing={}),
-        }
-    )
     ingest = base_params("ingest")["ingest"] | {"workers": 1, "progress": False}
     preprocess = base_params("preprocess")["preprocess"]
     preprocess["split"]["ratios"] = {"train": 0.5, "validation": 0.25, "test": 0.25}
-    catalog["params:ingest"] = ingest
-    catalog["params:preprocess"] = preprocess
-    catalog["params:model"] = tiny_model_params()
-    runner = SequentialRunner()
-    runner.run(ingest_pipeline(), catalog)
-    runner.run(preprocess_pipeline(), catalog)
-    split = catalog.load("data_split")
+    blocks = {"ingest": ingest, "preprocess": preprocess, "model": tiny_model_params()}
+    data = prepare(local_catalog(tmp, blocks, key_hex=hashlib.sha256(b"tiny").hexdigest()))
+    split = data["data_split"]
     assert split["train"] and split["validation"] and split["test"], split
     return {
         "root": tmp,
-        "model_input_cases": catalog.load("model_input_cases"),
-        "ingested_cases": catalog.load("ingested_cases"),
-        "data_split": split,
-        "preprocessing_plan": catalog.load("preprocessing_plan"),
-        "ingest_manifest": catalog.load("ingest_manifest"),
+        **data,
         "labels": ingest["labels"],
         "model": tiny_model_params(),
         "llm_cache_dir": llm_cache_dir,

@@ -61,3 +61,20 @@ class LineageTagsHook:
             run.info.run_id, tags["git_commit"], tags["git_dirty"], tags["dvc_data_version"],
             tags["dvc_data_status"],
         )  # fmt: skip
+
+    @hook_impl
+    def after_node_run(self, node: Any, outputs: dict[str, Any]) -> None:
+        """Tag the run with the content version of the data ``fit`` trained on (the ingest
+        manifest's hash), the plan and the Ray run: set even when DVC recorded no version."""
+        import mlflow
+
+        history = outputs.get("fit_history")
+        if mlflow.active_run() is None or not isinstance(history, dict):
+            return
+        mlflow.set_tags(
+            {
+                "data_version": str(history.get("data_version")),
+                "plan_id": str(history.get("plan_id")),
+                "fit_run": str(history.get("run_name")),
+            }
+        )

@@ -58,6 +58,7 @@ class LoopConfig:
     min_lr_ratio: float = 0.02
     grad_clip: float = 1.0
     foreground_fraction: float = 1 / 3
+    rare_class_prob: float = 0.0  # of foreground crops: centre on the rarest class present
     seed: int = 42
     val_every: int = 1
     val_overlap: float = 0.25
@@ -265,7 +266,10 @@ def run_training(config: Mapping[str, Any], session: Session) -> dict[str, Any]:
         losses = []
         for step in range(loop.steps_per_epoch):
             _maybe_fail(loop.inject_failure, epoch, step, rank, config.get("failure_marker"))
-            x, y = sample_batch(volumes, roi, loop.batch_size, rng, foreground_fraction=loop.foreground_fraction)
+            x, y = sample_batch(
+                volumes, roi, loop.batch_size, rng,
+                foreground_fraction=loop.foreground_fraction, rare_class_prob=loop.rare_class_prob,
+            )  # fmt: skip
             x, y = augment(x, y, rng, loop.augment)
             x, y = x.to(device), y.to(device)
             with autocast_context(device, model_cfg.precision):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -46,19 +46,23 @@ class TrainingVolume:
     image: np.ndarray  # (X, Y, Z) float32, normalised
     label: np.ndarray  # (X, Y, Z) uint8
     foreground: dict[int, np.ndarray]  # class -> (N, 3) voxel coordinates (subsampled)
+    counts: dict[int, int] = field(default_factory=dict)  # class -> voxel count
 
     @classmethod
     def from_arrays(cls, image: np.ndarray, label: np.ndarray, *, max_points: int = 20000, seed: int = 0) -> TrainingVolume:
         rng = np.random.default_rng(seed)
-        foreground = {}
+        foreground, counts = {}, {}
         for value in np.unique(label):
             if value == 0:
                 continue
             coords = np.argwhere(label == value)
+            counts[int(value)] = len(coords)
             if len(coords) > max_points:
                 coords = coords[rng.choice(len(coords), max_points, replace=False)]
             foreground[int(value)] = coords.astype(np.int32)
-        return cls(np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(label, dtype=np.uint8), foreground)
+        return cls(
+            np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(label, dtype=np.uint8), foreground, counts
+        )
 
 
 def _pad_to(array: np.ndarray, shape: Sequence[int], value: float) -> np.ndarray:
@@ -75,8 +79,13 @@ def sample_patch(
     rng: np.random.Generator,
     *,
     force_foreground: bool,
+    rare_class_prob: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One (image, label) crop of shape ``patch``; padded if the volume is smaller."""
+    """One (image, label) crop of shape ``patch``; padded if the volume is smaller.
+
+    A foreground-centred crop picks its class uniformly among the classes present (nnU-Net),
+    or, with probability ``rare_class_prob``, the rarest class present (small lesions).
+    """
     image = _pad_to(volume.image, patch, float(volume.image.min()))
     label = _pad_to(volume.label, patch, 0)
     offset = np.array([(i - v) // 2 if i > v else 0 for i, v in zip(image.shape, volume.image.shape, strict=True)])
@@ -85,7 +94,10 @@ def sample_patch(
     high = shape - size  # inclusive upper bound of the start corner
     if force_foreground and volume.foreground:
         classes = sorted(volume.foreground)
-        cls = classes[int(rng.integers(len(classes)))]
+        if rare_class_prob > 0 and rng.random() < rare_class_prob:
+            cls = min(classes, key=lambda c: (volume.counts.get(c, 0), c))
+        else:
+            cls = classes[int(rng.integers(len(classes)))]
         points = volume.foreground[cls]
         centre = points[int(rng.integers(len(points)))] + offset
         start = np.clip(centre - size // 2, 0, high)
@@ -102,6 +114,7 @@ def sample_batch(
     rng: np.random.Generator,
     *,
     foreground_fraction: float = 1 / 3,
+    rare_class_prob: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch ``(images (B, 1, *patch) float32, labels (B, *patch) int64)``.
 
@@ -113,7 +126,7 @@ def sample_batch(
     for index in range(batch_size):
         volume = volumes[int(rng.integers(len(volumes)))]
         force = index >= batch_size - n_fg
-        image, label = sample_patch(volume, patch, rng, force_foreground=force)
+        image, label = sample_patch(volume, patch, rng, force_foreground=force, rare_class_prob=rare_class_prob)
         images.append(image)
         labels.append(label)
     x = torch.from_numpy(np.stack(images)[:, None].copy())

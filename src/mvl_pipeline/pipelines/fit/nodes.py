@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +127,8 @@ def fit_model(
     from ray.train.torch import TorchTrainer
 
     fit = FitParams.from_params(fit_params)
+    if fit.cpus_per_worker <= 0:  # size the workers to this machine
+        fit = replace(fit, cpus_per_worker=max(1, (os.cpu_count() or 1) // fit.num_workers))
     classes = sorted(int(v) for v in labels.values())
     model_dict = dict(model_params)
     wanted = 1 if model_dict.get("num_classes") == 1 and len(classes) == 1 else max(classes) + 1

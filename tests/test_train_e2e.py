@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -40,19 +39,12 @@ TINY = {
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """A copy of the tracked project files (what a fresh clone has), beside ../shared."""
-    target = tmp_path_factory.mktemp("clone") / "project"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
-                           capture_output=True, text=True).stdout.split()  # fmt: skip
-    for name in files:
-        source = ROOT / name
-        if source.is_file():
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target / name)
-    (target / "conf" / "local").mkdir(parents=True, exist_ok=True)
-    (target / "conf" / "local" / "parameters.yml").write_text(yaml.safe_dump(TINY), encoding="utf-8")
-    return target
+def project(project_copy) -> Path:
+    """A fresh copy of the project (what a clone has), with tiny parameters in conf/local."""
+    root = project_copy("e2e")
+    (root / "conf" / "local" / "credentials.yml").unlink()  # the test creates the key itself
+    (root / "conf" / "local" / "parameters.yml").write_text(yaml.safe_dump(TINY), encoding="utf-8")
+    return root
 
 
 def kedro(project: Path, *args: str) -> subprocess.CompletedProcess:

@@ -15,7 +15,6 @@ named are left untouched, which is what makes incremental runs cheap.
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import logging
@@ -28,6 +27,7 @@ import numpy as np
 from kedro.io import AbstractDataset, DatasetError
 
 from mvl_pipeline.datasets import _io
+from mvl_pipeline.datasets.volume import decode_nifti, encode_nifti
 from mvl_pipeline.imaging.case import Case
 from mvl_pipeline.imaging.errors import UnreadableFileError
 from mvl_pipeline.imaging.volume import Volume
@@ -44,28 +44,22 @@ def _check_case_id(case_id: str) -> str:
     return case_id
 
 
-def _encode(array: np.ndarray, affine: np.ndarray, fmt: str, compresslevel: int) -> bytes:
+def _encode(volume: Volume, fmt: str, compresslevel: int) -> bytes:
     if fmt == "npy":
         buffer = io.BytesIO()
-        np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+        np.save(buffer, np.ascontiguousarray(volume.array), allow_pickle=False)
         return buffer.getvalue()
-    import nibabel as nib
-
-    image = nib.Nifti1Image(np.asarray(array), affine)
-    image.header.set_sform(affine, code=1)
-    image.header.set_qform(affine, code=1)
-    return gzip.compress(image.to_bytes(), compresslevel=compresslevel, mtime=0)
+    # the geometry travels in case.json; the NIfTI header carries it too, for viewers
+    return encode_nifti(Volume(volume.array, volume.affine, {}), compress=True, compresslevel=compresslevel)
 
 
 def _decode(data: bytes, fmt: str, path: str) -> np.ndarray:
-    try:
-        if fmt == "npy":
+    if fmt == "npy":
+        try:
             return np.load(io.BytesIO(data), allow_pickle=False)
-        import nibabel as nib
-
-        return np.asanyarray(nib.Nifti1Image.from_bytes(gzip.decompress(data)).dataobj)
-    except Exception as exc:  # nibabel/numpy raise many types for corrupt data
-        raise UnreadableFileError(f"cannot decode {fmt} volume: {exc}", path=path) from exc
+        except (OSError, ValueError) as exc:
+            raise UnreadableFileError(f"cannot decode npy volume: {exc}", path=path) from exc
+    return np.asarray(decode_nifti(data, compressed=True, path=path).array)
 
 
 class CaseStoreDataset(AbstractDataset[dict[str, Callable[[], Case]], dict[str, Any]]):
@@ -171,7 +165,7 @@ class CaseStoreDataset(AbstractDataset[dict[str, Callable[[], Case]], dict[str, 
         with _io.atomic_directory(self._fs, self._protocol, folder) as target:
             files = {"image": case.image} | ({} if case.label is None else {"label": case.label})
             for stem, volume in files.items():
-                payload = _encode(volume.array, volume.affine, self._format, self._compresslevel)
+                payload = _encode(volume, self._format, self._compresslevel)
                 self._put(_io.join(target, stem + self._suffix), payload)
             self._put(
                 _io.join(target, "case.json"),

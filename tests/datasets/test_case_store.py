@@ -1,0 +1,111 @@
+"""CaseStoreDataset: partitioned cases on tmp_path and on S3, atomic per case, lazy loading."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from kedro.io import DatasetError
+
+from mvl_pipeline.datasets import _io
+from mvl_pipeline.datasets.case_store import CaseStoreDataset
+from mvl_pipeline.imaging.case import Case
+from mvl_pipeline.imaging.errors import LabelGridMismatchError
+from mvl_pipeline.imaging.volume import Volume, affine_from_geometry
+
+
+def make_case(case_id: str, seed: int = 0, shape=(12, 10, 6)) -> Case:
+    rng = np.random.default_rng(seed)
+    affine = affine_from_geometry((0.7, 0.8, 3.0), origin=(-10.0, 4.0, 2.5))
+    image = Volume(rng.normal(size=shape).astype(np.float32), affine, {"modality": "CT"})
+    label = Volume(rng.integers(0, 3, size=shape).astype(np.uint8), affine, {})
+    return Case(case_id, "pt-0001", image, label, {"modality": "CT", "label_names": {"1": "organ"}})
+
+
+def assert_same(a: Case, b: Case) -> None:
+    assert (a.case_id, a.patient_id, dict(a.meta)) == (b.case_id, b.patient_id, dict(b.meta))
+    assert np.array_equal(np.asarray(a.image.array), np.asarray(b.image.array))
+    assert np.array_equal(np.asarray(a.label.array), np.asarray(b.label.array))
+    assert np.allclose(a.image.affine, b.image.affine, atol=0)  # exact float64 geometry
+
+
+@pytest.mark.parametrize("fmt", ["nifti", "npy"])
+def test_round_trip_on_disk(tmp_path, fmt):
+    store = CaseStoreDataset(path=str(tmp_path / "cases"), format=fmt)
+    cases = {c: make_case(c, i) for i, c in enumerate(["case-a", "case-b"])}
+    store.save(cases)
+    loaders = store.load()
+    assert sorted(loaders) == ["case-a", "case-b"]
+    for case_id, loader in loaders.items():
+        assert_same(loader(), cases[case_id])
+
+
+@pytest.mark.parametrize("fmt", ["nifti", "npy"])
+def test_round_trip_on_s3(s3_bucket, fmt):
+    store = CaseStoreDataset(path=f"s3://{s3_bucket['bucket']}/cases", format=fmt,
+                             credentials=s3_bucket["credentials"])  # fmt: skip
+    case = make_case("case-s3", 3)
+    store.save({"case-s3": case})
+    assert_same(store.load()["case-s3"](), case)
+    assert "secret" not in str(store._describe()) and "testing" not in str(store._describe())
+
+
+def test_saving_some_cases_leaves_the_others_and_none_deletes(tmp_path):
+    store = CaseStoreDataset(path=str(tmp_path / "cases"))
+    store.save({"case-a": make_case("case-a"), "case-b": make_case("case-b", 1)})
+    before = (tmp_path / "cases" / "case-a" / "image.nii.gz").read_bytes()
+    store.save({"case-b": lambda: make_case("case-b", 2)})  # lazy values are saved too
+    assert (tmp_path / "cases" / "case-a" / "image.nii.gz").read_bytes() == before
+    assert_same(store.load()["case-b"](), make_case("case-b", 2))
+    store.save({"case-a": None})
+    assert sorted(store.load()) == ["case-b"]
+
+
+def test_a_crash_mid_save_leaves_nothing_a_later_load_accepts(tmp_path, monkeypatch):
+    store = CaseStoreDataset(path=str(tmp_path / "cases"))
+    store.save({"case-a": make_case("case-a")})
+    calls = {"n": 0}
+    original = store._put
+
+    def failing_put(path, payload):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full")
+        original(path, payload)
+
+    monkeypatch.setattr(store, "_put", failing_put)
+    with pytest.raises(DatasetError, match="disk full"):  # Kedro wraps the OSError
+        store.save({"case-a": make_case("case-a", 9), "case-new": make_case("case-new")})
+    monkeypatch.undo()
+    loaders = CaseStoreDataset(path=str(tmp_path / "cases")).load()
+    assert sorted(loaders) == ["case-a"]  # the new case is invisible, not half-read
+    assert_same(loaders["case-a"](), make_case("case-a"))  # the old version stays whole
+
+
+def test_folders_without_the_completion_marker_are_ignored(tmp_path):
+    store = CaseStoreDataset(path=str(tmp_path / "cases"))
+    store.save({"case-a": make_case("case-a")})
+    (tmp_path / "cases" / "case-a" / _io.COMPLETE_MARKER).unlink()
+    assert store.load() == {}
+    with pytest.raises(DatasetError, match="incomplete"):
+        store.load_case("case-a")
+
+
+def test_bad_keys_and_values_are_refused(tmp_path):
+    store = CaseStoreDataset(path=str(tmp_path / "cases"))
+    with pytest.raises(DatasetError, match="invalid case id"):
+        store.save({"../escape": make_case("../escape")})
+    with pytest.raises(DatasetError, match="does not match"):
+        store.save({"case-a": make_case("case-b")})
+    with pytest.raises(DatasetError, match="expected a Case"):
+        store.save({"case-a": {"not": "a case"}})
+    with pytest.raises(DatasetError, match="format"):
+        CaseStoreDataset(path=str(tmp_path), format="dicom")
+
+
+def test_a_label_off_the_image_grid_is_refused_when_the_case_is_built():
+    case = make_case("case-a")
+    moved = case.image.affine.copy()
+    moved[:3, 3] += 5.0  # same shape, 5 mm elsewhere
+    shifted = Volume(np.asarray(case.label.array), moved, {})
+    with pytest.raises(LabelGridMismatchError):
+        Case("case-a", "pt", case.image, shifted)

@@ -5,12 +5,9 @@ pipeline refuses to run rather than fall back to a guessable key.
 
 from __future__ import annotations
 
-import string
 from typing import Any
 
 from kedro.io import AbstractDataset, DatasetError
-
-MIN_HEX_CHARS = 64  # 256 bits
 
 MISSING_KEY_HELP = (
     "no pseudonymisation key configured. Add one to conf/local/credentials.yml:\n"
@@ -21,16 +18,17 @@ MISSING_KEY_HELP = (
 
 
 def parse_key(value: Any) -> bytes:
-    """A hex key of at least 256 bits -> bytes; anything else is refused with a clear message."""
+    """A random hex key of at least 256 bits -> bytes (the rules of ``deid.require_key``);
+    anything else is refused with a message that says how to make one."""
+    from mvl_pipeline.imaging.deid import DeidKeyError, require_key
+
     text = str(value or "").strip()
     if not text or text.lower() in {"none", "null", "???"}:
         raise DatasetError(MISSING_KEY_HELP)
-    if len(text) < MIN_HEX_CHARS or any(c not in string.hexdigits for c in text):
-        raise DatasetError(
-            f"the pseudonymisation key must be at least {MIN_HEX_CHARS} hex characters "
-            f"(got {len(text)} characters); " + MISSING_KEY_HELP
-        )
-    return bytes.fromhex(text if len(text) % 2 == 0 else text[:-1])
+    try:
+        return require_key(text)
+    except DeidKeyError as exc:
+        raise DatasetError(f"{exc}; " + MISSING_KEY_HELP) from None
 
 
 class SecretKeyDataset(AbstractDataset[bytes, None]):

@@ -117,7 +117,8 @@ def require_key(value: Any) -> bytes:
     """
     if value is None or (isinstance(value, str | bytes) and not value.strip()):
         raise DeidKeyError(
-            "no de-identification key: set 'deid_key' (64 hex characters) in conf/local/credentials.yml"
+            "no de-identification key: set pseudonymisation.key (64 hex characters) in "
+            "conf/local/credentials.yml"
         )
     if isinstance(value, str):
         text = value.strip()

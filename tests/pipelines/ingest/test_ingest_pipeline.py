@@ -96,7 +96,7 @@ def test_pipeline_writes_each_output_to_its_catalog_layer(tmp_path, mixed_drop, 
     ("key_hex", "message"),
     [
         (None, "no pseudonymisation key configured"),
-        ("abc123", "at least 64 hex characters"),
+        ("abc123", "at least 32 are required"),
         ("ab" * 32, "does not look random"),
     ],
     ids=["missing", "too-short", "not-random"],

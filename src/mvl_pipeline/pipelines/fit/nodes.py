@@ -154,7 +154,6 @@ def fit_model(
         "model": model_cfg.to_dict(),
         "plan": dict(preprocessing_plan),
         "classes": classes,
-        "class_names": {str(v): k for k, v in labels.items()},
         "train_ids": train_ids,
         "val_ids": val_ids,
         "loaders": {c: model_input_cases[c] for c in train_ids + val_ids},
@@ -206,6 +205,7 @@ def fit_model(
         "resumed_after_epochs": state.get("resumed_after_epochs", []),
         "global_step": state.get("global_step"),
         "classes": classes,
+        "class_names": {str(v): k for k, v in labels.items()},
         "num_workers": fit.num_workers,
     }
     logger.info("fit: best validation Dice %.3f at epoch %d", history["best_val_dice"], history["best_epoch"] + 1)

@@ -84,6 +84,9 @@ def _connect_ray(fit: FitParams) -> bool:
         return True
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # token auth is for shared clusters
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # The controller polls its workers every 2 s by default: on one machine that is seconds of
+    # idle start-up and wind-down per run (measured ~3 s of a trivial fit's 14 s).
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     ray.init(num_cpus=fit.ray_num_cpus or os.cpu_count(), log_to_driver=True, configure_logging=False)
     return True
 
@@ -204,6 +207,7 @@ def fit_model(
         "epochs": state["history"],
         "resumed_after_epochs": state.get("resumed_after_epochs", []),
         "global_step": state.get("global_step"),
+        "loop_started_unix": state.get("loop_started_unix"),
         "classes": classes,
         "class_names": {str(v): k for k, v in labels.items()},
         "num_workers": fit.num_workers,

@@ -31,7 +31,6 @@ class EvaluateParams:
     nsd_tolerance_mm: float = 2.0
     bootstrap_seed: int = 0
     overlay_cases: int = 3
-    precision: str = "fp32"
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> EvaluateParams:
@@ -48,7 +47,7 @@ def predict_case(
     prepared = preprocess_case(case.image, plan, modality=case.modality)
     probs = predict_probabilities(
         model, prepared.image, roi_size=plan["patch_size"], num_classes=num_classes,
-        overlap=params.overlap, sw_batch_size=params.sw_batch_size, precision=params.precision,
+        overlap=params.overlap, sw_batch_size=params.sw_batch_size,
     )  # fmt: skip
     restored = restore_to_original(probs, prepared.record, is_label=False)
     return restored.argmax(axis=0).astype(np.uint8)

@@ -6,19 +6,12 @@ that a model is always applied to a case the same way.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
-
-
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "bf16-mixed":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -30,13 +23,13 @@ def predict_probabilities(
     num_classes: int,
     overlap: float = 0.5,
     sw_batch_size: int = 2,
-    precision: str = "fp32",
     device: torch.device | str = "cpu",
 ) -> np.ndarray:
     """Class probabilities ``(C, X, Y, Z)`` float32 for an image ``(X, Y, Z)`` or ``(C_in, X, Y, Z)``.
 
     For a single sigmoid channel (``num_classes == 1``) the result has two channels
-    (background, foreground) so that callers can always take an argmax.
+    (background, foreground) so that callers can always take an argmax. Numerical precision is
+    the model's own (``model.precision``: bf16 autocast or fp32), as in training.
     """
     device = torch.device(device)
     array = image if image.ndim == 4 else image[None]
@@ -44,17 +37,16 @@ def predict_probabilities(
     was_training = model.training
     model.eval()
     try:
-        with autocast_context(device, precision):
-            logits = sliding_window_inference(
-                x,
-                roi_size=tuple(int(r) for r in roi_size),
-                sw_batch_size=sw_batch_size,
-                predictor=model,
-                overlap=overlap,
-                mode="gaussian",
-                padding_mode="constant",
-                cval=float(array.min()),
-            )
+        logits = sliding_window_inference(
+            x,
+            roi_size=tuple(int(r) for r in roi_size),
+            sw_batch_size=sw_batch_size,
+            predictor=model,
+            overlap=overlap,
+            mode="gaussian",
+            padding_mode="constant",
+            cval=float(array.min()),
+        )
     finally:
         model.train(was_training)
     logits = logits.float()[0]

@@ -33,7 +33,7 @@ from mvl_pipeline.model import (
     load_model,
     save_model,
 )
-from mvl_pipeline.training.inference import autocast_context, dice_per_class, predict_probabilities
+from mvl_pipeline.training.inference import dice_per_class, predict_probabilities
 from mvl_pipeline.training.losses import make_loss, prepare_target
 from mvl_pipeline.training.sampling import AugmentConfig, TrainingVolume, augment, sample_batch
 
@@ -180,7 +180,6 @@ def validate(
     classes: Sequence[int],
     overlap: float,
     sw_batch_size: int,
-    precision: str,
     device: torch.device,
 ) -> np.ndarray:
     """Per-class Dice sums over ``ids`` and the case count: ``[sum_c1, ..., sum_cK, n]``."""
@@ -189,7 +188,7 @@ def validate(
         case = loaders[case_id]()
         probs = predict_probabilities(
             model, np.asarray(case.image.array), roi_size=roi_size, num_classes=num_classes,
-            overlap=overlap, sw_batch_size=sw_batch_size, precision=precision, device=device,
+            overlap=overlap, sw_batch_size=sw_batch_size, device=device,
         )  # fmt: skip
         prediction = probs.argmax(axis=0)
         scores = dice_per_class(prediction, np.asarray(case.label.array), classes)
@@ -273,8 +272,7 @@ def run_training(config: Mapping[str, Any], session: Session) -> dict[str, Any]:
             )  # fmt: skip
             x, y = augment(x, y, rng, loop.augment)
             x, y = x.to(device), y.to(device)
-            with autocast_context(device, model_cfg.precision):
-                logits = model(x)
+            logits = model(x)  # the model autocasts itself (model.precision)
             loss = loss_fn(logits.float(), prepare_target(y, model_cfg.num_classes))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -301,7 +299,7 @@ def run_training(config: Mapping[str, Any], session: Session) -> dict[str, Any]:
                 validate(
                     _unwrap(model), loaders, val_ids, roi_size=roi, num_classes=model_cfg.num_classes,
                     classes=classes, overlap=loop.val_overlap, sw_batch_size=loop.val_sw_batch_size,
-                    precision=model_cfg.precision, device=device,
+                    device=device,
                 )  # fmt: skip
             )
             count = max(1.0, sums[-1])

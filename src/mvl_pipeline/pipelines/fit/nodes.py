@@ -94,6 +94,26 @@ def _connect_ray(fit: FitParams) -> bool:
     return True
 
 
+def _size_workers(fit: FitParams, resources: Mapping[str, float], *, local: bool) -> FitParams:
+    """``cpus_per_worker: 0`` = the Ray cluster's CPUs shared by the workers. On a local Ray a
+    request it cannot hold fails here, clearly, instead of waiting for CPUs that never come (a
+    cluster may still scale up)."""
+    cpus = int(resources.get("CPU", 0))
+    if fit.cpus_per_worker <= 0:
+        fit = replace(fit, cpus_per_worker=max(1, cpus // fit.num_workers))
+    needed = fit.cpus_per_worker * fit.num_workers
+    if needed > cpus and not local:
+        logger.warning("fit needs %d CPUs, the Ray cluster has %d now; waiting for the autoscaler", needed, cpus)
+    elif needed > cpus:
+        raise ValueError(
+            f"fit needs {fit.num_workers} worker(s) x {fit.cpus_per_worker} CPU = {needed} CPUs but the Ray "
+            f"cluster has {cpus}: lower fit.scaling.num_workers / cpus_per_worker (or raise fit.ray_num_cpus)"
+        )
+    if fit.use_gpu and fit.gpus_per_worker * fit.num_workers > resources.get("GPU", 0):
+        logger.warning("the Ray cluster has %s GPU(s) now; waiting for the autoscaler", resources.get("GPU", 0))
+    return fit
+
+
 def _mlflow_target() -> dict[str, str] | None:
     try:
         import mlflow
@@ -133,8 +153,6 @@ def fit_model(
     from ray.train.torch import TorchTrainer
 
     fit = FitParams.from_params(fit_params)
-    if fit.cpus_per_worker <= 0:  # size the workers to this machine
-        fit = replace(fit, cpus_per_worker=max(1, (os.cpu_count() or 1) // fit.num_workers))
     classes = sorted(int(v) for v in labels.values())
     model_dict = dict(model_params)
     wanted = 1 if model_dict.get("num_classes") == 1 and len(classes) == 1 else max(classes) + 1
@@ -164,17 +182,18 @@ def fit_model(
         "val_ids": val_ids,
         "loaders": {c: model_input_cases[c] for c in train_ids + val_ids},
         "llm_cache_dir": _absolute(fit.llm_cache_dir),
-        "cpus_per_worker": fit.cpus_per_worker,
         "mlflow": _mlflow_target() if fit.stream_to_mlflow else None,
         "failure_marker": os.path.join(storage, name, ".injected_failure") if "://" not in storage else None,
     }
-    logger.info(
-        "fit: run %s, %d training / %d validation cases, %d worker(s) x %d CPU%s, data version %s",
-        name, len(train_ids), len(val_ids), fit.num_workers, fit.cpus_per_worker,
-        " + GPU" if fit.use_gpu else "", version,
-    )  # fmt: skip
     started_ray = _connect_ray(fit)
     try:
+        fit = _size_workers(fit, ray.cluster_resources(), local=started_ray and not os.environ.get("RAY_ADDRESS"))
+        config["cpus_per_worker"] = fit.cpus_per_worker
+        logger.info(
+            "fit: run %s, %d training / %d validation cases, %d worker(s) x %d CPU%s, data version %s",
+            name, len(train_ids), len(val_ids), fit.num_workers, fit.cpus_per_worker,
+            " + GPU" if fit.use_gpu else "", version,
+        )  # fmt: skip
         resources = {"CPU": fit.cpus_per_worker} | ({"GPU": fit.gpus_per_worker} if fit.use_gpu else {})
         trainer = TorchTrainer(
             train_loop_per_worker,

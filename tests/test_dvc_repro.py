@@ -122,7 +122,7 @@ class Project:
 def project(project_copy) -> Project:
     root = project_copy("dvc-repro")
     shrink(root)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DVC_STAGE", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DVC_STAGE", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
     env.update(
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
         KEDRO_DISABLE_TELEMETRY="true", MLFLOW_ENABLE_TELEMETRY="false", HF_HUB_OFFLINE="1",

@@ -48,7 +48,8 @@ def project(project_copy) -> Path:
 
 
 def kedro(project: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": ""}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+    env = {**clean, "KEDRO_DISABLE_TELEMETRY": "true", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": ""}
     return subprocess.run([sys.executable, "-m", "kedro", *args], check=False, cwd=project, env=env, capture_output=True,
                           text=True, timeout=900)  # fmt: skip
 
@@ -97,7 +98,7 @@ def test_predict_writes_nifti_and_a_dicom_seg_on_the_source_grid(project):
     study = next(p for p in sorted((project / "data/01_raw/sample_drop").glob("*/*")) if p.is_dir())
     series = max((d for d in study.iterdir() if d.is_dir()), key=lambda d: len(list(d.iterdir())))
     out = project / "prediction"
-    env = {**os.environ, "PYTHONPATH": ""}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"PYTHONPATH": ""}
     done = subprocess.run([sys.executable, "-m", "mvl_pipeline.predict", str(study), str(out)], check=False, cwd=project,
                           env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -39,9 +39,19 @@ CHROMIUM_FLAGS = [
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port below 49152: kedro-viz refuses ports in the ephemeral range (49152+), which
+    is where an OS-assigned port (bind to 0) often lands: the test was flaky until this."""
+    import random
+
+    candidates = random.Random(os.getpid()).sample(range(20000, 40000), 200)
+    for port in candidates:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free TCP port between 20000 and 40000")
 
 
 def _get(url: str) -> dict:

@@ -23,14 +23,19 @@ LINEAGE = {"git_commit": "0" * 40, "git_dirty": False, "dvc_data_version": "abc1
 
 
 @pytest.fixture
-def registry(tmp_path, llm_cache_dir):
+def registry(tmp_path, llm_cache_dir, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # mlflow.set_*_uri also export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI: monkeypatch them so
+    # that later tests' subprocesses (kedro run) do not inherit this test's registry
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     yield MlflowRegistryDataset(
         model_name="tiny-mvl", tracking_uri=uri, registry_uri=uri, llm_cache_dir=llm_cache_dir
     ), MlflowClient(uri, uri)
     mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
 
 
 def holdout_summary(data, weights):

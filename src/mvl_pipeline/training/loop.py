@@ -33,6 +33,7 @@ from mvl_pipeline.model import (
     load_model,
     save_model,
 )
+from mvl_pipeline.parameters import known_only
 from mvl_pipeline.training.inference import dice_per_class, predict_probabilities
 from mvl_pipeline.training.losses import make_loss, prepare_target
 from mvl_pipeline.training.sampling import AugmentConfig, TrainingVolume, augment, sample_batch
@@ -69,7 +70,7 @@ class LoopConfig:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> LoopConfig:
-        values = {k: v for k, v in params.items() if k in cls.__dataclass_fields__}
+        values = known_only(cls, params, "fit.loop")
         if "augment" in values:
             values["augment"] = AugmentConfig.from_params(values["augment"])
         if "betas" in values:

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mvl_pipeline.parameters import known_only
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
@@ -33,7 +35,7 @@ class AugmentConfig:
 
     @classmethod
     def from_params(cls, params: dict | None) -> AugmentConfig:
-        params = dict(params or {})
+        params = known_only(cls, params, "fit.loop.augment")
         if "scale_range" in params:
             params["scale_range"] = tuple(params["scale_range"])
         return cls(**params)

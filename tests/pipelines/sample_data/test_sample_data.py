@@ -180,7 +180,7 @@ def test_same_seed_same_bytes_other_seed_other_data(small_drop):
 
 
 def test_parameters_are_validated():
-    with pytest.raises(ValueError, match="unknown sample_data parameters"):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['n_patiens'\] in sample_data parameters"):
         SampleDataParams.from_dict({**SMALL, "n_patiens": 3})
     with pytest.raises(ValueError, match="non_axial_orientation"):
         SampleDataParams.from_dict({**SMALL, "non_axial_orientation": "diagonal"})

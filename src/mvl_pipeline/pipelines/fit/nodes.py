@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mvl_pipeline.model import MedVisionLlamaConfig, build_model
+from mvl_pipeline.parameters import known_only
 from mvl_pipeline.pipelines.ingest.nodes import data_version
 from mvl_pipeline.training.loop import MODEL_DIR, STATE_FILE, LoopConfig, train_loop_per_worker
 
@@ -46,12 +47,8 @@ class FitParams:
     def from_params(cls, params: Mapping[str, Any]) -> FitParams:
         params = dict(params)
         loop = LoopConfig.from_params(params.pop("loop", {}))
-        scaling = params.pop("scaling", {})
-        unknown = set(params) | set(scaling)
-        unknown -= set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown fit parameters: {sorted(unknown)}")
-        return cls(loop=loop, **scaling, **params)
+        scaling = known_only(cls, params.pop("scaling", {}), "fit.scaling")
+        return cls(loop=loop, **scaling, **known_only(cls, params, "fit parameters"))
 
 
 def _digest(*objects: Any) -> str:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from mvl_pipeline.imaging.case import Case
 from mvl_pipeline.imaging.deid import DeidKeyError, require_key
+from mvl_pipeline.parameters import known_only
 from mvl_pipeline.pipelines.ingest import keys
 from mvl_pipeline.pipelines.ingest.process import IngestSettings, UnitResult, process_unit
 from mvl_pipeline.pipelines.ingest.scan import DropScan, scan_drop
@@ -50,11 +51,7 @@ class IngestParams:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> IngestParams:
-        known = set(cls.__dataclass_fields__)
-        unknown = set(params) - known
-        if unknown:
-            raise ValueError(f"unknown ingest parameters: {sorted(unknown)}")
-        values = dict(params)
+        values = known_only(cls, params, "ingest parameters")
         for name in ("label_suffixes", "image_suffixes"):
             if name in values:
                 values[name] = tuple(values[name])

@@ -19,6 +19,7 @@ import numpy as np
 from mvl_pipeline.datasets.model_registry import RegistrationRequest, RegistryView
 from mvl_pipeline.evaluation import EvaluateParams, score_cases
 from mvl_pipeline.model import model_from_weights
+from mvl_pipeline.parameters import known_only
 from mvl_pipeline.pipelines.evaluate.nodes import holdout_loaders
 from mvl_pipeline.training.metrics import summarise
 
@@ -33,10 +34,7 @@ class RegisterParams:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> RegisterParams:
-        unknown = set(params) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown register parameters: {sorted(unknown)}")
-        return cls(**params)
+        return cls(**known_only(cls, params, "register parameters"))
 
 
 def gate_score(summary_classes: Mapping[str, Any]) -> float:

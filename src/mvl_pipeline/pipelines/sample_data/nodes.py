@@ -19,7 +19,7 @@ import datetime as dt
 import logging
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,7 @@ from mvl_pipeline.imaging.dicom_write import (
     write_segmentation,
 )
 from mvl_pipeline.imaging.volume import Volume
+from mvl_pipeline.parameters import known_only
 from mvl_pipeline.pipelines.sample_data.fake_headers import (
     fake_patient,
     fake_study_datetime,
@@ -72,11 +73,7 @@ class SampleDataParams:
 
     @classmethod
     def from_dict(cls, params: Mapping[str, Any]) -> SampleDataParams:
-        known = {f.name for f in fields(cls)}
-        unknown = set(params) - known
-        if unknown:
-            raise ValueError(f"unknown sample_data parameters: {sorted(unknown)}")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in known_only(cls, params, "sample_data parameters").items()}
         result = cls(**values)
         result.validate()
         return result

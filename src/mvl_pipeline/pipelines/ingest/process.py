@@ -277,14 +277,7 @@ def _dicom_case(
 
     patient_source = str(first.get("PatientID", "")) or str(first.get("PatientName", ""))
     meta = {
-        "modality": str(first.get("Modality", "OT")),
-        "source_kind": "dicom",
-        "label_names": {str(k): v for k, v in sorted(_project_label_names(settings).items())},
-        "present_labels": sorted(int(v) for v in np.unique(label.array) if v) if label is not None else [],
-        "spacing": list(image.spacing),
-        "shape": list(image.shape),
-        "orientation": image.orientation,
-        "n_slices": int(image.shape[2]),
+        **_volume_meta(str(first.get("Modality", "OT")), "dicom", image, label, settings),
         "burned_in_annotation": bool(report.burned_in_annotation),
         "deidentified_header": _header_json(deid_header),
         "deidentification": report.method,
@@ -295,6 +288,22 @@ def _dicom_case(
 
 class _BurnedInError(ImagingError):
     reason = "burned_in_annotation"
+
+
+def _volume_meta(
+    modality: str, source_kind: str, image: Volume, label: Volume | None, settings: IngestSettings
+) -> dict[str, Any]:
+    """The PHI-free geometry and label metadata every ingested case carries."""
+    return {
+        "modality": modality,
+        "source_kind": source_kind,
+        "label_names": {str(k): v for k, v in sorted(_project_label_names(settings).items())},
+        "present_labels": sorted(int(v) for v in np.unique(label.array) if v) if label is not None else [],
+        "spacing": list(image.spacing),
+        "shape": list(image.shape),
+        "orientation": image.orientation,
+        "n_slices": int(image.shape[2]),
+    }
 
 
 def _project_label_names(settings: IngestSettings) -> dict[int, str]:
@@ -374,16 +383,7 @@ def process_volume_unit(drop: Any, unit: Unit, key: bytes, settings: IngestSetti
         guard_no_identity(result, identity)
         return result
     result.modality = modality
-    meta = {
-        "modality": modality,
-        "source_kind": "volume",
-        "label_names": {str(k): v for k, v in sorted(_project_label_names(settings).items())},
-        "present_labels": sorted(int(v) for v in np.unique(label.array) if v) if label is not None else [],
-        "spacing": list(image.spacing),
-        "shape": list(image.shape),
-        "orientation": image.orientation,
-        "n_slices": int(image.shape[2]),
-    }
+    meta = _volume_meta(modality, "volume", image, label, settings)
     clean = Volume(image.array.astype(np.float32, copy=False), image.affine, {"modality": modality})
     patient = keys.patient_pseudonym(key, "volume", unit.patient_hint or unit.source_id)
     result.cases.append(Case(case_id, patient, clean, label, meta))

@@ -41,9 +41,10 @@ import yaml  # noqa: E402
 
 from mvl_pipeline.datasets.drop import DropFolderDataset  # noqa: E402
 from mvl_pipeline.pipelines.sample_data.nodes import generate_sample_drop  # noqa: E402
-from mvl_pipeline.workspace import local_catalog, prepare  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the shared test workspace: tests/support/workspace.py
+from tests.support.workspace import local_catalog, prepare  # noqa: E402
 
 
 def params(name: str) -> dict:

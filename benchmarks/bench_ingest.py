@@ -56,8 +56,8 @@ def _phantom(shape: tuple[int, int, int], rng: np.random.Generator) -> np.ndarra
 
 
 def generate_drop(root: str, n_series: int, shape: tuple[int, int, int], seed: int) -> list[str]:
-    from mvl_pipeline.imaging.dicom_write import series_uids, write_image_series
-    from mvl_pipeline.imaging.volume import Volume, affine_from_geometry
+    from mvl_pipeline.core.volume import Volume, affine_from_geometry
+    from mvl_pipeline.dicom.write import series_uids, write_image_series
 
     rng = np.random.default_rng(seed)
     folders = []
@@ -109,7 +109,7 @@ def bench_drop(folders: list[str], repeats: int, pool, threads) -> dict[str, flo
     import pydicom
     import SimpleITK as sitk
 
-    from mvl_pipeline.imaging.dicom_series import assemble_many, assemble_series
+    from mvl_pipeline.dicom.series import assemble_many, assemble_series
 
     series = [sorted(glob.glob(os.path.join(folder, "*.dcm"))) for folder in folders]
     files = [f for s in series for f in s]
@@ -163,7 +163,7 @@ def main() -> None:
     parser.add_argument("--keep", help="write the drops here instead of a temporary folder")
     args = parser.parse_args()
 
-    from mvl_pipeline.imaging.dicom_series import process_pool
+    from mvl_pipeline.dicom.series import process_pool
 
     root = args.keep or tempfile.mkdtemp(prefix="bench-ingest-")
     drops = {

@@ -10,7 +10,7 @@ MONAI chain (from the same in-memory float32 array + affine, no LoadImage):
 run eagerly and with ``Compose(lazy=True)``; the speed-up is against the faster of the two.
 
 Volumes: two CT phantoms like the sample drop (128x128x48 at 3x3x5 mm, one axial, one coronal;
-``mvl_pipeline.imaging.phantom``) resampled to 2.5x2.5x3 mm, and the real pyradiomics lung1 CT
+``mvl_pipeline.synthetic.phantom``) resampled to 2.5x2.5x3 mm, and the real pyradiomics lung1 CT
 (512x512x48 at 0.57x0.57x5 mm, LPS) resampled to 1x1x2.5 mm. One thread each
 (``torch.set_num_threads(1)``; our code is single-threaded numpy): the per-worker cost.
 
@@ -41,11 +41,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from mvl_pipeline.imaging import phantom  # noqa: E402
-from mvl_pipeline.imaging.crop import margin_voxels  # noqa: E402
-from mvl_pipeline.imaging.orientation import orientation_transform  # noqa: E402
-from mvl_pipeline.imaging.preprocess import preprocess_case  # noqa: E402
-from mvl_pipeline.imaging.volume import Volume  # noqa: E402
+from mvl_pipeline.core.orientation import orientation_transform  # noqa: E402
+from mvl_pipeline.core.volume import Volume  # noqa: E402
+from mvl_pipeline.preprocessing.apply import preprocess_case  # noqa: E402
+from mvl_pipeline.preprocessing.crop import margin_voxels  # noqa: E402
+from mvl_pipeline.synthetic import phantom  # noqa: E402
 
 torch.set_num_threads(1)
 MARGIN_MM = 10.0

@@ -6,13 +6,13 @@ import numpy as np
 import pydicom
 import pytest
 
-from mvl_pipeline import sample_drop_cli
+from mvl_pipeline.cli import sample_drop as sample_drop_cli
+from mvl_pipeline.core.volume import Volume
 from mvl_pipeline.datasets.drop import DropFolderDataset
 from mvl_pipeline.datasets.volume import VolumeDataset
-from mvl_pipeline.imaging.dicom_labels import read_segmentation
-from mvl_pipeline.imaging.dicom_series import assemble_series
-from mvl_pipeline.imaging.dicom_write import dataset_bytes
-from mvl_pipeline.imaging.volume import Volume
+from mvl_pipeline.dicom.labels import read_segmentation
+from mvl_pipeline.dicom.series import assemble_series
+from mvl_pipeline.dicom.write import dataset_bytes
 from mvl_pipeline.pipelines.sample_data.nodes import (
     convert_volumes_to_drop,
     exact_rescale,

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from kedro.io import DatasetError
 
-from mvl_pipeline.datasets import _io
+from mvl_pipeline.core import storage
+from mvl_pipeline.core.case import Case
+from mvl_pipeline.core.errors import LabelGridMismatchError
+from mvl_pipeline.core.volume import Volume, affine_from_geometry
 from mvl_pipeline.datasets.case_store import CaseStoreDataset
-from mvl_pipeline.imaging.case import Case
-from mvl_pipeline.imaging.errors import LabelGridMismatchError
-from mvl_pipeline.imaging.volume import Volume, affine_from_geometry
 
 
 def make_case(case_id: str, seed: int = 0, shape=(12, 10, 6)) -> Case:
@@ -84,7 +84,7 @@ def test_a_crash_mid_save_leaves_nothing_a_later_load_accepts(tmp_path, monkeypa
 def test_folders_without_the_completion_marker_are_ignored(tmp_path):
     store = CaseStoreDataset(path=str(tmp_path / "cases"))
     store.save({"case-a": make_case("case-a")})
-    (tmp_path / "cases" / "case-a" / _io.COMPLETE_MARKER).unlink()
+    (tmp_path / "cases" / "case-a" / storage.COMPLETE_MARKER).unlink()
     assert store.load() == {}
     with pytest.raises(DatasetError, match="incomplete"):
         store.load_case("case-a")

@@ -12,6 +12,8 @@ import pytest
 from kedro.io import DatasetError
 from pydicom.data import get_testdata_file
 
+from mvl_pipeline.core.errors import EmptySeriesError, NotDicomError, UnreadableFileError
+from mvl_pipeline.core.volume import Volume, affine_from_geometry
 from mvl_pipeline.datasets import dicom as dicom_datasets
 from mvl_pipeline.datasets.dicom import (
     DicomSeg,
@@ -19,15 +21,13 @@ from mvl_pipeline.datasets.dicom import (
     DicomSeriesDataset,
     DicomSeriesSave,
 )
-from mvl_pipeline.imaging.dicom_labels import read_segmentation
-from mvl_pipeline.imaging.dicom_write import (
+from mvl_pipeline.dicom.labels import read_segmentation
+from mvl_pipeline.dicom.write import (
     dataset_bytes,
     make_uid,
     series_uids,
     write_segmentation,
 )
-from mvl_pipeline.imaging.errors import EmptySeriesError, NotDicomError, UnreadableFileError
-from mvl_pipeline.imaging.volume import Volume, affine_from_geometry
 
 
 def data_file(name: str) -> str:
@@ -92,8 +92,8 @@ def test_series_save_replaces_an_earlier_version(base) -> None:
 
 
 def test_series_save_of_ready_made_datasets(tmp_path) -> None:
-    from mvl_pipeline.imaging.deid import deidentify, require_key
-    from mvl_pipeline.imaging.dicom_write import write_image_series
+    from mvl_pipeline.dicom.deid import deidentify, require_key
+    from mvl_pipeline.dicom.write import write_image_series
 
     data = series_save()
     key = require_key("5f1e9a3c7b2d4e6f8a0c1e3b5d7f9a2c4e6b8d0f1a3c5e7b9d2f4a6c8e0b1d3f")
@@ -204,8 +204,8 @@ def test_bad_files_in_a_series_folder(base) -> None:
 
 
 def make_seg() -> tuple[pydicom.Dataset, Volume, np.ndarray]:
-    from mvl_pipeline.imaging.dicom_series import assemble_series
-    from mvl_pipeline.imaging.dicom_write import write_image_series
+    from mvl_pipeline.dicom.series import assemble_series
+    from mvl_pipeline.dicom.write import write_image_series
 
     data = series_save("seg")
     sources = [

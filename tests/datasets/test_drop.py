@@ -14,6 +14,7 @@ import pytest
 from kedro.io.core import DatasetError
 from pydicom.data import get_testdata_file
 
+from mvl_pipeline.core.errors import EmptySeriesError, UnreadableFileError
 from mvl_pipeline.datasets.drop import (
     DropFile,
     DropFolder,
@@ -21,7 +22,6 @@ from mvl_pipeline.datasets.drop import (
     DropFolderError,
     EmptyDropFolderError,
 )
-from mvl_pipeline.imaging.errors import EmptySeriesError, UnreadableFileError
 
 
 def _files() -> dict:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from kedro.io.core import DatasetError, Version
 
-from mvl_pipeline.datasets import _io
+from mvl_pipeline.core import storage
 from mvl_pipeline.datasets.torch_weights import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -55,7 +55,7 @@ def test_round_trip_local_loads_into_a_model(tmp_path):
     dataset.save(data)
     assert dataset.exists()
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == sorted(
-        [WEIGHTS_FILE, CONFIG_FILE, _io.COMPLETE_MARKER]
+        [WEIGHTS_FILE, CONFIG_FILE, storage.COMPLETE_MARKER]
     )
     loaded = dataset.load()
     _assert_same(loaded, data)
@@ -89,14 +89,14 @@ def test_versioned_saves_and_incomplete_versions_are_invisible(tmp_path, s3_buck
     _assert_same(dataset(Version(None, None)).load(), _model_state(2))
     _assert_same(dataset(Version("2026-01-01T00.00.00.000Z", None)).load(), _model_state(1))
 
-    real_write = _io.write_bytes_atomic
+    real_write = storage.write_bytes_atomic
 
     def crash_on_config(fs, protocol, path, data):
         if path.endswith(CONFIG_FILE):
             raise OSError("killed mid-save")
         real_write(fs, protocol, path, data)
 
-    monkeypatch.setattr(_io, "write_bytes_atomic", crash_on_config)
+    monkeypatch.setattr(storage, "write_bytes_atomic", crash_on_config)
     with pytest.raises(DatasetError):
         dataset(Version(None, "2026-01-03T00.00.00.000Z")).save(_model_state(3))
     monkeypatch.undo()
@@ -109,14 +109,14 @@ def test_crash_mid_save_never_leaves_a_loadable_mix(tmp_path, s3_bucket, monkeyp
         TorchWeightsDataset(filepath=str(tmp_path / "model")) if where == "local" else _s3(s3_bucket, "m")
     )
     dataset.save(_model_state(1))
-    real_write = _io.write_bytes_atomic
+    real_write = storage.write_bytes_atomic
 
     def crash_on_config(fs, protocol, path, data):
         if path.endswith(CONFIG_FILE):
             raise OSError("killed mid-save")
         real_write(fs, protocol, path, data)
 
-    monkeypatch.setattr(_io, "write_bytes_atomic", crash_on_config)
+    monkeypatch.setattr(storage, "write_bytes_atomic", crash_on_config)
     with pytest.raises(DatasetError):
         dataset.save(_model_state(2))
     monkeypatch.undo()
@@ -142,7 +142,7 @@ def _good_files() -> dict[str, bytes]:
     return {
         WEIGHTS_FILE: encode_state_dict(state),
         CONFIG_FILE: json.dumps(config).encode(),
-        _io.COMPLETE_MARKER: b"",
+        storage.COMPLETE_MARKER: b"",
     }
 
 
@@ -167,7 +167,7 @@ def test_bad_input_raises_a_specific_error_naming_the_path(tmp_path, case, match
     if case == "empty":
         folder.mkdir()
     elif case == "no_marker":
-        _write_folder(folder, {k: v for k, v in files.items() if k != _io.COMPLETE_MARKER})
+        _write_folder(folder, {k: v for k, v in files.items() if k != storage.COMPLETE_MARKER})
     elif case == "no_config":
         _write_folder(folder, {k: v for k, v in files.items() if k != CONFIG_FILE})
     elif case == "truncated":

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from kedro.io.core import DatasetError, Version
 
+from mvl_pipeline.core.errors import ImagingError, UnreadableFileError
+from mvl_pipeline.core.volume import Volume
 from mvl_pipeline.datasets.volume import VolumeDataset, VolumeFileError, encode_nifti, encode_nrrd
-from mvl_pipeline.imaging.errors import ImagingError, UnreadableFileError
-from mvl_pipeline.imaging.phantom import acquisition_affine
-from mvl_pipeline.imaging.volume import Volume
+from mvl_pipeline.synthetic.phantom import acquisition_affine
 
 EXTENSIONS = ["nii", "nii.gz", "nrrd", "nhdr"]
 

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from mvl_pipeline.k8s import naming
 from mvl_pipeline.k8s.cli import cli
-from mvl_pipeline.k8s.fingerprint import drop_fingerprint
+from mvl_pipeline.k8s.drop_listing import drop_fingerprint
 from mvl_pipeline.k8s.manifests import select_object
 
 NS = "mvl-pipeline"

@@ -11,7 +11,7 @@ import pytest
 
 from mvl_pipeline.k8s import naming
 from mvl_pipeline.k8s.client import Outcome, RayJobState
-from mvl_pipeline.k8s.fingerprint import drop_fingerprint, listing_digest
+from mvl_pipeline.k8s.drop_listing import drop_fingerprint, listing_digest
 from mvl_pipeline.k8s.manifests import (
     ManifestError,
     load_manifests,

@@ -48,7 +48,7 @@ def tiny_training_data(tmp_path_factory, llm_cache_dir) -> dict[str, Any]:
     """Model-input cases, split, plan, manifest and ingested cases of 8 tiny phantom patients."""
     from mvl_pipeline.datasets.drop import DropFolderDataset
     from mvl_pipeline.pipelines.sample_data.nodes import generate_sample_drop
-    from mvl_pipeline.workspace import local_catalog, prepare
+    from tests.support.workspace import local_catalog, prepare
 
     tmp = tmp_path_factory.mktemp("tiny-project")
     sample = base_params("sample_data")["sample_data"] | {

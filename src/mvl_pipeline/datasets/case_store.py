@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 from kedro.io import AbstractDataset, DatasetError
 
-from mvl_pipeline.datasets import _io
+from mvl_pipeline.core import storage
+from mvl_pipeline.core.case import Case
+from mvl_pipeline.core.errors import UnreadableFileError
+from mvl_pipeline.core.volume import Volume
 from mvl_pipeline.datasets.volume import decode_nifti, encode_nifti
-from mvl_pipeline.imaging.case import Case
-from mvl_pipeline.imaging.errors import UnreadableFileError
-from mvl_pipeline.imaging.volume import Volume
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def _decode(data: bytes, fmt: str, path: str) -> np.ndarray:
 
 
 class CaseStoreDataset(AbstractDataset[dict[str, Callable[[], Case]], dict[str, Any]]):
-    """Partitioned store of :class:`~mvl_pipeline.imaging.case.Case` objects (see module doc)."""
+    """Partitioned store of :class:`~mvl_pipeline.core.case.Case` objects (see module doc)."""
 
     def __init__(
         self,
@@ -78,7 +78,7 @@ class CaseStoreDataset(AbstractDataset[dict[str, Callable[[], Case]], dict[str, 
     ) -> None:
         if format not in FORMATS:
             raise DatasetError(f"format must be one of {FORMATS}, got {format!r}")
-        self._fs, self._protocol, self._root = _io.filesystem(path, credentials, fs_args)
+        self._fs, self._protocol, self._root = storage.filesystem(path, credentials, fs_args)
         self._format = format
         self._suffix = ".npy" if format == "npy" else ".nii.gz"
         self._compresslevel = int(compresslevel)
@@ -94,7 +94,7 @@ class CaseStoreDataset(AbstractDataset[dict[str, Callable[[], Case]], dict[str, 
         for entry in self._fs.ls(self._root, detail=True):
             name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
             if entry["type"] == "directory" and not name.startswith(".") and _CASE_ID.match(name):
-                if _io.is_complete(self._fs, self._protocol, _io.join(self._root, name)):
+                if storage.is_complete(self._fs, self._protocol, storage.join(self._root, name)):
                     ids.append(name)
         return sorted(ids)
 
@@ -102,7 +102,7 @@ class CaseStoreDataset(AbstractDataset[dict[str, Callable[[], Case]], dict[str, 
         return {case_id: partial(self.load_case, case_id) for case_id in self.case_ids()}
 
     def _read_array(self, folder: str, stem: str) -> np.ndarray:
-        path = _io.join(folder, stem + self._suffix)
+        path = storage.join(folder, stem + self._suffix)
         if self._format == "npy" and self._protocol == "file" and self._mmap:
             try:
                 return np.load(path, mmap_mode="r", allow_pickle=False)
@@ -115,11 +115,11 @@ class CaseStoreDataset(AbstractDataset[dict[str, Callable[[], Case]], dict[str, 
         return _decode(data, self._format, path)
 
     def load_case(self, case_id: str) -> Case:
-        folder = _io.join(self._root, _check_case_id(case_id))
-        if not _io.is_complete(self._fs, self._protocol, folder):
+        folder = storage.join(self._root, _check_case_id(case_id))
+        if not storage.is_complete(self._fs, self._protocol, folder):
             raise DatasetError(f"case {case_id!r} is missing or incomplete in {self._describe()['path']}")
         try:
-            record = json.loads(self._fs.cat_file(_io.join(folder, "case.json")))
+            record = json.loads(self._fs.cat_file(storage.join(folder, "case.json")))
         except (FileNotFoundError, json.JSONDecodeError) as exc:
             raise UnreadableFileError(f"case record unreadable: {exc}", path=folder) from exc
         image = Volume(
@@ -140,7 +140,7 @@ class CaseStoreDataset(AbstractDataset[dict[str, Callable[[], Case]], dict[str, 
     def save(self, data: dict[str, Any]) -> None:
         for case_id, value in sorted(data.items()):
             _check_case_id(case_id)
-            folder = _io.join(self._root, case_id)
+            folder = storage.join(self._root, case_id)
             if value is None:
                 if self._fs.exists(folder):
                     self._fs.rm(folder, recursive=True)
@@ -162,13 +162,13 @@ class CaseStoreDataset(AbstractDataset[dict[str, Callable[[], Case]], dict[str, 
             "image": _volume_record(case.image),
             "label": None if case.label is None else _volume_record(case.label),
         }
-        with _io.atomic_directory(self._fs, self._protocol, folder) as target:
+        with storage.atomic_directory(self._fs, self._protocol, folder) as target:
             files = {"image": case.image} | ({} if case.label is None else {"label": case.label})
             for stem, volume in files.items():
                 payload = _encode(volume, self._format, self._compresslevel)
-                self._put(_io.join(target, stem + self._suffix), payload)
+                self._put(storage.join(target, stem + self._suffix), payload)
             self._put(
-                _io.join(target, "case.json"),
+                storage.join(target, "case.json"),
                 json.dumps(record, indent=1, sort_keys=True, default=_json_default).encode(),
             )
 
@@ -183,7 +183,7 @@ class CaseStoreDataset(AbstractDataset[dict[str, Callable[[], Case]], dict[str, 
         return bool(self.case_ids())
 
     def _describe(self) -> dict[str, Any]:
-        return {"path": _io.full_path(self._protocol, self._root), "format": self._format}
+        return {"path": storage.full_path(self._protocol, self._root), "format": self._format}
 
 
 def _volume_record(volume: Volume) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Kedro datasets for DICOM: an image series folder and a DICOM SEG file.
 
-Both work the same on local paths and ``s3://`` (fsspec via ``datasets._io``) and save
+Both work the same on local paths and ``s3://`` (fsspec via ``core.storage``) and save
 atomically: a crash mid-save never leaves something a later load accepts.
 
 Catalog example::
@@ -26,7 +26,8 @@ from typing import Any
 from kedro.io import AbstractDataset
 from pydicom.dataset import Dataset
 
-from mvl_pipeline.datasets._io import (
+from mvl_pipeline.core.errors import EmptySeriesError, UnreadableFileError
+from mvl_pipeline.core.storage import (
     COMPLETE_MARKER,
     atomic_directory,
     filesystem,
@@ -34,10 +35,9 @@ from mvl_pipeline.datasets._io import (
     is_complete,
     join,
 )
-from mvl_pipeline.imaging.dicom_series import assemble_series, read_dataset
-from mvl_pipeline.imaging.dicom_write import SeriesUids, save_dataset, write_image_series
-from mvl_pipeline.imaging.errors import EmptySeriesError, UnreadableFileError
-from mvl_pipeline.imaging.volume import Volume
+from mvl_pipeline.core.volume import Volume
+from mvl_pipeline.dicom.series import assemble_series, read_dataset
+from mvl_pipeline.dicom.write import SeriesUids, save_dataset, write_image_series
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
@@ -94,7 +94,7 @@ class DicomSeriesDataset(_FsDataset, AbstractDataset[DicomSeriesSave | Sequence[
 
     ``load()`` assembles every file in the folder (not sub-folders; names starting with ``.``
     or ``_`` are ignored) into a :class:`Volume` with
-    :func:`~mvl_pipeline.imaging.dicom_series.assemble_series` (``load_args`` go to it, except
+    :func:`~mvl_pipeline.dicom.series.assemble_series` (``load_args`` go to it, except
     ``require_complete``). ``save()`` takes a :class:`DicomSeriesSave` (written with
     ``write_image_series``) or ready-made data sets (e.g. de-identified ones) and writes one
     ``<SOPInstanceUID>.dcm`` per slice, atomically for the whole folder.

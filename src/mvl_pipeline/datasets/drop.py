@@ -6,7 +6,7 @@ paths, sizes and a cheap change marker) plus methods that read one file at a tim
 fsspec filesystem lazily in whichever process uses it (e.g. a Ray or multiprocessing worker).
 
 Hidden entries (any path component starting with ``.``) are skipped: they are temporary files of
-an unfinished atomic write (``_io.write_bytes_atomic``) or OS litter.
+an unfinished atomic write (``storage.write_bytes_atomic``) or OS litter.
 
 ``save(mapping)`` takes ``{relpath: pydicom.Dataset | bytes}`` and writes each file atomically
 (DICOM data sets as Part 10 files with preamble and file meta). Files already in the folder and
@@ -29,8 +29,8 @@ from typing import IO, Any
 from kedro.io import AbstractDataset, DatasetError
 from kedro.io.core import get_protocol_and_path
 
-from mvl_pipeline.datasets import _io
-from mvl_pipeline.imaging.errors import EmptySeriesError, UnreadableFileError
+from mvl_pipeline.core import storage
+from mvl_pipeline.core.errors import EmptySeriesError, UnreadableFileError
 
 _CHUNK = 1 << 20
 
@@ -102,13 +102,13 @@ class DropFolder:
     def _filesystem(self) -> tuple[Any, str, str]:
         if self._fs is None:
             options = deepcopy(self._storage_options)
-            self._fs = _io.filesystem(self.filepath, options.pop("credentials", None), options)
+            self._fs = storage.filesystem(self.filepath, options.pop("credentials", None), options)
         return self._fs
 
     def path(self, relpath: str) -> str:
         """The full fsspec path (``bucket/key`` on s3) of ``relpath``."""
         _, _, root = self._filesystem()
-        return _io.join(root, check_relpath(relpath))
+        return storage.join(root, check_relpath(relpath))
 
     def open(self, relpath: str) -> IO[bytes]:
         """A binary file object for ``relpath`` (close it, or use ``with``)."""
@@ -140,7 +140,7 @@ def list_drop_files(fs: Any, protocol: str, root: str) -> tuple[DropFile, ...]:
     """Every non-hidden file under ``root`` at any depth, sorted by relative path."""
     fs.invalidate_cache(root)
     if not fs.isdir(root):
-        raise DropFolderError("drop folder not found", path=_io.full_path(protocol, root))
+        raise DropFolderError("drop folder not found", path=storage.full_path(protocol, root))
     infos = fs.find(root, detail=True)
     prefix = root.rstrip("/") + "/"
     files = []
@@ -172,7 +172,7 @@ def encode_file(data: Any) -> bytes:
     from pydicom.dataset import Dataset
 
     if isinstance(data, Dataset):
-        from mvl_pipeline.imaging.dicom_write import dataset_bytes
+        from mvl_pipeline.dicom.write import dataset_bytes
 
         return dataset_bytes(data)
     raise DatasetError(f"a drop folder stores bytes or pydicom Datasets, not {type(data).__name__}")
@@ -206,7 +206,7 @@ class DropFolderDataset(AbstractDataset[Mapping[str, Any], DropFolder]):
             **deepcopy(fs_args or {}),
             **({"credentials": deepcopy(credentials)} if credentials else {}),
         }
-        self._fs, self._protocol, self._root = _io.filesystem(
+        self._fs, self._protocol, self._root = storage.filesystem(
             self._filepath, deepcopy(credentials), deepcopy(fs_args)
         )
         self._load_args = {"allow_empty": False, **(load_args or {})}
@@ -233,10 +233,10 @@ class DropFolderDataset(AbstractDataset[Mapping[str, Any], DropFolder]):
             raise DatasetError(f"DropFolderDataset saves a mapping relpath -> file, got {type(data).__name__}")
         checked = {check_relpath(str(relpath)): value for relpath, value in data.items()}
         for relpath in sorted(checked):
-            _io.write_bytes_atomic(
+            storage.write_bytes_atomic(
                 self._fs,
                 self._protocol,
-                _io.join(self._root, relpath),
+                storage.join(self._root, relpath),
                 encode_file(checked[relpath]),
             )
         self._fs.invalidate_cache(self._root)

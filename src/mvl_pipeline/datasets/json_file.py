@@ -14,7 +14,7 @@ from typing import Any
 
 from kedro.io import AbstractDataset, DatasetError
 
-from mvl_pipeline.datasets import _io
+from mvl_pipeline.core import storage
 
 _NO_DEFAULT = object()
 
@@ -30,7 +30,7 @@ class AtomicJSONDataset(AbstractDataset[Any, Any]):
         fs_args: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
-        self._fs, self._protocol, self._path = _io.filesystem(filepath, credentials, fs_args)
+        self._fs, self._protocol, self._path = storage.filesystem(filepath, credentials, fs_args)
         self._missing = missing
         self._indent = indent
         self.metadata = metadata
@@ -40,21 +40,21 @@ class AtomicJSONDataset(AbstractDataset[Any, Any]):
             raw = self._fs.cat_file(self._path)
         except FileNotFoundError:
             if self._missing is _NO_DEFAULT:
-                raise DatasetError(f"{_io.full_path(self._protocol, self._path)} does not exist yet") from None
+                raise DatasetError(f"{storage.full_path(self._protocol, self._path)} does not exist yet") from None
             return copy.deepcopy(self._missing)
         try:
             return json.loads(raw)
         except json.JSONDecodeError as exc:
             raise DatasetError(
-                f"{_io.full_path(self._protocol, self._path)} is not valid JSON: {exc}"
+                f"{storage.full_path(self._protocol, self._path)} is not valid JSON: {exc}"
             ) from exc
 
     def save(self, data: Any) -> None:
         payload = json.dumps(data, indent=self._indent, sort_keys=True, allow_nan=False) + "\n"
-        _io.write_bytes_atomic(self._fs, self._protocol, self._path, payload.encode("utf-8"))
+        storage.write_bytes_atomic(self._fs, self._protocol, self._path, payload.encode("utf-8"))
 
     def _exists(self) -> bool:
         return self._fs.exists(self._path)
 
     def _describe(self) -> dict[str, Any]:
-        return {"filepath": _io.full_path(self._protocol, self._path)}
+        return {"filepath": storage.full_path(self._protocol, self._path)}

@@ -35,7 +35,7 @@ class ModelVersionView:
         """``((state_dict, config), plan)`` of the champion, downloaded from the registry."""
         import mlflow
 
-        from mvl_pipeline.serving import read_model_bundle
+        from mvl_pipeline.serving.pyfunc import read_model_bundle
 
         with tempfile.TemporaryDirectory(prefix="mvl-champion-") as tmp:
             if self.tracking_uri:
@@ -127,7 +127,7 @@ class MlflowRegistryDataset(AbstractDataset[RegistrationRequest, RegistryView]):
         from mlflow.models import ModelSignature
         from mlflow.types import Schema, TensorSpec
 
-        from mvl_pipeline.serving import MedVisionLlamaPyfunc, write_model_bundle
+        from mvl_pipeline.serving.pyfunc import MedVisionLlamaPyfunc, write_model_bundle
 
         if self._tracking_uri:
             mlflow.set_tracking_uri(self._tracking_uri)

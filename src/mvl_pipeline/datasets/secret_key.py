@@ -12,7 +12,7 @@ from kedro.io import AbstractDataset, DatasetError
 MISSING_KEY_HELP = (
     "no pseudonymisation key configured. Add one to conf/local/credentials.yml:\n"
     "  pseudonymisation:\n    key: <64+ hex characters>\n"
-    "(`make train` creates a random one: `python -m mvl_pipeline.secrets ensure-key "
+    "(`make train` creates a random one: `python -m mvl_pipeline.cli.secrets ensure-key "
     "conf/local/credentials.yml`). On Kubernetes it comes from the Secret's MVL_PSEUDONYM_KEY."
 )
 
@@ -20,7 +20,7 @@ MISSING_KEY_HELP = (
 def parse_key(value: Any) -> bytes:
     """A random hex key of at least 256 bits -> bytes (the rules of ``deid.require_key``);
     anything else is refused with a message that says how to make one."""
-    from mvl_pipeline.imaging.deid import DeidKeyError, require_key
+    from mvl_pipeline.dicom.deid import DeidKeyError, require_key
 
     text = str(value or "").strip()
     if not text or text.lower() in {"none", "null", "???"}:

@@ -2,7 +2,7 @@
 
     <filepath>/model.safetensors   tensors (safetensors: no pickle, no code execution on load)
                config.json         the model config (JSON object)
-               _COMPLETE           written last (see ``_io.atomic_directory``)
+               _COMPLETE           written last (see ``storage.atomic_directory``)
 
 ``load()`` returns ``(state_dict, config)`` and ``save()`` takes the same tuple. Tensors come back
 on the CPU, contiguous, with their dtypes. Tensors that share storage (tied weights) are stored
@@ -24,8 +24,8 @@ from typing import Any
 
 from kedro.io.core import AbstractVersionedDataset, DatasetError, Version, get_filepath_str
 
-from mvl_pipeline.datasets import _io
-from mvl_pipeline.imaging.errors import UnreadableFileError
+from mvl_pipeline.core import storage
+from mvl_pipeline.core.errors import UnreadableFileError
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -88,7 +88,7 @@ class TorchWeightsDataset(AbstractVersionedDataset[tuple[dict[str, Any], dict[st
         version: Version | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
-        self._fs, self._protocol, path = _io.filesystem(
+        self._fs, self._protocol, path = storage.filesystem(
             str(filepath).rstrip("/"), deepcopy(credentials), deepcopy(fs_args)
         )
         if load_args:
@@ -105,7 +105,7 @@ class TorchWeightsDataset(AbstractVersionedDataset[tuple[dict[str, Any], dict[st
         )
 
     def _complete(self, path: str) -> bool:
-        return _io.is_complete(self._fs, self._protocol, path)
+        return storage.is_complete(self._fs, self._protocol, path)
 
     def _describe(self) -> dict[str, Any]:
         return {
@@ -121,14 +121,14 @@ class TorchWeightsDataset(AbstractVersionedDataset[tuple[dict[str, Any], dict[st
         if not self._fs.isdir(path):
             raise WeightsFileError("no such weights folder", path=path)
         if not self._complete(path):
-            raise WeightsFileError(f"incomplete weights folder (no {_io.COMPLETE_MARKER})", path=path)
+            raise WeightsFileError(f"incomplete weights folder (no {storage.COMPLETE_MARKER})", path=path)
         files = {}
         for name in (WEIGHTS_FILE, CONFIG_FILE):
             try:
-                files[name] = self._fs.cat_file(_io.join(path, name))
+                files[name] = self._fs.cat_file(storage.join(path, name))
             except FileNotFoundError as exc:
                 raise WeightsFileError(f"{name} missing", path=path) from exc
-        state_dict = decode_state_dict(files[WEIGHTS_FILE], path=_io.join(path, WEIGHTS_FILE))
+        state_dict = decode_state_dict(files[WEIGHTS_FILE], path=storage.join(path, WEIGHTS_FILE))
         try:
             config = json.loads(files[CONFIG_FILE].decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -146,10 +146,10 @@ class TorchWeightsDataset(AbstractVersionedDataset[tuple[dict[str, Any], dict[st
         weights = encode_state_dict(state_dict, self._save_args["metadata"])
         config_bytes = json.dumps(dict(config), indent=2, sort_keys=True).encode("utf-8")
         path = get_filepath_str(self._get_save_path(), self._protocol)
-        with _io.atomic_directory(self._fs, self._protocol, path) as folder:
-            _io.write_bytes_atomic(self._fs, self._protocol, _io.join(folder, WEIGHTS_FILE), weights)
-            _io.write_bytes_atomic(
-                self._fs, self._protocol, _io.join(folder, CONFIG_FILE), config_bytes
+        with storage.atomic_directory(self._fs, self._protocol, path) as folder:
+            storage.write_bytes_atomic(self._fs, self._protocol, storage.join(folder, WEIGHTS_FILE), weights)
+            storage.write_bytes_atomic(
+                self._fs, self._protocol, storage.join(folder, CONFIG_FILE), config_bytes
             )
         self._invalidate_cache()
 

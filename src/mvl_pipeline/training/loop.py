@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from mvl_pipeline.core.config import known_only
+from mvl_pipeline.evaluation.inference import dice_per_class, predict_probabilities
 from mvl_pipeline.model import (
     MedVisionLlamaConfig,
     build_model,
@@ -33,8 +35,6 @@ from mvl_pipeline.model import (
     load_model,
     save_model,
 )
-from mvl_pipeline.parameters import known_only
-from mvl_pipeline.training.inference import dice_per_class, predict_probabilities
 from mvl_pipeline.training.losses import make_loss, prepare_target
 from mvl_pipeline.training.sampling import AugmentConfig, TrainingVolume, augment, sample_batch
 

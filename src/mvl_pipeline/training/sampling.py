@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mvl_pipeline.parameters import known_only
+from mvl_pipeline.core.config import known_only
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,12 @@ import yaml
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
+from mvl_pipeline.core import pseudonyms
+from mvl_pipeline.core.case import Case
+from mvl_pipeline.core.volume import Volume
 from mvl_pipeline.datasets.case_store import CaseStoreDataset
 from mvl_pipeline.datasets.drop import DropFolderDataset, encode_file
-from mvl_pipeline.imaging.case import Case
-from mvl_pipeline.imaging.volume import Volume
-from mvl_pipeline.pipelines.ingest import create_pipeline, keys
+from mvl_pipeline.pipelines.ingest import create_pipeline
 from mvl_pipeline.pipelines.sample_data.nodes import (
     SampleDataParams,
     iter_sample_studies,
@@ -84,7 +85,7 @@ class SampleStudyFiles:
 
     @property
     def case_id(self) -> str:
-        return keys.case_pseudonym(KEY, self.study_uid, self.series_uid)
+        return pseudonyms.case_pseudonym(KEY, self.study_uid, self.series_uid)
 
 
 def build_sample_studies(params: Mapping[str, Any]) -> list[SampleStudyFiles]:
@@ -171,7 +172,7 @@ class IngestRun:
     def unit_of(self, relpath: str) -> dict[str, Any]:
         """The manifest entry of the unit that the drop file ``relpath`` belongs to."""
         manifest = self.manifest
-        ukey = manifest["files"][keys.file_key(KEY, relpath)]["unit"]
+        ukey = manifest["files"][pseudonyms.file_key(KEY, relpath)]["unit"]
         return manifest["units"][ukey]
 
     def summary_counts(self) -> dict[tuple[str, str], int]:

@@ -22,8 +22,8 @@ from ingest_support import KEY, PROJECT, drop_files, ingest_params, run_ingest, 
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
+from mvl_pipeline.core import pseudonyms
 from mvl_pipeline.datasets.drop import encode_file
-from mvl_pipeline.pipelines.ingest import keys
 
 PLANTED = {
     "PatientName": "Zyxwvut^Qwertyson",
@@ -189,7 +189,7 @@ def test_no_identifier_survives_in_outputs_or_logs(
 
     # the run did its work: planted studies ingested, problems recorded
     expected_cases = {
-        keys.case_pseudonym(KEY, s.study_uid, s.series_uid)
+        pseudonyms.case_pseudonym(KEY, s.study_uid, s.series_uid)
         for s in sample_studies[:1] + sample_studies[4:]
     }
     reasons = sorted(r["reason"] for r in run.quarantine)
@@ -199,10 +199,10 @@ def test_no_identifier_survives_in_outputs_or_logs(
     else:
         assert reasons == ["missing_slices", "unreadable_file"]
     volume_cases = {
-        keys.case_pseudonym(
+        pseudonyms.case_pseudonym(
             KEY, "volume", f"{FOLDER}/volumes/Zyxwvut_Qwertyson_MRN-PLANTED-4711_image.nii.gz"
         ),
-        keys.case_pseudonym(KEY, "volume", f"{FOLDER}/Qwertyson_nrrd_image.nrrd"),
+        pseudonyms.case_pseudonym(KEY, "volume", f"{FOLDER}/Qwertyson_nrrd_image.nrrd"),
     }
     assert set(run.case_ids()) == expected_cases | volume_cases
     header = run.case(sample_studies[0].case_id).meta["deidentified_header"]
@@ -257,7 +257,7 @@ def test_logs_never_name_drop_paths_even_for_undecodable_files(tmp_path, project
     run = run_ingest(drop, tmp_path / "data", ingest_params(keep_unlabelled=True))
     assert [r["reason"] for r in run.quarantine] == ["no_decoder"]
     assert any(
-        r.name.startswith("mvl_pipeline.imaging") for r in caplog.records
+        r.name.startswith("mvl_pipeline.dicom") for r in caplog.records
     )  # the decoder path logged
     text = "\n".join(
         [r.getMessage() for r in caplog.records] + [project_logging.read_text()]

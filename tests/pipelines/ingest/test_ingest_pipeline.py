@@ -23,9 +23,10 @@ from ingest_support import (
 from kedro.io import DatasetError
 from pydicom.data import get_testdata_file
 
+from mvl_pipeline.core import pseudonyms
 from mvl_pipeline.datasets.drop import EmptyDropFolderError
-from mvl_pipeline.imaging.deid import DeidKeyError
-from mvl_pipeline.pipelines.ingest import create_pipeline, keys
+from mvl_pipeline.dicom.deid import DeidKeyError
+from mvl_pipeline.pipelines.ingest import create_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def test_pipeline_writes_each_output_to_its_catalog_layer(tmp_path, mixed_drop, 
 
     run = run_ingest(mixed_drop, tmp_path / "data")
 
-    volume_case = keys.case_pseudonym(KEY, "volume", "nifti/pt7_image.nii.gz")
+    volume_case = pseudonyms.case_pseudonym(KEY, "volume", "nifti/pt7_image.nii.gz")
     assert run.case_ids() == sorted([s.case_id for s in sample_studies[:3]] + [volume_case])
     for case_id in run.case_ids():
         assert sorted(p.name for p in (run.cases_path / case_id).iterdir()) == [
@@ -80,7 +81,7 @@ def test_pipeline_writes_each_output_to_its_catalog_layer(tmp_path, mixed_drop, 
     assert len(manifest["units"]) == 5  # 3 studies, 1 volume pair, 1 unreadable file
     assert (
         "incoming/notes.txt" not in str(manifest)
-        and keys.file_key(KEY, "incoming/notes.txt") not in manifest["files"]
+        and pseudonyms.file_key(KEY, "incoming/notes.txt") not in manifest["files"]
     )
     broken = run.unit_of("incoming/broken.dcm")
     assert broken["status"] == "quarantined"
@@ -107,7 +108,7 @@ def test_pipeline_refuses_to_run_without_a_usable_key(tmp_path, mixed_drop, key_
     text = str(error.value)
     assert message in text
     assert (
-        "conf/local/credentials.yml" in text and "python -m mvl_pipeline.secrets ensure-key" in text
+        "conf/local/credentials.yml" in text and "python -m mvl_pipeline.cli.secrets ensure-key" in text
     )
     assert not (tmp_path / "data").exists()  # nothing written, not even a manifest
 
@@ -153,7 +154,7 @@ def test_an_unexpected_error_in_one_unit_never_stops_the_run_and_is_retried(
 ):
     """A bug (not bad data) in one study: that study is quarantined as internal_error, the rest
     is ingested; once the bug is gone the next run retries that study, and only that one."""
-    from mvl_pipeline.pipelines.ingest import process
+    from mvl_pipeline.ingestion import process
 
     victim = sample_studies[1]
     original = process.dicom_labels.read_segmentation

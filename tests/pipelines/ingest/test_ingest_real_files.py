@@ -23,11 +23,11 @@ from ingest_support import KEY, ingest_params, real_file, run_ingest, write_drop
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
+from mvl_pipeline.core import pseudonyms
+from mvl_pipeline.core.volume import Volume, lps_to_ras
 from mvl_pipeline.datasets.drop import encode_file
 from mvl_pipeline.datasets.volume import VolumeDataset
-from mvl_pipeline.imaging.dicom_write import SeriesUids, make_uid, write_image_series
-from mvl_pipeline.imaging.volume import Volume, lps_to_ras
-from mvl_pipeline.pipelines.ingest import keys
+from mvl_pipeline.dicom.write import SeriesUids, make_uid, write_image_series
 from mvl_pipeline.pipelines.sample_data.nodes import convert_volumes_to_drop
 
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
@@ -93,7 +93,7 @@ def pyradiomics_dicom(pyradiomics) -> dict[str, tuple[str, dict[str, bytes]]]:
             folder = path.split("/")[0]  # one patient folder per converted volume
             study = {p: d for p, d in files.items() if p.split("/")[0] == folder}
             studies[name] = (
-                keys.case_pseudonym(KEY, ds.StudyInstanceUID, ds.SeriesInstanceUID),
+                pseudonyms.case_pseudonym(KEY, ds.StudyInstanceUID, ds.SeriesInstanceUID),
                 study,
             )
     assert sorted(studies) == ["brain1", "breast1", "lung1"]
@@ -166,7 +166,7 @@ def test_known_broken_files_are_quarantined_and_good_studies_beside_them_ingeste
     assert outcome == {path: tuple(expected) for path, (_, *expected) in BROKEN.items()}
     # every file is its own unit (no study of a broken file swallowed a good one)
     manifest = run.manifest
-    units = {manifest["files"][keys.file_key(KEY, p)]["unit"] for p in BROKEN}
+    units = {manifest["files"][pseudonyms.file_key(KEY, p)]["unit"] for p in BROKEN}
     assert len(units) == len(BROKEN)
     skipped_details = {s["detail"] for p in BROKEN for s in run.unit_of(p)["skipped"]}
     assert "non-image object RT Plan Storage (RTPLAN)" in skipped_details
@@ -316,7 +316,7 @@ def test_real_compressed_big_endian_and_multiframe_pixels_are_ingested_exactly(t
     )
 
     mr_small = pydicom.dcmread(io.BytesIO(pydicom_file("MR_small.dcm")), stop_before_pixels=True)
-    as_is_case = keys.case_pseudonym(
+    as_is_case = pseudonyms.case_pseudonym(
         KEY, as_is.StudyInstanceUID, make_uid("series", "MR_small_as_is")
     )
     assert [(r["reason"], r["case_id"], r["detail"]) for r in run.quarantine] == [
@@ -324,7 +324,7 @@ def test_real_compressed_big_endian_and_multiframe_pixels_are_ingested_exactly(t
     ]
     for name in ("MR_small_jp2klossless", "MR_small_RLE"):
         case = run.case(
-            keys.case_pseudonym(KEY, mr_small.StudyInstanceUID, make_uid("series", name))
+            pseudonyms.case_pseudonym(KEY, mr_small.StudyInstanceUID, make_uid("series", name))
         )
         assert case.image.shape == (64, 64, 8) and case.label is None
         for k in range(8):  # lossless: every slice is the uncompressed original
@@ -332,7 +332,7 @@ def test_real_compressed_big_endian_and_multiframe_pixels_are_ingested_exactly(t
         assert case.image.affine[2, 2] == pytest.approx(5.0)
     frames = emri["emri_small.dcm"].pixel_array  # (frames, rows, columns)
     for name, ds in emri.items():
-        case = run.case(keys.case_pseudonym(KEY, ds.StudyInstanceUID, make_uid("series", name)))
+        case = run.case(pseudonyms.case_pseudonym(KEY, ds.StudyInstanceUID, make_uid("series", name)))
         np.testing.assert_array_equal(
             case.image.array, frames.transpose(2, 1, 0).astype(np.float32)
         )
@@ -380,7 +380,7 @@ def test_real_liver_seg_is_placed_on_the_ct_series_it_references(tmp_path):
     files["liver/seg/liver.dcm"] = pydicom_file("liver.dcm")
     run = run_ingest(write_drop(tmp_path / "drop", files), tmp_path / "data")
 
-    case_id = keys.case_pseudonym(KEY, seg.StudyInstanceUID, uids.series)
+    case_id = pseudonyms.case_pseudonym(KEY, seg.StudyInstanceUID, uids.series)
     assert run.case_ids() == [case_id]
     case = run.case(case_id)
     np.testing.assert_allclose(case.image.array, image.array, atol=0.5)
@@ -423,7 +423,7 @@ def test_nibabel_big_endian_nifti2_and_truncated_files(tmp_path, pyradiomics, py
     run = run_ingest(write_drop(tmp_path / "drop", files), tmp_path / "data")
 
     def volume_case(path: str) -> str:
-        return keys.case_pseudonym(KEY, "volume", path)
+        return pseudonyms.case_pseudonym(KEY, "volume", path)
 
     assert run.case_ids() == sorted(
         [breast_id, volume_case("nib/anatomical.nii"), volume_case("nib/first_volume.nii")]
@@ -478,7 +478,7 @@ def test_msd_task_folder_built_from_the_pyradiomics_volumes(tmp_path, pyradiomic
     run = run_ingest(write_drop(tmp_path / "drop", files), tmp_path / "data")
 
     ids = {
-        n: keys.case_pseudonym(KEY, "volume", f"{task}/imagesTr/{n}.nii.gz")
+        n: pseudonyms.case_pseudonym(KEY, "volume", f"{task}/imagesTr/{n}.nii.gz")
         for n in ("brain1", "breast1")
     }
     assert run.case_ids() == sorted(ids.values())

@@ -13,12 +13,12 @@ import yaml
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
+from mvl_pipeline.core.case import Case
 from mvl_pipeline.datasets.case_store import CaseStoreDataset
-from mvl_pipeline.imaging import phantom
-from mvl_pipeline.imaging.case import Case
-from mvl_pipeline.imaging.preprocess import restore_to_original
 from mvl_pipeline.pipelines.preprocess import create_pipeline, nodes
 from mvl_pipeline.pipelines.preprocess.nodes import PreprocessParams
+from mvl_pipeline.preprocessing.apply import restore_to_original
+from mvl_pipeline.synthetic import phantom
 
 PROJECT = Path(__file__).resolve().parents[3]
 CATALOG_YML = PROJECT / "conf" / "base" / "catalog_preprocess.yml"

@@ -7,7 +7,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mvl_pipeline.datasets.model_registry import MlflowRegistryDataset
-from mvl_pipeline.evaluation import EvaluateParams, score_cases
+from mvl_pipeline.evaluation.metrics import summarise
+from mvl_pipeline.evaluation.scoring import EvaluateParams, score_cases
 from mvl_pipeline.model import model_from_weights
 from mvl_pipeline.pipelines.evaluate.nodes import holdout_loaders
 from mvl_pipeline.pipelines.register.nodes import (
@@ -15,7 +16,6 @@ from mvl_pipeline.pipelines.register.nodes import (
     gate_score,
     report_registration,
 )
-from mvl_pipeline.training.metrics import summarise
 
 pytestmark = pytest.mark.slow
 

@@ -11,17 +11,17 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
 from mvl_pipeline.datasets.drop import DropFolderDataset
-from mvl_pipeline.imaging.dicom_labels import read_segmentation
-from mvl_pipeline.imaging.dicom_series import assemble_series
-from mvl_pipeline.imaging.dicom_write import dataset_bytes
+from mvl_pipeline.dicom.labels import read_segmentation
+from mvl_pipeline.dicom.series import assemble_series
+from mvl_pipeline.dicom.write import dataset_bytes
 from mvl_pipeline.pipelines.sample_data import create_pipeline
-from mvl_pipeline.pipelines.sample_data.fake_headers import PRIVATE_CREATOR, PRIVATE_GROUP
 from mvl_pipeline.pipelines.sample_data.nodes import (
     SampleDataParams,
     generate_sample_drop,
     iter_sample_studies,
     study_files,
 )
+from mvl_pipeline.synthetic.fake_headers import PRIVATE_CREATOR, PRIVATE_GROUP
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 

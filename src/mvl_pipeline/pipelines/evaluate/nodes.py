@@ -13,9 +13,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from mvl_pipeline.evaluation import EvaluateParams, score_cases  # noqa: E402
+from mvl_pipeline.evaluation.metrics import METRICS, summarise  # noqa: E402
+from mvl_pipeline.evaluation.scoring import EvaluateParams, score_cases  # noqa: E402
 from mvl_pipeline.model import model_from_weights  # noqa: E402
-from mvl_pipeline.training.metrics import METRICS, summarise  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

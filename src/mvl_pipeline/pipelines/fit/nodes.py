@@ -18,8 +18,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from mvl_pipeline.core.config import known_only
 from mvl_pipeline.model import MedVisionLlamaConfig, build_model
-from mvl_pipeline.parameters import known_only
 from mvl_pipeline.pipelines.ingest.nodes import data_version
 from mvl_pipeline.training.loop import MODEL_DIR, STATE_FILE, LoopConfig, train_loop_per_worker
 

@@ -21,12 +21,12 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from mvl_pipeline.imaging.case import Case
-from mvl_pipeline.imaging.deid import DeidKeyError, require_key
-from mvl_pipeline.parameters import known_only
-from mvl_pipeline.pipelines.ingest import keys
-from mvl_pipeline.pipelines.ingest.process import IngestSettings, UnitResult, process_unit
-from mvl_pipeline.pipelines.ingest.scan import DropScan, scan_drop
+from mvl_pipeline.core import pseudonyms
+from mvl_pipeline.core.case import Case
+from mvl_pipeline.core.config import known_only
+from mvl_pipeline.dicom.deid import DeidKeyError, require_key
+from mvl_pipeline.ingestion.process import IngestSettings, UnitResult, process_unit
+from mvl_pipeline.ingestion.scan import DropScan, scan_drop
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def checked_key(pseudonymisation_key: bytes) -> bytes:
         raise DeidKeyError(
             f"refusing to ingest: {exc}. Replace pseudonymisation.key in conf/local/credentials.yml "
             "with a random one, e.g. from `python -c 'import secrets; print(secrets.token_hex(32))'` "
-            "(or delete it and run `python -m mvl_pipeline.secrets ensure-key "
+            "(or delete it and run `python -m mvl_pipeline.cli.secrets ensure-key "
             "conf/local/credentials.yml`)."
         ) from None
 
@@ -250,4 +250,4 @@ def data_version(manifest: Mapping[str, Any]) -> str:
     """A short content version of the ingested data (what fit/register tag runs with when DVC
     has not recorded one): a hash over the units' source hashes and statuses."""
     parts = [f"{k}:{u['source_hash']}:{u['status']}" for k, u in sorted(manifest.get("units", {}).items())]
-    return keys.keyed_digest(b"mvl-data-version", *parts)[:12]
+    return pseudonyms.keyed_digest(b"mvl-data-version", *parts)[:12]

@@ -22,18 +22,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from mvl_pipeline.imaging.case import Case
-from mvl_pipeline.imaging.crop import BodyMaskConfig
-from mvl_pipeline.imaging.errors import ImagingError
-from mvl_pipeline.imaging.fingerprint import (
+from mvl_pipeline.core.case import Case
+from mvl_pipeline.core.errors import ImagingError
+from mvl_pipeline.core.parallel import LazyResults, parallel_map
+from mvl_pipeline.preprocessing.apply import model_volume, preprocess_case
+from mvl_pipeline.preprocessing.crop import BodyMaskConfig
+from mvl_pipeline.preprocessing.fingerprint import (
     FingerprintConfig,
     aggregate_fingerprint,
     case_fingerprint,
 )
-from mvl_pipeline.imaging.plan import PlanConfig, plan_preprocessing, reconcile_plan
-from mvl_pipeline.imaging.preprocess import model_volume, preprocess_case
-from mvl_pipeline.pipelines.preprocess.parallel import LazyResults, parallel_map
-from mvl_pipeline.pipelines.preprocess.split import SplitConfig, make_split
+from mvl_pipeline.preprocessing.plan import PlanConfig, plan_preprocessing, reconcile_plan
+from mvl_pipeline.preprocessing.split import SplitConfig, make_split
 
 logger = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from mvl_pipeline.core.config import known_only
 from mvl_pipeline.datasets.model_registry import RegistrationRequest, RegistryView
-from mvl_pipeline.evaluation import EvaluateParams, score_cases
+from mvl_pipeline.evaluation.metrics import summarise
+from mvl_pipeline.evaluation.scoring import EvaluateParams, score_cases
 from mvl_pipeline.model import model_from_weights
-from mvl_pipeline.parameters import known_only
 from mvl_pipeline.pipelines.evaluate.nodes import holdout_loaders
-from mvl_pipeline.training.metrics import summarise
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ Two sources, one layout (a PACS export, folders named by UIDs, never by names)::
     <patient-folder-uid>/<StudyInstanceUID>/<SEG SeriesInstanceUID>/<SOPInstanceUID>.dcm
 
 - :func:`generate_sample_drop` (the ``sample_data`` pipeline's node): synthetic CT phantoms
-  (:mod:`mvl_pipeline.imaging.phantom`), SEG segment 1 = liver (organ), 2 = lesion.
+  (:mod:`mvl_pipeline.synthetic.phantom`), SEG segment 1 = liver (organ), 2 = lesion.
 - :func:`convert_volumes_to_drop`: real volumes (e.g. the pyradiomics NRRD cases) with generated
   headers; SEG segment 1 = lesion.
 
@@ -25,17 +25,17 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
-from mvl_pipeline.imaging import phantom
-from mvl_pipeline.imaging.dicom_write import (
+from mvl_pipeline.core.config import known_only
+from mvl_pipeline.core.volume import Volume
+from mvl_pipeline.dicom.write import (
     SeriesUids,
     make_uid,
     series_uids,
     write_image_series,
     write_segmentation,
 )
-from mvl_pipeline.imaging.volume import Volume
-from mvl_pipeline.parameters import known_only
-from mvl_pipeline.pipelines.sample_data.fake_headers import (
+from mvl_pipeline.synthetic import phantom
+from mvl_pipeline.synthetic.fake_headers import (
     fake_patient,
     fake_study_datetime,
     study_header,

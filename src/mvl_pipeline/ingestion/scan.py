@@ -1,0 +1,163 @@
+"""Compare a drop with the previous manifest: which units are new or changed.
+
+A file whose cheap fingerprint (size + mtime locally, ETag on S3) is unchanged is not read at
+all; one whose fingerprint changed is hashed, and only if its content changed is it treated as
+new. New DICOM files have their header read (in parallel) to find their study. A unit (study,
+image/label pair) is processed again when any of its files is new or changed, when it has no
+result yet, or when its last result was an ``internal_error`` (a crash of the code, not bad
+data). Files that disappeared from the drop do not delete what was ingested from them:
+hospitals often clear a drop once it has been collected.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections import defaultdict
+from collections.abc import Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+from mvl_pipeline.core import pseudonyms
+from mvl_pipeline.core.errors import ImagingError
+from mvl_pipeline.dicom import series as dicom_series
+from mvl_pipeline.ingestion.units import (
+    Unit,
+    is_ignored,
+    is_msd_descriptor,
+    msd_units,
+    pair_volumes,
+    volume_suffix,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DropScan:
+    files: dict[str, dict[str, Any]]  # manifest "files" section for the current drop
+    todo: list[tuple[Unit, str, str]]  # (unit, unit key, source hash) to (re)process
+    live_units: set[str] = field(default_factory=set)
+    n_files: int = 0
+    n_units: int = 0
+
+
+def failed_internally(unit_entry: Mapping[str, Any]) -> bool:
+    """True when a unit's last result was an ``internal_error``: a crash of the code, not a
+    verdict on the data, so the unit is retried on the next run instead of being kept."""
+    return any(r.get("reason") == "internal_error" for r in unit_entry.get("quarantined", []))
+
+
+def _dicom_study_of(drop: Any, relpath: str) -> tuple[str, str | None, str | None]:
+    """Return ``(relpath, StudyInstanceUID or None, error reason)`` (runs in workers)."""
+    try:
+        header = dicom_series.read_header(io.BytesIO(drop.read_bytes(relpath)))
+    except ImagingError as exc:
+        return relpath, None, exc.reason
+    study = str(header.get("StudyInstanceUID", "") or "")
+    if not study:
+        return relpath, None, "missing_study_uid"
+    return relpath, study, None
+
+
+def _read_studies(drop: Any, relpaths: list[str], pool: Executor | None) -> list[tuple[str, str | None, str | None]]:
+    if pool is None or len(relpaths) < 32:
+        return [_dicom_study_of(drop, p) for p in relpaths]
+    return list(pool.map(_dicom_study_of, [drop] * len(relpaths), relpaths, chunksize=64))
+
+
+def scan_drop(
+    drop: Any, manifest: Mapping[str, Any], key: bytes, config: Any, pool: Executor | None, *, force: bool = False
+) -> DropScan:
+    """``force``: every unit still in the drop is processed again (the ingest settings changed)."""
+    old_files: Mapping[str, Mapping[str, Any]] = manifest.get("files", {})
+    old_units: Mapping[str, Mapping[str, Any]] = manifest.get("units", {})
+    files: dict[str, dict[str, Any]] = {}
+    dirty: set[str] = set()
+    fkeys: dict[str, str] = {}
+    listing = sorted(drop.files, key=lambda f: f.relpath)
+    for entry in listing:
+        relpath = entry.relpath
+        if is_ignored(relpath):
+            continue
+        fkey = pseudonyms.file_key(key, relpath)
+        fkeys[relpath] = fkey
+        old = old_files.get(fkey)
+        fingerprint = str(entry.fingerprint)
+        if old is not None and old.get("fingerprint") == fingerprint:
+            files[fkey] = dict(old)
+            continue
+        content = pseudonyms.content_key(key, drop.sha256(relpath))
+        if old is not None and old.get("content") == content:
+            files[fkey] = {**old, "fingerprint": fingerprint}
+            continue
+        files[fkey] = {"fingerprint": fingerprint, "content": content, "unit": None}
+        dirty.add(relpath)
+
+    # Volumes and MSD tasks: pairing is by name, cheap, and recomputed over the whole drop.
+    units: list[Unit] = []
+    descriptors = [e.relpath for e in listing if is_msd_descriptor(e.relpath)]
+    available = {e.relpath for e in listing}
+    msd_files: set[str] = set()
+    for descriptor in descriptors:
+        task_units = msd_units(descriptor, drop.read_bytes(descriptor), available)
+        units.extend(task_units)
+        msd_files.update(f for u in task_units for f in u.files)
+        msd_files.add(descriptor)
+        fkeys.setdefault(descriptor, pseudonyms.file_key(key, descriptor))
+    volume_paths = [p for p in fkeys if volume_suffix(p)]
+    units.extend(
+        pair_volumes(volume_paths, label_suffixes=config.label_suffixes,
+                     image_suffixes=config.image_suffixes, exclude=msd_files)  # fmt: skip
+    )
+
+    # DICOM: unchanged files keep their unit; new ones are grouped by StudyInstanceUID.
+    dicom_paths = [p for p in fkeys if not volume_suffix(p) and not is_msd_descriptor(p)]
+    members: dict[str, list[str]] = defaultdict(list)
+    for relpath in dicom_paths:
+        ukey = files[fkeys[relpath]].get("unit")
+        if relpath not in dirty and ukey:
+            members[ukey].append(relpath)
+    study_of_new: dict[str, str] = {}
+    for relpath, study, reason in _read_studies(drop, sorted(p for p in dicom_paths if p in dirty), pool):
+        if study is None:
+            units.append(Unit("bad_file", relpath, (relpath,), error_reason=reason or "unreadable_file",
+                              error_detail="file could not be read as DICOM"))  # fmt: skip
+        else:
+            study_of_new[relpath] = study
+    for study in sorted(set(study_of_new.values())):
+        ukey = pseudonyms.unit_key(key, "dicom", study)
+        new_files = [p for p, s in study_of_new.items() if s == study]
+        units.append(Unit("dicom", study, tuple(sorted(set(members.pop(ukey, [])) | set(new_files)))))
+    # Studies with no new file: unchanged unless they have no result yet (or failed on a bug).
+    for ukey, relpaths in members.items():
+        if ukey in old_units and not failed_internally(old_units[ukey]) and not force:
+            for relpath in relpaths:
+                files[fkeys[relpath]]["unit"] = ukey
+        else:  # re-read one header to rebuild the unit (new settings, a lost entry, a crash)
+            _, study, _ = _dicom_study_of(drop, relpaths[0])
+            if study:
+                units.append(Unit("dicom", study, tuple(sorted(relpaths))))
+
+    todo = []
+    live: set[str] = set(members)
+    for unit in units:
+        ukey = pseudonyms.unit_key(key, unit.kind, unit.source_id)
+        live.add(ukey)
+        for relpath in unit.files:
+            fkey = fkeys.get(relpath) or pseudonyms.file_key(key, relpath)
+            files.setdefault(fkey, {"fingerprint": "", "content": "", "unit": None})["unit"] = ukey
+        source_hash = pseudonyms.keyed_digest(
+            key, "source", *sorted(files[fkeys[f]]["content"] for f in unit.files if f in fkeys)
+        )[:32]
+        previous = old_units.get(ukey)
+        if (
+            force
+            or previous is None
+            or previous.get("source_hash") != source_hash
+            or any(f in dirty for f in unit.files)
+            or failed_internally(previous)
+        ):
+            todo.append((unit, ukey, source_hash))
+    return DropScan(files=files, todo=todo, live_units=live, n_files=len(fkeys), n_units=len(live))

@@ -1,0 +1,192 @@
+"""Dataset fingerprint: what the planner needs to know about a set of cases (nnU-Net style).
+
+Per case (:func:`case_fingerprint`): the case's ``source_hash`` (from ingest; a hash of its
+arrays and grid when ingest did not record one), spacing and shape in the planning orientation (RAS axis
+order, so a coronal acquisition's slice thickness lands on the axis it really spans), the shape
+of the body box, label voxel counts, and the foreground intensity distribution summarised as
+mean, standard deviation and ``quantile_points`` evenly spaced quantiles. The foreground is the
+label's non-zero voxels (nnU-Net's choice); unlabelled cases fall back to the body mask and say
+so in ``foreground_source``.
+
+Per modality (:func:`aggregate_fingerprint`): every case's spacing and shapes, and foreground
+statistics pooled with equal weight per case (nnU-Net samples the same number of foreground
+voxels from each case): the pooled percentiles are read from the union of the per-case quantile
+points, the pooled mean and standard deviation are those of the equal-weight mixture. Nothing is
+random, so a fingerprint is a pure function of its cases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mvl_pipeline.core.case import Case
+from mvl_pipeline.core.orientation import orientation_transform
+from mvl_pipeline.preprocessing.crop import BodyMaskConfig, body_box, body_threshold, box_shape
+
+FINGERPRINT_VERSION = 1
+POOLED_PERCENTILES = (0.5, 50.0, 99.5)
+
+
+@dataclass(frozen=True)
+class FingerprintConfig:
+    orientation: str = "RAS"
+    quantile_points: int = 1001
+    body_mask: BodyMaskConfig = field(default_factory=BodyMaskConfig)
+
+    def __post_init__(self) -> None:
+        if self.quantile_points < 3:
+            raise ValueError("fingerprint.quantile_points must be >= 3")
+
+
+def _round(value: float, digits: int = 7) -> float:
+    return float(f"{float(value):.{digits}g}")
+
+
+def case_fingerprint(case: Case, config: FingerprintConfig) -> dict[str, Any]:
+    """The planner's facts about one case (JSON-serialisable; no PHI: pseudonyms only)."""
+    image = case.image
+    transform = orientation_transform(image.affine, config.orientation)
+    array = np.asarray(image.array)
+    label = None if case.label is None else np.asarray(case.label.array)
+    box = body_box(array, case.modality, config.body_mask, label=label)
+
+    foreground_source = "label"
+    foreground = label > 0 if label is not None else None
+    if foreground is None or not foreground.any():
+        foreground_source = "body"
+        foreground = array > body_threshold(array, case.modality, config.body_mask)
+    values = (
+        array[foreground].astype(np.float64)
+        if foreground.any()
+        else array.astype(np.float64).ravel()
+    )
+    probabilities = np.linspace(0.0, 1.0, config.quantile_points)
+    quantiles = np.quantile(values, probabilities)
+
+    label_counts: dict[str, int] = {}
+    if label is not None:
+        if label.min() < 0:
+            raise ValueError(f"case {case.case_id}: negative label values")
+        counts = np.bincount(label.ravel().astype(np.int64))
+        label_counts = {str(v): int(c) for v, c in enumerate(counts) if c}
+    return {
+        "case_id": case.case_id,
+        "patient_id": case.patient_id,
+        "source_hash": str(case.meta.get("source_hash") or content_hash(case)),
+        "modality": case.modality,
+        "source_orientation": image.orientation,
+        "spacing": [_round(s) for s in transform.permute(image.spacing)],
+        "shape": list(transform.output_shape(image.shape)),
+        "body_box_shape": list(transform.output_shape(box_shape(box))),
+        "labelled": label is not None,
+        "label_counts": label_counts,
+        "label_names": {str(k): v for k, v in case.label_names.items()},
+        "foreground_source": foreground_source,
+        "foreground_voxels": int(values.size),
+        "intensity": {
+            "mean": _round(values.mean()),
+            "std": _round(values.std()),
+            "quantiles": [_round(q) for q in quantiles],
+        },
+    }
+
+
+def _pooled_intensity(records: list[Mapping[str, Any]]) -> dict[str, Any]:
+    means = np.array([r["intensity"]["mean"] for r in records], dtype=np.float64)
+    stds = np.array([r["intensity"]["std"] for r in records], dtype=np.float64)
+    points = np.concatenate(
+        [np.asarray(r["intensity"]["quantiles"], dtype=np.float64) for r in records]
+    )
+    mean = float(means.mean())
+    variance = float(np.mean(stds**2 + means**2) - mean**2)
+    p_lo, p_mid, p_hi = np.percentile(points, POOLED_PERCENTILES)
+    return {
+        "mean": _round(mean),
+        "std": _round(np.sqrt(max(variance, 0.0))),
+        "percentile_00_5": _round(p_lo),
+        "median": _round(p_mid),
+        "percentile_99_5": _round(p_hi),
+        "min": _round(points.min()),
+        "max": _round(points.max()),
+        "n_cases": len(records),
+    }
+
+
+def aggregate_fingerprint(
+    records: Iterable[Mapping[str, Any]], config: FingerprintConfig
+) -> dict[str, Any]:
+    """Dataset fingerprint from per-case records (sorted by case id; see module doc)."""
+    cases = {r["case_id"]: dict(r) for r in sorted(records, key=lambda r: r["case_id"])}
+    by_modality: dict[str, list[dict[str, Any]]] = {}
+    for record in cases.values():
+        by_modality.setdefault(record["modality"], []).append(record)
+    modalities = {}
+    for modality, group in sorted(by_modality.items()):
+        label_voxels: dict[str, int] = {}
+        label_cases: dict[str, int] = {}
+        for record in group:
+            for value, count in record["label_counts"].items():
+                label_voxels[value] = label_voxels.get(value, 0) + count
+                label_cases[value] = label_cases.get(value, 0) + 1
+        total = sum(label_voxels.values()) or 1
+        modalities[modality] = {
+            "case_ids": [r["case_id"] for r in group],
+            "spacings": [r["spacing"] for r in group],
+            "shapes": [r["shape"] for r in group],
+            "body_box_shapes": [r["body_box_shape"] for r in group],
+            "median_spacing": [_round(v) for v in np.median([r["spacing"] for r in group], axis=0)],
+            "foreground_intensity": _pooled_intensity(group),
+            "label_frequencies": {
+                value: {
+                    "voxels": label_voxels[value],
+                    "fraction": _round(label_voxels[value] / total),
+                    "cases": label_cases[value],
+                }
+                for value in sorted(label_voxels, key=int)
+            },
+        }
+    label_names: dict[str, str] = {}
+    for record in cases.values():
+        label_names.update(record.get("label_names", {}))
+    fingerprint = {
+        "version": FINGERPRINT_VERSION,
+        "orientation": config.orientation,
+        "quantile_points": config.quantile_points,
+        "body_mask": config.body_mask.to_dict(),
+        "n_cases": len(cases),
+        "label_names": dict(sorted(label_names.items(), key=lambda kv: int(kv[0]))),
+        "modalities": modalities,
+        "cases": cases,
+    }
+    fingerprint["fingerprint_id"] = content_id(fingerprint)
+    return fingerprint
+
+
+def content_hash(case: Case) -> str:
+    """``"content:<sha256>"`` of a case's arrays and grid: the stand-in for a missing
+    ``meta["source_hash"]`` (it changes whenever the voxels, labels or geometry change)."""
+    digest = hashlib.sha256()
+    for volume in (case.image, case.label):
+        if volume is None:
+            digest.update(b"no-label")
+            continue
+        array = np.ascontiguousarray(volume.array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(np.asarray(volume.affine, dtype=np.float64).tobytes())
+        digest.update(memoryview(array).cast("B"))
+    return f"content:{digest.hexdigest()[:32]}"
+
+
+def content_id(document: Mapping[str, Any], *, exclude: Iterable[str] = ()) -> str:
+    """A short, stable content hash of a JSON document (keys sorted), without ``exclude`` keys."""
+    skip = set(exclude)
+    payload = json.dumps(
+        {k: v for k, v in document.items() if k not in skip}, sort_keys=True, separators=(",", ":")
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]

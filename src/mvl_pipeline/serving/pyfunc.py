@@ -1,0 +1,73 @@
+"""The registered model as an MLflow pyfunc: weights (trainable tensors only), config with the
+LLM reference and its hash, and the preprocessing plan the model was trained under.
+
+``predict`` takes a batch of preprocessed patches or volumes ``(B, C_in, X, Y, Z)`` float32 and
+returns class probabilities ``(B, C, X, Y, Z)``; whole studies go through
+``python -m mvl_pipeline.cli.predict``, which preprocesses with the bundled plan and writes NIfTI and
+DICOM SEG.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+
+PLAN_FILE = "plan.json"
+
+
+def write_model_bundle(directory: Path, weights: tuple[dict[str, Any], dict[str, Any]], plan: dict[str, Any]) -> None:
+    """Weights + config (+ LLM reference) + plan in one folder: what the registry stores."""
+    from safetensors.torch import save_file
+
+    state, config = weights
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True), encoding="utf-8")
+    (directory / PLAN_FILE).write_text(json.dumps(plan, indent=1, sort_keys=True), encoding="utf-8")
+
+
+def read_model_bundle(directory: Path) -> tuple[tuple[dict[str, Any], dict[str, Any]], dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    state = load_file(str(directory / "model.safetensors"))
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    plan = json.loads((directory / PLAN_FILE).read_text(encoding="utf-8"))
+    return (state, config), plan
+
+
+class MedVisionLlamaPyfunc(mlflow.pyfunc.PythonModel):
+    """Loads the bundle; the frozen LLM layer is rebuilt from its source and hash-checked."""
+
+    def load_context(self, context: Any) -> None:
+        from mvl_pipeline.model import model_from_weights
+
+        weights, plan = read_model_bundle(Path(context.artifacts["model_dir"]))
+        cache = context.model_config.get("llm_cache_dir") if context.model_config else None
+        cache = cache or tempfile.mkdtemp(prefix="mvl-llm-cache-")
+        self.model = model_from_weights(*weights, llm_cache_dir=cache)
+        self.model.eval()
+        self.plan = plan
+
+    def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
+        import torch
+
+        from mvl_pipeline.evaluation.inference import predict_probabilities
+
+        if isinstance(model_input, dict):  # a named tensor signature hands over {"image": array}
+            model_input = model_input["image"]
+        batch = np.asarray(model_input, dtype=np.float32)
+        if batch.ndim != 5:
+            raise ValueError(f"expected (B, C, X, Y, Z) float32, got shape {batch.shape}")
+        with torch.no_grad():
+            outputs = [
+                predict_probabilities(
+                    self.model, volume, roi_size=self.plan["patch_size"], num_classes=self.model.cfg.num_classes
+                )
+                for volume in batch
+            ]
+        return np.stack(outputs).astype(np.float32)

@@ -1,0 +1,89 @@
+"""Evaluation metrics on hand-built prediction/label pairs with known values."""
+
+import math
+
+import numpy as np
+import pytest
+
+from mvl_pipeline.evaluation.metrics import bootstrap_ci, case_metrics, class_metrics, summarise
+
+
+def box(shape, lo, hi, value=1):
+    array = np.zeros(shape, dtype=np.uint8)
+    array[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))] = value
+    return array
+
+
+def test_dice_and_jaccard_of_half_overlapping_boxes():
+    label = box((20, 20, 20), (0, 0, 0), (10, 10, 10))
+    pred = box((20, 20, 20), (0, 0, 5), (10, 10, 15))  # 500 of 1000 voxels shared
+    row = class_metrics(pred, label, 1, spacing=(1, 1, 1), nsd_tolerance_mm=1.0)
+    assert row["dice"] == pytest.approx(0.5)
+    assert row["jaccard"] == pytest.approx(1 / 3)
+    assert row["precision"] == pytest.approx(0.5)
+    assert row["recall"] == pytest.approx(0.5)
+    assert row["status"] == "ok"
+
+
+def test_hd95_is_in_millimetres_with_anisotropic_spacing():
+    label = box((30, 30, 20), (5, 5, 5), (15, 15, 10))
+    pred = box((30, 30, 20), (5, 5, 7), (15, 15, 12))  # shifted by 2 slices
+    iso = class_metrics(pred, label, 1, spacing=(1, 1, 1), nsd_tolerance_mm=1.0)
+    aniso = class_metrics(pred, label, 1, spacing=(0.5, 0.5, 4.0), nsd_tolerance_mm=1.0)
+    assert iso["hd95_mm"] == pytest.approx(2.0)
+    assert aniso["hd95_mm"] == pytest.approx(8.0)  # 2 slices x 4 mm
+
+
+def test_surface_dice_depends_on_the_tolerance_in_mm():
+    label = box((30, 30, 30), (5, 5, 5), (20, 20, 20))
+    pred = box((30, 30, 30), (5, 5, 6), (20, 20, 21))  # 1 voxel shift along k
+    tight = class_metrics(pred, label, 1, spacing=(1, 1, 3), nsd_tolerance_mm=1.0)
+    loose = class_metrics(pred, label, 1, spacing=(1, 1, 3), nsd_tolerance_mm=3.5)
+    assert loose["nsd"] == pytest.approx(1.0)
+    assert tight["nsd"] < 1.0
+
+
+def test_empty_cases_are_explicit_not_nan():
+    empty = np.zeros((10, 10, 10), np.uint8)
+    some = box((10, 10, 10), (2, 2, 2), (5, 5, 5))
+    both = class_metrics(empty, empty, 1, spacing=(1, 1, 1), nsd_tolerance_mm=1.0)
+    assert (both["status"], both["dice"], both["hd95_mm"], both["nsd"]) == ("both_empty", 1.0, 0.0, 1.0)
+    missed = class_metrics(empty, some, 1, spacing=(1, 1, 1), nsd_tolerance_mm=1.0)
+    assert (missed["status"], missed["dice"], missed["hd95_mm"]) == ("prediction_empty", 0.0, None)
+    invented = class_metrics(some, empty, 1, spacing=(1, 1, 1), nsd_tolerance_mm=1.0)
+    assert (invented["status"], invented["dice"], invented["hd95_mm"]) == ("label_empty", 0.0, None)
+
+
+def test_summary_counts_undefined_hd95_instead_of_averaging_nan():
+    label = box((20, 20, 20), (0, 0, 0), (10, 10, 10))
+    empty = np.zeros_like(label)
+    rows = []
+    for case_id, pred in (("a", label), ("b", empty)):
+        for row in case_metrics(pred, label, {1: "organ"}, spacing=(1, 1, 1), nsd_tolerance_mm=1.0):
+            rows.append({"case_id": case_id, **row})
+    summary = summarise(rows)["organ"]
+    assert summary["dice"]["mean"] == pytest.approx(0.5)
+    assert summary["hd95_mm"]["mean"] == pytest.approx(0.0)
+    assert summary["hd95_mm"]["n_undefined"] == 1
+    assert summary["status"] == {"ok": 1, "prediction_empty": 1}
+    assert not any(isinstance(v, float) and math.isnan(v) for v in summary["dice"].values() if v is not None and not isinstance(v, list))
+
+
+def test_lesion_dice_where_present_is_reported_apart_from_both_empty_cases():
+    label_with = box((20, 20, 20), (2, 2, 2), (6, 6, 6), value=2)
+    nothing = np.zeros_like(label_with)
+    rows = []
+    for case_id, (pred, label) in {"with": (nothing, label_with), "without": (nothing, nothing)}.items():
+        for row in case_metrics(pred, label, {2: "lesion"}, spacing=(1, 1, 1), nsd_tolerance_mm=1.0):
+            rows.append({"case_id": case_id, **row})
+    summary = summarise(rows)["lesion"]
+    assert summary["dice"]["mean"] == pytest.approx(0.5)  # inflated by the both-empty case
+    assert summary["dice_label_present"]["mean"] == pytest.approx(0.0)
+    assert summary["dice_label_present"]["n"] == 1
+
+
+def test_bootstrap_ci_brackets_the_mean():
+    values = np.random.default_rng(0).normal(0.8, 0.05, size=40)
+    low, high = bootstrap_ci(values, seed=1)
+    assert low < values.mean() < high
+    assert high - low < 0.05

@@ -13,7 +13,8 @@ import json
 import sys
 
 from mvl_pipeline.datasets.case_store import CaseStoreDataset
-from mvl_pipeline.training.loop import Session, run_training
+from mvl_pipeline.training.loop import run_training
+from mvl_pipeline.training.session import Session
 
 
 def main() -> None:

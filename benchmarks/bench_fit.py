@@ -83,13 +83,13 @@ def main() -> None:
         manifest = data["ingest_manifest"]
         model = params("model")["model"]
         labels = params("ingest")["ingest"]["labels"]
-        base_fit = params("train")["fit"]
+        base_fit = params("fit")["fit"]
         base_fit["loop"] |= {"epochs": args.epochs, "steps_per_epoch": args.steps, "val_every": args.epochs}
         base_fit |= {"llm_cache_dir": str(ROOT / "data/06_models/llm_cache"), "stream_to_mlflow": False}
 
         from mvl_pipeline.model import MedVisionLlamaConfig, build_model
         from mvl_pipeline.pipelines.fit.nodes import fit_model
-        from mvl_pipeline.training.loop import LoopConfig
+        from mvl_pipeline.training.config import LoopConfig
 
         model = {**model, "num_classes": max(labels.values()) + 1}
         build_model(MedVisionLlamaConfig.from_params(model), llm_cache_dir=base_fit["llm_cache_dir"])  # warm cache

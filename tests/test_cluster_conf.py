@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 from kedro.config import OmegaConfigLoader
-from kedro.io import DataCatalog
+from kedro.io import DataCatalog, DatasetError
 
 from mvl_pipeline.model import KNOWN_LLM_DIMS, MedVisionLlamaConfig, flops_per_sample
-from mvl_pipeline.pipelines.fit.nodes import FitParams
 from mvl_pipeline.settings import CONFIG_LOADER_ARGS
+from mvl_pipeline.training.config import FitConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,14 +44,27 @@ def cluster_config() -> OmegaConfigLoader:
     return OmegaConfigLoader(conf_source=str(ROOT / "conf"), env="cluster", **args)
 
 
+def cluster_catalog() -> DataCatalog:
+    """The catalog as `kedro run --env cluster` builds it: conf/cluster holds no credentials file
+    (the pod's environment has them), which Kedro reads as no credentials."""
+    from kedro.config import MissingConfigException
+
+    config = cluster_config()
+    try:
+        credentials = config["credentials"]
+    except MissingConfigException:
+        credentials = {}
+    return DataCatalog.from_config(config["catalog"], credentials=credentials)
+
+
 def test_cluster_parameters_are_the_papers_setup_on_gpu_workers(cluster_env):
     params = cluster_config()["parameters"]
     model = MedVisionLlamaConfig.from_params(params["model"] | {"num_classes": 3})
     assert (model.llm.source, model.llm.layer_index, model.llm.mode) == ("meta-llama/Llama-3.1-8B", 31, "pretrained")
     assert "meta-llama/Llama-3.1-8B" in KNOWN_LLM_DIMS  # FLOPs can be planned without the download
     assert flops_per_sample(model, (128, 128, 64)) > 0
-    fit = FitParams.from_params(params["fit"])
-    assert fit.use_gpu and fit.num_workers >= 2 and fit.gpus_per_worker == 1
+    fit = FitConfig.from_params(params["fit"])
+    assert fit.scaling.use_gpu and fit.scaling.num_workers >= 2 and fit.scaling.gpus_per_worker == 1
     assert fit.storage_path.startswith(cluster_env["MVL_DATA_ROOT"])
     # soft merge: cluster overrides keys, base keeps the rest (e.g. the label map)
     assert params["ingest"]["labels"] == {"organ": 1, "lesion": 2}
@@ -61,14 +74,22 @@ def test_cluster_parameters_are_the_papers_setup_on_gpu_workers(cluster_env):
 def test_cluster_mlflow_and_credentials_come_from_the_environment(cluster_env):
     config = cluster_config()
     assert config["mlflow"]["server"]["mlflow_tracking_uri"] == cluster_env["MLFLOW_TRACKING_URI"]
-    assert config["credentials"]["pseudonymisation"]["key"] == cluster_env["MVL_PSEUDONYM_KEY"]
-    text = (ROOT / "conf" / "cluster" / "credentials.yml").read_text()
-    assert cluster_env["MVL_PSEUDONYM_KEY"] not in text and "${oc.env:MVL_PSEUDONYM_KEY}" in text
+    catalog = cluster_catalog()
+    assert catalog.load("pseudonymisation_key") == bytes.fromhex(cluster_env["MVL_PSEUDONYM_KEY"])
+    # only the environment: a conf/local key file on the machine is not read under --env cluster
+    assert catalog.get("pseudonymisation_key")._describe()["filepath"] is None
+    assert not any(cluster_env["MVL_PSEUDONYM_KEY"] in p.read_text() for p in (ROOT / "conf").rglob("*.yml"))
+
+
+def test_without_the_key_variable_the_cluster_run_says_where_to_put_it(cluster_env, monkeypatch):
+    monkeypatch.delenv("MVL_PSEUDONYM_KEY")
+    catalog = cluster_catalog()
+    with pytest.raises(DatasetError, match="MVL_PSEUDONYM_KEY"):
+        catalog.load("pseudonymisation_key")
 
 
 def test_every_data_layer_of_train_lives_on_s3(cluster_env):
-    config = cluster_config()
-    catalog = DataCatalog.from_config(config["catalog"], credentials=config["credentials"])
+    catalog = cluster_catalog()
     described = {name: str(catalog.get(name)._describe()) for name in catalog.keys() if not name.startswith("params:")}
     on_s3 = {name for name, text in described.items() if cluster_env["MVL_DATA_ROOT"].split("://")[1] in text}
     for name in ("ingested_cases", "ingest_manifest", "model_input_cases", "data_split", "preprocessing_plan",
@@ -93,7 +114,7 @@ def test_ingest_runs_with_the_cluster_catalog_against_s3(cluster_env, tmp_path):
     }  # fmt: skip
     DropFolderDataset(filepath=cluster_env["MVL_DROP_URL"]).save(generate_sample_drop(sample))
     config = cluster_config()
-    catalog = DataCatalog.from_config(config["catalog"], credentials=config["credentials"])
+    catalog = cluster_catalog()
     catalog["params:ingest"] = config["parameters"]["ingest"] | {"workers": 1, "progress": False}
     SequentialRunner().run(create_pipeline(), catalog)
     cases = catalog.load("ingested_cases")

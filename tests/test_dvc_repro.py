@@ -57,14 +57,14 @@ def shrink(root: Path) -> None:
         d["model"]["llm"]["mode"] = "none"
         d["model"]["decoder"].update(taps=[1, 2], channels=[8, 8, 8], stem_channels=4)
 
-    def train(d):
+    def fit(d):
         d["fit"]["scaling"]["num_workers"] = 1
         d["fit"]["ray_num_cpus"] = 1
         d["fit"]["loop"].update(epochs=1, steps_per_epoch=2, batch_size=1, val_every=1, warmup_epochs=0)
-        d["evaluate"].update(overlay_cases=1, sw_batch_size=1)
 
     _edit_yaml(base / "parameters_model.yml", model)
-    _edit_yaml(base / "parameters_train.yml", train)
+    _edit_yaml(base / "parameters_fit.yml", fit)
+    _edit_yaml(base / "parameters_evaluate.yml", lambda d: d["evaluate"].update(overlay_cases=1, sw_batch_size=1))
 
 
 class Project:
@@ -186,25 +186,27 @@ def test_mlflow_runs_and_model_version_carry_code_and_data_version(project, firs
 
 
 def test_a_change_reruns_exactly_the_stages_that_depend_on_it(project, first_repro):
-    params = project.root / "conf/base/parameters_train.yml"
-    original = params.read_text(encoding="utf-8")
-    _edit_yaml(params, lambda d: d["register"].update(margin=0.01))
+    register = project.root / "conf/base/parameters_register.yml"
+    original = register.read_text(encoding="utf-8")
+    _edit_yaml(register, lambda d: d["register"].update(margin=0.01))
     assert set(project.status()) == {"register"}
-    params.write_text(original, encoding="utf-8")
+    register.write_text(original, encoding="utf-8")
 
-    shared = project.root / "src/mvl_pipeline/training/metrics.py"
+    # the one Dice: validation (fit), evaluate and the gate (register) all use it
+    shared = project.root / "src/mvl_pipeline/evaluation/metrics.py"
     code = shared.read_text(encoding="utf-8")
     shared.write_text(code + "\n# touched\n", encoding="utf-8")
     assert set(project.status()) == {"fit", "evaluate", "register"}
     shared.write_text(code, encoding="utf-8")
     assert project.status() == {}
 
-    _edit_yaml(params, lambda d: d["evaluate"].update(nsd_tolerance_mm=3.0))
+    evaluate = project.root / "conf/base/parameters_evaluate.yml"
+    _edit_yaml(evaluate, lambda d: d["evaluate"].update(nsd_tolerance_mm=3.0))
     status = project.status()
     assert set(status) == {"evaluate", "register"}
-    assert "conf/base/parameters_train.yml" in json.dumps(status["evaluate"])
+    assert "conf/base/parameters_evaluate.yml" in json.dumps(status["evaluate"])
     assert project.repro() == ["evaluate", "register"]
-    assert project.lock()["stages"]["evaluate"]["params"]["conf/base/parameters_train.yml"]["evaluate"][
+    assert project.lock()["stages"]["evaluate"]["params"]["conf/base/parameters_evaluate.yml"]["evaluate"][
         "nsd_tolerance_mm"
     ] == 3.0
     assert project.status() == {}

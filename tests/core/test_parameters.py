@@ -1,50 +1,141 @@
-"""Every parameter block rejects keys it does not know, naming them and the known ones."""
+"""One rule for every parameter block: built by core.config.build, unknown keys rejected with the
+place and the known keys, nested blocks and tuples built from the field types, and the defaults
+users read in conf/base/parameters_*.yml equal to the dataclasses' own."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
-from mvl_pipeline.evaluation.scoring import EvaluateParams
+from mvl_pipeline.core.config import ConfigBlock
+from mvl_pipeline.evaluation.gate import RegisterConfig
+from mvl_pipeline.evaluation.scoring import EvaluateConfig
+from mvl_pipeline.ingestion.config import IngestConfig
 from mvl_pipeline.model import MedVisionLlamaConfig
-from mvl_pipeline.pipelines.fit.nodes import FitParams
-from mvl_pipeline.pipelines.ingest.nodes import IngestParams
-from mvl_pipeline.pipelines.register.nodes import RegisterParams
-from mvl_pipeline.training.loop import LoopConfig
-from mvl_pipeline.training.sampling import AugmentConfig
+from mvl_pipeline.preprocessing.config import PreprocessConfig
+from mvl_pipeline.synthetic.sample_drop import SampleDataConfig
+from mvl_pipeline.training.augmentation import AugmentConfig
+from mvl_pipeline.training.config import FitConfig, LoopConfig
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
+#: block -> (its file under conf/base, its dataclass)
+BLOCKS = {
+    "ingest": ("ingest", IngestConfig),
+    "preprocess": ("preprocess", PreprocessConfig),
+    "model": ("model", MedVisionLlamaConfig),
+    "fit": ("fit", FitConfig),
+    "evaluate": ("evaluate", EvaluateConfig),
+    "register": ("register", RegisterConfig),
+    "sample_data": ("sample_data", SampleDataConfig),
+}
+#: Fields that have no place in the shipped YAML: a test-only fault injection.
+NOT_IN_YAML = {"fit.loop.inject_failure"}
+#: Fields without a meaningful default: the YAML must give them.
+REQUIRED = {"ingest.labels", "ingest.label_aliases"}  # the site's label map
 
 
-def _base(name: str) -> dict:
-    return yaml.safe_load((CONF / "base" / f"parameters_{name}.yml").read_text())
+def _loader(env: str):
+    from kedro.config import OmegaConfigLoader
+
+    from mvl_pipeline.settings import CONFIG_LOADER_ARGS
+
+    args = {k: v for k, v in CONFIG_LOADER_ARGS.items() if k != "default_run_env"}
+    return OmegaConfigLoader(conf_source=str(CONF), env=env, **args)
 
 
-def test_the_shipped_parameters_are_all_known():
-    train = _base("train")
-    fit = FitParams.from_params(train["fit"])
-    assert fit.loop.epochs == train["fit"]["loop"]["epochs"]
-    assert fit.loop.augment.scale_range == tuple(train["fit"]["loop"]["augment"]["scale_range"])
-    assert EvaluateParams.from_params(train["evaluate"]).nsd_tolerance_mm == train["evaluate"]["nsd_tolerance_mm"]
-    assert RegisterParams.from_params(train["register"]).margin == train["register"]["margin"]
-    assert IngestParams.from_params(_base("ingest")["ingest"]).labels
-    MedVisionLlamaConfig.from_params(_base("model")["model"])
+def _yaml(block: str) -> dict:
+    """The block as a `kedro run` sees it under conf/base (globals resolved)."""
+    return _loader("base")["parameters"][block]
+
+
+def _fields(cls: type, prefix: str):
+    hints = __import__("typing").get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        where = f"{prefix}.{f.name}"
+        kind = hints[f.name]
+        if isinstance(kind, type) and issubclass(kind, ConfigBlock):
+            yield from _fields(kind, where)
+        else:
+            yield where, f
+
+
+def _lookup(document: dict, dotted: str):
+    value = document
+    for part in dotted.split(".")[1:]:
+        value = value[part]
+    return value
+
+
+def test_every_parameter_file_holds_exactly_the_blocks_of_one_pipeline():
+    files = sorted(p.name for p in (CONF / "base").glob("parameters_*.yml"))
+    assert files == sorted(f"parameters_{name}.yml" for name, _ in BLOCKS.values())
+    for block, (name, _) in BLOCKS.items():
+        assert list(yaml.safe_load((CONF / "base" / f"parameters_{name}.yml").read_text())) == [block]
+
+
+@pytest.mark.parametrize("block", sorted(BLOCKS))
+def test_the_shipped_block_builds_and_the_dataclass_defaults_equal_the_yaml(block):
+    cls = BLOCKS[block][1]
+    document = _yaml(block)
+    shipped = cls.from_params(document)
+    required = {k.split(".", 1)[1]: document[k.split(".", 1)[1]] for k in REQUIRED if k.startswith(f"{block}.")}
+    # The YAML is where users read defaults: built from nothing (but what is required), a block
+    # equals the block built from the YAML. This fails on any default that disagrees.
+    assert cls.from_params(required) == shipped
+    for where, _ in _fields(cls, block):
+        if where in NOT_IN_YAML:
+            with pytest.raises(KeyError):
+                _lookup(document, where)
+        else:
+            _lookup(document, where)  # every field is shown to users in the YAML
+
+
+def test_the_cluster_overrides_are_known_keys():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MVL_DATA_ROOT", "s3://bucket/mvl")
+        patch.setenv("MVL_LLM_SOURCE", "meta-llama/Llama-3.1-8B")
+        merged = _loader("cluster")["parameters"]
+    for block, (_, cls) in BLOCKS.items():
+        cls.from_params(merged[block])
+    assert FitConfig.from_params(merged["fit"]).scaling.use_gpu
+
+
+def test_nested_blocks_and_tuples_are_built_from_the_field_types():
+    fit = FitConfig.from_params({"loop": {"betas": [0.8, 0.9], "augment": {"scale_range": [0.9, 1.1]}}})
+    assert isinstance(fit.loop, LoopConfig) and fit.loop.betas == (0.8, 0.9)
+    assert isinstance(fit.loop.augment, AugmentConfig) and fit.loop.augment.scale_range == (0.9, 1.1)
+    assert fit.scaling.num_workers == FitConfig().scaling.num_workers  # untouched sub-block: default
+    assert isinstance(FitConfig.from_params({"loop": {"lr": 1}}).loop.lr, float)
+    model = MedVisionLlamaConfig.from_params({"llm": {"lora": {"rank": 4, "targets": ["proj_in"]}}})
+    assert model.llm.lora.targets == ("proj_in",)
+    assert MedVisionLlamaConfig.from_params(model.to_dict()) == model  # to_dict round trip
+    with pytest.raises(ValueError, match="fit.loop.betas needs 2 values"):
+        FitConfig.from_params({"loop": {"betas": [0.9]}})
+    with pytest.raises(ValueError, match="fit.loop must be a mapping"):
+        FitConfig.from_params({"loop": 3})
 
 
 @pytest.mark.parametrize(
     ("build", "where"),
     [
-        (lambda bad: LoopConfig.from_params({"epochs": 2, **bad}), "fit.loop"),
-        (lambda bad: AugmentConfig.from_params({"flip_prob": 0.5, **bad}), "fit.loop.augment"),
-        (lambda bad: FitParams.from_params({"loop": {"epochs": 2}, **bad}), "fit parameters"),
-        (lambda bad: FitParams.from_params({"scaling": {"num_workers": 1, **bad}}), "fit.scaling"),
-        (lambda bad: FitParams.from_params({"loop": {"augment": bad}}), "fit.loop.augment"),
-        (EvaluateParams.from_params, "evaluate parameters"),
-        (lambda bad: RegisterParams.from_params({"margin": 0.0, **bad}), "register parameters"),
-        (lambda bad: IngestParams.from_params({"labels": {"organ": 1}, **bad}), "ingest parameters"),
-        (MedVisionLlamaConfig.from_params, "model parameters"),
+        (lambda bad: FitConfig.from_params({"loop": {"epochs": 2, **bad}}), "fit.loop"),
+        (lambda bad: FitConfig.from_params({"loop": {"augment": bad}}), "fit.loop.augment"),
+        (FitConfig.from_params, "fit"),
+        (lambda bad: FitConfig.from_params({"scaling": {"num_workers": 1, **bad}}), "fit.scaling"),
+        (EvaluateConfig.from_params, "evaluate"),
+        (lambda bad: RegisterConfig.from_params({"margin": 0.0, **bad}), "register"),
+        (lambda bad: IngestConfig.from_params({"labels": {"organ": 1}, **bad}), "ingest"),
+        (MedVisionLlamaConfig.from_params, "model"),
+        (lambda bad: MedVisionLlamaConfig.from_params({"llm": {"lora": bad}}), "model.llm.lora"),
+        (lambda bad: MedVisionLlamaConfig.from_params({"decoder": bad}), "model.decoder"),
+        (PreprocessConfig.from_params, "preprocess"),
+        (lambda bad: PreprocessConfig.from_params({"plan": {"interpolation": bad}}), "preprocess.plan.interpolation"),
+        (lambda bad: PreprocessConfig.from_params({"split": {"ratios": bad}}), "preprocess.split.ratios"),
+        (lambda bad: PreprocessConfig.from_params({"body_mask": bad}), "preprocess.body_mask"),
+        (SampleDataConfig.from_params, "sample_data"),
     ],
 )
 def test_a_misspelt_key_fails_naming_it_and_where(build, where):

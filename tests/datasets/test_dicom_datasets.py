@@ -92,7 +92,8 @@ def test_series_save_replaces_an_earlier_version(base) -> None:
 
 
 def test_series_save_of_ready_made_datasets(tmp_path) -> None:
-    from mvl_pipeline.dicom.deid import deidentify, require_key
+    from mvl_pipeline.core.pseudonyms import require_key
+    from mvl_pipeline.dicom.deid import deidentify
     from mvl_pipeline.dicom.write import write_image_series
 
     data = series_save()

@@ -10,12 +10,8 @@ import torch
 from kedro.io.core import DatasetError, Version
 
 from mvl_pipeline.core import storage
-from mvl_pipeline.datasets.torch_weights import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    TorchWeightsDataset,
-    WeightsFileError,
-)
+from mvl_pipeline.datasets.torch_weights import TorchWeightsDataset, WeightsFileError
+from mvl_pipeline.formats.model_bundle import CONFIG_FILE, WEIGHTS_FILE, encode_state_dict
 
 
 def _model_state(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
@@ -136,8 +132,6 @@ def _write_folder(folder, files: dict[str, bytes]) -> None:
 
 
 def _good_files() -> dict[str, bytes]:
-    from mvl_pipeline.datasets.torch_weights import encode_state_dict
-
     state, config = _model_state()
     return {
         WEIGHTS_FILE: encode_state_dict(state),

@@ -11,8 +11,9 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
+from mvl_pipeline.core.pseudonyms import PseudonymKeyError, require_key
 from mvl_pipeline.core.volume import Volume, affine_from_geometry
-from mvl_pipeline.dicom.deid import DeidKeyError, deidentify, map_uid, pseudonym, require_key
+from mvl_pipeline.dicom.deid import deidentify, map_uid, pseudonym
 from mvl_pipeline.dicom.series import assemble_series
 from mvl_pipeline.dicom.write import dataset_bytes, series_uids, write_image_series
 
@@ -205,9 +206,9 @@ def test_pseudonyms() -> None:
     "value", [None, "", "   ", "abc123", "zz" * 32, "00" * 32, "ab" * 40, b"short", 12345]
 )
 def test_missing_or_weak_keys_are_refused(value) -> None:
-    with pytest.raises(DeidKeyError):
+    with pytest.raises(PseudonymKeyError):
         require_key(value)
-    with pytest.raises(DeidKeyError):
+    with pytest.raises(PseudonymKeyError):
         deidentify(planted(), value)
 
 

@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from mvl_pipeline.evaluation.metrics import bootstrap_ci, case_metrics, class_metrics, summarise
+from mvl_pipeline.evaluation.metrics import case_metrics, class_metrics
+from mvl_pipeline.evaluation.summary import bootstrap_ci, summarise
 
 
 def box(shape, lo, hi, value=1):

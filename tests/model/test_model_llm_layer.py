@@ -15,7 +15,7 @@ import torch
 from huggingface_hub.errors import EntryNotFoundError
 
 from mvl_pipeline.model import KNOWN_LLM_DIMS, load_llm_layer
-from mvl_pipeline.model import llm_layer as llm_layer_module
+from mvl_pipeline.model import llm_sources as llm_layer_module
 from mvl_pipeline.model.blocks import LLMBridge
 
 TINY_LAYERS = 4  # decoder layers of the conftest checkpoints (conftest.TINY_LAYERS)

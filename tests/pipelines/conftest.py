@@ -80,7 +80,7 @@ def tiny_training_data(tmp_path_factory, llm_cache_dir) -> dict[str, Any]:
 
 
 def tiny_fit_params(tmp: Path, llm_cache_dir: str, **loop: Any) -> dict[str, Any]:
-    fit = base_params("train")["fit"]
+    fit = base_params("fit")["fit"]
     fit["scaling"] = {"num_workers": 2, "cpus_per_worker": 1, "use_gpu": False}
     fit["storage_path"] = str(tmp / "ray_results")
     fit["llm_cache_dir"] = llm_cache_dir
@@ -116,7 +116,9 @@ def tiny_models(tiny_training_data) -> dict[str, tuple[dict, dict]]:
     """Three models of known relative quality, as ``(state_dict, config)``: ``untrained``,
     ``short`` (a few steps) and ``long`` (more steps), trained in-process (no Ray)."""
     from mvl_pipeline.model import MedVisionLlamaConfig, build_model, model_weights
-    from mvl_pipeline.training.loop import LoopConfig, Session, run_training
+    from mvl_pipeline.training.config import LoopConfig
+    from mvl_pipeline.training.loop import run_training
+    from mvl_pipeline.training.session import Session
 
     data = tiny_training_data
     cfg = MedVisionLlamaConfig.from_params(data["model"])
@@ -125,9 +127,9 @@ def tiny_models(tiny_training_data) -> dict[str, tuple[dict, dict]]:
     class Capture(Session):
         def report(self, metrics, checkpoint_dir):
             if checkpoint_dir is not None:
-                from mvl_pipeline.pipelines.fit.nodes import _read_model_dir
+                from mvl_pipeline.formats.model_bundle import read_weights
 
-                self.weights = _read_model_dir(Path(checkpoint_dir) / "model")
+                self.weights = read_weights(Path(checkpoint_dir) / "model")
 
     cases = data["model_input_cases"]
     for name, epochs in (("short", 1), ("long", 8)):

@@ -46,6 +46,6 @@ def test_thresholds_per_modality_and_label_foreground_is_kept():
 
 def test_unknown_or_bad_body_mask_parameters_fail():
     with pytest.raises(ValueError, match="unknown"):
-        BodyMaskConfig.from_dict({"threshold": 1})
+        BodyMaskConfig.from_params({"threshold": 1})
     with pytest.raises(ValueError, match="min_voxels_per_slice"):
-        BodyMaskConfig.from_dict({"min_voxels_per_slice": 0})
+        BodyMaskConfig.from_params({"min_voxels_per_slice": 0})

@@ -141,7 +141,7 @@ def _synthetic_fingerprint(ct_mean_shift: float = 0.0) -> dict:
 def test_every_planned_value_can_be_overridden():
     fingerprint = _synthetic_fingerprint()
     base = plan_preprocessing(fingerprint, PlanConfig(), embed_patch_size=16)
-    config = PlanConfig.from_dict(
+    config = PlanConfig.from_params(
         {
             "orientation": "LPS",
             "target_spacing": [1.5, 1.5, 3.0],
@@ -172,7 +172,7 @@ def test_every_planned_value_can_be_overridden():
     }
     assert plan["crop_margin_mm"] == 4.0
     assert plan["plan_id"] != base["plan_id"]
-    switched = PlanConfig.from_dict(
+    switched = PlanConfig.from_params(
         {"normalization": {"overrides": {"CT": {"scheme": "zscore_body"}}}}
     )
     assert plan_preprocessing(fingerprint, switched, embed_patch_size=16)["normalization"][
@@ -181,10 +181,10 @@ def test_every_planned_value_can_be_overridden():
 
 
 def test_bad_parameters_fail_early():
-    with pytest.raises(ValueError, match="unknown preprocess.plan"):
-        PlanConfig.from_dict({"target_spacng": [1, 1, 1]})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \[.target_spacng.\] in preprocess.plan"):
+        PlanConfig.from_params({"target_spacng": [1, 1, 1]})
     with pytest.raises(ValueError, match="interpolation.label"):
-        PlanConfig.from_dict({"interpolation": {"label": "linear"}})
+        PlanConfig.from_params({"interpolation": {"label": "linear"}})
     with pytest.raises(ValueError, match="multiple"):
         plan_preprocessing(
             _synthetic_fingerprint(), PlanConfig(patch_size=(100, 96, 96)), embed_patch_size=16
@@ -216,7 +216,7 @@ def test_small_drift_keeps_the_previous_plan_and_a_real_change_replaces_it():
     assert not reused and plan["plan_id"] == moved["plan_id"]
     # a changed discrete choice is never "within tolerance"
     cubic = plan_preprocessing(
-        _synthetic_fingerprint(), PlanConfig(image_interpolation="cubic"), embed_patch_size=16
+        _synthetic_fingerprint(), PlanConfig.from_params({"interpolation": {"image": "cubic"}}), embed_patch_size=16
     )
     assert reconcile_plan(cubic, previous, tolerance=0.5) == (cubic, False)
     # a tampered previous plan (id does not match its content) is not trusted

@@ -8,7 +8,7 @@ import pytest
 
 from mvl_pipeline.preprocessing.split import SPLITS, SplitConfig, assign_patients, make_split
 
-CONFIG = SplitConfig(seed=20241002, train=0.7, validation=0.15, test=0.15)
+CONFIG = SplitConfig.from_params({"seed": 20241002, "ratios": {"train": 0.7, "validation": 0.15, "test": 0.15}})
 
 
 def _cases(patients: list[str], studies: int = 2) -> dict[str, str]:
@@ -69,7 +69,7 @@ def test_the_holdout_never_loses_a_member_even_when_ratios_change(new_ratios, re
     first = make_split(_cases(_patients(30)), CONFIG)
     holdout = set(first["patients"]["test"])
     assert holdout
-    config = SplitConfig(seed=CONFIG.seed, rebalance_development=rebalance, **new_ratios)
+    config = SplitConfig.from_params({"seed": CONFIG.seed, "rebalance_development": rebalance, "ratios": new_ratios})
     second = make_split(_cases(_patients(36)), config, previous_split=first)
     assert holdout <= set(second["patients"]["test"])
     # it grows only with new patients: no earlier train/validation patient entered it
@@ -121,11 +121,11 @@ def test_folds_partition_the_development_patients_and_never_touch_the_holdout():
 
 def test_bad_split_parameters_are_rejected():
     with pytest.raises(ValueError, match="ratios"):
-        SplitConfig(train=-0.1)
+        SplitConfig.from_params({"ratios": {"train": -0.1}})
     with pytest.raises(ValueError, match="folds"):
         SplitConfig(folds=1)
     with pytest.raises(ValueError, match="unknown"):
-        SplitConfig.from_dict({"ratios": {"train": 0.8, "holdout": 0.2}})
+        SplitConfig.from_params({"ratios": {"train": 0.8, "holdout": 0.2}})
     with pytest.raises(ValueError, match="patients"):
         make_split(_cases(_patients(3)), CONFIG, previous_split={"train": ["x"]})
 
@@ -135,7 +135,7 @@ def test_first_split_has_exact_proportions_and_later_patients_use_its_thresholds
     first split takes exactly round(0.2 * 16) = 3, and later patients never move anyone."""
     from mvl_pipeline.preprocessing.split import SplitConfig, make_split
 
-    config = SplitConfig(seed=7, train=0.6, validation=0.2, test=0.2)
+    config = SplitConfig.from_params({"seed": 7, "ratios": {"train": 0.6, "validation": 0.2, "test": 0.2}})
     first = {f"case-{i:02d}": f"pt-{i:02d}" for i in range(16)}
     split = make_split(first, config)
     assert len(split["patients"]["test"]) == 3

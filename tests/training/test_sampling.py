@@ -3,7 +3,8 @@
 import numpy as np
 import torch
 
-from mvl_pipeline.training.sampling import AugmentConfig, TrainingVolume, augment, sample_batch
+from mvl_pipeline.training.augmentation import AugmentConfig, augment
+from mvl_pipeline.training.sampling import TrainingVolume, sample_batch
 
 
 def volume(seed=0):

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from mvl_pipeline.core.case import Case
-from mvl_pipeline.core.volume import Volume
+from mvl_pipeline.core.volume import Volume, guess_modality
 from mvl_pipeline.datasets.volume import encode_nifti
-from mvl_pipeline.evaluation.scoring import EvaluateParams, predict_case
+from mvl_pipeline.evaluation.scoring import EvaluateConfig, predict_case
 
 logger = logging.getLogger("mvl_pipeline.cli.predict")
 
@@ -35,13 +35,13 @@ def load_registered(model_uri: str, tracking_uri: str | None) -> tuple[tuple[dic
     """``((state, config), plan, version)`` of a registered model, e.g. ``models:/name@champion``."""
     import mlflow
 
-    from mvl_pipeline.serving.pyfunc import read_model_bundle
+    from mvl_pipeline.formats.model_bundle import read_bundle
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     with tempfile.TemporaryDirectory(prefix="mvl-predict-") as tmp:
         local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
-        weights, plan = read_model_bundle(Path(local) / "artifacts" / "model_dir")
+        weights, plan = read_bundle(Path(local) / "artifacts" / "model_dir")
     return weights, plan, model_uri
 
 
@@ -98,12 +98,11 @@ def run(argv: list[str] | None = None) -> int:
         modality = str(datasets[0].get("Modality", "CT"))
     else:
         image = read_volume_file(args.study)
-        low = float(np.percentile(image.array[::4, ::4, :], 1))
-        modality = args.modality or ("CT" if low <= -500 else "MR")
+        modality = args.modality or guess_modality(image)
     logger.info("predicting a %s volume %s with %s", modality, "x".join(map(str, image.shape)), uri)
     case = Case("input", "input", Volume(image.array.astype(np.float32), image.affine, {"modality": modality}),
                 meta={"modality": modality})  # fmt: skip
-    labels = predict_case(model, case, plan, num_classes=model.cfg.num_classes, params=EvaluateParams())
+    labels = predict_case(model, case, plan, num_classes=model.cfg.num_classes, params=EvaluateConfig())
     prediction = Volume(labels.astype(np.uint8), image.affine, {"model_uri": uri, "plan_id": plan.get("plan_id")})
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "prediction.nii.gz").write_bytes(encode_nifti(prediction, compress=True))

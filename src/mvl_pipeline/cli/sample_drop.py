@@ -20,7 +20,7 @@ from pathlib import Path
 from mvl_pipeline.core.volume import Volume
 from mvl_pipeline.datasets.drop import DropFolderDataset
 from mvl_pipeline.datasets.volume import VolumeDataset
-from mvl_pipeline.pipelines.sample_data.nodes import convert_volumes_to_drop
+from mvl_pipeline.synthetic.sample_drop import convert_volumes_to_drop
 
 logger = logging.getLogger(__name__)
 

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import yaml
 
+from mvl_pipeline.core.pseudonyms import KEY_BYTES, PseudonymKeyError, require_key
+
 logger = logging.getLogger(__name__)
 
 KEY_ENTRY = "pseudonymisation"
 KEY_FIELD = "key"
-MIN_KEY_HEX = 64  # 256 bits
 
 
 def ensure_key(credentials_file: Path) -> bool:
@@ -31,9 +32,12 @@ def ensure_key(credentials_file: Path) -> bool:
         if not isinstance(data, dict):
             raise ValueError(f"{credentials_file} must hold a YAML mapping")
     entry = data.get(KEY_ENTRY) or {}
-    if isinstance(entry, dict) and len(str(entry.get(KEY_FIELD, ""))) >= MIN_KEY_HEX:
+    if isinstance(entry, dict) and entry.get(KEY_FIELD):
+        # A key is there: keep it if usable, refuse if not (replacing it would silently give
+        # every case and patient a new pseudonym).
+        require_key(str(entry[KEY_FIELD]))
         return False
-    data[KEY_ENTRY] = {**(entry if isinstance(entry, dict) else {}), KEY_FIELD: secrets.token_hex(32)}
+    data[KEY_ENTRY] = {**(entry if isinstance(entry, dict) else {}), KEY_FIELD: secrets.token_hex(KEY_BYTES)}
     credentials_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = credentials_file.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -50,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     ensure.add_argument("credentials_file", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-    if ensure_key(args.credentials_file):
+    try:
+        created = ensure_key(args.credentials_file)
+    except PseudonymKeyError as exc:
+        logger.error("%s: %s (fix or remove it by hand)", args.credentials_file, exc)
+        return 2
+    if created:
         logger.info(
             "created a new random pseudonymisation key in %s (mode 600). Keep it and back it up: "
             "with another key every case gets another pseudonym.",

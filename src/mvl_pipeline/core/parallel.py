@@ -25,9 +25,13 @@ K = TypeVar("K")
 R = TypeVar("R")
 
 
-def resolve_workers(workers: int) -> int:
-    """``workers <= 0`` means one per CPU core (at most 8)."""
-    return int(workers) if workers > 0 else max(1, min(8, os.cpu_count() or 1))
+def resolve_workers(workers: int | None, *, cap: int | None = None) -> int:
+    """The one worker-count rule: ``workers > 0`` as given, ``0``/``None`` = one per CPU core
+    of this machine (at most ``cap``)."""
+    if workers is not None and int(workers) > 0:
+        return int(workers)
+    cores = max(1, os.cpu_count() or 1)
+    return min(cores, cap) if cap else cores
 
 
 class _Progress:
@@ -63,7 +67,7 @@ def parallel_map(
         progress.step()
         return result
 
-    n = resolve_workers(workers)
+    n = resolve_workers(workers, cap=8)
     if n == 1 or len(keys) <= 1:
         return [run(k) for k in keys]
     with ThreadPoolExecutor(max_workers=n, thread_name_prefix="preprocess") as pool:
@@ -86,7 +90,7 @@ class LazyResults:
         self._fn = fn
         self._keys = sorted(keys)
         self._position = {k: i for i, k in enumerate(self._keys)}
-        self._workers = resolve_workers(workers)
+        self._workers = resolve_workers(workers, cap=8)
         self._window = window if window > 0 else 2 * self._workers
         self._progress = _Progress(what, len(self._keys), progress_every)
         self._futures: dict[Any, Future] = {}

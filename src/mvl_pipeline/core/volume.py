@@ -100,3 +100,10 @@ class Volume:
         return self.shape == other.shape and bool(
             np.allclose(self.affine, other.affine, atol=atol_mm)
         )
+
+
+def guess_modality(volume: Volume) -> str:
+    """``"CT"`` when the volume holds air (its 1st intensity percentile is at or below -500, in
+    HU), else ``"MR"``: for NIfTI/NRRD files, which carry no modality."""
+    sample = np.asarray(volume.array)[::4, ::4, :]
+    return "CT" if float(np.percentile(sample, 1)) <= -500.0 else "MR"

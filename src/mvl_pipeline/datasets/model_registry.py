@@ -35,7 +35,7 @@ class ModelVersionView:
         """``((state_dict, config), plan)`` of the champion, downloaded from the registry."""
         import mlflow
 
-        from mvl_pipeline.serving.pyfunc import read_model_bundle
+        from mvl_pipeline.formats.model_bundle import read_bundle
 
         with tempfile.TemporaryDirectory(prefix="mvl-champion-") as tmp:
             if self.tracking_uri:
@@ -46,7 +46,7 @@ class ModelVersionView:
                 artifact_uri=f"models:/{self.name}/{self.version}", dst_path=tmp
             )
             bundle = Path(local) / "artifacts" / "model_dir"
-            return read_model_bundle(bundle)
+            return read_bundle(bundle)
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,8 @@ class MlflowRegistryDataset(AbstractDataset[RegistrationRequest, RegistryView]):
         from mlflow.models import ModelSignature
         from mlflow.types import Schema, TensorSpec
 
-        from mvl_pipeline.serving.pyfunc import MedVisionLlamaPyfunc, write_model_bundle
+        from mvl_pipeline.formats.model_bundle import write_weights
+        from mvl_pipeline.serving.pyfunc import MedVisionLlamaPyfunc
 
         if self._tracking_uri:
             mlflow.set_tracking_uri(self._tracking_uri)
@@ -142,7 +143,7 @@ class MlflowRegistryDataset(AbstractDataset[RegistrationRequest, RegistryView]):
         try:
             with tempfile.TemporaryDirectory(prefix="mvl-register-") as tmp:
                 bundle = Path(tmp) / "model_dir"
-                write_model_bundle(bundle, data.weights, data.plan)
+                write_weights(bundle, data.weights, plan=data.plan)
                 info = mlflow.pyfunc.log_model(
                     name="model",
                     python_model=MedVisionLlamaPyfunc(),

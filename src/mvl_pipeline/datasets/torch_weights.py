@@ -16,7 +16,6 @@ are invisible to version resolution.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from copy import deepcopy
 from pathlib import PurePosixPath
@@ -25,45 +24,12 @@ from typing import Any
 from kedro.io.core import AbstractVersionedDataset, DatasetError, Version, get_filepath_str
 
 from mvl_pipeline.core import storage
-from mvl_pipeline.core.errors import UnreadableFileError
-
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
+from mvl_pipeline.formats import model_bundle
+from mvl_pipeline.formats.model_bundle import BundleError
 
 
-class WeightsFileError(UnreadableFileError, DatasetError):
+class WeightsFileError(BundleError, DatasetError):
     """The weights folder is missing, incomplete, or holds unreadable files."""
-
-    reason = "unreadable_file"
-
-
-def encode_state_dict(state_dict: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> bytes:
-    """safetensors bytes of ``state_dict`` (CPU, contiguous; shared storage copied apart)."""
-    import torch
-    from safetensors.torch import save
-
-    tensors: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name in sorted(state_dict):
-        tensor = state_dict[name]
-        if not isinstance(tensor, torch.Tensor):
-            raise DatasetError(f"state_dict[{name!r}] is a {type(tensor).__name__}, not a tensor")
-        tensor = tensor.detach().to("cpu").contiguous()
-        storage = tensor.untyped_storage().data_ptr()
-        if tensor.numel() and storage in seen:
-            tensor = tensor.clone()
-        seen.add(storage)
-        tensors[name] = tensor
-    return save(tensors, metadata={"format": "pt", **dict(metadata or {})})
-
-
-def decode_state_dict(data: bytes, *, path: str) -> dict[str, Any]:
-    from safetensors.torch import load
-
-    try:
-        return load(data)
-    except Exception as exc:  # safetensors raises SafetensorError for truncated/corrupt files
-        raise WeightsFileError(f"not a readable safetensors file ({exc})", path=path) from exc
 
 
 class TorchWeightsDataset(AbstractVersionedDataset[tuple[dict[str, Any], dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]]):
@@ -122,20 +88,10 @@ class TorchWeightsDataset(AbstractVersionedDataset[tuple[dict[str, Any], dict[st
             raise WeightsFileError("no such weights folder", path=path)
         if not self._complete(path):
             raise WeightsFileError(f"incomplete weights folder (no {storage.COMPLETE_MARKER})", path=path)
-        files = {}
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
-            try:
-                files[name] = self._fs.cat_file(storage.join(path, name))
-            except FileNotFoundError as exc:
-                raise WeightsFileError(f"{name} missing", path=path) from exc
-        state_dict = decode_state_dict(files[WEIGHTS_FILE], path=storage.join(path, WEIGHTS_FILE))
         try:
-            config = json.loads(files[CONFIG_FILE].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise WeightsFileError(f"{CONFIG_FILE} is not JSON ({exc})", path=path) from exc
-        if not isinstance(config, dict):
-            raise WeightsFileError(f"{CONFIG_FILE} is not a JSON object", path=path)
-        return state_dict, config
+            return model_bundle.read_weights(path, fs=self._fs)
+        except BundleError as exc:
+            raise WeightsFileError(exc.detail, path=exc.path) from exc
 
     def save(self, data: tuple[Mapping[str, Any], Mapping[str, Any]]) -> None:
         if not (isinstance(data, tuple | list) and len(data) == 2):
@@ -143,13 +99,16 @@ class TorchWeightsDataset(AbstractVersionedDataset[tuple[dict[str, Any], dict[st
         state_dict, config = data
         if not isinstance(config, Mapping):
             raise DatasetError(f"config must be a mapping, got {type(config).__name__}")
-        weights = encode_state_dict(state_dict, self._save_args["metadata"])
-        config_bytes = json.dumps(dict(config), indent=2, sort_keys=True).encode("utf-8")
+        try:
+            weights = model_bundle.encode_state_dict(state_dict, self._save_args["metadata"])
+        except TypeError as exc:
+            raise DatasetError(str(exc)) from exc
+        config_bytes = model_bundle.encode_json(config)
         path = get_filepath_str(self._get_save_path(), self._protocol)
         with storage.atomic_directory(self._fs, self._protocol, path) as folder:
-            storage.write_bytes_atomic(self._fs, self._protocol, storage.join(folder, WEIGHTS_FILE), weights)
+            storage.write_bytes_atomic(self._fs, self._protocol, storage.join(folder, model_bundle.WEIGHTS_FILE), weights)
             storage.write_bytes_atomic(
-                self._fs, self._protocol, storage.join(folder, CONFIG_FILE), config_bytes
+                self._fs, self._protocol, storage.join(folder, model_bundle.CONFIG_FILE), config_bytes
             )
         self._invalidate_cache()
 

@@ -18,7 +18,7 @@ Table E.1-1); the actions themselves are implemented here:
 - burned-in annotation is flagged (BurnedInAnnotation YES, or a modality / SOP class where
   burned-in text is likely: secondary capture, US, endoscopy ...); pixels are not changed.
 
-There is no default key: :func:`require_key` refuses a missing or weak one.
+There is no default key: :func:`mvl_pipeline.core.pseudonyms.require_key` refuses a missing or weak one.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import functools
 import hashlib
 import hmac
 import logging
-import re
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 
+from mvl_pipeline.core.pseudonyms import require_key
 from mvl_pipeline.dicom.write import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,6 @@ ACTION_DATABASE = "dicomfields_2026c"
 METHOD_VERSION = "mvl_pipeline deid 1"
 _BASIC_PROFILE = ("113100", "Basic Application Confidentiality Profile")
 _RETAIN_FULL_DATES = ("113106", "Retain Longitudinal Temporal Information Full Dates Option")
-_KEY_BYTES = 32
 _TEMPORAL_VRS = frozenset({"DA", "DT", "TM"})
 _NOT_RETAINED_TEMPORAL = frozenset({0x00100030, 0x00100032})  # Patient's Birth Date / Time
 _PATIENT_NAME, _PATIENT_ID = 0x00100010, 0x00100020
@@ -103,45 +102,6 @@ _DUMMY_BY_VR: dict[str, Any] = {
     "OW": b"\x00\x00",
     "UN": b"\x00\x00",
 }
-
-
-class DeidKeyError(ValueError):
-    """The de-identification key is missing or too weak; the pipeline refuses to run."""
-
-
-def require_key(value: Any) -> bytes:
-    """The de-identification key from credentials: 64+ hex characters (or 32+ raw bytes).
-
-    Generate one with ``python -c "import secrets; print(secrets.token_hex(32))"``. Never
-    falls back to a default: a missing, short or obviously non-random key raises DeidKeyError.
-    """
-    if value is None or (isinstance(value, str | bytes) and not value.strip()):
-        raise DeidKeyError(
-            "no de-identification key: set pseudonymisation.key (64 hex characters) in "
-            "conf/local/credentials.yml"
-        )
-    if isinstance(value, str):
-        text = value.strip()
-        if not re.fullmatch(r"[0-9a-fA-F]+", text) or len(text) % 2:
-            raise DeidKeyError(
-                "the de-identification key must be a hex string (e.g. secrets.token_hex(32))"
-            )
-        key = bytes.fromhex(text)
-    elif isinstance(value, bytes | bytearray):
-        key = bytes(value)
-    else:
-        raise DeidKeyError(
-            f"the de-identification key must be a hex string, not {type(value).__name__}"
-        )
-    if len(key) < _KEY_BYTES:
-        raise DeidKeyError(
-            f"the de-identification key has {len(key)} bytes; at least {_KEY_BYTES} are required"
-        )
-    if len(set(key)) < _KEY_BYTES // 2:
-        raise DeidKeyError(
-            "the de-identification key does not look random (too few distinct bytes)"
-        )
-    return key
 
 
 def _hmac(key: bytes, *parts: str) -> bytes:

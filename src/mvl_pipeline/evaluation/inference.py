@@ -1,4 +1,4 @@
-"""Whole-volume prediction by sliding window (MONAI, Gaussian weighting) and quick Dice.
+"""Whole-volume prediction by sliding window (MONAI, Gaussian weighting).
 
 Used for validation inside the training loop, by ``evaluate`` and by the ``predict`` command, so
 that a model is always applied to a case the same way.
@@ -56,14 +56,3 @@ def predict_probabilities(
     else:
         probs = torch.softmax(logits, dim=0)
     return probs.cpu().numpy()
-
-
-def dice_per_class(prediction: np.ndarray, label: np.ndarray, classes: Sequence[int]) -> dict[int, float]:
-    """Hard Dice per class; a class absent from both prediction and label scores 1.0."""
-    scores = {}
-    for value in classes:
-        pred = prediction == value
-        true = label == value
-        denominator = int(pred.sum()) + int(true.sum())
-        scores[int(value)] = 1.0 if denominator == 0 else 2.0 * int((pred & true).sum()) / denominator
-    return scores

@@ -12,7 +12,6 @@ Distances use the voxel spacing of the grid the arrays live on (anisotropic spac
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,6 +33,23 @@ def _one_hot(mask: np.ndarray) -> torch.Tensor:
     """Boolean mask (X, Y, Z) -> MONAI's (B=1, C=2, X, Y, Z) layout (background, class)."""
     tensor = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))
     return torch.stack([1.0 - tensor, tensor])[None]
+
+
+def dice(pred: np.ndarray, true: np.ndarray) -> float:
+    """Hard Dice of two boolean masks (MONAI's ``compute_dice``): both empty = 1.0 (a correct
+    "nothing here"), exactly one empty = 0.0. The one Dice of the project: validation, evaluation
+    and the registry gate all use it."""
+    n_pred, n_true = int(np.count_nonzero(pred)), int(np.count_nonzero(true))
+    if n_pred == 0 and n_true == 0:
+        return 1.0
+    if n_pred == 0 or n_true == 0:
+        return 0.0
+    return float(compute_dice(_one_hot(pred), _one_hot(true), include_background=False).item())
+
+
+def dice_per_class(prediction: np.ndarray, label: np.ndarray, classes: Sequence[int]) -> dict[int, float]:
+    """Hard Dice per class value of two integer label maps on one grid."""
+    return {int(value): dice(prediction == value, label == value) for value in classes}
 
 
 def class_metrics(
@@ -59,7 +75,7 @@ def class_metrics(
         "accuracy": accuracy,
     }
     if n_true == 0 and n_pred == 0:
-        row.update(status="both_empty", dice=1.0, jaccard=1.0, precision=1.0, recall=1.0, hd95_mm=0.0, nsd=1.0)
+        row.update(status="both_empty", dice=dice(pred, true), jaccard=1.0, precision=1.0, recall=1.0, hd95_mm=0.0, nsd=1.0)
         return row
     if n_true == 0 or n_pred == 0:
         row.update(
@@ -75,7 +91,7 @@ def class_metrics(
     spacing_list = [float(s) for s in spacing]
     row.update(
         status="ok",
-        dice=float(compute_dice(y_pred, y, include_background=False).item()),
+        dice=dice(pred, true),
         jaccard=float(compute_iou(y_pred, y, include_background=False).item()),
         precision=float(compute_confusion_matrix_metric("precision", confusion).item()),
         recall=float(compute_confusion_matrix_metric("sensitivity", confusion).item()),
@@ -106,48 +122,3 @@ def case_metrics(
          **class_metrics(prediction, label, int(value), spacing=spacing, nsd_tolerance_mm=nsd_tolerance_mm)}
         for value, name in sorted(classes.items())
     ]  # fmt: skip
-
-
-def bootstrap_ci(values: Sequence[float], *, n_resamples: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of the mean."""
-    data = np.asarray(values, dtype=np.float64)
-    if data.size == 0:
-        return (math.nan, math.nan)
-    if data.size == 1:
-        return (float(data[0]), float(data[0]))
-    rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, data.size, size=(n_resamples, data.size))].mean(axis=1)
-    alpha = (1 - level) / 2
-    return (float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
-
-
-def summarise(rows: Sequence[Mapping[str, Any]], *, seed: int = 0) -> dict[str, Any]:
-    """Per class and metric: mean, std, median, 95% bootstrap CI, n and n_undefined."""
-    summary: dict[str, Any] = {}
-    for name in sorted({r["class_name"] for r in rows}):
-        class_rows = [r for r in rows if r["class_name"] == name]
-        entry: dict[str, Any] = {"n_cases": len(class_rows),
-                                 "status": {s: sum(r["status"] == s for r in class_rows)
-                                            for s in sorted({r["status"] for r in class_rows})}}  # fmt: skip
-        for metric in METRICS:
-            defined = [float(r[metric]) for r in class_rows if r.get(metric) is not None]
-            low, high = bootstrap_ci(defined, seed=seed)
-            entry[metric] = {
-                "mean": float(np.mean(defined)) if defined else None,
-                "std": float(np.std(defined, ddof=1)) if len(defined) > 1 else (0.0 if defined else None),
-                "median": float(np.median(defined)) if defined else None,
-                "ci95": [None if math.isnan(low) else low, None if math.isnan(high) else high],
-                "n": len(defined),
-                "n_undefined": len(class_rows) - len(defined),
-            }
-        # Dice over the cases where the class is present in the label: the honest figure for
-        # lesions, which "both empty" cases would otherwise inflate.
-        present = [float(r["dice"]) for r in class_rows if r["voxels_label"] > 0]
-        low, high = bootstrap_ci(present, seed=seed)
-        entry["dice_label_present"] = {
-            "mean": float(np.mean(present)) if present else None,
-            "ci95": [None if math.isnan(low) else low, None if math.isnan(high) else high],
-            "n": len(present),
-        }
-        summary[name] = entry
-    return summary

@@ -17,7 +17,7 @@ import numpy as np
 from torch import nn
 
 from mvl_pipeline.core.case import Case
-from mvl_pipeline.core.config import known_only
+from mvl_pipeline.core.config import ConfigBlock
 from mvl_pipeline.evaluation.inference import predict_probabilities
 from mvl_pipeline.evaluation.metrics import case_metrics
 from mvl_pipeline.preprocessing.apply import preprocess_case, restore_to_original
@@ -26,20 +26,34 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class EvaluateParams:
-    overlap: float = 0.5
+class EvaluateConfig(ConfigBlock):
+    """``params:evaluate`` (conf/base/parameters_evaluate.yml)."""
+
+    WHERE = "evaluate"
+
+    overlap: float = 0.5  # sliding-window overlap (Gaussian weighting)
     sw_batch_size: int = 2
-    nsd_tolerance_mm: float = 2.0
+    nsd_tolerance_mm: float = 2.0  # surface Dice tolerance
     bootstrap_seed: int = 0
     overlay_cases: int = 3
 
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> EvaluateParams:
-        return cls(**known_only(cls, params, "evaluate parameters"))
+
+def cases_in(
+    loaders: Mapping[str, Callable[[], Case]], split: Mapping[str, Any], role: str
+) -> list[tuple[str, Callable[[], Case]]]:
+    """``(case id, loader)`` of every case the split puts in ``role`` (e.g. ``test``), sorted;
+    a missing case or an empty role is an error (a model is never scored on nothing)."""
+    ids = sorted(split.get(role, []))
+    missing = [c for c in ids if c not in loaders]
+    if missing:
+        raise ValueError(f"{len(missing)} {role} case(s) are not among the ingested cases")
+    if not ids:
+        raise ValueError(f"the {role} split is empty")
+    return [(c, loaders[c]) for c in ids]
 
 
 def predict_case(
-    model: nn.Module, case: Case, plan: Mapping[str, Any], *, num_classes: int, params: EvaluateParams
+    model: nn.Module, case: Case, plan: Mapping[str, Any], *, num_classes: int, params: EvaluateConfig
 ) -> np.ndarray:
     """Integer label map of ``case`` on its original grid."""
     prepared = preprocess_case(case.image, plan, modality=case.modality)
@@ -58,7 +72,7 @@ def score_cases(
     classes: Mapping[int, str],
     *,
     num_classes: int,
-    params: EvaluateParams,
+    params: EvaluateConfig,
     keep_overlays: int = 0,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Per-case, per-class metric rows, and up to ``keep_overlays`` slices for plots."""

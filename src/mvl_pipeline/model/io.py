@@ -8,7 +8,8 @@ A model is ``(state_dict, config)``, the pair ``TorchWeightsDataset`` stores:
   ``llm_reference`` says where the frozen layer comes from and holds the sha256 of its tensors
   (``null`` for ``llm.mode: none``).
 
-On disk (local or any fsspec URL, e.g. s3://) that is ``model.safetensors`` + ``config.json``.
+On disk (local or any fsspec URL, e.g. s3://) that is the bundle of
+:mod:`mvl_pipeline.formats.model_bundle` (``model.safetensors`` + ``config.json``).
 Loading rebuilds the frozen layer from its source and refuses (:class:`LLMLayerMismatchError`)
 when its sha256 differs from the recorded one.
 """
@@ -16,16 +17,14 @@ when its sha256 differs from the recorded one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
+
+from mvl_pipeline.formats.model_bundle import read_weights, write_weights
 
 from .config import MedVisionLlamaConfig
 from .llm_layer import LLMLayerMismatchError
@@ -33,8 +32,6 @@ from .network import MedVisionLlama, build_model
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 FORMAT = "medvisionllama/1"
 
 
@@ -95,23 +92,15 @@ def model_from_weights(
     return model
 
 
-def _fs(directory: str | Path, storage_options: dict[str, Any] | None):
-    return fsspec.core.url_to_fs(str(directory), **(storage_options or {}))
-
-
 def save_model(
     model: torch.nn.Module, directory: str | Path, *, storage_options: dict[str, Any] | None = None
 ) -> None:
-    """Write model.safetensors + config.json (with the LLM reference and hash) to ``directory``."""
+    """Write the model's bundle (``formats.model_bundle``: weights + config with the LLM
+    reference and hash) to ``directory``."""
     state, config = model_weights(model)
-    fs, root = _fs(directory, storage_options)
-    fs.makedirs(root, exist_ok=True)
     reference = config["llm_reference"]
-    metadata = {"format": "pt", "llm_sha256": reference["sha256"] if reference else "none"}
-    with fs.open(f"{root}/{WEIGHTS_FILE}", "wb") as f:
-        f.write(save_safetensors(state, metadata=metadata))
-    with fs.open(f"{root}/{CONFIG_FILE}", "w") as f:
-        json.dump(config, f, indent=2)
+    metadata = {"llm_sha256": reference["sha256"] if reference else "none"}
+    write_weights(directory, (state, config), metadata=metadata, storage_options=storage_options)
     logger.info("saved %d tensors (no frozen LLM weights) to %s", len(state), directory)
 
 
@@ -125,11 +114,7 @@ def load_model(
     llm_storage_options: dict[str, Any] | None = None,
 ) -> MedVisionLlama:
     """Rebuild a model saved by ``save_model`` (see ``model_from_weights`` for the checks)."""
-    fs, root = _fs(directory, storage_options)
-    with fs.open(f"{root}/{CONFIG_FILE}", "r") as f:
-        config = json.load(f)
-    with fs.open(f"{root}/{WEIGHTS_FILE}", "rb") as f:
-        state = load_safetensors(f.read())
+    state, config = read_weights(directory, storage_options=storage_options)
     return model_from_weights(
         state,
         config,

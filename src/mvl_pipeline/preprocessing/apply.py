@@ -97,7 +97,7 @@ def preprocess_case(
     spacing = transform.permute(image.spacing)
 
     # 2. crop to the body (+ label foreground) box, on the reoriented source grid
-    mask_config = BodyMaskConfig.from_dict(plan.get("body_mask"))
+    mask_config = BodyMaskConfig.from_params(plan.get("body_mask"))
     threshold = body_threshold(array, modality, mask_config)
     box = bounding_box(array > threshold, mask_config.min_voxels_per_slice)
     label_array = None

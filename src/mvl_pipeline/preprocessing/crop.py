@@ -12,34 +12,29 @@ Boxes are half-open ``[(lo, hi), ...]`` voxel ranges, JSON-friendly as lists.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
+
+from mvl_pipeline.core.config import ConfigBlock
 
 Box = tuple[tuple[int, int], ...]
 
 
 @dataclass(frozen=True)
-class BodyMaskConfig:
+class BodyMaskConfig(ConfigBlock):
+    """``preprocess.body_mask``: where the patient is (crop box, fingerprint, MR z-score)."""
+
+    WHERE = "preprocess.body_mask"
+
     ct_threshold_hu: float = -500.0
     relative_threshold: float = 0.05
     min_voxels_per_slice: int = 10
 
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | None) -> BodyMaskConfig:
-        values = dict(values or {})
-        unknown = set(values) - {"ct_threshold_hu", "relative_threshold", "min_voxels_per_slice"}
-        if unknown:
-            raise ValueError(f"unknown body_mask parameters: {sorted(unknown)}")
-        config = cls(**values)
-        if config.min_voxels_per_slice < 1:
-            raise ValueError("body_mask.min_voxels_per_slice must be >= 1")
-        return config
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def __post_init__(self) -> None:
+        if self.min_voxels_per_slice < 1:
+            raise ValueError("preprocess.body_mask.min_voxels_per_slice must be >= 1")
 
 
 def body_threshold(image: np.ndarray, modality: str, config: BodyMaskConfig) -> float:

@@ -18,14 +18,15 @@ random, so a fingerprint is a pure function of its cases.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from mvl_pipeline.core.case import Case
+from mvl_pipeline.core.config import ConfigBlock
+from mvl_pipeline.core.hashing import json_digest
 from mvl_pipeline.core.orientation import orientation_transform
 from mvl_pipeline.preprocessing.crop import BodyMaskConfig, body_box, body_threshold, box_shape
 
@@ -34,10 +35,12 @@ POOLED_PERCENTILES = (0.5, 50.0, 99.5)
 
 
 @dataclass(frozen=True)
-class FingerprintConfig:
-    orientation: str = "RAS"
-    quantile_points: int = 1001
-    body_mask: BodyMaskConfig = field(default_factory=BodyMaskConfig)
+class FingerprintConfig(ConfigBlock):
+    """``preprocess.fingerprint``."""
+
+    WHERE = "preprocess.fingerprint"
+
+    quantile_points: int = 1001  # per-case foreground intensity quantiles kept
 
     def __post_init__(self) -> None:
         if self.quantile_points < 3:
@@ -48,19 +51,27 @@ def _round(value: float, digits: int = 7) -> float:
     return float(f"{float(value):.{digits}g}")
 
 
-def case_fingerprint(case: Case, config: FingerprintConfig) -> dict[str, Any]:
-    """The planner's facts about one case (JSON-serialisable; no PHI: pseudonyms only)."""
+def case_fingerprint(
+    case: Case,
+    config: FingerprintConfig,
+    *,
+    orientation: str = "RAS",
+    body_mask: BodyMaskConfig | None = None,
+) -> dict[str, Any]:
+    """The planner's facts about one case (JSON-serialisable; no PHI: pseudonyms only), in the
+    plan's ``orientation`` axis order, with the body found by ``body_mask``."""
+    body_mask = body_mask or BodyMaskConfig()
     image = case.image
-    transform = orientation_transform(image.affine, config.orientation)
+    transform = orientation_transform(image.affine, orientation)
     array = np.asarray(image.array)
     label = None if case.label is None else np.asarray(case.label.array)
-    box = body_box(array, case.modality, config.body_mask, label=label)
+    box = body_box(array, case.modality, body_mask, label=label)
 
     foreground_source = "label"
     foreground = label > 0 if label is not None else None
     if foreground is None or not foreground.any():
         foreground_source = "body"
-        foreground = array > body_threshold(array, case.modality, config.body_mask)
+        foreground = array > body_threshold(array, case.modality, body_mask)
     values = (
         array[foreground].astype(np.float64)
         if foreground.any()
@@ -119,9 +130,14 @@ def _pooled_intensity(records: list[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def aggregate_fingerprint(
-    records: Iterable[Mapping[str, Any]], config: FingerprintConfig
+    records: Iterable[Mapping[str, Any]],
+    config: FingerprintConfig,
+    *,
+    orientation: str = "RAS",
+    body_mask: BodyMaskConfig | None = None,
 ) -> dict[str, Any]:
     """Dataset fingerprint from per-case records (sorted by case id; see module doc)."""
+    body_mask = body_mask or BodyMaskConfig()
     cases = {r["case_id"]: dict(r) for r in sorted(records, key=lambda r: r["case_id"])}
     by_modality: dict[str, list[dict[str, Any]]] = {}
     for record in cases.values():
@@ -156,15 +172,15 @@ def aggregate_fingerprint(
         label_names.update(record.get("label_names", {}))
     fingerprint = {
         "version": FINGERPRINT_VERSION,
-        "orientation": config.orientation,
+        "orientation": orientation,
         "quantile_points": config.quantile_points,
-        "body_mask": config.body_mask.to_dict(),
+        "body_mask": body_mask.to_dict(),
         "n_cases": len(cases),
         "label_names": dict(sorted(label_names.items(), key=lambda kv: int(kv[0]))),
         "modalities": modalities,
         "cases": cases,
     }
-    fingerprint["fingerprint_id"] = content_id(fingerprint)
+    fingerprint["fingerprint_id"] = json_digest(fingerprint)
     return fingerprint
 
 
@@ -183,10 +199,3 @@ def content_hash(case: Case) -> str:
     return f"content:{digest.hexdigest()[:32]}"
 
 
-def content_id(document: Mapping[str, Any], *, exclude: Iterable[str] = ()) -> str:
-    """A short, stable content hash of a JSON document (keys sorted), without ``exclude`` keys."""
-    skip = set(exclude)
-    payload = json.dumps(
-        {k: v for k, v in document.items() if k not in skip}, sort_keys=True, separators=(",", ":")
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]

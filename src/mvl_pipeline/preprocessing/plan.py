@@ -29,13 +29,14 @@ from typing import Any
 
 import numpy as np
 
+from mvl_pipeline.core.config import ConfigBlock
+from mvl_pipeline.core.hashing import json_digest
 from mvl_pipeline.preprocessing.crop import BodyMaskConfig
-from mvl_pipeline.preprocessing.fingerprint import content_id
 from mvl_pipeline.preprocessing.intensity import SCHEMES, Normalization
 from mvl_pipeline.preprocessing.resample import IMAGE_MODES, LABEL_MODES
 
 PLAN_VERSION = 1
-DEFAULT_TOKEN_BUDGET = 512
+DEFAULT_TOKEN_BUDGET = 256  # model.token_budget's default
 _NOT_HASHED = ("plan_id", "provenance")
 
 
@@ -49,91 +50,73 @@ def _triple(value: Any, name: str, cast: type = float) -> tuple | None:
 
 
 @dataclass(frozen=True)
-class PlanConfig:
+class InterpolationConfig(ConfigBlock):
+    """``preprocess.plan.interpolation``: never linear on label values."""
+
+    WHERE = "preprocess.plan.interpolation"
+
+    image: str = "linear"  # linear | cubic | nearest
+    label: str = "nearest"  # nearest | onehot_linear
+
+    def __post_init__(self) -> None:
+        if self.image not in IMAGE_MODES:
+            raise ValueError(f"preprocess.plan.interpolation.image must be one of {IMAGE_MODES}")
+        if self.label not in LABEL_MODES:
+            raise ValueError(f"preprocess.plan.interpolation.label must be one of {LABEL_MODES}")
+
+
+@dataclass(frozen=True)
+class NormalizationConfig(ConfigBlock):
+    """``preprocess.plan.normalization``: a scheme per modality (keys upper-cased)."""
+
+    WHERE = "preprocess.plan.normalization"
+
+    schemes: Mapping[str, str] = field(default_factory=lambda: {"CT": "ct"})
+    default_scheme: str = "zscore_body"
+    ct_clip_percentiles: tuple[float, float] = (0.5, 99.5)
+    overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "schemes", {str(k).upper(): str(v) for k, v in self.schemes.items()})
+        object.__setattr__(self, "overrides", {str(k).upper(): dict(v) for k, v in self.overrides.items()})
+        for scheme in [*self.schemes.values(), self.default_scheme]:
+            if scheme not in SCHEMES:
+                raise ValueError(f"normalisation scheme must be one of {SCHEMES}, got {scheme!r}")
+        lo, hi = (float(v) for v in self.ct_clip_percentiles)
+        if not 0.0 <= lo < hi <= 100.0:
+            raise ValueError(
+                f"ct_clip_percentiles must satisfy 0 <= lo < hi <= 100, got {list(self.ct_clip_percentiles)}"
+            )
+
+
+@dataclass(frozen=True)
+class PlanConfig(ConfigBlock):
     """Planning parameters (``preprocess.plan`` in parameters_preprocess.yml); None = planned."""
+
+    WHERE = "preprocess.plan"
 
     orientation: str = "RAS"
     target_spacing: tuple[float, float, float] | None = None
     anisotropy_threshold: float = 3.0
     coarse_axis_percentile: float = 10.0
-    token_budget: int | None = None  # None: the model's (model.token_budget), else 512
+    token_budget: int | None = None  # None: the model's (model.token_budget)
     embed_patch_size: tuple[int, int, int] | None = None
     patch_size: tuple[int, int, int] | None = None
-    image_interpolation: str = "linear"
-    label_interpolation: str = "nearest"
-    schemes: Mapping[str, str] = field(default_factory=lambda: {"CT": "ct"})
-    default_scheme: str = "zscore_body"
-    ct_clip_percentiles: tuple[float, float] = (0.5, 99.5)
-    normalization_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    interpolation: InterpolationConfig = field(default_factory=InterpolationConfig)
+    normalization: NormalizationConfig = field(default_factory=NormalizationConfig)
     crop_margin_mm: float = 10.0
-    body_mask: BodyMaskConfig = field(default_factory=BodyMaskConfig)
     stability_tolerance: float = 0.05
 
     def __post_init__(self) -> None:
-        if self.image_interpolation not in IMAGE_MODES:
-            raise ValueError(f"interpolation.image must be one of {IMAGE_MODES}")
-        if self.label_interpolation not in LABEL_MODES:
-            raise ValueError(f"interpolation.label must be one of {LABEL_MODES}")
-        for scheme in [*self.schemes.values(), self.default_scheme]:
-            if scheme not in SCHEMES:
-                raise ValueError(f"normalisation scheme must be one of {SCHEMES}, got {scheme!r}")
+        object.__setattr__(self, "orientation", str(self.orientation).upper())
+        for name, cast in (("target_spacing", float), ("embed_patch_size", int), ("patch_size", int)):
+            object.__setattr__(self, name, _triple(getattr(self, name), name, cast))
         if self.token_budget is not None and self.token_budget < 1:
             raise ValueError("token_budget must be >= 1")
         if not 0.0 <= self.coarse_axis_percentile <= 100.0:
             raise ValueError("coarse_axis_percentile must be in [0, 100]")
         if self.target_spacing is not None and min(self.target_spacing) <= 0:
             raise ValueError("target_spacing must be positive")
-
-    @classmethod
-    def from_dict(
-        cls, values: Mapping[str, Any] | None, *, body_mask: BodyMaskConfig | None = None
-    ) -> PlanConfig:
-        values = dict(values or {})
-        interpolation = dict(values.pop("interpolation", None) or {})
-        normalization = dict(values.pop("normalization", None) or {})
-        known = {
-            "orientation", "target_spacing", "anisotropy_threshold", "coarse_axis_percentile",
-            "token_budget", "embed_patch_size", "patch_size", "crop_margin_mm",
-            "stability_tolerance",
-        }  # fmt: skip
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown preprocess.plan parameters: {sorted(unknown)}")
-        defaults = cls()
-        return cls(
-            orientation=str(values.get("orientation", defaults.orientation)).upper(),
-            target_spacing=_triple(values.get("target_spacing"), "target_spacing"),
-            anisotropy_threshold=float(values.get("anisotropy_threshold", 3.0)),
-            coarse_axis_percentile=float(values.get("coarse_axis_percentile", 10.0)),
-            token_budget=None
-            if values.get("token_budget") is None
-            else int(values["token_budget"]),
-            embed_patch_size=_triple(values.get("embed_patch_size"), "embed_patch_size", int),
-            patch_size=_triple(values.get("patch_size"), "patch_size", int),
-            image_interpolation=str(interpolation.get("image", defaults.image_interpolation)),
-            label_interpolation=str(interpolation.get("label", defaults.label_interpolation)),
-            schemes={
-                str(k).upper(): str(v)
-                for k, v in (normalization.get("schemes") or {"CT": "ct"}).items()
-            },
-            default_scheme=str(normalization.get("default_scheme", defaults.default_scheme)),
-            ct_clip_percentiles=_pair(normalization.get("ct_clip_percentiles", (0.5, 99.5))),
-            normalization_overrides={
-                str(k).upper(): dict(v) for k, v in (normalization.get("overrides") or {}).items()
-            },
-            crop_margin_mm=float(values.get("crop_margin_mm", defaults.crop_margin_mm)),
-            body_mask=body_mask or BodyMaskConfig(),
-            stability_tolerance=float(
-                values.get("stability_tolerance", defaults.stability_tolerance)
-            ),
-        )
-
-
-def _pair(value: Sequence[float]) -> tuple[float, float]:
-    lo, hi = (float(v) for v in value)
-    if not 0.0 <= lo < hi <= 100.0:
-        raise ValueError(f"ct_clip_percentiles must satisfy 0 <= lo < hi <= 100, got {value!r}")
-    return lo, hi
 
 
 def nnunet_target_spacing(
@@ -217,13 +200,13 @@ def _normalizations(
     cases = list(fingerprint["cases"].values())
     out: dict[str, dict[str, Any]] = {}
     for modality in sorted(fingerprint["modalities"]):
-        scheme = config.schemes.get(modality.upper(), config.default_scheme)
-        override = dict(config.normalization_overrides.get(modality.upper(), {}))
+        scheme = config.normalization.schemes.get(modality.upper(), config.normalization.default_scheme)
+        override = dict(config.normalization.overrides.get(modality.upper(), {}))
         scheme = str(override.pop("scheme", scheme))
         values: dict[str, Any] = {"scheme": scheme}
         if scheme == "ct":
             group = [r for r in cases if r["modality"] == modality]
-            values |= _pooled_ct_statistics(group, config.ct_clip_percentiles)
+            values |= _pooled_ct_statistics(group, config.normalization.ct_clip_percentiles)
             values |= override
         out[modality] = Normalization.from_dict(values).to_dict()
     return out
@@ -233,6 +216,7 @@ def plan_preprocessing(
     fingerprint: Mapping[str, Any],
     config: PlanConfig,
     *,
+    body_mask: BodyMaskConfig | None = None,
     embed_patch_size: Sequence[int] | int | None = None,
     token_budget: int | None = None,
 ) -> dict[str, Any]:
@@ -290,10 +274,10 @@ def plan_preprocessing(
         "orientation": config.orientation,
         "target_spacing": [round(float(v), 6) for v in target],
         "coarse_axis": coarse_axis if config.target_spacing is None else None,
-        "interpolation": {"image": config.image_interpolation, "label": config.label_interpolation},
+        "interpolation": config.interpolation.to_dict(),
         "normalization": _normalizations(fingerprint, config),
-        "default_normalization": {"scheme": config.default_scheme},
-        "body_mask": config.body_mask.to_dict(),
+        "default_normalization": {"scheme": config.normalization.default_scheme},
+        "body_mask": (body_mask or BodyMaskConfig()).to_dict(),
         "crop_margin_mm": config.crop_margin_mm,
         "embed_patch_size": list(embed),
         "token_budget": budget,
@@ -309,7 +293,7 @@ def plan_preprocessing(
             "median_shape_on_target_grid": [round(float(v), 2) for v in median_shape],
         },
     }
-    plan["plan_id"] = content_id(plan, exclude=_NOT_HASHED)
+    plan["plan_id"] = json_digest(plan, exclude=_NOT_HASHED)
     return plan
 
 
@@ -353,7 +337,7 @@ def reconcile_plan(
     if (
         previous
         and previous.get("version") == PLAN_VERSION
-        and previous.get("plan_id") == content_id(previous, exclude=_NOT_HASHED)
+        and previous.get("plan_id") == json_digest(previous, exclude=_NOT_HASHED)
         and plans_close(new, previous, tolerance)
     ):
         return dict(previous), True

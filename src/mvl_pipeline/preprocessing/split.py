@@ -32,8 +32,10 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from mvl_pipeline.core.config import ConfigBlock
 
 logger = logging.getLogger(__name__)
 
@@ -41,48 +43,45 @@ SPLITS = ("train", "validation", "test")
 
 
 @dataclass(frozen=True)
-class SplitConfig:
-    seed: int = 0
-    train: float = 0.7
-    validation: float = 0.15
-    test: float = 0.15
-    folds: int = 0
-    rebalance_development: bool = False
+class SplitRatios(ConfigBlock):
+    """``preprocess.split.ratios``: shares of patients (normalised by their sum)."""
+
+    WHERE = "preprocess.split.ratios"
+
+    train: float = 0.6
+    validation: float = 0.2
+    test: float = 0.2
 
     def __post_init__(self) -> None:
         ratios = (self.train, self.validation, self.test)
         if min(ratios) < 0 or sum(ratios) <= 0:
-            raise ValueError(f"split ratios must be >= 0 with a positive sum, got {ratios}")
+            raise ValueError(f"split ratios must be >= 0 with a positive sum, got {list(ratios)}")
+
+
+@dataclass(frozen=True)
+class SplitConfig(ConfigBlock):
+    """``preprocess.split``."""
+
+    WHERE = "preprocess.split"
+
+    seed: int = 20241002
+    ratios: SplitRatios = field(default_factory=SplitRatios)
+    folds: int = 0  # > 1: also k train/validation folds of the development patients
+    rebalance_development: bool = False  # re-draw earlier train/validation patients (never test)
+
+    def __post_init__(self) -> None:
         if self.folds < 0 or self.folds == 1:
             raise ValueError("split.folds must be 0 (no k-fold) or >= 2")
 
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | None) -> SplitConfig:
-        values = dict(values or {})
-        ratios = dict(values.pop("ratios", None) or {})
-        unknown = (set(values) - {"seed", "folds", "rebalance_development"}) | (
-            set(ratios) - set(SPLITS)
-        )
-        if unknown:
-            raise ValueError(f"unknown preprocess.split parameters: {sorted(unknown)}")
-        defaults = cls()
-        return cls(
-            seed=int(values.get("seed", defaults.seed)),
-            train=float(ratios.get("train", defaults.train)),
-            validation=float(ratios.get("validation", defaults.validation)),
-            test=float(ratios.get("test", defaults.test)),
-            folds=int(values.get("folds", 0)),
-            rebalance_development=bool(values.get("rebalance_development", False)),
-        )
-
     @property
     def test_fraction(self) -> float:
-        return self.test / (self.train + self.validation + self.test)
+        r = self.ratios
+        return r.test / (r.train + r.validation + r.test)
 
     @property
     def validation_fraction_of_development(self) -> float:
-        development = self.train + self.validation
-        return self.validation / development if development > 0 else 0.0
+        development = self.ratios.train + self.ratios.validation
+        return self.ratios.validation / development if development > 0 else 0.0
 
 
 def unit_hash(seed: int, purpose: str, pseudonym: str) -> float:
@@ -107,12 +106,12 @@ def first_thresholds(patients: Iterable[str], config: SplitConfig) -> dict[str, 
     n = len(cohort)
     if n < 3:
         return {"test": config.test_fraction, "validation": config.validation_fraction_of_development}
-    n_test = max(1, round(config.test_fraction * n)) if config.test > 0 else 0
+    n_test = max(1, round(config.test_fraction * n)) if config.ratios.test > 0 else 0
     test_hashes = [unit_hash(config.seed, "test", p) for p in cohort]
     t_test = _rank_threshold(test_hashes, n_test)
     development = [p for p, u in zip(cohort, test_hashes, strict=True) if u >= t_test]
     n_val = round(config.validation_fraction_of_development * len(development))
-    n_val = max(1, n_val) if config.validation > 0 and len(development) >= 2 else n_val
+    n_val = max(1, n_val) if config.ratios.validation > 0 and len(development) >= 2 else n_val
     t_val = _rank_threshold([unit_hash(config.seed, "validation", p) for p in development], n_val)
     return {"test": t_test, "validation": t_val}
 
@@ -216,7 +215,7 @@ def make_split(
     for case_id, patient in sorted(case_patients.items()):
         cases_by_patient.setdefault(str(patient), []).append(case_id)
     previous = previous_assignment(previous_split)
-    ratios = {"train": config.train, "validation": config.validation, "test": config.test}
+    ratios = config.ratios.to_dict()
     same_rule = bool(previous_split) and previous_split.get("seed") == config.seed and previous_split.get(
         "ratios"
     ) == ratios

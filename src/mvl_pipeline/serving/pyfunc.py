@@ -9,35 +9,13 @@ DICOM SEG.
 
 from __future__ import annotations
 
-import json
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
 
-PLAN_FILE = "plan.json"
-
-
-def write_model_bundle(directory: Path, weights: tuple[dict[str, Any], dict[str, Any]], plan: dict[str, Any]) -> None:
-    """Weights + config (+ LLM reference) + plan in one folder: what the registry stores."""
-    from safetensors.torch import save_file
-
-    state, config = weights
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
-    (directory / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True), encoding="utf-8")
-    (directory / PLAN_FILE).write_text(json.dumps(plan, indent=1, sort_keys=True), encoding="utf-8")
-
-
-def read_model_bundle(directory: Path) -> tuple[tuple[dict[str, Any], dict[str, Any]], dict[str, Any]]:
-    from safetensors.torch import load_file
-
-    state = load_file(str(directory / "model.safetensors"))
-    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    plan = json.loads((directory / PLAN_FILE).read_text(encoding="utf-8"))
-    return (state, config), plan
+from mvl_pipeline.formats.model_bundle import read_bundle
 
 
 class MedVisionLlamaPyfunc(mlflow.pyfunc.PythonModel):
@@ -46,7 +24,7 @@ class MedVisionLlamaPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         from mvl_pipeline.model import model_from_weights
 
-        weights, plan = read_model_bundle(Path(context.artifacts["model_dir"]))
+        weights, plan = read_bundle(context.artifacts["model_dir"])
         cache = context.model_config.get("llm_cache_dir") if context.model_config else None
         cache = cache or tempfile.mkdtemp(prefix="mvl-llm-cache-")
         self.model = model_from_weights(*weights, llm_cache_dir=cache)

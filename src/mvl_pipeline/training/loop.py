@@ -5,8 +5,8 @@ cases from the model-input store (the driver never holds the data), builds the m
 from ``ray.train.get_checkpoint()`` when there is one, and reports every epoch with a
 checkpoint and the validation Dice (sliding window over whole validation cases, sharded over
 workers and all-reduced). ``run_training(config, session)`` is the same loop with the Ray calls
-behind a small ``Session`` interface, so that a plain single-process run (benchmarks, debugging)
-executes exactly the same steps.
+behind the small ``Session`` interface of ``training.session``, so that a plain single-process run
+(benchmarks, debugging, unit tests) executes exactly the same steps.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mvl_pipeline.core.config import known_only
-from mvl_pipeline.evaluation.inference import dice_per_class, predict_probabilities
+from mvl_pipeline.evaluation.inference import predict_probabilities
+from mvl_pipeline.evaluation.metrics import dice_per_class
 from mvl_pipeline.model import (
     MedVisionLlamaConfig,
     build_model,
@@ -35,114 +34,17 @@ from mvl_pipeline.model import (
     load_model,
     save_model,
 )
+from mvl_pipeline.training.augmentation import augment
+from mvl_pipeline.training.config import LoopConfig
 from mvl_pipeline.training.losses import make_loss, prepare_target
-from mvl_pipeline.training.sampling import AugmentConfig, TrainingVolume, augment, sample_batch
+from mvl_pipeline.training.sampling import TrainingVolume, sample_batch
+from mvl_pipeline.training.session import RaySession, Session
 
 logger = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
-
-
-@dataclass(frozen=True)
-class LoopConfig:
-    """Hyper-parameters of the loop (the ``fit`` block of parameters_train.yml, minus Ray)."""
-
-    epochs: int = 30
-    steps_per_epoch: int = 25
-    batch_size: int = 2
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.99)
-    warmup_epochs: float = 1.0
-    min_lr_ratio: float = 0.02
-    grad_clip: float = 1.0
-    foreground_fraction: float = 1 / 3
-    rare_class_prob: float = 0.0  # of foreground crops: centre on the rarest class present
-    seed: int = 42
-    val_every: int = 1
-    val_overlap: float = 0.25
-    val_sw_batch_size: int = 2
-    torch_threads: int = 0  # 0: the worker's CPU share
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    inject_failure: Mapping[str, int] | None = None  # {"epoch": e, "step": s, "rank": r}: tests
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> LoopConfig:
-        values = known_only(cls, params, "fit.loop")
-        if "augment" in values:
-            values["augment"] = AugmentConfig.from_params(values["augment"])
-        if "betas" in values:
-            values["betas"] = tuple(values["betas"])
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-class Session:
-    """What the loop needs from its runtime. The plain session is one process, rank 0."""
-
-    world_rank = 0
-    world_size = 1
-
-    def get_checkpoint_dir(self) -> str | None:
-        return None
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        del metrics, checkpoint_dir
-
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        return model
-
-    def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:
-        return values
-
-    def device(self) -> torch.device:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-class RaySession(Session):
-    def __init__(self) -> None:
-        import ray.train
-
-        self._train = ray.train
-        context = ray.train.get_context()
-        self.world_rank = context.get_world_rank()
-        self.world_size = context.get_world_size()
-        self._restored = ray.train.get_checkpoint()
-
-    def get_checkpoint_dir(self) -> str | None:
-        if self._restored is None:
-            return None
-        local = tempfile.mkdtemp(prefix="mvl-restore-")
-        return self._restored.to_directory(local)
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        checkpoint = None
-        if checkpoint_dir is not None:
-            checkpoint = self._train.Checkpoint.from_directory(checkpoint_dir)
-        self._train.report(metrics, checkpoint=checkpoint)
-
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        import ray.train.torch
-
-        if self.world_size == 1:
-            return model.to(self.device())
-        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
-
-    def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:
-        if self.world_size == 1 or not torch.distributed.is_initialized():
-            return values
-        tensor = torch.from_numpy(np.asarray(values, dtype=np.float64))
-        torch.distributed.all_reduce(tensor)
-        return tensor.numpy()
-
-    def device(self) -> torch.device:
-        import ray.train.torch
-
-        return ray.train.torch.get_device()
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -61,13 +61,14 @@ def test_without_failure_budget_the_injected_failure_fails_the_fit(tiny_training
 
 
 def test_worker_sizing_follows_the_ray_cluster_and_refuses_what_a_local_ray_cannot_hold():
-    from mvl_pipeline.pipelines.fit.nodes import FitParams, _size_workers
+    from mvl_pipeline.training.config import FitConfig
+    from mvl_pipeline.training.ray_driver import size_workers
 
-    auto = FitParams.from_params({"scaling": {"num_workers": 2, "cpus_per_worker": 0}})
-    assert _size_workers(auto, {"CPU": 8.0}, local=True).cpus_per_worker == 4
+    auto = FitConfig.from_params({"scaling": {"num_workers": 2, "cpus_per_worker": 0}})
+    assert size_workers(auto, {"CPU": 8.0}, local=True).scaling.cpus_per_worker == 4
     with pytest.raises(ValueError, match="2 CPUs but the Ray cluster has 1"):
-        _size_workers(auto, {"CPU": 1.0}, local=True)  # 2 workers need at least 2 CPUs
-    too_many = FitParams.from_params({"scaling": {"num_workers": 1, "cpus_per_worker": 2}})
+        size_workers(auto, {"CPU": 1.0}, local=True)  # 2 workers need at least 2 CPUs
+    too_many = FitConfig.from_params({"scaling": {"num_workers": 1, "cpus_per_worker": 2}})
     with pytest.raises(ValueError, match="needs 1 worker"):
-        _size_workers(too_many, {"CPU": 1.0}, local=True)
-    assert _size_workers(too_many, {"CPU": 1.0}, local=False).cpus_per_worker == 2  # a cluster may scale
+        size_workers(too_many, {"CPU": 1.0}, local=True)
+    assert size_workers(too_many, {"CPU": 1.0}, local=False).scaling.cpus_per_worker == 2  # a cluster may scale

@@ -20,7 +20,7 @@ def sample_studies() -> list[SampleStudyFiles]:
 def count_processed(monkeypatch) -> Callable[[], list[str]]:
     """Wrap ``process_unit`` as the ingest node calls it; returns a getter of the units' raw
     source ids (StudyInstanceUID or path; test memory only) processed so far."""
-    from mvl_pipeline.pipelines.ingest import nodes
+    from mvl_pipeline.ingestion import run as nodes
 
     calls: list[str] = []
     original = nodes.process_unit

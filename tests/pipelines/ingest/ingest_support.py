@@ -28,8 +28,8 @@ from mvl_pipeline.core.volume import Volume
 from mvl_pipeline.datasets.case_store import CaseStoreDataset
 from mvl_pipeline.datasets.drop import DropFolderDataset, encode_file
 from mvl_pipeline.pipelines.ingest import create_pipeline
-from mvl_pipeline.pipelines.sample_data.nodes import (
-    SampleDataParams,
+from mvl_pipeline.synthetic.sample_drop import (
+    SampleDataConfig,
     iter_sample_studies,
     study_files,
 )
@@ -90,7 +90,7 @@ class SampleStudyFiles:
 
 def build_sample_studies(params: Mapping[str, Any]) -> list[SampleStudyFiles]:
     studies = []
-    for study in iter_sample_studies(SampleDataParams.from_dict(params)):
+    for study in iter_sample_studies(SampleDataConfig.from_params(params)):
         datasets = study_files(study)
         studies.append(
             SampleStudyFiles(
@@ -198,7 +198,11 @@ def ingest_catalog(
     text = CATALOG_YML.read_text()
     text = text.replace("${globals:data_root}", str(root)).replace("${globals:drop_url}", drop_url)
     config = yaml.safe_load(text)
-    credentials: dict[str, Any] = {"pseudonymisation": {} if key_hex is None else {"key": key_hex}}
+    # The key dataset reads conf/local/credentials.yml in a project; here a file of the test's own.
+    key_file = root.parent / f"{root.name}-credentials.yml"
+    key_file.write_text(yaml.safe_dump({} if key_hex is None else {"pseudonymisation": {"key": key_hex}}))
+    config["pseudonymisation_key"].update(filepath=str(key_file), env_var=None)
+    credentials: dict[str, Any] = {}
     if drop_credentials is not None:
         config["hospital_drop"]["credentials"] = "hospital_drop"
         credentials["hospital_drop"] = dict(drop_credentials)

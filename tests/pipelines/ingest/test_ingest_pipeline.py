@@ -24,8 +24,8 @@ from kedro.io import DatasetError
 from pydicom.data import get_testdata_file
 
 from mvl_pipeline.core import pseudonyms
+from mvl_pipeline.core.pseudonyms import PseudonymKeyError
 from mvl_pipeline.datasets.drop import EmptyDropFolderError
-from mvl_pipeline.dicom.deid import DeidKeyError
 from mvl_pipeline.pipelines.ingest import create_pipeline
 
 
@@ -103,12 +103,12 @@ def test_pipeline_writes_each_output_to_its_catalog_layer(tmp_path, mixed_drop, 
     ids=["missing", "too-short", "not-random"],
 )
 def test_pipeline_refuses_to_run_without_a_usable_key(tmp_path, mixed_drop, key_hex, message):
-    with pytest.raises((DatasetError, DeidKeyError)) as error:
+    with pytest.raises((DatasetError, PseudonymKeyError)) as error:
         run_ingest(mixed_drop, tmp_path / "data", key_hex=key_hex)
     text = str(error.value)
     assert message in text
     assert (
-        "conf/local/credentials.yml" in text and "python -m mvl_pipeline.cli.secrets ensure-key" in text
+        "conf/local/credentials.yml" in text and "MVL_PSEUDONYM_KEY" in text and "make key" in text
     )
     assert not (tmp_path / "data").exists()  # nothing written, not even a manifest
 
@@ -154,7 +154,7 @@ def test_an_unexpected_error_in_one_unit_never_stops_the_run_and_is_retried(
 ):
     """A bug (not bad data) in one study: that study is quarantined as internal_error, the rest
     is ingested; once the bug is gone the next run retries that study, and only that one."""
-    from mvl_pipeline.ingestion import process
+    from mvl_pipeline.ingestion import dicom_study as process
 
     victim = sample_studies[1]
     original = process.dicom_labels.read_segmentation

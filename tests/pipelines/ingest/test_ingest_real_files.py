@@ -28,7 +28,7 @@ from mvl_pipeline.core.volume import Volume, lps_to_ras
 from mvl_pipeline.datasets.drop import encode_file
 from mvl_pipeline.datasets.volume import VolumeDataset
 from mvl_pipeline.dicom.write import SeriesUids, make_uid, write_image_series
-from mvl_pipeline.pipelines.sample_data.nodes import convert_volumes_to_drop
+from mvl_pipeline.synthetic.sample_drop import convert_volumes_to_drop
 
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 PROJECT_LESION = 2  # params:ingest labels: lesion (the pyradiomics masks, MSD "tumour")

@@ -16,8 +16,8 @@ from kedro.runner import SequentialRunner
 from mvl_pipeline.core.case import Case
 from mvl_pipeline.datasets.case_store import CaseStoreDataset
 from mvl_pipeline.pipelines.preprocess import create_pipeline, nodes
-from mvl_pipeline.pipelines.preprocess.nodes import PreprocessParams
 from mvl_pipeline.preprocessing.apply import restore_to_original
+from mvl_pipeline.preprocessing.config import PreprocessConfig
 from mvl_pipeline.synthetic import phantom
 
 PROJECT = Path(__file__).resolve().parents[3]
@@ -222,12 +222,12 @@ def test_catalog_entries_and_parameters_are_consistent():
     for node in pipeline.nodes:
         assert node.name.endswith("_node")
         assert not set(node.inputs) & set(node.outputs)
-    params = PreprocessParams.from_dict(yaml.safe_load(PARAMS_YML.read_text())["preprocess"])
+    params = PreprocessConfig.from_params(yaml.safe_load(PARAMS_YML.read_text())["preprocess"])
     assert params.plan.orientation == "RAS"
     # the holdout must be a real fraction of the patients, never "one volume"
     assert 0.1 <= params.split.test_fraction <= 0.3
     with pytest.raises(ValueError, match="unknown"):
-        PreprocessParams.from_dict({"plan": {"token_budgt": 3}})
+        PreprocessConfig.from_params({"plan": {"token_budgt": 3}})
 
 
 def test_cases_without_a_source_hash_are_tracked_by_content(tmp_path, drop, counted):

@@ -7,15 +7,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mvl_pipeline.datasets.model_registry import MlflowRegistryDataset
-from mvl_pipeline.evaluation.metrics import summarise
-from mvl_pipeline.evaluation.scoring import EvaluateParams, score_cases
+from mvl_pipeline.evaluation.gate import gate_score
+from mvl_pipeline.evaluation.scoring import EvaluateConfig, cases_in, score_cases
+from mvl_pipeline.evaluation.summary import summarise
 from mvl_pipeline.model import model_from_weights
-from mvl_pipeline.pipelines.evaluate.nodes import holdout_loaders
-from mvl_pipeline.pipelines.register.nodes import (
-    decide_registration,
-    gate_score,
-    report_registration,
-)
+from mvl_pipeline.pipelines.register.nodes import decide_registration, report_registration
 
 pytestmark = pytest.mark.slow
 
@@ -41,9 +37,9 @@ def registry(tmp_path, llm_cache_dir, monkeypatch):
 def holdout_summary(data, weights):
     model = model_from_weights(*weights, llm_cache_dir=data["llm_cache_dir"])
     classes = {int(v): k for k, v in data["labels"].items()}
-    rows, _ = score_cases(model, holdout_loaders(data["ingested_cases"], data["data_split"]),
+    rows, _ = score_cases(model, cases_in(data["ingested_cases"], data["data_split"], "test"),
                           data["preprocessing_plan"], classes, num_classes=model.cfg.num_classes,
-                          params=EvaluateParams())  # fmt: skip
+                          params=EvaluateConfig())  # fmt: skip
     return {"classes": summarise(rows)}
 
 

@@ -15,13 +15,13 @@ from mvl_pipeline.dicom.labels import read_segmentation
 from mvl_pipeline.dicom.series import assemble_series
 from mvl_pipeline.dicom.write import dataset_bytes
 from mvl_pipeline.pipelines.sample_data import create_pipeline
-from mvl_pipeline.pipelines.sample_data.nodes import (
-    SampleDataParams,
-    generate_sample_drop,
+from mvl_pipeline.pipelines.sample_data.nodes import generate_sample_drop
+from mvl_pipeline.synthetic.fake_headers import PRIVATE_CREATOR, PRIVATE_GROUP
+from mvl_pipeline.synthetic.sample_drop import (
+    SampleDataConfig,
     iter_sample_studies,
     study_files,
 )
-from mvl_pipeline.synthetic.fake_headers import PRIVATE_CREATOR, PRIVATE_GROUP
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
@@ -45,7 +45,7 @@ SMALL = {
 @pytest.fixture(scope="module")
 def small_drop():
     """(studies, files) of the small sample drop, generated once for this module."""
-    studies = list(iter_sample_studies(SampleDataParams.from_dict(SMALL)))
+    studies = list(iter_sample_studies(SampleDataConfig.from_params(SMALL)))
     files = {}
     for study in studies:
         files.update(study_files(study))
@@ -155,7 +155,7 @@ def test_seg_masks_align_with_their_series(small_drop):
 def test_oblique_acquisition_reassembles_exactly():
     params = {**SMALL, "n_patients": 1, "followup_fraction": 0.0, "thin_slice_studies": 0,
               "non_axial_orientation": "oblique", "oblique_tilt_deg": [18.0, -7.0]}
-    (study,) = iter_sample_studies(SampleDataParams.from_dict(params))
+    (study,) = iter_sample_studies(SampleDataConfig.from_params(params))
     files = study_files(study)
     volume = assemble_series(_series_files(files, study, study.uids.series))
     assert np.allclose(volume.affine, study.image.affine, atol=1e-3)
@@ -180,10 +180,10 @@ def test_same_seed_same_bytes_other_seed_other_data(small_drop):
 
 
 def test_parameters_are_validated():
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['n_patiens'\] in sample_data parameters"):
-        SampleDataParams.from_dict({**SMALL, "n_patiens": 3})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['n_patiens'\] in sample_data; known keys"):
+        SampleDataConfig.from_params({**SMALL, "n_patiens": 3})
     with pytest.raises(ValueError, match="non_axial_orientation"):
-        SampleDataParams.from_dict({**SMALL, "non_axial_orientation": "diagonal"})
+        SampleDataConfig.from_params({**SMALL, "non_axial_orientation": "diagonal"})
 
 
 def test_pipeline_writes_the_drop_through_the_catalog(tmp_path):

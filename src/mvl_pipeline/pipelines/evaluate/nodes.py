@@ -13,23 +13,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from mvl_pipeline.evaluation.metrics import METRICS, summarise  # noqa: E402
-from mvl_pipeline.evaluation.scoring import EvaluateParams, score_cases  # noqa: E402
+from mvl_pipeline.evaluation.metrics import METRICS  # noqa: E402
+from mvl_pipeline.evaluation.scoring import EvaluateConfig, cases_in, score_cases  # noqa: E402
+from mvl_pipeline.evaluation.summary import summarise  # noqa: E402
 from mvl_pipeline.model import model_from_weights  # noqa: E402
 
 logger = logging.getLogger(__name__)
-
-
-def holdout_loaders(
-    ingested_cases: Mapping[str, Callable[[], Any]], data_split: Mapping[str, Any]
-) -> list[tuple[str, Callable[[], Any]]]:
-    test_ids = sorted(data_split["test"])
-    missing = [c for c in test_ids if c not in ingested_cases]
-    if missing:
-        raise ValueError(f"{len(missing)} holdout case(s) are not among the ingested cases")
-    if not test_ids:
-        raise ValueError("the holdout (test split) is empty")
-    return [(c, ingested_cases[c]) for c in test_ids]
 
 
 def evaluate_holdout(
@@ -42,12 +31,12 @@ def evaluate_holdout(
     params: Mapping[str, Any],
 ) -> tuple[pd.DataFrame, dict[str, Any], list[dict[str, Any]]]:
     """Per-case metrics, their summary, and a few slices for overlay plots."""
-    config = EvaluateParams.from_params(params)
+    config = EvaluateConfig.from_params(params)
     state, model_config = trained_model
     model = model_from_weights(state, model_config, llm_cache_dir=llm_cache_dir)
     classes = {int(v): str(k) for k, v in labels.items()}
     rows, overlays = score_cases(
-        model, holdout_loaders(ingested_cases, data_split), preprocessing_plan, classes,
+        model, cases_in(ingested_cases, data_split, "test"), preprocessing_plan, classes,
         num_classes=model.cfg.num_classes, params=config, keep_overlays=config.overlay_cases,
     )  # fmt: skip
     per_case = pd.DataFrame(rows)

@@ -1,7 +1,7 @@
 """Nodes of the ``preprocess`` pipeline: fingerprint -> plan -> apply (incremental) -> split.
 
 Pure functions of datasets and parameters; ``params:preprocess`` becomes a
-:class:`PreprocessParams` at the boundary. The array work lives in ``mvl_pipeline.imaging``.
+:class:`PreprocessConfig` at the boundary. The array work lives in ``mvl_pipeline.preprocessing``.
 
 Incremental apply: a model-input case is recomputed only when it is missing, its ``plan_id``
 differs from the current plan's, or its ``source_hash`` differs from the fingerprint's (ingest's
@@ -19,74 +19,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from mvl_pipeline.core.case import Case
 from mvl_pipeline.core.errors import ImagingError
 from mvl_pipeline.core.parallel import LazyResults, parallel_map
 from mvl_pipeline.preprocessing.apply import model_volume, preprocess_case
-from mvl_pipeline.preprocessing.crop import BodyMaskConfig
-from mvl_pipeline.preprocessing.fingerprint import (
-    FingerprintConfig,
-    aggregate_fingerprint,
-    case_fingerprint,
-)
-from mvl_pipeline.preprocessing.plan import PlanConfig, plan_preprocessing, reconcile_plan
-from mvl_pipeline.preprocessing.split import SplitConfig, make_split
+from mvl_pipeline.preprocessing.config import PreprocessConfig
+from mvl_pipeline.preprocessing.fingerprint import aggregate_fingerprint, case_fingerprint
+from mvl_pipeline.preprocessing.plan import plan_preprocessing, reconcile_plan
+from mvl_pipeline.preprocessing.split import make_split
 
 logger = logging.getLogger(__name__)
 
 CaseLoaders = Mapping[str, Callable[[], Case]]
-
-
-@dataclass(frozen=True)
-class ApplyConfig:
-    workers: int = 0  # 0: one per core
-    window: int = 0  # results computed ahead of the save; 0: 2 x workers
-    progress_every: int = 10
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | None) -> ApplyConfig:
-        values = dict(values or {})
-        unknown = set(values) - {"workers", "window", "progress_every"}
-        if unknown:
-            raise ValueError(f"unknown preprocess.apply parameters: {sorted(unknown)}")
-        return cls(**{k: int(v) for k, v in values.items()})
-
-
-@dataclass(frozen=True)
-class PreprocessParams:
-    """``params:preprocess`` as a typed object (see conf/base/parameters_preprocess.yml)."""
-
-    fingerprint: FingerprintConfig = field(default_factory=FingerprintConfig)
-    plan: PlanConfig = field(default_factory=PlanConfig)
-    apply: ApplyConfig = field(default_factory=ApplyConfig)
-    split: SplitConfig = field(default_factory=SplitConfig)
-
-    @classmethod
-    def from_dict(cls, params: Mapping[str, Any] | None) -> PreprocessParams:
-        params = dict(params or {})
-        unknown = set(params) - {"body_mask", "fingerprint", "plan", "apply", "split"}
-        if unknown:
-            raise ValueError(f"unknown preprocess parameter blocks: {sorted(unknown)}")
-        body_mask = BodyMaskConfig.from_dict(params.get("body_mask"))
-        plan = PlanConfig.from_dict(params.get("plan"), body_mask=body_mask)
-        fingerprint_block = dict(params.get("fingerprint") or {})
-        unknown = set(fingerprint_block) - {"quantile_points"}
-        if unknown:
-            raise ValueError(f"unknown preprocess.fingerprint parameters: {sorted(unknown)}")
-        fingerprint = FingerprintConfig(
-            orientation=plan.orientation,
-            quantile_points=int(fingerprint_block.get("quantile_points", 1001)),
-            body_mask=body_mask,
-        )
-        return cls(
-            fingerprint=fingerprint,
-            plan=plan,
-            apply=ApplyConfig.from_dict(params.get("apply")),
-            split=SplitConfig.from_dict(params.get("split")),
-        )
 
 
 def _previous(document: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -97,13 +43,14 @@ def _previous(document: Mapping[str, Any] | None) -> dict[str, Any] | None:
 # -- fingerprint ---------------------------------------------------------------------------
 def fingerprint_dataset(ingested_cases: CaseLoaders, params: Mapping[str, Any]) -> dict[str, Any]:
     """The dataset fingerprint (JSON) of all ingested cases."""
-    config = PreprocessParams.from_dict(params)
+    config = PreprocessConfig.from_params(params)
+    where = {"orientation": config.plan.orientation, "body_mask": config.body_mask}
     case_ids = sorted(ingested_cases)
     if not case_ids:
         raise ValueError("no ingested cases to fingerprint")
 
     def one(case_id: str) -> dict[str, Any]:
-        return case_fingerprint(ingested_cases[case_id](), config.fingerprint)
+        return case_fingerprint(ingested_cases[case_id](), config.fingerprint, **where)
 
     records = parallel_map(
         one,
@@ -112,7 +59,7 @@ def fingerprint_dataset(ingested_cases: CaseLoaders, params: Mapping[str, Any]) 
         what="fingerprint",
         progress_every=config.apply.progress_every,
     )
-    fingerprint = aggregate_fingerprint(records, config.fingerprint)
+    fingerprint = aggregate_fingerprint(records, config.fingerprint, **where)
     logger.info(
         "fingerprint %s: %d cases, modalities %s",
         fingerprint["fingerprint_id"], fingerprint["n_cases"], sorted(fingerprint["modalities"]),
@@ -128,11 +75,13 @@ def plan_dataset(
     model_params: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
     """The preprocessing plan; the previous one is kept when a re-plan only drifts slightly."""
-    config = PreprocessParams.from_dict(params).plan
+    preprocess = PreprocessConfig.from_params(params)
+    config = preprocess.plan
     model_params = model_params or {}
     new = plan_preprocessing(
         dataset_fingerprint,
         config,
+        body_mask=preprocess.body_mask,
         embed_patch_size=model_params.get("patch_size"),
         token_budget=model_params.get("token_budget"),
     )
@@ -188,7 +137,7 @@ def preprocess_dataset(
     :class:`ImagingError` is logged with its reason and the error propagates (cases saved
     before it are kept: each case is written atomically).
     """
-    config = PreprocessParams.from_dict(params).apply
+    config = PreprocessConfig.from_params(params).apply
     plan_id = str(preprocessing_plan["plan_id"])
     hashes = {cid: str(r.get("source_hash", "")) for cid, r in dataset_fingerprint["cases"].items()}
     missing = sorted(set(ingested_cases) - set(hashes))
@@ -244,7 +193,7 @@ def split_dataset(
     params: Mapping[str, Any],
 ) -> dict[str, Any]:
     """Train / validation / test case ids by patient pseudonym (see ``split.py``)."""
-    config = PreprocessParams.from_dict(params).split
+    config = PreprocessConfig.from_params(params).split
     case_patients = {cid: r["patient_id"] for cid, r in dataset_fingerprint["cases"].items()}
     split = make_split(case_patients, config, _previous(previous_split))
     logger.info(

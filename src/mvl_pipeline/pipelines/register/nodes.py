@@ -1,50 +1,21 @@
-"""The champion/challenger gate.
-
-The challenger (this run's model) becomes ``champion`` only if its holdout Dice beats the current
-champion's by at least ``margin``, both scored *now* on the same holdout cases with the same
-evaluation code (each model under its own preprocessing plan). Otherwise it is registered as
-``challenger`` with the comparison recorded. The first model becomes champion.
+"""The ``register`` nodes: score the champion now, let the gate decide (``evaluation.gate``),
+and hand the registry dataset what to register with which alias and tags.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from mvl_pipeline.core.config import known_only
+from mvl_pipeline.core.hashing import set_digest
 from mvl_pipeline.datasets.model_registry import RegistrationRequest, RegistryView
-from mvl_pipeline.evaluation.metrics import summarise
-from mvl_pipeline.evaluation.scoring import EvaluateParams, score_cases
+from mvl_pipeline.evaluation.gate import RegisterConfig, decide, gate_score
+from mvl_pipeline.evaluation.scoring import EvaluateConfig, cases_in, score_cases
+from mvl_pipeline.evaluation.summary import summarise
 from mvl_pipeline.model import model_from_weights
-from mvl_pipeline.pipelines.evaluate.nodes import holdout_loaders
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RegisterParams:
-    margin: float = 0.005
-    champion_alias: str = "champion"
-    challenger_alias: str = "challenger"
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> RegisterParams:
-        return cls(**known_only(cls, params, "register parameters"))
-
-
-def gate_score(summary_classes: Mapping[str, Any]) -> float:
-    """The gate's figure: mean over classes of the mean holdout Dice."""
-    means = [entry["dice"]["mean"] for entry in summary_classes.values() if entry["dice"]["mean"] is not None]
-    return float(np.mean(means)) if means else float("nan")
-
-
-def _holdout_hash(ids: list[str]) -> str:
-    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
 
 
 def decide_registration(
@@ -61,33 +32,30 @@ def decide_registration(
     evaluate_params: Mapping[str, Any],
     params: Mapping[str, Any],
 ) -> tuple[RegistrationRequest, dict[str, Any]]:
-    config = RegisterParams.from_params(params)
+    config = RegisterConfig.from_params(params)
     challenger = gate_score(evaluation_summary["classes"])
     holdout = sorted(data_split["test"])
     decision: dict[str, Any] = {
         "challenger_dice": challenger,
         "margin": config.margin,
         "holdout_cases": len(holdout),
-        "holdout_hash": _holdout_hash(holdout),
+        "holdout_hash": set_digest(holdout),
     }
     if registry.champion is None:
-        decision.update(champion_version=None, champion_dice=None, promoted=True, reason="first model")
+        promoted, reason = decide(challenger, None, config)
+        decision.update(champion_version=None, champion_dice=None, promoted=promoted, reason=reason)
     else:
         (state, model_config), champion_plan = registry.champion.load_bundle()
         champion_model = model_from_weights(state, model_config, llm_cache_dir=llm_cache_dir)
         classes = {int(v): str(k) for k, v in labels.items()}
         rows, _ = score_cases(
-            champion_model, holdout_loaders(ingested_cases, data_split), champion_plan, classes,
-            num_classes=champion_model.cfg.num_classes, params=EvaluateParams.from_params(evaluate_params),
+            champion_model, cases_in(ingested_cases, data_split, "test"), champion_plan, classes,
+            num_classes=champion_model.cfg.num_classes, params=EvaluateConfig.from_params(evaluate_params),
         )  # fmt: skip
         champion = gate_score(summarise(rows))
-        promoted = bool(challenger >= champion + config.margin)
+        promoted, reason = decide(challenger, champion, config)
         decision.update(
-            champion_version=registry.champion.version,
-            champion_dice=champion,
-            promoted=promoted,
-            reason=(f"holdout Dice {challenger:.4f} {'>=' if promoted else '<'} champion {champion:.4f} + margin "
-                    f"{config.margin}"),  # fmt: skip
+            champion_version=registry.champion.version, champion_dice=champion, promoted=promoted, reason=reason
         )
     aliases = (config.champion_alias,) if decision["promoted"] else (config.challenger_alias,)
     logger.info("registry gate: %s -> %s", decision["reason"], aliases[0])

@@ -1,0 +1,58 @@
+"""The ``ingest`` parameter block (conf/base/parameters_ingest.yml) as one typed object, handed
+whole to the worker processes (it is picklable)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from mvl_pipeline.core.config import ConfigBlock
+from mvl_pipeline.core.hashing import json_digest
+from mvl_pipeline.core.parallel import resolve_workers
+
+#: Settings that do not change what a unit ingests into (so a change re-ingests nothing).
+_NOT_SHAPING = ("workers", "batch_size", "progress")
+
+
+@dataclass(frozen=True)
+class IngestConfig(ConfigBlock):
+    """``params:ingest``: the label map, pairing rules, validation tolerances, de-identification."""
+
+    WHERE = "ingest"
+
+    labels: Mapping[str, int] = field(default_factory=dict)
+    label_aliases: Mapping[str, str] = field(default_factory=dict)
+    label_suffixes: tuple[str, ...] = ("_label", "_labels", "_seg", "_mask")
+    image_suffixes: tuple[str, ...] = ("_image", "_img", "_ct", "_0000")
+    workers: int = 0
+    batch_size: int = 8
+    min_slices: int = 8
+    spacing_tolerance: float = 0.05
+    retain_longitudinal_temporal: bool = False
+    quarantine_burned_in: bool = True
+    keep_unlabelled: bool = False
+    volume_modality: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.labels:
+            raise ValueError("params:ingest.labels must map label names to values, e.g. {organ: 1}")
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """Label aliases, lower-cased on both sides (names are matched case-insensitively)."""
+        return {str(k).lower(): str(v).lower() for k, v in self.label_aliases.items()}
+
+    @property
+    def label_names(self) -> dict[int, str]:
+        """Project label value -> name (0, background, is not listed)."""
+        return {int(v): str(k) for k, v in self.labels.items()}
+
+    def settings_id(self) -> str:
+        """Hash of everything that shapes a unit's result: a change re-ingests every unit."""
+        shaping: dict[str, Any] = {k: v for k, v in self.to_dict().items() if k not in _NOT_SHAPING}
+        return json_digest(shaping)
+
+    def n_workers(self) -> int:
+        return resolve_workers(self.workers)

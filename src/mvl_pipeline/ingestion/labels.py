@@ -1,0 +1,45 @@
+"""Label names of a source (SEG segments, RTSTRUCT ROIs, dataset.json) mapped onto the project's
+label map, by name (case-insensitive, through ``ingest.label_aliases``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from mvl_pipeline.core.errors import UnknownLabelValueError
+from mvl_pipeline.core.volume import Volume
+from mvl_pipeline.ingestion.config import IngestConfig
+
+
+def canonical_label(name: str, config: IngestConfig) -> str:
+    lowered = name.strip().lower()
+    return config.aliases.get(lowered, lowered)
+
+
+def map_label_names(names: Mapping[int, str], config: IngestConfig) -> dict[int, int]:
+    """Source label value -> project label value, by name. Unknown names raise."""
+    table = {k.lower(): int(v) for k, v in config.labels.items()}
+    mapping = {}
+    for value, name in names.items():
+        if int(value) == 0:
+            continue
+        canonical = canonical_label(str(name), config)
+        if canonical not in table:
+            raise UnknownLabelValueError(
+                f"label {int(value)} named {canonical!r} is not in the label map {sorted(table)}"
+            )
+        mapping[int(value)] = table[canonical]
+    return mapping
+
+
+def remap_labels(label: Volume, mapping: Mapping[int, int]) -> Volume:
+    values = np.unique(label.array)
+    unknown = [int(v) for v in values if v != 0 and int(v) not in mapping]
+    if unknown:
+        raise UnknownLabelValueError(f"label values {unknown} have no entry in the label map")
+    lut = np.zeros(int(values.max()) + 1 if values.size else 1, dtype=np.uint8)
+    for source, target in mapping.items():
+        if source < lut.size:
+            lut[source] = target
+    return Volume(lut[label.array.astype(np.int64)], label.affine, {})

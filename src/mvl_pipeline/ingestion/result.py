@@ -1,0 +1,119 @@
+"""What processing one unit produces, and the guards every result passes through.
+
+A unit ends as cases and/or PHI-free records (quarantined or skipped, each with a stable
+``reason``). Raw identity (headers, paths, UIDs) lives only in the processing functions' local
+variables; :func:`guard_no_identity` is the last line of defence: no identifying string seen in
+a source header may appear in what leaves, and every record's detail is scrubbed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mvl_pipeline.core.case import Case
+from mvl_pipeline.core.errors import EmptyImageError, NonFiniteValuesError, TooFewSlicesError
+from mvl_pipeline.core.volume import Volume
+from mvl_pipeline.ingestion.config import IngestConfig
+
+logger = logging.getLogger(__name__)
+
+_UID = re.compile(r"\b(?!1\.2\.840\.10008\.)\d+(?:\.\d+){3,}\b")
+
+
+#: Identifying attributes whose values must never appear in what leaves this module.
+IDENTITY_KEYWORDS = (
+    "PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "InstitutionName",
+    "InstitutionAddress", "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName",
+    "OtherPatientIDs", "OtherPatientNames", "PatientAddress", "PatientTelephoneNumbers",
+    "StudyID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "StationName",
+)  # fmt: skip
+
+
+@dataclass
+class UnitResult:
+    """What one unit produced. ``cases`` are ready to store; the rest goes to the manifest."""
+
+    unit: str
+    cases: list[Case] = field(default_factory=list)
+    quarantined: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    modality: str = "unknown"
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def scrub(text: str, raw: Sequence[str] = ()) -> str:
+    """Remove UIDs and any given raw strings (paths, names) from a message."""
+    for value in sorted((r for r in raw if r), key=len, reverse=True):
+        text = text.replace(value, "<redacted>")
+    return _UID.sub("<uid>", text)[:300]
+
+
+def validate_image(image: Volume, config: IngestConfig) -> None:
+    array = image.array
+    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+        raise NonFiniteValuesError("image holds NaN or Inf values")
+    if min(image.shape) < 1 or image.shape[2] < config.min_slices:
+        raise TooFewSlicesError(f"{image.shape[2]} slices, at least {config.min_slices} needed")
+    if float(array.max()) == float(array.min()):
+        raise EmptyImageError("every voxel of the image has the same value")
+
+
+def record(reason: str, detail: str, *, case_id: str | None, n_files: int, kind: str) -> dict:
+    return {"reason": reason, "detail": detail, "case_id": case_id, "n_files": n_files,
+            "source_kind": kind}  # fmt: skip
+
+
+def identity_strings(header: Any) -> list[str]:
+    values = []
+    for keyword in IDENTITY_KEYWORDS:
+        value = header.get(keyword) if header is not None else None
+        if value is None:
+            continue
+        for item in value if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue" else [value]:
+            text = str(item).strip()
+            if len(text) >= 4:
+                values.append(text)
+                values.extend(part for part in re.split(r"[\^ ,]+", text) if len(part) >= 4)
+    return values
+
+
+def guard_no_identity(result: UnitResult, identity: Sequence[str]) -> None:
+    """Last line of defence: no identifying string of the source may appear in the output."""
+    if not identity:
+        return
+    for case in list(result.cases):
+        blob = json.dumps({"meta": case.meta, "image": case.image.meta,
+                           "label": None if case.label is None else case.label.meta},
+                          default=str)  # fmt: skip
+        if any(value in blob for value in identity):
+            result.cases.remove(case)
+            result.quarantined.append(
+                record("phi_guard", "identifying text survived de-identification",
+                        case_id=case.case_id, n_files=0, kind="dicom")  # fmt: skip
+            )
+            logger.error("case %s held identifying text after de-identification", case.case_id)
+    for entry in result.quarantined + result.skipped:
+        entry["detail"] = scrub(str(entry.get("detail", "")), identity)
+
+
+def case_meta(
+    modality: str, source_kind: str, image: Volume, label: Volume | None, config: IngestConfig
+) -> dict[str, Any]:
+    """The PHI-free geometry and label metadata every ingested case carries."""
+    return {
+        "modality": modality,
+        "source_kind": source_kind,
+        "label_names": {str(k): v for k, v in sorted(config.label_names.items())},
+        "present_labels": sorted(int(v) for v in np.unique(label.array) if v) if label is not None else [],
+        "spacing": list(image.spacing),
+        "shape": list(image.shape),
+        "orientation": image.orientation,
+        "n_slices": int(image.shape[2]),
+    }

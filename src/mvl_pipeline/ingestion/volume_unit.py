@@ -1,0 +1,100 @@
+"""One NIfTI / NRRD image (with its label file, or an MSD task entry) of a drop -> a case."""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any
+
+import numpy as np
+
+from mvl_pipeline.core import pseudonyms
+from mvl_pipeline.core.case import Case
+from mvl_pipeline.core.errors import ImagingError, LabelGridMismatchError, UnknownLabelValueError
+from mvl_pipeline.core.volume import Volume, guess_modality
+from mvl_pipeline.ingestion.config import IngestConfig
+from mvl_pipeline.ingestion.labels import map_label_names, remap_labels
+from mvl_pipeline.ingestion.result import (
+    UnitResult,
+    case_meta,
+    guard_no_identity,
+    record,
+    scrub,
+    validate_image,
+)
+from mvl_pipeline.ingestion.units import Unit
+
+logger = logging.getLogger(__name__)
+
+# -- NIfTI / NRRD / MSD ----------------------------------------------------------------------
+#: What the volume decoders are told the file is called: they may log it (e.g. "NRRD without
+#: 'space'" at WARNING), and a drop's paths can carry names. Quarantine details never use it.
+_VOLUME_NAME = "<drop volume>"
+
+
+def read_volume(drop: Any, relpath: str) -> Volume:
+    """A NIfTI / NRRD file of the drop as a Volume (a detached .nhdr reads its data file too)."""
+    from mvl_pipeline.datasets.volume import decode_nifti, decode_nrrd
+
+    lower = relpath.lower()
+    data = drop.read_bytes(relpath)
+    if lower.endswith((".nii.gz", ".nii")):
+        return decode_nifti(data, compressed=lower.endswith(".gz"), path=_VOLUME_NAME)
+    if lower.endswith(".nhdr"):
+        import nrrd
+
+        header = nrrd.read_header(io.BytesIO(data))
+        data_file = header.get("data file") or header.get("datafile")
+        if not data_file:
+            return decode_nrrd(data, path=_VOLUME_NAME)
+        sibling = relpath.rsplit("/", 1)[0] + "/" + str(data_file) if "/" in relpath else str(data_file)
+        return decode_nrrd(data, path=_VOLUME_NAME, data_bytes=drop.read_bytes(sibling))
+    return decode_nrrd(data, path=_VOLUME_NAME)
+
+
+def process_volume_unit(drop: Any, unit: Unit, key: bytes, config: IngestConfig) -> UnitResult:
+    result = UnitResult(unit=pseudonyms.unit_key(key, unit.kind, unit.source_id))
+    case_id = pseudonyms.case_pseudonym(key, "volume", unit.source_id)
+    identity = list(unit.files) + ([unit.patient_hint] if unit.patient_hint else [])
+    if unit.label is None and not config.keep_unlabelled:
+        result.skipped.append({"reason": "unlabelled_image", "detail": "no label file pairs with this image",
+                               "n_files": 1, "case_id": case_id})  # fmt: skip
+        return result
+    try:
+        image = read_volume(drop, unit.image)
+        if image.array.ndim != 3:
+            raise ImagingError("only single-channel 3-D images are supported")
+        modality = unit.modality or (
+            guess_modality(image) if config.volume_modality == "auto" else config.volume_modality.upper()
+        )
+        if modality == "MULTI":
+            raise ImagingError("multi-channel (several modalities) images are not supported yet")
+        validate_image(image, config)
+        label = None
+        names = dict(unit.label_names) or {v: k for k, v in config.labels.items()}
+        if unit.label is not None:
+            raw_label = read_volume(drop, unit.label)
+            if not raw_label.same_grid(image, atol_mm=1e-2):
+                raise LabelGridMismatchError(
+                    f"label grid {raw_label.shape} differs from image grid {image.shape}"
+                )
+            if raw_label.array.dtype.kind == "f" and not np.all(
+                raw_label.array == np.round(raw_label.array)
+            ):
+                raise UnknownLabelValueError("label volume holds non-integer values")
+            raw = Volume(raw_label.array.astype(np.int64), image.affine, {})
+            label = remap_labels(raw, map_label_names(names, config))
+    except ImagingError as exc:
+        result.quarantined.append(
+            record(exc.reason, scrub(exc.detail, identity), case_id=case_id,
+                    n_files=len(unit.files), kind="volume")  # fmt: skip
+        )
+        guard_no_identity(result, identity)
+        return result
+    result.modality = modality
+    meta = case_meta(modality, "volume", image, label, config)
+    clean = Volume(image.array.astype(np.float32, copy=False), image.affine, {"modality": modality})
+    patient = pseudonyms.patient_pseudonym(key, "volume", unit.patient_hint or unit.source_id)
+    result.cases.append(Case(case_id, patient, clean, label, meta))
+    guard_no_identity(result, identity)
+    return result

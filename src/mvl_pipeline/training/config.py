@@ -1,0 +1,66 @@
+"""The ``fit`` parameter block (conf/base/parameters_fit.yml): the training loop, its augmentation,
+and how Ray Train scales it. Defaults equal the YAML (tests/core/test_parameters.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from mvl_pipeline.core.config import ConfigBlock
+from mvl_pipeline.training.augmentation import AugmentConfig
+
+
+@dataclass(frozen=True)
+class LoopConfig(ConfigBlock):
+    """Hyper-parameters of ``train_loop_per_worker`` (``fit.loop``)."""
+
+    WHERE = "fit.loop"
+
+    epochs: int = 24
+    steps_per_epoch: int = 50
+    batch_size: int = 2  # per worker
+    lr: float = 0.002
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.99)
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.02
+    grad_clip: float = 1.0
+    foreground_fraction: float = 0.33
+    rare_class_prob: float = 0.0  # of foreground crops: centre on the rarest class present
+    seed: int = 42
+    val_every: int = 2
+    val_overlap: float = 0.25
+    val_sw_batch_size: int = 2
+    torch_threads: int = 0  # 0: the worker's CPU share
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    #: Fault injection for tests only (never in the shipped YAML): ``{epoch, step, rank}``.
+    inject_failure: Mapping[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class ScalingConfig(ConfigBlock):
+    """``fit.scaling``: Ray Train workers and what each holds."""
+
+    WHERE = "fit.scaling"
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 0  # 0: the Ray cluster's CPUs shared by the workers
+    gpus_per_worker: float = 1.0
+
+
+@dataclass(frozen=True)
+class FitConfig(ConfigBlock):
+    """The ``fit`` block."""
+
+    WHERE = "fit"
+
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    ray_num_cpus: int | None = None  # local Ray only: None = every core of the machine
+    run_name: str = "auto"
+    storage_path: str = "data/06_models/ray_results"
+    llm_cache_dir: str = "data/06_models/llm_cache"
+    max_failures: int = 1
+    num_to_keep: int = 2
+    stream_to_mlflow: bool = True
+    loop: LoopConfig = field(default_factory=LoopConfig)

@@ -108,8 +108,9 @@ def summary(volume) -> tuple[tuple[int, int, int], float]:
 def bench_drop(folders: list[str], repeats: int, pool, threads) -> dict[str, float]:
     import pydicom
     import SimpleITK as sitk
+    from _assemble_many import assemble_many
 
-    from mvl_pipeline.dicom.series import assemble_many, assemble_series
+    from mvl_pipeline.dicom.assemble import assemble_series
 
     series = [sorted(glob.glob(os.path.join(folder, "*.dcm"))) for folder in folders]
     files = [f for s in series for f in s]
@@ -163,7 +164,7 @@ def main() -> None:
     parser.add_argument("--keep", help="write the drops here instead of a temporary folder")
     args = parser.parse_args()
 
-    from mvl_pipeline.dicom.series import process_pool
+    from _assemble_many import process_pool
 
     root = args.keep or tempfile.mkdtemp(prefix="bench-ingest-")
     drops = {

@@ -10,8 +10,8 @@ from mvl_pipeline.cli import sample_drop as sample_drop_cli
 from mvl_pipeline.core.volume import Volume, guess_modality
 from mvl_pipeline.datasets.drop import DropFolderDataset
 from mvl_pipeline.datasets.volume import VolumeDataset
+from mvl_pipeline.dicom.assemble import assemble_series
 from mvl_pipeline.dicom.labels import read_segmentation
-from mvl_pipeline.dicom.series import assemble_series
 from mvl_pipeline.dicom.write import dataset_bytes
 from mvl_pipeline.synthetic.sample_drop import convert_volumes_to_drop, exact_rescale
 

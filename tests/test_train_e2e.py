@@ -89,9 +89,9 @@ def test_make_train_flow_leaves_a_champion_and_a_report(project):
 
 
 def test_predict_writes_nifti_and_a_dicom_seg_on_the_source_grid(project):
-    from mvl_pipeline.datasets.volume import decode_nifti
+    from mvl_pipeline.dicom.assemble import assemble_series
     from mvl_pipeline.dicom.labels import read_segmentation
-    from mvl_pipeline.dicom.series import assemble_series
+    from mvl_pipeline.formats.nifti import decode_nifti
 
     if not (project / "mlflow.db").exists():
         pytest.fail("needs the champion registered by the end-to-end test (run the module as a whole)")

@@ -205,7 +205,7 @@ def test_bad_files_in_a_series_folder(base) -> None:
 
 
 def make_seg() -> tuple[pydicom.Dataset, Volume, np.ndarray]:
-    from mvl_pipeline.dicom.series import assemble_series
+    from mvl_pipeline.dicom.assemble import assemble_series
     from mvl_pipeline.dicom.write import write_image_series
 
     data = series_save("seg")

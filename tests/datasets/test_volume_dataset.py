@@ -13,7 +13,9 @@ from kedro.io.core import DatasetError, Version
 
 from mvl_pipeline.core.errors import ImagingError, UnreadableFileError
 from mvl_pipeline.core.volume import Volume
-from mvl_pipeline.datasets.volume import VolumeDataset, VolumeFileError, encode_nifti, encode_nrrd
+from mvl_pipeline.datasets.volume import VolumeDataset, VolumeFileError
+from mvl_pipeline.formats.nifti import encode_nifti
+from mvl_pipeline.formats.nrrd import encode_nrrd
 from mvl_pipeline.synthetic.phantom import acquisition_affine
 
 EXTENSIONS = ["nii", "nii.gz", "nrrd", "nhdr"]
@@ -250,7 +252,7 @@ def test_describe_never_shows_credentials_and_options_are_checked(s3_bucket):
     assert "very-secret-value" not in repr(dataset) and "very-secret-value" not in str(dataset)
     with pytest.raises(DatasetError, match="unknown save_args"):
         VolumeDataset(filepath="v.nii", save_args={"compression": 3})
-    with pytest.raises(ValueError, match="expected .nii"):
+    with pytest.raises(ValueError, match="expected one of .nii.gz, .nii, .nrrd, .nhdr"):
         VolumeDataset(filepath="v.mha")
 
 

@@ -13,8 +13,8 @@ from pydicom.dataset import Dataset
 
 from mvl_pipeline.core.pseudonyms import PseudonymKeyError, require_key
 from mvl_pipeline.core.volume import Volume, affine_from_geometry
+from mvl_pipeline.dicom.assemble import assemble_series
 from mvl_pipeline.dicom.deid import deidentify, map_uid, pseudonym
-from mvl_pipeline.dicom.series import assemble_series
 from mvl_pipeline.dicom.write import dataset_bytes, series_uids, write_image_series
 
 KEY = require_key("3b9c1f0e7a2d4c6b8e0f1a3c5d7e9b2a4c6e8f0a1b3d5f7e9c2a4b6d8f0e1c3a")

@@ -14,8 +14,8 @@ from pydicom.dataset import Dataset
 
 from mvl_pipeline.core.errors import LabelGridMismatchError, UnknownLabelValueError
 from mvl_pipeline.core.volume import Volume, affine_from_geometry, lps_to_ras
+from mvl_pipeline.dicom.assemble import assemble_series
 from mvl_pipeline.dicom.labels import rasterise_rtstruct, read_segmentation
-from mvl_pipeline.dicom.series import assemble_series
 from mvl_pipeline.dicom.write import (
     dataset_bytes,
     make_uid,

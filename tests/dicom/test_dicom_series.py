@@ -24,16 +24,10 @@ from mvl_pipeline.core.errors import (
     UnreadableFileError,
 )
 from mvl_pipeline.core.volume import Volume, affine_from_geometry
+from mvl_pipeline.dicom.assemble import assemble_series
+from mvl_pipeline.dicom.decode import read_frames
 from mvl_pipeline.dicom.native import scan_native
-from mvl_pipeline.dicom.series import (
-    ObjectKind,
-    assemble_many,
-    assemble_series,
-    classify,
-    group_by_series,
-    read_frames,
-    read_header,
-)
+from mvl_pipeline.dicom.read import ObjectKind, classify, read_header, sort_study
 from mvl_pipeline.dicom.write import dataset_bytes, series_uids, write_image_series
 
 
@@ -301,7 +295,7 @@ def test_classify_by_sop_class(sop_class: str, modality: str, kind: ObjectKind) 
 
 
 def test_check_is_image() -> None:
-    from mvl_pipeline.dicom.series import check_is_image
+    from mvl_pipeline.dicom.read import check_is_image
 
     check_is_image(read_header(data_file("CT_small.dcm")))
     with pytest.raises(NotAnImageError, match="label source"):
@@ -372,33 +366,26 @@ def test_unused_high_bits_are_ignored_like_pydicom(tmp_path) -> None:
     np.testing.assert_allclose(volume.array[:, :, 0], pydicom_values(str(path)).T)
 
 
-def test_group_by_series_sorts_a_mixed_drop(tmp_path) -> None:
+def test_sort_study_groups_series_and_their_labels_and_skips_other_objects(tmp_path) -> None:
     for seed in ("a", "b"):
         for ds in small_series(3, seed=seed):
             (tmp_path / f"{seed}-{ds.InstanceNumber}").write_bytes(dataset_bytes(ds))
     for name in ("liver.dcm", "rtplan.dcm", "no_meta.dcm"):
         shutil.copy(data_file(name), tmp_path / name)
-    series, labels, rejected = group_by_series(sorted(tmp_path.iterdir()))
-    assert sorted(len(files) for files in series.values()) == [3, 3]
-    assert [c.kind for _, c in labels] == [ObjectKind.SEGMENTATION]
-    assert sorted(error.reason for _, error in rejected) == ["not_an_image", "not_dicom"]
-
-
-def test_assemble_many_in_two_processes_and_threads() -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
-    good_a = [dataset_bytes(ds) for ds in small_series(4, seed="a")]
-    good_b = [dataset_bytes(ds) for ds in small_series(5, seed="b")]
-    broken = good_a[:1] + good_a[2:]  # a missing slice
-    expected = [assemble_series(good_a), assemble_series(good_b)]
-    results = assemble_many([good_a, good_b, broken], workers=2)
-    for volume, reference in zip(results[:2], expected, strict=True):
-        np.testing.assert_array_equal(volume.array, reference.array)
-        np.testing.assert_allclose(volume.affine, reference.affine)
-    assert isinstance(results[2], ImagingError) and results[2].reason == "missing_slices"
-    with ThreadPoolExecutor(2) as pool:
-        threaded = assemble_many([good_a, good_b], executor=pool, then=lambda v: v.shape)
-    assert threaded == [reference.shape for reference in expected]
+    headers, unreadable = {}, []
+    for path in sorted(tmp_path.iterdir()):
+        try:
+            headers[path.name] = read_header(path)
+        except ImagingError as error:
+            unreadable.append(error.reason)
+    study = sort_study(headers)
+    assert unreadable == ["not_dicom"]
+    assert sorted(len(files) for files in study.series.values()) == [3, 3]
+    assert study.label_files == ["liver.dcm"]
+    assert classify(headers["liver.dcm"]).kind is ObjectKind.SEGMENTATION
+    # liver.dcm's SEG references a series that is not in this folder: kept by its reference
+    assert list(study.labels.values()) == [["liver.dcm"]] and not set(study.labels) & set(study.series)
+    assert [(key, error.reason) for key, error in study.skipped] == [("rtplan.dcm", "not_an_image")]
 
 
 def test_scanner_rejects_what_it_does_not_understand() -> None:

@@ -21,7 +21,7 @@ from mvl_pipeline.core.errors import (
     UnevenSpacingError,
 )
 from mvl_pipeline.core.volume import Volume, affine_from_geometry
-from mvl_pipeline.dicom.series import assemble_series
+from mvl_pipeline.dicom.assemble import assemble_series
 from mvl_pipeline.dicom.write import (
     SeriesUids,
     dataset_bytes,

@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 
 from mvl_pipeline.core.case import Case
+from mvl_pipeline.core.errors import ImagingError
 from mvl_pipeline.core.volume import Volume, guess_modality
-from mvl_pipeline.datasets.volume import encode_nifti
 from mvl_pipeline.evaluation.scoring import EvaluateConfig, predict_case
+from mvl_pipeline.formats.nifti import encode_nifti
 
 logger = logging.getLogger("mvl_pipeline.cli.predict")
 
@@ -47,32 +48,28 @@ def load_registered(model_uri: str, tracking_uri: str | None) -> tuple[tuple[dic
 
 def read_dicom_study(folder: Path, series_index: int | None) -> tuple[Volume, list[Any]]:
     """The study's image series as a Volume, plus its source data sets (for the SEG)."""
-    from mvl_pipeline.dicom import series as dicom_series
+    from mvl_pipeline.dicom.assemble import assemble_series
+    from mvl_pipeline.dicom.read import read_dataset, read_header, sort_study
 
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-    by_series: dict[str, list[tuple[Path, Any]]] = {}
-    for path in files:
+    headers = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
         try:
-            header = dicom_series.read_header(path)
-            dicom_series.check_is_image(header)
-        except Exception:  # not an image slice (SEG, SR, stray file): not what we segment
+            headers[path] = read_header(path)
+        except ImagingError:  # a stray non-DICOM file: not what we segment
             continue
-        by_series.setdefault(str(header.get("SeriesInstanceUID", "")), []).append((path, header))
-    if not by_series:
+    ordered = sorted(sort_study(headers).series.values(), key=len, reverse=True)
+    if not ordered:
         raise ValueError("no DICOM image series found in the input folder")
-    ordered = sorted(by_series.values(), key=len, reverse=True)
     if series_index is None and len(ordered) > 1:
         logger.info("%d image series in the folder: using the largest (--series-index to choose)", len(ordered))
     chosen = ordered[series_index or 0]
-    volume = dicom_series.assemble_series([path for path, _ in chosen])
-    datasets = [dicom_series.read_dataset(path) for path, _ in chosen]
-    return volume, datasets
+    return assemble_series(chosen), [read_dataset(path) for path in chosen]
 
 
 def read_volume_file(path: Path) -> Volume:
-    from mvl_pipeline.datasets.volume import VolumeDataset
+    from mvl_pipeline.formats.volumes import read_volume
 
-    return VolumeDataset(filepath=str(path)).load()
+    return read_volume(path.read_bytes(), str(path), read_sibling=lambda sibling: Path(sibling).read_bytes())
 
 
 def run(argv: list[str] | None = None) -> int:

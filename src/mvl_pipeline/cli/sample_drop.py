@@ -20,11 +20,12 @@ from pathlib import Path
 from mvl_pipeline.core.volume import Volume
 from mvl_pipeline.datasets.drop import DropFolderDataset
 from mvl_pipeline.datasets.volume import VolumeDataset
+from mvl_pipeline.formats.volumes import VOLUME_SUFFIXES
 from mvl_pipeline.synthetic.sample_drop import convert_volumes_to_drop
 
 logger = logging.getLogger(__name__)
 
-_EXTENSIONS = ("nrrd", "nhdr", "nii.gz", "nii")
+_EXTENSIONS = tuple(s.lstrip(".") for s in VOLUME_SUFFIXES)
 
 
 def find_cases(src: Path) -> dict[str, tuple[Path, Path]]:

@@ -30,7 +30,7 @@ from mvl_pipeline.core import storage
 from mvl_pipeline.core.case import Case
 from mvl_pipeline.core.errors import UnreadableFileError
 from mvl_pipeline.core.volume import Volume
-from mvl_pipeline.datasets.volume import decode_nifti, encode_nifti
+from mvl_pipeline.formats.nifti import decode_nifti, encode_nifti
 
 logger = logging.getLogger(__name__)
 

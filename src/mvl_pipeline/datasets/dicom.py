@@ -36,7 +36,8 @@ from mvl_pipeline.core.storage import (
     join,
 )
 from mvl_pipeline.core.volume import Volume
-from mvl_pipeline.dicom.series import assemble_series, read_dataset
+from mvl_pipeline.dicom.assemble import assemble_series
+from mvl_pipeline.dicom.read import read_dataset
 from mvl_pipeline.dicom.write import SeriesUids, save_dataset, write_image_series
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -94,7 +95,7 @@ class DicomSeriesDataset(_FsDataset, AbstractDataset[DicomSeriesSave | Sequence[
 
     ``load()`` assembles every file in the folder (not sub-folders; names starting with ``.``
     or ``_`` are ignored) into a :class:`Volume` with
-    :func:`~mvl_pipeline.dicom.series.assemble_series` (``load_args`` go to it, except
+    :func:`~mvl_pipeline.dicom.assemble.assemble_series` (``load_args`` go to it, except
     ``require_complete``). ``save()`` takes a :class:`DicomSeriesSave` (written with
     ``write_image_series``) or ready-made data sets (e.g. de-identified ones) and writes one
     ``<SOPInstanceUID>.dcm`` per slice, atomically for the whole folder.

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import logging
-from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,11 +12,12 @@ import numpy as np
 
 from mvl_pipeline.core import pseudonyms
 from mvl_pipeline.core.case import Case
-from mvl_pipeline.core.errors import ImagingError, LabelGridMismatchError, NotAnImageError
+from mvl_pipeline.core.errors import ImagingError, LabelGridMismatchError
 from mvl_pipeline.core.volume import Volume
 from mvl_pipeline.dicom import labels as dicom_labels
-from mvl_pipeline.dicom import series as dicom_series
+from mvl_pipeline.dicom.assemble import assemble_series
 from mvl_pipeline.dicom.deid import deidentify
+from mvl_pipeline.dicom.read import SEGMENTATION_STORAGE, read_dataset, read_header, sort_study
 from mvl_pipeline.ingestion.config import IngestConfig
 from mvl_pipeline.ingestion.labels import canonical_label, map_label_names, remap_labels
 from mvl_pipeline.ingestion.result import (
@@ -33,12 +33,6 @@ from mvl_pipeline.ingestion.units import Unit
 
 logger = logging.getLogger(__name__)
 
-SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
-
-
-RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
-
-
 # -- DICOM studies ---------------------------------------------------------------------------
 def process_dicom_study(drop: Any, unit: Unit, key: bytes, config: IngestConfig) -> UnitResult:
     """All files of one study: image series + their SEG/RTSTRUCT labels -> cases."""
@@ -47,7 +41,7 @@ def process_dicom_study(drop: Any, unit: Unit, key: bytes, config: IngestConfig)
     identity: list[str] = list(unit.files)
     for relpath in unit.files:
         try:
-            headers[relpath] = dicom_series.read_header(io.BytesIO(drop.read_bytes(relpath)))
+            headers[relpath] = read_header(io.BytesIO(drop.read_bytes(relpath)))
         except ImagingError as exc:
             result.quarantined.append(
                 record(exc.reason, scrub(exc.detail, [relpath]), case_id=None, n_files=1, kind="dicom")
@@ -56,27 +50,12 @@ def process_dicom_study(drop: Any, unit: Unit, key: bytes, config: IngestConfig)
         identity.extend(identity_strings(header))
     identity = sorted(set(identity))
 
-    series: dict[str, list[str]] = defaultdict(list)
-    label_objects: list[str] = []
-    for relpath, header in headers.items():
-        sop_class = str(header.get("SOPClassUID", ""))
-        if sop_class in (SEG_SOP_CLASS, RTSTRUCT_SOP_CLASS):
-            label_objects.append(relpath)
-            continue
-        try:
-            dicom_series.check_is_image(header)
-        except NotAnImageError as exc:
-            result.skipped.append({"reason": exc.reason, "detail": scrub(exc.detail), "n_files": 1})
-            continue
-        series[str(header.get("SeriesInstanceUID", ""))].append(relpath)
-
-    labels_by_series: dict[str, list[str]] = defaultdict(list)
-    for relpath in label_objects:
-        for referenced in dicom_labels.referenced_series_uids(headers[relpath]):
-            labels_by_series[referenced].append(relpath)
+    study = sort_study(headers)
+    for _relpath, exc in study.skipped:
+        result.skipped.append({"reason": exc.reason, "detail": scrub(exc.detail), "n_files": 1})
+    series, labels_by_series, label_objects = study.series, study.labels, study.label_files
 
     for series_uid, files in sorted(series.items()):
-        first = headers[files[0]]
         case_id = pseudonyms.case_pseudonym(key, unit.source_id, series_uid)
         label_files = labels_by_series.get(series_uid, [])
         if not label_files and not config.keep_unlabelled:
@@ -95,7 +74,6 @@ def process_dicom_study(drop: Any, unit: Unit, key: bytes, config: IngestConfig)
             continue
         result.modality = case.modality
         result.cases.append(case)
-        del first
     for referenced, files in labels_by_series.items():
         if referenced not in series:
             result.quarantined.append(
@@ -121,7 +99,7 @@ def _dicom_case(
 ) -> Case:
     # (name, bytes) sources take the assembler's fast path for uncompressed slices
     sources = [(f, drop.read_bytes(f)) for f in files]
-    image = dicom_series.assemble_series(
+    image = assemble_series(
         sources, min_slices=config.min_slices, spacing_tolerance=config.spacing_tolerance
     )
     validate_image(image, config)
@@ -135,8 +113,8 @@ def _dicom_case(
     label: Volume | None = None
     label_names: dict[int, str] = {}
     for relpath in label_files:
-        ds = dicom_series.read_dataset(io.BytesIO(drop.read_bytes(relpath)))
-        if str(ds.get("SOPClassUID", "")) == SEG_SOP_CLASS:
+        ds = read_dataset(io.BytesIO(drop.read_bytes(relpath)))
+        if str(ds.get("SOPClassUID", "")) == SEGMENTATION_STORAGE:
             volume, names = dicom_labels.read_segmentation(ds, image)
         else:
             volume, names = dicom_labels.rasterise_rtstruct(ds, image)

@@ -21,14 +21,14 @@ from typing import Any
 
 from mvl_pipeline.core import pseudonyms
 from mvl_pipeline.core.errors import ImagingError
-from mvl_pipeline.dicom import series as dicom_series
+from mvl_pipeline.dicom.read import read_header
+from mvl_pipeline.formats.volumes import volume_suffix
 from mvl_pipeline.ingestion.units import (
     Unit,
     is_ignored,
     is_msd_descriptor,
     msd_units,
     pair_volumes,
-    volume_suffix,
 )
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def failed_internally(unit_entry: Mapping[str, Any]) -> bool:
 def _dicom_study_of(drop: Any, relpath: str) -> tuple[str, str | None, str | None]:
     """Return ``(relpath, StudyInstanceUID or None, error reason)`` (runs in workers)."""
     try:
-        header = dicom_series.read_header(io.BytesIO(drop.read_bytes(relpath)))
+        header = read_header(io.BytesIO(drop.read_bytes(relpath)))
     except ImagingError as exc:
         return relpath, None, exc.reason
     study = str(header.get("StudyInstanceUID", "") or "")

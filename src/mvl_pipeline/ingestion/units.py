@@ -11,13 +11,14 @@ Only raw paths and raw UIDs are handled here, in memory: what leaves is keyed (s
 
 from __future__ import annotations
 
-import json
 import posixpath
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr")
+from mvl_pipeline.formats.msd import MsdDescriptorError, read_task
+from mvl_pipeline.formats.volumes import volume_suffix
+
 IGNORED_SUFFIXES = (
     ".json", ".txt", ".csv", ".md", ".xml", ".html", ".pdf", ".log", ".yml", ".yaml",
     ".raw", ".raw.gz", ".zraw", ".dvc", ".gitignore", ".ds_store",
@@ -44,11 +45,6 @@ class Unit:
     modality: str | None = None
     error_reason: str | None = None
     error_detail: str | None = None
-
-
-def volume_suffix(relpath: str) -> str | None:
-    lower = relpath.lower()
-    return next((s for s in VOLUME_SUFFIXES if lower.endswith(s)), None)
 
 
 def is_ignored(relpath: str) -> bool:
@@ -117,25 +113,13 @@ def msd_units(descriptor_path: str, descriptor: bytes, available: set[str]) -> l
     """Units of a Medical Segmentation Decathlon task from its ``dataset.json``."""
     root = posixpath.dirname(descriptor_path)
     try:
-        spec = json.loads(descriptor)
-        label_names = {int(k): str(v) for k, v in spec.get("labels", {}).items()}
-        modalities = spec.get("modality", {}) or {}
-        training = spec.get("training", [])
-        test = spec.get("test", [])
-    except (ValueError, AttributeError, TypeError) as exc:
+        task = read_task(descriptor)
+    except MsdDescriptorError as exc:
         return [Unit("bad_file", descriptor_path, (descriptor_path,),
-                     error_reason="invalid_msd_descriptor", error_detail=str(exc)[:200])]  # fmt: skip
-    modality = None
-    if len(modalities) == 1:
-        modality = str(next(iter(modalities.values()))).upper()
-    elif len(modalities) > 1:
-        modality = "MULTI"
+                     error_reason="invalid_msd_descriptor", error_detail=str(exc))]  # fmt: skip
     units = []
-    entries = [(e.get("image"), e.get("label")) for e in training if isinstance(e, dict)]
-    entries += [(e if isinstance(e, str) else None, None) for e in test]
+    entries = [*task.training, *((image, None) for image in task.test)]
     for image_rel, label_rel in entries:
-        if not image_rel:
-            continue
         image = posixpath.normpath(posixpath.join(root, image_rel))
         label = posixpath.normpath(posixpath.join(root, label_rel)) if label_rel else None
         missing = [p for p in (image, label) if p and p not in available]
@@ -149,6 +133,6 @@ def msd_units(descriptor_path: str, descriptor: bytes, available: set[str]) -> l
         patient = posixpath.basename(_strip(image))
         units.append(
             Unit("volume", image, files, image=image, label=label, patient_hint=patient,
-                 label_names=label_names, modality=modality)
+                 label_names=dict(task.labels), modality=task.modality)
         )  # fmt: skip
     return units

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import logging
 from typing import Any
 
@@ -12,6 +11,7 @@ from mvl_pipeline.core import pseudonyms
 from mvl_pipeline.core.case import Case
 from mvl_pipeline.core.errors import ImagingError, LabelGridMismatchError, UnknownLabelValueError
 from mvl_pipeline.core.volume import Volume, guess_modality
+from mvl_pipeline.formats.volumes import read_volume
 from mvl_pipeline.ingestion.config import IngestConfig
 from mvl_pipeline.ingestion.labels import map_label_names, remap_labels
 from mvl_pipeline.ingestion.result import (
@@ -32,24 +32,9 @@ logger = logging.getLogger(__name__)
 _VOLUME_NAME = "<drop volume>"
 
 
-def read_volume(drop: Any, relpath: str) -> Volume:
+def read_drop_volume(drop: Any, relpath: str) -> Volume:
     """A NIfTI / NRRD file of the drop as a Volume (a detached .nhdr reads its data file too)."""
-    from mvl_pipeline.datasets.volume import decode_nifti, decode_nrrd
-
-    lower = relpath.lower()
-    data = drop.read_bytes(relpath)
-    if lower.endswith((".nii.gz", ".nii")):
-        return decode_nifti(data, compressed=lower.endswith(".gz"), path=_VOLUME_NAME)
-    if lower.endswith(".nhdr"):
-        import nrrd
-
-        header = nrrd.read_header(io.BytesIO(data))
-        data_file = header.get("data file") or header.get("datafile")
-        if not data_file:
-            return decode_nrrd(data, path=_VOLUME_NAME)
-        sibling = relpath.rsplit("/", 1)[0] + "/" + str(data_file) if "/" in relpath else str(data_file)
-        return decode_nrrd(data, path=_VOLUME_NAME, data_bytes=drop.read_bytes(sibling))
-    return decode_nrrd(data, path=_VOLUME_NAME)
+    return read_volume(drop.read_bytes(relpath), relpath, read_sibling=drop.read_bytes, name=_VOLUME_NAME)
 
 
 def process_volume_unit(drop: Any, unit: Unit, key: bytes, config: IngestConfig) -> UnitResult:
@@ -61,7 +46,7 @@ def process_volume_unit(drop: Any, unit: Unit, key: bytes, config: IngestConfig)
                                "n_files": 1, "case_id": case_id})  # fmt: skip
         return result
     try:
-        image = read_volume(drop, unit.image)
+        image = read_drop_volume(drop, unit.image)
         if image.array.ndim != 3:
             raise ImagingError("only single-channel 3-D images are supported")
         modality = unit.modality or (
@@ -73,7 +58,7 @@ def process_volume_unit(drop: Any, unit: Unit, key: bytes, config: IngestConfig)
         label = None
         names = dict(unit.label_names) or {v: k for k, v in config.labels.items()}
         if unit.label is not None:
-            raw_label = read_volume(drop, unit.label)
+            raw_label = read_drop_volume(drop, unit.label)
             if not raw_label.same_grid(image, atol_mm=1e-2):
                 raise LabelGridMismatchError(
                     f"label grid {raw_label.shape} differs from image grid {image.shape}"

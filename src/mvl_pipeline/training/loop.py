@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mvl_pipeline.core.parallel import resolve_workers
 from mvl_pipeline.evaluation.inference import predict_probabilities
 from mvl_pipeline.evaluation.metrics import dice_per_class
 from mvl_pipeline.model import (
@@ -122,8 +122,7 @@ def run_training(config: Mapping[str, Any], session: Session) -> dict[str, Any]:
     loaders = config["loaders"]
     rank, world = session.world_rank, session.world_size
     device = session.device()
-    threads = loop.torch_threads or int(config.get("cpus_per_worker", 0)) or (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, threads))
+    torch.set_num_threads(resolve_workers(loop.torch_threads or int(config.get("cpus_per_worker", 0))))
     torch.manual_seed(loop.seed + 1000 * rank)
 
     train_ids = sorted(config["train_ids"])[rank::world]

@@ -11,8 +11,8 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
 from mvl_pipeline.datasets.drop import DropFolderDataset
+from mvl_pipeline.dicom.assemble import assemble_series
 from mvl_pipeline.dicom.labels import read_segmentation
-from mvl_pipeline.dicom.series import assemble_series
 from mvl_pipeline.dicom.write import dataset_bytes
 from mvl_pipeline.pipelines.sample_data import create_pipeline
 from mvl_pipeline.pipelines.sample_data.nodes import generate_sample_drop

@@ -1,0 +1,38 @@
+"""What the volume codecs share: their error, and turning decoded arrays into volumes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from mvl_pipeline.core.errors import UnreadableFileError
+from mvl_pipeline.core.volume import Volume
+
+
+class VolumeFileError(UnreadableFileError):
+    """A volume file is missing, truncated, not NIfTI/NRRD, or not a 3-D volume."""
+
+    reason = "unreadable_file"
+
+
+def storable(array: np.ndarray) -> np.ndarray:
+    array = np.asarray(array)
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8)
+    return np.ascontiguousarray(array)
+
+
+def as_3d(array: np.ndarray, path: str) -> np.ndarray:
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise VolumeFileError(f"not a 3-D volume (shape {array.shape})", path=path)
+    return np.ascontiguousarray(array)
+
+
+def make_volume(array: np.ndarray, affine: np.ndarray, meta: dict[str, Any], path: str) -> Volume:
+    try:
+        return Volume(array, affine, meta)
+    except ValueError as exc:
+        raise VolumeFileError(f"invalid volume geometry ({exc})", path=path) from exc

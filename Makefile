@@ -31,7 +31,7 @@ setup: $(STAMP)
 	@echo "[setup] environment up to date ($(VENV))"
 
 key: setup
-	@$(BIN)/python -m mvl_pipeline.cli.secrets ensure-key conf/local/credentials.yml
+	@$(BIN)/python -m mvl_pipeline.commands.secrets ensure-key conf/local/credentials.yml
 
 sample-data: setup
 	@if [ -z "$$(find data/01_raw -mindepth 1 ! -name .gitkeep -print -quit)" ]; then \

@@ -115,7 +115,7 @@ def project_copy(tmp_path_factory):
         if SHARED_DATA.parent.is_dir():
             (base / "shared").symlink_to(SHARED_DATA.parent, target_is_directory=True)
         subprocess.run(
-            [sys.executable, "-m", "mvl_pipeline.cli.secrets", "ensure-key", "conf/local/credentials.yml"],
+            [sys.executable, "-m", "mvl_pipeline.commands.secrets", "ensure-key", "conf/local/credentials.yml"],
             cwd=root, check=True, capture_output=True,
         )  # fmt: skip
         return root

@@ -17,6 +17,9 @@ import pytest
 import yaml
 from configobj import ConfigObj
 
+from tests.support.import_graph import imports_of
+from tests.support.import_graph import module_file as _module_file
+
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 TRAIN_STAGES = ("ingest", "preprocess", "fit", "evaluate", "register")  # `train`, in order
@@ -117,33 +120,10 @@ def _keys_read(module: str, argument: str) -> set[str]:
     return keys
 
 
-def _module_file(module: str) -> Path | None:
-    base = SRC / Path(*module.split("."))
-    for candidate in (base / "__init__.py", base.with_suffix(".py")):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
 def _imports(module: str) -> set[str]:
-    path = _module_file(module)
-    if path is None:
-        return set()
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(parts + ([node.module] if node.module else []))
-            else:
-                base = node.module or ""
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)
+    """What ``module`` imports, plus its parent packages (importing a module runs them)."""
     parents = {".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 1)}
-    return {m for m in found | parents if m.startswith("mvl_pipeline") and _module_file(m)}
+    return imports_of(module) | {m for m in parents if _module_file(m)}
 
 
 def _closure(modules: set[str]) -> set[Path]:

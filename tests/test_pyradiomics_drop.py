@@ -6,7 +6,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from mvl_pipeline.cli import sample_drop as sample_drop_cli
+from mvl_pipeline.commands import sample_drop as sample_drop_cli
 from mvl_pipeline.core.volume import Volume, guess_modality
 from mvl_pipeline.datasets.drop import DropFolderDataset
 from mvl_pipeline.datasets.volume import VolumeDataset

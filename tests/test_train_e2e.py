@@ -57,7 +57,7 @@ def kedro(project: Path, *args: str) -> subprocess.CompletedProcess:
 def test_make_train_flow_leaves_a_champion_and_a_report(project):
     missing_key = kedro(project, "run", "--pipelines", "ingest")
     assert missing_key.returncode != 0  # no key yet: refuse rather than fall back
-    subprocess.run([sys.executable, "-m", "mvl_pipeline.cli.secrets", "ensure-key", "conf/local/credentials.yml"],
+    subprocess.run([sys.executable, "-m", "mvl_pipeline.commands.secrets", "ensure-key", "conf/local/credentials.yml"],
                    cwd=project, check=True)  # fmt: skip
     sample = kedro(project, "run", "--pipelines", "sample_data")
     assert sample.returncode == 0, sample.stdout[-3000:] + sample.stderr[-3000:]
@@ -99,7 +99,7 @@ def test_predict_writes_nifti_and_a_dicom_seg_on_the_source_grid(project):
     series = max((d for d in study.iterdir() if d.is_dir()), key=lambda d: len(list(d.iterdir())))
     out = project / "prediction"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"PYTHONPATH": ""}
-    done = subprocess.run([sys.executable, "-m", "mvl_pipeline.cli.predict", str(study), str(out)], check=False, cwd=project,
+    done = subprocess.run([sys.executable, "-m", "mvl_pipeline.predict", str(study), str(out)], check=False, cwd=project,
                           env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     source = assemble_series(sorted(series.iterdir()))

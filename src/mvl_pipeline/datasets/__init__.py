@@ -1,0 +1,1 @@
+"""Kedro datasets only: thin adapters (fsspec, atomic saves) over the domain packages."""

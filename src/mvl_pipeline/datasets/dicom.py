@@ -34,13 +34,19 @@ from mvl_pipeline.core.storage import (
     full_path,
     is_complete,
     join,
+    write_bytes_atomic,
 )
 from mvl_pipeline.core.volume import Volume
 from mvl_pipeline.dicom.assemble import assemble_series
 from mvl_pipeline.dicom.read import read_dataset
-from mvl_pipeline.dicom.write import SeriesUids, save_dataset, write_image_series
+from mvl_pipeline.dicom.write import SeriesUids, dataset_bytes, write_image_series
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+def save_dataset(ds: Dataset, fs: Any, protocol: str, path: str) -> None:
+    """Write ``ds`` to ``path`` on ``fs`` atomically (``core.storage.write_bytes_atomic``)."""
+    write_bytes_atomic(fs, protocol, path, dataset_bytes(ds))
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
 
 from mvl_pipeline.core.errors import LabelGridMismatchError, UnknownLabelValueError
-from mvl_pipeline.core.storage import write_bytes_atomic
 from mvl_pipeline.core.volume import Volume, lps_to_ras
 
 log = logging.getLogger(__name__)
@@ -271,11 +270,6 @@ def dataset_bytes(ds: Dataset) -> bytes:
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
-
-
-def save_dataset(ds: Dataset, fs: Any, protocol: str, path: str) -> None:
-    """Write ``ds`` to ``path`` on ``fs`` atomically (see ``core.storage.write_bytes_atomic``)."""
-    write_bytes_atomic(fs, protocol, path, dataset_bytes(ds))
 
 
 # --- DICOM SEG -------------------------------------------------------------------------------

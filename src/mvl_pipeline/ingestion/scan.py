@@ -136,9 +136,15 @@ def scan_drop(
             for relpath in relpaths:
                 files[fkeys[relpath]]["unit"] = ukey
         else:  # re-read one header to rebuild the unit (new settings, a lost entry, a crash)
-            _, study, _ = _dicom_study_of(drop, relpaths[0])
+            _, study, reason = _dicom_study_of(drop, relpaths[0])
             if study:
                 units.append(Unit("dicom", study, tuple(sorted(relpaths))))
+            else:  # an unreadable file is its own unit: quarantined again, never dropped
+                units.extend(
+                    Unit("bad_file", relpath, (relpath,), error_reason=reason or "unreadable_file",
+                         error_detail="file could not be read as DICOM")
+                    for relpath in relpaths
+                )  # fmt: skip
 
     todo = []
     live: set[str] = set(members)

@@ -55,7 +55,7 @@ def is_ignored(relpath: str) -> bool:
 
 
 def is_msd_descriptor(relpath: str) -> bool:
-    return posixpath.basename(relpath) == "dataset.json"
+    return posixpath.basename(relpath).lower() == "dataset.json"
 
 
 def _strip(relpath: str) -> str:
@@ -79,14 +79,26 @@ def pair_volumes(
         re.IGNORECASE,
     )
     labels: dict[str, str] = {}
+    ambiguous: dict[str, list[str]] = {}
     for path in candidates:
         stem = _strip(path)
         match = label_re.search(stem)
         if match:
-            labels[stem[: match.start()]] = path
+            base = stem[: match.start()]
+            if base in labels:  # two label files for one image: which one is meant is unknown
+                ambiguous.setdefault(base, [labels[base]]).append(path)
+            labels[base] = path
+    label_files = {p for paths in ambiguous.values() for p in paths} | set(labels.values())
     units = []
+    for base in sorted(ambiguous):
+        units.extend(
+            Unit("bad_file", path, (path,), error_reason="ambiguous_label",
+                 error_detail=f"{len(ambiguous[base])} label files share one image name")
+            for path in ambiguous[base]
+        )  # fmt: skip
+        del labels[base]
     for path in candidates:
-        if path in labels.values():
+        if path in label_files:
             continue
         stem = _strip(path)
         base = stem

@@ -1,7 +1,7 @@
 """The typed configuration of MedVisionLlama, filled from the ``model`` block of
 ``conf/base/parameters_model.yml``.
 
-Every architectural choice of the method is a field here (see DESIGN.md, "The method"); the
+Every architectural choice of the method is a field here (docs/architecture.md, "The method"); the
 network reads nothing else. ``from_params`` rejects unknown keys so that a typo in the YAML
 fails loudly instead of silently training the default.
 """

@@ -3,13 +3,14 @@ LLM reference and its hash, and the preprocessing plan the model was trained und
 
 ``predict`` takes a batch of preprocessed patches or volumes ``(B, C_in, X, Y, Z)`` float32 and
 returns class probabilities ``(B, C, X, Y, Z)``; whole studies go through
-``python -m mvl_pipeline.cli.predict``, which preprocesses with the bundled plan and writes NIfTI and
+``python -m mvl_pipeline.commands.predict``, which preprocesses with the bundled plan and writes NIfTI and
 DICOM SEG.
 """
 
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
@@ -26,7 +27,8 @@ class MedVisionLlamaPyfunc(mlflow.pyfunc.PythonModel):
 
         weights, plan = read_bundle(context.artifacts["model_dir"])
         cache = context.model_config.get("llm_cache_dir") if context.model_config else None
-        cache = cache or tempfile.mkdtemp(prefix="mvl-llm-cache-")
+        # one cache per machine, not a new folder per load (the converted layer is reused)
+        cache = cache or str(Path(tempfile.gettempdir()) / "mvl-llm-cache")
         self.model = model_from_weights(*weights, llm_cache_dir=cache)
         self.model.eval()
         self.plan = plan

@@ -1,1 +1,1 @@
-"""TODO"""
+"""Synthetic data that proves plumbing, never quality: CT phantoms and the seeded sample drop."""

@@ -1,6 +1,6 @@
-"""Segment a new study with the registered champion: ``python -m mvl_pipeline.cli.predict``.
+"""Segment a new study with the registered champion: ``python -m mvl_pipeline.commands.predict``.
 
-    python -m mvl_pipeline.cli.predict STUDY OUTPUT_DIR [--model-uri models:/medvisionllama@champion]
+    python -m mvl_pipeline.commands.predict STUDY OUTPUT_DIR [--model-uri models:/medvisionllama@champion]
 
 ``STUDY`` is a folder of DICOM files (one image series, or pick one with ``--series-index``) or a
 NIfTI / NRRD file. The model is preprocessed, applied and mapped back exactly as in evaluation
@@ -27,7 +27,7 @@ from mvl_pipeline.core.volume import Volume, guess_modality
 from mvl_pipeline.evaluation.scoring import EvaluateConfig, predict_case
 from mvl_pipeline.formats.nifti import encode_nifti
 
-logger = logging.getLogger("mvl_pipeline.cli.predict")
+logger = logging.getLogger("mvl_pipeline.commands.predict")
 
 SEG_CATEGORIES = {"organ": "Organ", "lesion": "Morphologically Altered Structure"}
 
@@ -73,7 +73,7 @@ def read_volume_file(path: Path) -> Volume:
 
 
 def run(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mvl_pipeline.cli.predict", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mvl_pipeline.commands.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("study", type=Path, help="DICOM folder, or a .nii/.nii.gz/.nrrd file")
     parser.add_argument("output", type=Path, help="output folder (created)")
     parser.add_argument("--model-uri", default="models:/medvisionllama@champion")

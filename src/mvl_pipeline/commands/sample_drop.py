@@ -1,6 +1,6 @@
 """Turn real NRRD/NIfTI volumes with lesion masks into a hospital-style DICOM drop.
 
-    python -m mvl_pipeline.cli.sample_drop --src ../shared/data/pyradiomics --dst DIR \
+    python -m mvl_pipeline.commands.sample_drop --src ../shared/data/pyradiomics --dst DIR \
         [--cases breast1 lung1] [--seed 0] [--modality breast1=MR]
 
 For every case ``<case>_image.<ext>`` and ``<case>_label.<ext>`` (``ext`` one of nrrd, nhdr,

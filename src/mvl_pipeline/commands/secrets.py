@@ -1,6 +1,6 @@
 """The pseudonymisation key: created once per site in conf/local/credentials.yml, never committed.
 
-``python -m mvl_pipeline.cli.secrets ensure-key conf/local/credentials.yml`` adds a random key when the
+``python -m mvl_pipeline.commands.secrets ensure-key conf/local/credentials.yml`` adds a random key when the
 file has none (``make train`` runs it) and leaves an existing key untouched. Losing the key changes
 every pseudonym (new case ids, a new holdout), so back it up like any other site secret.
 """
@@ -48,7 +48,7 @@ def ensure_key(credentials_file: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mvl_pipeline.cli.secrets")
+    parser = argparse.ArgumentParser(prog="python -m mvl_pipeline.commands.secrets")
     sub = parser.add_subparsers(dest="command", required=True)
     ensure = sub.add_parser("ensure-key", help="create the pseudonymisation key if missing")
     ensure.add_argument("credentials_file", type=Path)

@@ -1,0 +1,170 @@
+"""Sorting a drop's files into units: image/label pairing by name, ignored files, MSD tasks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mvl_pipeline.ingestion.config import IngestConfig
+from mvl_pipeline.ingestion.units import is_ignored, is_msd_descriptor, msd_units, pair_volumes
+
+CONFIG = IngestConfig.from_params({"labels": {"organ": 1}})
+
+
+def pair(*relpaths: str, exclude=()):
+    units = pair_volumes(
+        list(relpaths), label_suffixes=CONFIG.label_suffixes, image_suffixes=CONFIG.image_suffixes,
+        exclude=exclude,
+    )  # fmt: skip
+    return {u.source_id: u for u in units}
+
+
+@pytest.mark.parametrize(
+    ("image", "label", "patient"),
+    [
+        ("x_image.nii.gz", "x_label.nii.gz", "x"),
+        ("a/b/x.nrrd", "a/b/x_seg.nrrd", "x"),
+        ("ct_0000.nii", "ct_mask.nii", "ct"),
+        ("x.nii.gz", "x_labels.nii.gz", "x"),
+        ("x_image.nii.gz", "x_image_label.nii.gz", "x"),  # label named after the full image stem
+        ("case_IMAGE.NII.GZ", "case_Label.nii.gz", "case"),  # suffixes are case-insensitive
+        ("scan_img.nrrd", "scan_seg.nii.gz", "scan"),  # formats may differ within a pair
+    ],
+)
+def test_image_and_label_are_paired_by_their_suffixes(image, label, patient):
+    units = pair(label, image, "other/unrelated.nii.gz")
+    unit = units[image]
+    assert (unit.kind, unit.image, unit.label, unit.files) == ("volume", image, label, (image, label))
+    assert unit.patient_hint == patient
+    assert label not in units  # the label is not also an image
+    assert units["other/unrelated.nii.gz"].label is None
+
+
+def test_an_image_without_label_is_a_volume_unit_of_its_own():
+    [unit] = pair("scan.nii.gz").values()
+    assert (unit.kind, unit.files, unit.label, unit.patient_hint) == ("volume", ("scan.nii.gz",), None, "scan")
+
+
+def test_pairs_are_only_made_within_one_folder():
+    units = pair("a/x_image.nii.gz", "b/x_label.nii.gz")
+    assert units["a/x_image.nii.gz"].label is None
+    orphan = units["b/x_label.nii.gz"]
+    assert (orphan.kind, orphan.error_reason) == ("bad_file", "orphan_label")
+
+
+def test_a_label_without_image_becomes_an_orphan_label_bad_file_and_the_rest_is_kept():
+    units = pair("lonely_seg.nrrd", "y_image.nii.gz", "y_label.nii.gz")
+    orphan = units["lonely_seg.nrrd"]
+    assert (orphan.kind, orphan.files, orphan.error_reason) == ("bad_file", ("lonely_seg.nrrd",), "orphan_label")
+    assert orphan.error_detail == "label volume without a matching image"
+    assert units["y_image.nii.gz"].label == "y_label.nii.gz"  # good data alongside is not lost
+    assert len(units) == 2
+
+
+def test_two_labels_for_one_image_are_quarantined_as_ambiguous_never_ingested_as_images():
+    units = pair("x_image.nii.gz", "x_label.nii.gz", "x_seg.nii.gz", "y_image.nii.gz", "y_label.nii.gz")
+    for name in ("x_label.nii.gz", "x_seg.nii.gz"):
+        assert (units[name].kind, units[name].error_reason) == ("bad_file", "ambiguous_label")
+    assert units["x_image.nii.gz"].kind == "volume" and units["x_image.nii.gz"].label is None
+    assert units["y_image.nii.gz"].label == "y_label.nii.gz"  # the good pair beside it is kept
+    assert len(units) == 4
+
+
+def test_non_volume_and_excluded_files_are_left_out():
+    units = pair("notes.dcm", "IM0001", "t/imagesTr/a.nii.gz", "x_image.nii.gz", exclude={"t/imagesTr/a.nii.gz"})
+    assert list(units) == ["x_image.nii.gz"]
+
+
+@pytest.mark.parametrize(
+    "relpath",
+    ["README", "a/readme", "LICENSE", "DICOMDIR", "_COMPLETE", "Thumbs.db", ".hidden", "a/.DS_Store",
+     "a/.x.nii.gz", "notes.txt", "list.CSV", "meta.json", "conf.yaml", "data.raw", "x.raw.gz"],
+)  # fmt: skip
+def test_bookkeeping_files_are_ignored(relpath):
+    assert is_ignored(relpath)
+
+
+@pytest.mark.parametrize("relpath", ["dataset.json", "task/dataset.json", "x.nii.gz", "IM0001", "slice.dcm", "x.nrrd"])
+def test_data_files_and_msd_descriptors_are_not_ignored(relpath):
+    assert not is_ignored(relpath)
+
+
+def test_only_a_file_named_dataset_json_is_an_msd_descriptor():
+    assert is_msd_descriptor("Task04/dataset.json") and is_msd_descriptor("dataset.json")
+    assert is_msd_descriptor("Task04/Dataset.JSON")  # was read as DICOM and quarantined
+    assert not is_msd_descriptor("Task04/dataset.json.bak")
+    assert not is_msd_descriptor("Task04/mydataset.json")
+
+
+DESCRIPTOR = {
+    "name": "Hippocampus",
+    "modality": {"0": "MRI"},
+    "labels": {"0": "background", "1": "Anterior", "2": "Posterior"},
+    "training": [
+        {"image": "./imagesTr/hip_001.nii.gz", "label": "./labelsTr/hip_001.nii.gz"},
+        {"image": "./imagesTr/hip_002.nii.gz", "label": "./labelsTr/hip_002.nii.gz"},
+    ],
+    "test": ["./imagesTs/hip_003.nii.gz"],
+}
+TASK_FILES = {
+    "Task04/imagesTr/hip_001.nii.gz", "Task04/labelsTr/hip_001.nii.gz",
+    "Task04/imagesTr/hip_002.nii.gz", "Task04/labelsTr/hip_002.nii.gz",
+    "Task04/imagesTs/hip_003.nii.gz",
+}  # fmt: skip
+
+
+def msd(descriptor, available=TASK_FILES):
+    data = descriptor if isinstance(descriptor, bytes) else json.dumps(descriptor).encode()
+    return {u.source_id: u for u in msd_units("Task04/dataset.json", data, set(available))}
+
+
+def test_msd_training_entries_become_labelled_volume_units_with_names_and_modality():
+    units = msd(DESCRIPTOR)
+    unit = units["Task04/imagesTr/hip_001.nii.gz"]
+    assert unit.kind == "volume"
+    assert unit.files == ("Task04/imagesTr/hip_001.nii.gz", "Task04/labelsTr/hip_001.nii.gz")
+    assert unit.label == "Task04/labelsTr/hip_001.nii.gz"
+    assert unit.label_names == {0: "background", 1: "Anterior", 2: "Posterior"}
+    assert unit.modality == "MR"  # MSD says MRI, DICOM says MR
+    assert unit.patient_hint == "hip_001"
+    assert units["Task04/imagesTr/hip_002.nii.gz"].label == "Task04/labelsTr/hip_002.nii.gz"
+
+
+def test_msd_test_images_are_volume_units_without_label():
+    unit = msd(DESCRIPTOR)["Task04/imagesTs/hip_003.nii.gz"]
+    assert (unit.kind, unit.files, unit.label) == ("volume", ("Task04/imagesTs/hip_003.nii.gz",), None)
+
+
+@pytest.mark.parametrize(("modality", "expected"), [({"0": "CT"}, "CT"), ({"0": "FLAIR", "1": "T1w"}, "MULTI"), ({}, None)])
+def test_msd_modality_is_one_name_or_multi(modality, expected):
+    units = msd({**DESCRIPTOR, "modality": modality})
+    assert {u.modality for u in units.values()} == {expected}
+
+
+def test_a_listed_file_missing_from_the_drop_is_a_missing_file_bad_unit_and_the_rest_is_kept():
+    units = msd(DESCRIPTOR, TASK_FILES - {"Task04/labelsTr/hip_002.nii.gz"})
+    bad = units["Task04/imagesTr/hip_002.nii.gz"]
+    assert (bad.kind, bad.error_reason) == ("bad_file", "missing_file")
+    assert bad.files == ("Task04/imagesTr/hip_002.nii.gz",)  # the file that is there
+    assert bad.error_detail == "1 file(s) listed in dataset.json are missing"
+    assert units["Task04/imagesTr/hip_001.nii.gz"].kind == "volume"
+    assert len(units) == 3
+
+
+def test_an_entry_with_every_file_missing_points_at_the_descriptor():
+    units = msd(DESCRIPTOR, TASK_FILES - {"Task04/imagesTr/hip_001.nii.gz", "Task04/labelsTr/hip_001.nii.gz"})
+    bad = units["Task04/imagesTr/hip_001.nii.gz"]
+    assert (bad.kind, bad.error_reason, bad.files) == ("bad_file", "missing_file", ("Task04/dataset.json",))
+    assert "2 file(s)" in bad.error_detail
+
+
+@pytest.mark.parametrize(
+    "descriptor",
+    [b"{not json", b"\xff\xfe", b"[1, 2]", json.dumps({**DESCRIPTOR, "labels": {"one": "organ"}}).encode()],
+)
+def test_an_unreadable_descriptor_is_one_invalid_msd_descriptor_bad_file(descriptor):
+    [unit] = msd(descriptor).values()
+    assert (unit.kind, unit.source_id, unit.files) == ("bad_file", "Task04/dataset.json", ("Task04/dataset.json",))
+    assert unit.error_reason == "invalid_msd_descriptor"
+    assert unit.error_detail

@@ -1,0 +1,220 @@
+"""The training loop in one plain process (``Session``): history, checkpoints, resume,
+determinism and validation, on a tiny model and 16^3 synthetic cases with a cube label."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mvl_pipeline.core.case import Case
+from mvl_pipeline.core.volume import Volume
+from mvl_pipeline.formats.model_bundle import read_weights
+from mvl_pipeline.model import MedVisionLlamaConfig
+from mvl_pipeline.training.loop import run_training, validate
+from mvl_pipeline.training.session import Session
+
+TINY_MODEL = {
+    "num_classes": 2,
+    "embed_dim": 16,
+    "depth": 1,
+    "num_heads": 2,
+    "patch_size": [4, 4, 4],
+    "pos_grid": [2, 2, 2],
+    "precision": "fp32",
+    "llm": {"mode": "none"},
+    "decoder": {"taps": [1], "channels": [8, 8], "stem_channels": 4},
+}
+NO_AUGMENT = {"flip_prob": 0.0, "rotate_prob": 0.0, "scale_prob": 0.0, "intensity_prob": 0.0, "noise_prob": 0.0}
+
+
+def cube_case(case_id: str, offset: int, seed: int) -> Case:
+    """16^3: a bright 6^3 cube (label 1) on a dark, slightly noisy background."""
+    label = np.zeros((16, 16, 16), np.uint8)
+    label[offset : offset + 6, offset : offset + 6, offset : offset + 6] = 1
+    noise = np.random.default_rng(seed).normal(0.0, 0.1, label.shape)
+    image = (2.0 * label - 1.0 + noise).astype(np.float32)
+    affine = np.eye(4)
+    return Case(case_id, f"pt-{case_id}", Volume(image, affine), Volume(label, affine))
+
+
+CASES = {f"case-{i}": cube_case(f"case-{i}", offset, seed=i) for i, offset in enumerate((2, 5, 8, 4))}
+
+
+def training_config(tmp_path: Path, **loop: Any) -> dict[str, Any]:
+    return {
+        "loop": {
+            "epochs": 2, "steps_per_epoch": 2, "batch_size": 2, "lr": 0.01, "warmup_epochs": 0.0,
+            "val_every": 1, "seed": 3, "torch_threads": 1, "augment": NO_AUGMENT, **loop,
+        },  # fmt: skip
+        "model": TINY_MODEL,
+        "plan": {"patch_size": [8, 8, 8]},
+        "classes": [1],
+        "loaders": {case_id: (lambda case=case: case) for case_id, case in CASES.items()},
+        "train_ids": ["case-0", "case-1", "case-2"],
+        "val_ids": ["case-3"],
+        "llm_cache_dir": str(tmp_path / "llm-cache"),
+    }
+
+
+class RecordingSession(Session):
+    """The plain session on the CPU; copies every reported checkpoint (the loop deletes its own)."""
+
+    def __init__(self, keep: Path, restore: Path | None = None) -> None:
+        self.keep, self.restore = keep, restore
+        self.reports: list[tuple[dict[str, Any], Path | None]] = []
+
+    def get_checkpoint_dir(self) -> str | None:
+        return None if self.restore is None else str(self.restore)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        kept = None
+        if checkpoint_dir is not None:
+            kept = self.keep / f"report-{len(self.reports)}"
+            shutil.copytree(checkpoint_dir, kept)
+        self.reports.append((dict(metrics), kept))
+
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """run_training sets the process-wide torch thread count: give it back afterwards."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def train(tmp_path: Path, name: str, restore: Path | None = None, **loop: Any):
+    session = RecordingSession(tmp_path / name, restore)
+    (tmp_path / name).mkdir()
+    return run_training(training_config(tmp_path, **loop), session), session
+
+
+def test_history_has_one_entry_per_epoch_with_loss_and_validation_dice(tmp_path):
+    state, _ = train(tmp_path, "run", epochs=3, val_every=1)
+    history = state["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert state["epoch"] == 2 and state["global_step"] == 3 * 2
+    for entry in history:
+        assert np.isfinite(entry["train_loss"])
+        assert 0.0 <= entry["val_dice"] <= 1.0
+        assert entry["val_dice"] == entry["val_dice_1"]  # one class: the mean is that class
+    assert state["best_val_dice"] == max(h["val_dice"] for h in history)
+    assert state["resumed_after_epochs"] == []
+
+
+def test_loss_decreases_on_a_trivially_learnable_task(tmp_path):
+    state, _ = train(tmp_path, "run", epochs=6, steps_per_epoch=4, val_every=6, lr=0.02)
+    losses = [h["train_loss"] for h in state["history"]]
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert state["history"][-1]["val_dice"] > 0.5  # and it finds the cube of the held-out case
+
+
+def test_checkpoints_are_reported_only_on_validated_epochs_and_hold_the_model(tmp_path):
+    state, session = train(tmp_path, "run", epochs=3, val_every=2)
+    epochs = [m["epoch"] for m, _ in session.reports]
+    with_checkpoint = [m["epoch"] for m, kept in session.reports if kept is not None]
+    assert epochs == [0, 1, 2]
+    assert with_checkpoint == [1, 2]  # every 2nd epoch and the last one
+    assert "val_dice" not in session.reports[0][0]
+    assert all("val_dice" in m for m, kept in session.reports if kept is not None)
+
+    weights_1, config_1 = read_weights(session.reports[1][1] / "model")
+    weights_2, config_2 = read_weights(session.reports[2][1] / "model")
+    expected = MedVisionLlamaConfig.from_params(TINY_MODEL).to_dict()
+    assert config_1["model"] == expected and config_2["model"] == expected
+    assert config_2["llm_reference"] is None  # llm mode none: nothing frozen to refer to
+    assert weights_1.keys() == weights_2.keys() and weights_1
+    assert any(not torch.equal(weights_1[k], weights_2[k]) for k in weights_1)  # it trained on
+    saved_state = json.loads((session.reports[2][1] / "trainer_state.json").read_text())
+    assert saved_state["epoch"] == 2 and len(saved_state["history"]) == 3
+    assert saved_state["history"] == json.loads(json.dumps(state["history"]))
+
+
+def test_resume_continues_after_the_saved_epoch_as_if_never_stopped(tmp_path):
+    full, full_session = train(tmp_path, "full", epochs=3, val_every=1)
+    after_epoch_0 = full_session.reports[0][1]
+    resumed, session = train(tmp_path, "resumed", restore=after_epoch_0, epochs=3, val_every=1)
+
+    assert [m["epoch"] for m, _ in session.reports] == [1, 2]  # epoch 0 is not trained again
+    assert resumed["resumed_after_epochs"] == [0]
+    assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2]
+    assert resumed["global_step"] == full["global_step"]
+    for got, want in zip(resumed["history"][1:], full["history"][1:], strict=True):
+        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-4)
+        assert got["lr"] == pytest.approx(want["lr"])
+    saved = json.loads((session.reports[-1][1] / "trainer_state.json").read_text())
+    assert saved["resumed_after_epochs"] == [0]
+
+
+def test_resuming_a_finished_run_reports_its_last_epoch_and_trains_nothing(tmp_path):
+    full, full_session = train(tmp_path, "full", epochs=2, val_every=1)
+    final = full_session.reports[-1][1]
+    again, session = train(tmp_path, "again", restore=final, epochs=2, val_every=1)
+    assert len(again["history"]) == 2 and again["global_step"] == full["global_step"]
+    assert again["resumed_after_epochs"] == [1]
+    [(metrics, kept)] = session.reports
+    assert metrics == json.loads(json.dumps(full["history"][-1]))
+    assert kept is not None
+
+
+def test_same_seed_gives_identical_losses_and_another_seed_does_not(tmp_path):
+    first, _ = train(tmp_path, "a", epochs=2, val_every=2, seed=7)
+    second, _ = train(tmp_path, "b", epochs=2, val_every=2, seed=7)
+    other, _ = train(tmp_path, "c", epochs=2, val_every=2, seed=8)
+    losses = [h["train_loss"] for h in first["history"]]
+    assert losses == [h["train_loss"] for h in second["history"]]
+    assert first["history"][-1]["val_dice"] == second["history"][-1]["val_dice"]
+    assert losses != [h["train_loss"] for h in other["history"]]
+
+
+def test_a_training_case_without_label_is_refused(tmp_path):
+    config = training_config(tmp_path)
+    unlabelled = Case("case-0", "pt-0", CASES["case-0"].image)
+    config["loaders"] = {**config["loaders"], "case-0": lambda: unlabelled}
+    with pytest.raises(ValueError, match="training case case-0 has no label"):
+        run_training(config, RecordingSession(tmp_path))
+
+
+class NearestLabel(nn.Module):
+    """Logits ``-(x - c)^2`` for class c: the argmax is the label value the image holds."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.register_buffer("values", torch.arange(num_classes, dtype=torch.float32).view(1, -1, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -((x - self.values) ** 2)  # (B, 1, X, Y, Z) - (1, C, 1, 1, 1) -> (B, C, X, Y, Z)
+
+
+def labelled(image: np.ndarray, label: np.ndarray) -> Case:
+    return Case("c", "p", Volume(image.astype(np.float32), np.eye(4)), Volume(label.astype(np.uint8), np.eye(4)))
+
+
+def test_validate_returns_per_class_dice_sums_and_the_case_count():
+    label = np.zeros((12, 12, 12), np.uint8)
+    label[2:6, 2:6, 2:6] = 1
+    label[8:10, 8:10, 8:10] = 2
+    shifted = np.zeros_like(label)
+    shifted[2:6, 2:6, 4:8] = 1  # half of the class-1 cube overlaps; class 2 missed entirely
+    loaders = {
+        "exact": lambda: labelled(label, label),  # Dice 1, 1
+        "shifted": lambda: labelled(shifted, label),  # Dice 0.5, 0
+    }
+    sums = validate(
+        NearestLabel(3), loaders, ["exact", "shifted"], roi_size=(8, 8, 8), num_classes=3,
+        classes=[1, 2], overlap=0.25, sw_batch_size=2, device=torch.device("cpu"),
+    )  # fmt: skip
+    np.testing.assert_allclose(sums, [1.5, 1.0, 2.0])
+    assert validate(
+        NearestLabel(3), loaders, [], roi_size=(8, 8, 8), num_classes=3, classes=[1, 2],
+        overlap=0.25, sw_batch_size=2, device=torch.device("cpu"),
+    ).tolist() == [0.0, 0.0, 0.0]  # fmt: skip

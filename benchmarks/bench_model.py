@@ -1,16 +1,24 @@
-"""Training-step throughput of MedVisionLlama against this machine's own matmul roofline.
+"""Training-step and inference throughput against this machine's own matrix-unit roofline.
 
-For the default config (conf/base/parameters_model.yml) and each ``llm.mode``, in bf16 autocast
-and in fp32: samples/s of a full training step (forward, cross-entropy, backward, AdamW) on
-random crops, the analytic FLOPs per sample (``flops_per_sample``: matmuls, convs, attention)
-and the achieved FLOP/s as a fraction of a large square matmul's rate in the same dtype,
-measured in the same process. Runs on CUDA (bf16) when present, otherwise CPU.
+Variants, timed round-robin in one process (each round: the bf16 and fp32 matmul rates, then
+every variant's steps), so a burst of someone else's load on a shared machine hits all alike:
 
-The machine may be shared: variants are timed round-robin, several rounds, and each keeps its
-best step time (as does the matmul rate), so a burst of someone else's load hits all alike.
-The last line printed is one JSON object.
+- ``new``: the default model (conf/base/parameters_model.yml) as it trains: bf16 autocast,
+  ``patch_ops: matmul`` (patch embedding and decoder upsampling as GEMMs), the frozen LLM layer
+  stored in bf16 (``cpu_dtype: auto``);
+- ``previous``: the step before that change (``patch_ops: conv``, LLM layer in fp32, cast on
+  every step), kept selectable for this side-by-side;
+- ``fp32``: the default model in fp32; ``none``: the plain ViT (``llm.mode: none``), bf16.
 
-    python benchmarks/bench_model.py [--crop 64 64 32] [--batch 2] [--rounds 12]
+For each: the training step (forward, Dice+CE loss, backward, AdamW) on random crops, the
+analytic FLOPs per sample and the achieved FLOP/s as a fraction of a 2048^3 matmul's rate in the
+same dtype measured in the SAME round; per-round ratios are reported with their median and
+spread. Then sliding-window inference of Hippocampus-sized volumes (35x50x36, the plan's 40x56x40
+roi) for ``new`` and ``previous``, and the bf16/fp32 agreement of its predictions. The machine's
+matrix units (AMX / AVX-512-BF16 from the CPU flags; GPU name and compute capability) are printed
+beside the figures. Last line: one JSON object.
+
+    python benchmarks/bench_model.py [--crop 64 64 32] [--batch 2] [--rounds 8] [--profile]
 """
 
 from __future__ import annotations
@@ -18,28 +26,50 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import statistics
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from torch.profiler import ProfilerActivity, profile
 
+from mvl_pipeline.evaluation.inference import predict_probabilities
 from mvl_pipeline.model import (
     MedVisionLlamaConfig,
     build_model,
     configure_optimizers,
-    count_parameters,
     flops_breakdown,
 )
+from mvl_pipeline.training.losses import make_loss, prepare_target
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("pretrained", "random", "none")
-PRECISIONS = {"bf16": "bf16-mixed", "fp32": "fp32"}
 MATMUL_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+INFER_SHAPE = (35, 50, 36)  # a median Hippocampus case (1 mm)
+INFER_ROI = (40, 56, 40)  # its plan's patch
+
+
+def machine() -> dict:
+    """What the machine has for matrix maths: CPU flags, or the GPU's name and capability."""
+    flags: set[str] = set()
+    cpuinfo = Path("/proc/cpuinfo")
+    model_name = ""
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            if line.startswith("model name") and not model_name:
+                model_name = line.split(":", 1)[1].strip()
+    units = "amx_bf16" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else "none"
+    info = {"cpu": model_name, "cpu_bf16_units": units, "amx_bf16": "amx_bf16" in flags,
+            "avx512_bf16": "avx512_bf16" in flags, "threads": torch.get_num_threads()}  # fmt: skip
+    if torch.cuda.is_available():
+        info |= {"gpu": torch.cuda.get_device_name(), "gpu_capability": ".".join(map(str, torch.cuda.get_device_capability()))}
+    return info
 
 
 def synchronize(device: torch.device) -> None:
@@ -47,65 +77,62 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_gflops(
-    dtype: torch.dtype, device: torch.device, n: int = 2048, seconds: float = 0.5
-) -> float:
+def matmul_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048, seconds: float = 0.4) -> float:
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
     a @ b
     synchronize(device)
     reps, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds or reps < 3:
+    while time.perf_counter() - start < seconds or reps < 3:
         a @ b
         reps += 1
-        if reps % 4 == 0:
-            synchronize(device)
     synchronize(device)
-    elapsed = time.perf_counter() - start
-    return 2 * n**3 * reps / elapsed / 1e9
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def variant_params(base: dict, name: str) -> dict:
+    params = {**base, "llm": dict(base["llm"])}
+    if name == "previous":
+        params |= {"patch_ops": "conv"}
+        params["llm"]["cpu_dtype"] = "float32"
+    elif name == "fp32":
+        params |= {"precision": "fp32"}
+    elif name == "none":
+        params["llm"]["mode"] = "none"
+    return params
 
 
 class Variant:
-    """One model (mode x precision) with its optimiser and a fixed random batch."""
+    """One model with its optimiser and a fixed random batch."""
 
-    def __init__(self, params: dict, mode: str, precision: str, args, device, cache_dir: Path):
-        params = {
-            **params,
-            "precision": PRECISIONS[precision],
-            "llm": {**params["llm"], "mode": mode},
-        }
+    def __init__(self, params: dict, args, device: torch.device, cache: Path):
         self.cfg = MedVisionLlamaConfig.from_params(params)
-        self.model = build_model(self.cfg, device=device, llm_cache_dir=cache_dir).train()
+        self.model = build_model(self.cfg, device=device, llm_cache_dir=cache).train()
         self.optimizer = configure_optimizers(self.model, lr=1e-4, weight_decay=0.01)
+        self.loss_fn = make_loss(self.cfg.num_classes)
         generator = torch.Generator().manual_seed(0)
-        shape = (args.batch, self.cfg.in_channels, *args.crop)
-        self.x = torch.randn(shape, generator=generator).to(device)
-        self.y = torch.randint(
-            0, max(self.cfg.num_classes, 2), (args.batch, *args.crop), generator=generator
-        ).to(device)
-        self.device = device
-        self.batch = args.batch
+        self.x = torch.randn((args.batch, self.cfg.in_channels, *args.crop), generator=generator).to(device)
+        self.y = torch.randint(0, self.cfg.num_classes, (args.batch, *args.crop), generator=generator).to(device)
+        self.device, self.batch = device, args.batch
         self.flops = flops_breakdown(self.cfg, args.crop, self.model.llm_dims)
-        self.best_s = float("inf")
-
-    def loss(self) -> torch.Tensor:
-        logits = self.model(self.x)
-        if self.cfg.num_classes == 1:
-            return F.binary_cross_entropy_with_logits(logits[:, 0], self.y.float())
-        return F.cross_entropy(logits, self.y)
+        self.round_best: list[float] = []
+        self.precision = "fp32" if self.cfg.precision == "fp32" else "bf16"
 
     def step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        self.loss().backward()
+        loss = self.loss_fn(self.model(self.x).float(), prepare_target(self.y, self.cfg.num_classes))
+        loss.backward()
         self.optimizer.step()
 
-    def timed_steps(self, steps: int) -> None:
+    def timed(self, steps: int) -> float:
+        best = float("inf")
         for _ in range(steps):
             synchronize(self.device)
             start = time.perf_counter()
             self.step()
             synchronize(self.device)
-            self.best_s = min(self.best_s, time.perf_counter() - start)
+            best = min(best, time.perf_counter() - start)
+        return best
 
     @property
     def flops_per_sample(self) -> int:
@@ -113,34 +140,33 @@ class Variant:
 
 
 def time_shares(variant: Variant) -> dict[str, float]:
-    """Share of operator self time in two training steps: convolutions (decoder, patch embedding,
-    local branch), matmuls + attention (encoder and LLM layer), everything else (norms,
-    activations, copies, optimiser)."""
+    """Share of operator self time in two steps: convolutions, matmul + attention, copies and
+    casts, everything else (norms, activations, optimiser)."""
     groups: dict[str, float] = defaultdict(float)
-    activities = [ProfilerActivity.CPU] + (
-        [ProfilerActivity.CUDA] if variant.device.type == "cuda" else []
-    )
-    with profile(activities=activities) as prof:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(2):
             variant.step()
     for event in prof.key_averages():
-        name = event.key
-        self_time = (
-            event.self_device_time_total
-            if variant.device.type == "cuda"
-            else event.self_cpu_time_total
-        )
+        name, t = event.key, event.self_cpu_time_total
         if "conv" in name:
-            groups["convolutions"] += self_time
-        elif any(
-            k in name
-            for k in ("aten::mm", "aten::addmm", "aten::bmm", "scaled_dot_product", "gemm")
-        ):
-            groups["matmul_attention"] += self_time
-        elif name.startswith("aten::") or "Backward" in name or "Optimizer" in name:
-            groups["other_ops"] += self_time
+            groups["convolutions"] += t
+        elif any(k in name for k in ("aten::mm", "aten::addmm", "aten::bmm", "scaled_dot_product", "aten::linear")):
+            groups["matmul_attention"] += t
+        elif name in ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::contiguous"):
+            groups["copies_casts"] += t
+        elif name.startswith("aten::") or "Optimizer" in name:
+            groups["other_ops"] += t
     total = sum(groups.values()) or 1.0
     return {k: round(v / total, 3) for k, v in sorted(groups.items())}
+
+
+def inference(model: torch.nn.Module, num_classes: int, volumes: list[np.ndarray], device: torch.device) -> tuple[float, list[np.ndarray]]:
+    start = time.perf_counter()
+    labels = [
+        predict_probabilities(model, v, roi_size=INFER_ROI, num_classes=num_classes, overlap=0.5, device=device).argmax(0)
+        for v in volumes
+    ]
+    return len(volumes) / (time.perf_counter() - start), labels
 
 
 def main() -> None:
@@ -148,74 +174,93 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=ROOT / "conf/base/parameters_model.yml")
     parser.add_argument("--crop", type=int, nargs=3, default=[64, 64, 32])
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=12, help="round-robin rounds over variants")
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
-    parser.add_argument("--llm-cache-dir", type=Path,
-                        default=Path(tempfile.gettempdir()) / "mvl_pipeline-llm-cache")  # fmt: skip
+    parser.add_argument("--infer-cases", type=int, default=20)
+    parser.add_argument("--profile", action="store_true", help="print the top operators of new and previous")
+    parser.add_argument("--llm-cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "mvl_pipeline-llm-cache")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(os.cpu_count() or 1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    params = yaml.safe_load(args.params.read_text())["model"]
+    base = yaml.safe_load(args.params.read_text())["model"]
+    base["pos_grid"] = [c // p for c, p in zip(args.crop, base["patch_size"], strict=True)]
     started = time.perf_counter()
-
-    variants = {
-        (mode, precision): Variant(params, mode, precision, args, device, args.llm_cache_dir)
-        for mode in MODES
-        for precision in PRECISIONS
-    }
+    variants = {name: Variant(variant_params(base, name), args, device, args.llm_cache_dir)
+                for name in ("new", "previous", "fp32", "none")}  # fmt: skip
     for variant in variants.values():  # warm-up: allocator, oneDNN primitive caches
         variant.step()
-    peak = {p: 0.0 for p in PRECISIONS}
-    for round_index in range(args.rounds):
-        for precision, dtype in MATMUL_DTYPES.items():
-            peak[precision] = max(peak[precision], matmul_gflops(dtype, device))
-        for variant in variants.values():
-            variant.timed_steps(args.steps)
-        print(
-            f"round {round_index + 1}/{args.rounds} done ({time.perf_counter() - started:.0f} s)",
-            flush=True,
-        )
+        variant.step()
+    rounds: list[dict] = []
+    for index in range(args.rounds):
+        peak = {p: matmul_gflops(d, device) for p, d in MATMUL_DTYPES.items()}
+        entry = {"matmul_gflops": {p: round(v, 1) for p, v in peak.items()}}
+        for name, variant in variants.items():
+            best = variant.timed(args.steps)
+            achieved = variant.flops_per_sample * variant.batch / best / 1e9
+            entry[name] = {"step_s": round(best, 4), "roofline_fraction": round(achieved / peak[variant.precision], 4)}
+        entry["speedup_vs_previous_step"] = round(entry["previous"]["step_s"] / entry["new"]["step_s"], 3)
+        rounds.append(entry)
+        print(f"round {index + 1}/{args.rounds}: bf16 matmul {peak['bf16']:.0f} GFLOP/s, new {entry['new']['step_s']:.3f} s "
+              f"({entry['new']['roofline_fraction']:.1%}), previous {entry['previous']['step_s']:.3f} s, "
+              f"speed-up {entry['speedup_vs_previous_step']:.2f}x", flush=True)  # fmt: skip
 
-    default = variants[("pretrained", "bf16")]
-    per_mode: dict[str, dict] = {}
-    for mode in MODES:
-        entry: dict[str, float | int | dict] = {}
-        for precision in PRECISIONS:
-            variant = variants[(mode, precision)]
-            achieved = variant.flops_per_sample * variant.batch / variant.best_s / 1e9
-            entry[f"step_s_{precision}"] = round(variant.best_s, 4)
-            entry[f"samples_per_s_{precision}"] = round(variant.batch / variant.best_s, 3)
-            entry[f"achieved_gflops_{precision}"] = round(achieved, 1)
-            entry[f"roofline_fraction_{precision}"] = round(achieved / peak[precision], 3)
-        entry["flops_per_sample"] = variants[(mode, "bf16")].flops_per_sample
-        entry["flops_per_sample_by_part"] = variants[(mode, "bf16")].flops
-        entry["parameters"] = count_parameters(variants[(mode, "bf16")].model)
-        per_mode[mode] = entry
-        print(
-            f"{mode:10s} bf16 {entry['samples_per_s_bf16']:7.2f} samples/s "
-            f"({entry['roofline_fraction_bf16']:.0%} of bf16 matmul) | fp32 "
-            f"{entry['samples_per_s_fp32']:7.2f} samples/s ({entry['roofline_fraction_fp32']:.0%} of fp32)",
-            flush=True,
-        )
+    def spread(values: list[float]) -> dict:
+        return {"median": round(statistics.median(values), 4), "min": round(min(values), 4), "max": round(max(values), 4)}
+
+    summary = {}
+    for name, variant in variants.items():
+        steps = [r[name]["step_s"] for r in rounds]
+        summary[name] = {
+            "samples_per_s": round(variant.batch / statistics.median(steps), 3),
+            "step_s": spread(steps),
+            "roofline_fraction": spread([r[name]["roofline_fraction"] for r in rounds]),
+            "flops_per_sample": variant.flops_per_sample,
+        }
+    speedups = [r["speedup_vs_previous_step"] for r in rounds]
+    shares = {name: time_shares(variants[name]) for name in ("new", "previous")}
+    if args.profile:
+        for name in ("new", "previous"):
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                variants[name].step()
+            print(f"--- {name}\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), flush=True)
+
+    rng = np.random.default_rng(0)
+    volumes = [rng.normal(size=INFER_SHAPE).astype(np.float32) for _ in range(args.infer_cases)]
+    infer = {}
+    for name in ("new", "previous", "fp32"):
+        model = variants[name].model.eval()
+        infer[name] = inference(model, variants[name].cfg.num_classes, volumes, device)
+        model.train()
+    # bf16 vs fp32 agreement on the same weights (the fp32 variant's weights in the bf16 model)
+    variants["new"].model.load_state_dict(variants["fp32"].model.state_dict(), strict=False)
+    _, bf16_labels = inference(variants["new"].model.eval(), variants["new"].cfg.num_classes, volumes, device)
+    agreement = float(np.mean([np.mean(a == b) for a, b in zip(bf16_labels, infer["fp32"][1], strict=True)]))
 
     result = {
-        "device": torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else f"cpu x{torch.get_num_threads()} threads",
-        "crop": list(args.crop),
-        "batch": args.batch,
-        "mode": "pretrained",
-        "samples_per_s": per_mode["pretrained"]["samples_per_s_bf16"],
-        "samples_per_s_fp32": per_mode["pretrained"]["samples_per_s_fp32"],
-        "flops_per_sample": per_mode["pretrained"]["flops_per_sample"],
-        "roofline_fraction_bf16": per_mode["pretrained"]["roofline_fraction_bf16"],
-        "roofline_fraction_fp32": per_mode["pretrained"]["roofline_fraction_fp32"],
-        "matmul_gflops_bf16": round(peak["bf16"], 1),
-        "matmul_gflops_fp32": round(peak["fp32"], 1),
-        "time_share_pretrained_bf16": time_shares(default),
-        "modes": per_mode,
+        "machine": machine(),
+        "crop": list(args.crop), "batch": args.batch, "rounds": len(rounds),
+        "roofline_fraction_bf16": summary["new"]["roofline_fraction"]["median"],
+        "roofline_fraction_bf16_spread": summary["new"]["roofline_fraction"],
+        "roofline_fraction_bf16_previous": summary["previous"]["roofline_fraction"]["median"],
+        "roofline_fraction_fp32": summary["fp32"]["roofline_fraction"]["median"],
+        "speedup_vs_previous_step": round(statistics.median(speedups), 3),
+        "speedup_vs_previous_step_spread": spread(speedups),
+        "samples_per_s": summary["new"]["samples_per_s"],
+        "samples_per_s_previous": summary["previous"]["samples_per_s"],
+        "samples_per_s_fp32": summary["fp32"]["samples_per_s"],
+        "samples_per_s_none": summary["none"]["samples_per_s"],
+        "matmul_gflops_bf16": spread([r["matmul_gflops"]["bf16"] for r in rounds]),
+        "matmul_gflops_fp32": spread([r["matmul_gflops"]["fp32"] for r in rounds]),
+        "flops_per_sample": summary["new"]["flops_per_sample"],
+        "time_share_new": shares["new"], "time_share_previous": shares["previous"],
+        "infer_cases_per_s": round(infer["new"][0], 2),
+        "infer_cases_per_s_previous": round(infer["previous"][0], 2),
+        "infer_speedup_vs_previous": round(infer["new"][0] / infer["previous"][0], 3),
+        "infer_label_agreement_bf16_fp32": round(agreement, 5),
+        "variants": summary, "per_round": rounds,
         "wall_s": round(time.perf_counter() - started, 1),
-    }
+    }  # fmt: skip
     print(json.dumps(result))
 
 

@@ -154,10 +154,34 @@ def _file_of(entry: dict[str, Any]) -> str | None:
     return str(path).rstrip("/") if path else None
 
 
-def test_one_stage_per_pipeline_running_it(dvc_yaml):
+def test_one_stage_per_pipeline_running_it(dvc_yaml, tmp_path):
+    """Each stage runs its pipeline with the project's .venv, found with nothing activated.
+
+    DVC runs a stage's ``cmd`` as ``$SHELL -c CMD`` (``/bin/sh`` when SHELL is unset; bash with
+    --noprofile --norc) in the stage's wdir, by default the folder of dvc.yaml: the project root.
+    So ``$PWD/.venv/bin`` is the project's environment, and without a .venv the kedro on PATH runs.
+    """
+    import subprocess
+
+    prefix = 'PATH="$PWD/.venv/bin:$PATH"'
     assert tuple(dvc_yaml["stages"]) == STAGES
     for name, stage in dvc_yaml["stages"].items():
-        assert stage["cmd"] == f"kedro run --pipelines {name}"  # --pipeline is deprecated in 1.7
+        # --pipelines: Kedro 1.7 warns that --pipeline is deprecated
+        assert stage["cmd"] == f"{prefix} kedro run --pipelines {name}"
+        assert "wdir" not in stage  # $PWD is the project root
+
+    elsewhere = tmp_path / "bin"
+    elsewhere.mkdir()
+    (elsewhere / "kedro").write_text("#!/bin/sh\n", encoding="utf-8")
+    (elsewhere / "kedro").chmod(0o755)
+    bare = {"PATH": f"{elsewhere}:/usr/bin:/bin"}  # a fresh shell: no .venv/bin on PATH
+    for shell in ("/bin/sh", "/bin/bash"):
+        for cwd, expected in ((ROOT, ROOT / ".venv/bin/kedro"), (tmp_path, elsewhere / "kedro")):
+            found = subprocess.run(
+                [shell, "-c", f"{prefix} command -v kedro"], cwd=cwd, env=bare, capture_output=True, text=True,
+                check=False,
+            )  # fmt: skip
+            assert found.stdout.strip() == str(expected), (shell, cwd, found.stderr)
 
 
 @pytest.mark.parametrize("stage_name", STAGES)

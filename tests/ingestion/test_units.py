@@ -168,3 +168,17 @@ def test_an_unreadable_descriptor_is_one_invalid_msd_descriptor_bad_file(descrip
     assert (unit.kind, unit.source_id, unit.files) == ("bad_file", "Task04/dataset.json", ("Task04/dataset.json",))
     assert unit.error_reason == "invalid_msd_descriptor"
     assert unit.error_detail
+
+
+def test_a_task_patients_csv_groups_follow_ups_under_one_patient_and_is_part_of_every_unit():
+    spec = {"labels": {"0": "background", "1": "A"}, "modality": {"0": "MRI"},
+            "training": [{"image": "./imagesTr/c1.nii.gz", "label": "./labelsTr/c1.nii.gz"},
+                         {"image": "./imagesTr/c2.nii.gz", "label": "./labelsTr/c2.nii.gz"},
+                         {"image": "./imagesTr/c3.nii.gz", "label": "./labelsTr/c3.nii.gz"}]}  # fmt: skip
+    files = {f"T/{kind}/c{i}.nii.gz" for kind in ("imagesTr", "labelsTr") for i in (1, 2, 3)} | {"T/patients.csv"}
+    patients = b"case_id,patient_id\nc1,P-7\nc2,P-7\n"
+    units = {u.source_id: u for u in msd_units("T/dataset.json", json.dumps(spec).encode(), files, patients)}
+    assert units["T/imagesTr/c1.nii.gz"].patient_hint == units["T/imagesTr/c2.nii.gz"].patient_hint == "P-7"
+    assert units["T/imagesTr/c3.nii.gz"].patient_hint == "c3"  # not listed: its own patient
+    assert all("T/patients.csv" in u.files for u in units.values())  # a changed mapping re-ingests
+    assert not is_ignored("T/patients.csv") and is_ignored("T/notes.csv")

@@ -1,39 +1,61 @@
-"""Segment a new study with the registered champion: ``python -m mvl_pipeline.commands.predict``.
+"""Segment new studies with the registered champion: ``python -m mvl_pipeline.predict``.
 
-    python -m mvl_pipeline.commands.predict STUDY OUTPUT_DIR [--model-uri models:/medvisionllama@champion]
+    python -m mvl_pipeline.predict INPUT OUTPUT_DIR [--model-uri models:/medvisionllama@champion]
 
-``STUDY`` is a folder of DICOM files (one image series, or pick one with ``--series-index``) or a
-NIfTI / NRRD file. The model is preprocessed, applied and mapped back exactly as in evaluation
-(the plan travels with the registered model). Writes ``OUTPUT_DIR/prediction.nii.gz`` (labels on
-the study's own grid) and, for DICOM input, ``OUTPUT_DIR/prediction_seg.dcm``: a DICOM SEG that
-references the source series, for a clinical viewer. The SEG belongs to that patient's record
-and so carries the source's patient/study attributes; nothing identifying is logged.
+``INPUT`` is one study or a folder of them:
+
+- a NIfTI / NRRD file -> ``OUTPUT_DIR/prediction.nii.gz``;
+- a folder of DICOM files of one study (any depth; the largest image series, or
+  ``--series-index``) -> ``OUTPUT_DIR/prediction.nii.gz`` and ``prediction_seg.dcm``, a DICOM SEG
+  that references the source series, for a clinical viewer;
+- a folder of several studies: every NIfTI/NRRD file in it (an MSD ``imagesTs`` folder) becomes
+  ``OUTPUT_DIR/<its name>.nii.gz``, every DICOM study in it (grouped by StudyInstanceUID)
+  ``OUTPUT_DIR/study-<n>/prediction.nii.gz`` + ``prediction_seg.dcm``, and
+  ``OUTPUT_DIR/predictions.csv`` lists input, output, status and, for a study that failed, the
+  reason. One bad input never stops the others (exit status 1 when any failed).
+
+The model is loaded once; each study is preprocessed, predicted and mapped back exactly as in
+evaluation (the plan and post-processing travel with the registered model). Predictions go back
+to the hospital and carry the study's identity (the SEG references its patient and study); the
+log names studies by their number only.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import logging
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from mvl_pipeline.core.case import Case
 from mvl_pipeline.core.errors import ImagingError
 from mvl_pipeline.core.volume import Volume, guess_modality
-from mvl_pipeline.evaluation.scoring import EvaluateConfig, predict_case
 from mvl_pipeline.formats.nifti import encode_nifti
+from mvl_pipeline.formats.volumes import read_volume, volume_suffix
 
 logger = logging.getLogger("mvl_pipeline.commands.predict")
 
 SEG_CATEGORIES = {"organ": "Organ", "lesion": "Morphologically Altered Structure"}
 
 
+@dataclass
+class Study:
+    """One input: a volume file, or the DICOM files of one study."""
+
+    name: str  # output name (volume: the file's stem; DICOM: study-<n>)
+    kind: str  # "volume" | "dicom"
+    paths: list[Path] = field(default_factory=list)
+    source: str = ""  # the input, relative to INPUT, for predictions.csv
+
+
 def load_registered(model_uri: str, tracking_uri: str | None) -> tuple[tuple[dict, dict], dict, str]:
-    """``((state, config), plan, version)`` of a registered model, e.g. ``models:/name@champion``."""
+    """``((state, config), plan, uri)`` of a registered model, e.g. ``models:/name@champion``."""
     import mlflow
 
     from mvl_pipeline.formats.model_bundle import read_bundle
@@ -46,69 +68,66 @@ def load_registered(model_uri: str, tracking_uri: str | None) -> tuple[tuple[dic
     return weights, plan, model_uri
 
 
-def read_dicom_study(folder: Path, series_index: int | None) -> tuple[Volume, list[Any]]:
+def _stem(path: Path) -> str:
+    suffix = volume_suffix(path.name) or path.suffix
+    return path.name[: len(path.name) - len(suffix)]
+
+
+def discover(root: Path) -> tuple[list[Study], bool]:
+    """The studies under ``root`` and whether it is a batch (several studies, or a folder of
+    volume files)."""
+    if root.is_file():
+        return [Study(_stem(root), "volume", [root], root.name)], False
+    if not root.is_dir():
+        raise FileNotFoundError(f"no such file or folder: {root}")
+    from mvl_pipeline.dicom.read import read_header
+
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    volumes = [p for p in files if volume_suffix(p.name) and p.parent == root]
+    if (root / "dataset.json").is_file():  # an MSD task folder: its test images (imagesTs)
+        from mvl_pipeline.formats.msd import read_task
+
+        task = read_task((root / "dataset.json").read_bytes())
+        volumes = [root / image for image in task.test if (root / image).is_file()]
+        files = []
+    by_study: dict[str, list[Path]] = {}
+    for path in files:
+        if volume_suffix(path.name) or path.name.lower() == "dataset.json":
+            continue
+        try:
+            header = read_header(path)
+        except ImagingError:
+            continue  # not DICOM (a README, a report): nothing to segment
+        by_study.setdefault(str(header.get("StudyInstanceUID", "")), []).append(path)
+    studies, seen = [], set()
+    for path in volumes:  # x.nii.gz and x.nrrd in one folder: x and x-2, never one overwriting
+        name, n = _stem(path), 1
+        while name in seen:
+            n += 1
+            name = f"{_stem(path)}-{n}"
+        seen.add(name)
+        studies.append(Study(name, "volume", [path], str(path.relative_to(root))))
+    for index, paths in enumerate(by_study.values(), start=1):
+        common = Path(*Path(*[p.relative_to(root) for p in paths][0].parts[:-1]).parts) if paths else Path()
+        studies.append(Study(f"study-{index:03d}", "dicom", paths, str(common) or "."))
+    if not studies:
+        raise ValueError("no DICOM study and no NIfTI/NRRD file found in the input")
+    return studies, bool(volumes) or len(by_study) > 1
+
+
+def read_dicom_study(paths: list[Path], series_index: int | None) -> tuple[Volume, list[Any]]:
     """The study's image series as a Volume, plus its source data sets (for the SEG)."""
     from mvl_pipeline.dicom.assemble import assemble_series
     from mvl_pipeline.dicom.read import read_dataset, read_header, sort_study
 
-    headers = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        try:
-            headers[path] = read_header(path)
-        except ImagingError:  # a stray non-DICOM file: not what we segment
-            continue
+    headers = {path: read_header(path) for path in paths}
     ordered = sorted(sort_study(headers).series.values(), key=len, reverse=True)
     if not ordered:
-        raise ValueError("no DICOM image series found in the input folder")
+        raise ImagingError("no DICOM image series in the study")
     if series_index is None and len(ordered) > 1:
-        logger.info("%d image series in the folder: using the largest (--series-index to choose)", len(ordered))
+        logger.info("%d image series in the study: using the largest (--series-index to choose)", len(ordered))
     chosen = ordered[series_index or 0]
     return assemble_series(chosen), [read_dataset(path) for path in chosen]
-
-
-def read_volume_file(path: Path) -> Volume:
-    from mvl_pipeline.formats.volumes import read_volume
-
-    return read_volume(path.read_bytes(), str(path), read_sibling=lambda sibling: Path(sibling).read_bytes())
-
-
-def run(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mvl_pipeline.commands.predict", description=__doc__.split("\n\n")[0])
-    parser.add_argument("study", type=Path, help="DICOM folder, or a .nii/.nii.gz/.nrrd file")
-    parser.add_argument("output", type=Path, help="output folder (created)")
-    parser.add_argument("--model-uri", default="models:/medvisionllama@champion")
-    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
-    parser.add_argument("--llm-cache-dir", default="data/06_models/llm_cache")
-    parser.add_argument("--modality", default=None, help="for NIfTI/NRRD input: CT or MR (default: guess)")
-    parser.add_argument("--series-index", type=int, default=None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("highdicom").setLevel(logging.WARNING)
-
-    from mvl_pipeline.model import model_from_weights
-
-    (state, config), plan, uri = load_registered(args.model_uri, args.tracking_uri)
-    model = model_from_weights(state, config, llm_cache_dir=args.llm_cache_dir)
-    datasets: list[Any] = []
-    if args.study.is_dir():
-        image, datasets = read_dicom_study(args.study, args.series_index)
-        modality = str(datasets[0].get("Modality", "CT"))
-    else:
-        image = read_volume_file(args.study)
-        modality = args.modality or guess_modality(image)
-    logger.info("predicting a %s volume %s with %s", modality, "x".join(map(str, image.shape)), uri)
-    case = Case("input", "input", Volume(image.array.astype(np.float32), image.affine, {"modality": modality}),
-                meta={"modality": modality})  # fmt: skip
-    labels = predict_case(model, case, plan, num_classes=model.cfg.num_classes, params=EvaluateConfig())
-    prediction = Volume(labels.astype(np.uint8), image.affine, {"model_uri": uri, "plan_id": plan.get("plan_id")})
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "prediction.nii.gz").write_bytes(encode_nifti(prediction, compress=True))
-    names = {int(k): str(v) for k, v in plan.get("label_names", {}).items()}
-    logger.info("wrote prediction.nii.gz: %s", ", ".join(f"{names.get(int(v), v)} {int((labels == v).sum())} voxels"
-                                                         for v in np.unique(labels) if v))  # fmt: skip
-    if datasets:
-        write_seg(prediction, datasets, names, args.output / "prediction_seg.dcm", uri)
-    return 0
 
 
 def write_seg(prediction: Volume, datasets: list[Any], names: dict[int, str], target: Path, uri: str) -> None:
@@ -125,7 +144,73 @@ def write_seg(prediction: Volume, datasets: list[Any], names: dict[int, str], ta
         header_overrides={"SeriesDescription": "MedVisionLlama prediction (not for diagnosis)"},
     )
     target.write_bytes(dataset_bytes(seg))
-    logger.info("wrote %s (DICOM SEG referencing the source series)", target.name)
+
+
+def predict_study(segmenter: Any, study: Study, out: Path, *, batch: bool, uri: str, args: Any) -> str:
+    """Segment one study and write its outputs; returns the output path (relative to ``out``)."""
+    datasets: list[Any] = []
+    if study.kind == "dicom":
+        image, datasets = read_dicom_study(study.paths, args.series_index)
+        modality = str(datasets[0].get("Modality", "") or "") or guess_modality(image)
+    else:
+        path = study.paths[0]
+        image = read_volume(path.read_bytes(), str(path), read_sibling=lambda p: Path(p).read_bytes())
+        modality = args.modality or guess_modality(image)
+    labels = segmenter.segment(image, modality)
+    plan = segmenter.plan
+    prediction = Volume(labels.astype(np.uint8), image.affine, {"model_uri": uri, "plan_id": plan.get("plan_id")})
+    folder = out / study.name if (batch and study.kind == "dicom") else out
+    folder.mkdir(parents=True, exist_ok=True)
+    target = out / f"{study.name}.nii.gz" if (batch and study.kind == "volume") else folder / "prediction.nii.gz"
+    target.write_bytes(encode_nifti(prediction, compress=True))
+    if datasets:
+        write_seg(prediction, datasets, dict(segmenter.classes), folder / "prediction_seg.dcm", uri)
+    return str(target.relative_to(out))
+
+
+def run(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mvl_pipeline.predict", description=__doc__.split("\n\n")[0])
+    parser.add_argument("input", type=Path, help="a NIfTI/NRRD file, a DICOM study folder, or a folder of studies")
+    parser.add_argument("output", type=Path, help="output folder (created)")
+    parser.add_argument("--model-uri", default="models:/medvisionllama@champion")
+    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    parser.add_argument("--llm-cache-dir", default="data/06_models/llm_cache")
+    parser.add_argument("--modality", default=None, help="for NIfTI/NRRD input: CT or MR (default: guess)")
+    parser.add_argument("--series-index", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+
+    from mvl_pipeline.serving.segmenter import Segmenter
+
+    try:
+        studies, batch = discover(args.input)
+    except (FileNotFoundError, ValueError) as exc:
+        logger.error("%s", exc)
+        return 2
+    weights, plan, uri = load_registered(args.model_uri, args.tracking_uri)
+    segmenter = Segmenter(weights, plan, llm_cache_dir=args.llm_cache_dir)
+    logger.info("%d stud%s to segment with %s", len(studies), "y" if len(studies) == 1 else "ies", uri)
+    args.output.mkdir(parents=True, exist_ok=True)
+    rows, failed = [], 0
+    for index, study in enumerate(tqdm(studies, desc="predict", unit="study", disable=len(studies) < 2), start=1):
+        try:
+            output = predict_study(segmenter, study, args.output, batch=batch, uri=uri, args=args)
+            rows.append({"input": study.source, "output": output, "status": "ok", "reason": ""})
+        except Exception as exc:  # one bad study never stops the others
+            failed += 1
+            reason = exc.reason if isinstance(exc, ImagingError) else type(exc).__name__
+            logger.error("study %d of %d could not be segmented: %s", index, len(studies), reason)
+            rows.append({"input": study.source, "output": "", "status": "failed", "reason": reason})
+            if not batch:
+                logger.error("%s", exc)
+    if batch:
+        with (args.output / "predictions.csv").open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["input", "output", "status", "reason"])
+            writer.writeheader()
+            writer.writerows(rows)
+    logger.info("%d of %d studies segmented into %s", len(studies) - failed, len(studies), args.output)
+    return 1 if failed else 0
 
 
 def main() -> None:

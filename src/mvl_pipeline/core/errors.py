@@ -101,3 +101,10 @@ class EmptyImageError(ImagingError):
 
 class NonFiniteValuesError(ImagingError):
     reason = "non_finite_values"
+
+
+class NotAVolumeError(UnreadableFileError):
+    """A volume file that holds something other than one 3-D volume (e.g. a 4-D image of several
+    channels or time points)."""
+
+    reason = "not_3d_volume"

@@ -160,6 +160,8 @@ def _parse_dataset(name: str, data: bytes, *, stop_before_pixels: bool) -> Datas
         )
     except InvalidDicomError as exc:
         raise NotDicomError(f"not a DICOM file: {exc}", path=name) from exc
+    except NotImplementedError as exc:  # pydicom on some plain text: 'Unknown Value Representation'
+        raise NotDicomError(f"not a DICOM file: {exc}", path=name) from exc
     except (EOFError, struct.error, ValueError, KeyError, IndexError, TypeError) as exc:
         raise UnreadableFileError(
             f"cannot parse DICOM: {type(exc).__name__}: {exc}", path=name

@@ -20,6 +20,7 @@ from mvl_pipeline.core.case import Case
 from mvl_pipeline.core.config import ConfigBlock
 from mvl_pipeline.evaluation.inference import predict_probabilities
 from mvl_pipeline.evaluation.metrics import case_metrics
+from mvl_pipeline.evaluation.postprocessing import apply_postprocessing, decide_postprocessing
 from mvl_pipeline.preprocessing.apply import preprocess_case, restore_to_original
 
 logger = logging.getLogger(__name__)
@@ -53,16 +54,23 @@ def cases_in(
 
 
 def predict_case(
-    model: nn.Module, case: Case, plan: Mapping[str, Any], *, num_classes: int, params: EvaluateConfig
+    model: nn.Module,
+    case: Case,
+    plan: Mapping[str, Any],
+    *,
+    num_classes: int,
+    params: EvaluateConfig,
+    postprocessing: Mapping[str, Any] | None = None,
 ) -> np.ndarray:
-    """Integer label map of ``case`` on its original grid."""
+    """Integer label map of ``case`` on its original grid, with the model's post-processing
+    decision (``postprocessing``, stored in its config) applied there."""
     prepared = preprocess_case(case.image, plan, modality=case.modality)
     probs = predict_probabilities(
         model, prepared.image, roi_size=plan["patch_size"], num_classes=num_classes,
         overlap=params.overlap, sw_batch_size=params.sw_batch_size,
     )  # fmt: skip
     restored = restore_to_original(probs, prepared.record, is_label=False)
-    return restored.argmax(axis=0).astype(np.uint8)
+    return apply_postprocessing(restored.argmax(axis=0).astype(np.uint8), postprocessing)
 
 
 def score_cases(
@@ -74,6 +82,7 @@ def score_cases(
     num_classes: int,
     params: EvaluateConfig,
     keep_overlays: int = 0,
+    postprocessing: Mapping[str, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Per-case, per-class metric rows, and up to ``keep_overlays`` slices for plots."""
     rows: list[dict[str, Any]] = []
@@ -82,7 +91,9 @@ def score_cases(
         case = loader()
         if case.label is None:
             raise ValueError(f"holdout case {case_id} has no label")
-        prediction = predict_case(model, case, plan, num_classes=num_classes, params=params)
+        prediction = predict_case(
+            model, case, plan, num_classes=num_classes, params=params, postprocessing=postprocessing
+        )
         label = np.asarray(case.label.array)
         for row in case_metrics(
             prediction, label, classes, spacing=case.image.spacing, nsd_tolerance_mm=params.nsd_tolerance_mm
@@ -95,14 +106,53 @@ def score_cases(
 
 
 def _overlay(case: Case, prediction: np.ndarray) -> dict[str, Any]:
-    """The axial slice through the label's largest cross-section, for an overlay plot."""
+    """The axial slice through the label's largest cross-section, for an overlay plot, with a
+    display window of the case's own 1st-99th intensity percentiles inside the label's box (so
+    MR, whose intensities have no fixed scale, and CT both read well)."""
     label = np.asarray(case.label.array)
     per_slice = (label > 0).reshape(-1, label.shape[2]).sum(axis=0)
     k = int(per_slice.argmax()) if per_slice.any() else label.shape[2] // 2
+    image = np.asarray(case.image.array, dtype=np.float32)
+    where = np.argwhere(label > 0)
+    if where.size:
+        low, high = where.min(axis=0), where.max(axis=0) + 1
+        margin = np.maximum(4, (high - low) // 2)
+        box = tuple(slice(max(0, lo - m), hi + m) for lo, hi, m in zip(low, high, margin, strict=True))
+        region = image[box]
+    else:
+        region = image
+    vmin, vmax = (float(v) for v in np.percentile(region, [1.0, 99.0]))
     return {
         "case_id": case.case_id,
-        "image": np.asarray(case.image.array[:, :, k], dtype=np.float32),
+        "window": [vmin, vmax if vmax > vmin else vmin + 1.0],
+        "image": image[:, :, k].copy(),
         "label": label[:, :, k].copy(),
         "prediction": prediction[:, :, k].copy(),
         "spacing": case.image.spacing[:2],
     }
+
+
+def decide_postprocessing_on(
+    model: nn.Module,
+    cases: Iterable[tuple[str, Callable[[], Case]]],
+    plan: Mapping[str, Any],
+    classes: Mapping[int, str],
+    *,
+    params: EvaluateConfig,
+) -> dict[str, Any]:
+    """The post-processing decision for ``model`` from its predictions of ``cases`` (validation
+    cases, on their original grid): see ``evaluation.postprocessing``."""
+    pairs = []
+    for _case_id, loader in cases:
+        case = loader()
+        if case.label is not None:
+            prediction = predict_case(model, case, plan, num_classes=model.cfg.num_classes, params=params)
+            pairs.append((prediction, np.asarray(case.label.array)))
+    decision = decide_postprocessing(pairs, sorted(classes))
+    for value, scores in decision["validation_dice"].items():
+        logger.info(
+            "post-processing, class %s: validation Dice %.4f raw, %.4f largest component -> %s",
+            classes.get(int(value), value), scores["raw"], scores["largest_component"],
+            "keep the largest component" if int(value) in decision["largest_component"] else "as predicted",
+        )  # fmt: skip
+    return decision

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from mvl_pipeline.core.errors import UnreadableFileError
+from mvl_pipeline.core.errors import NotAVolumeError, UnreadableFileError
 from mvl_pipeline.core.volume import Volume
 
 
@@ -14,6 +14,12 @@ class VolumeFileError(UnreadableFileError):
     """A volume file is missing, truncated, not NIfTI/NRRD, or not a 3-D volume."""
 
     reason = "unreadable_file"
+
+
+class NotA3DVolumeError(VolumeFileError, NotAVolumeError):
+    """A readable volume file of another dimensionality (a 4-D image)."""
+
+    reason = NotAVolumeError.reason
 
 
 def storable(array: np.ndarray) -> np.ndarray:
@@ -27,7 +33,11 @@ def as_3d(array: np.ndarray, path: str) -> np.ndarray:
     if array.ndim == 4 and array.shape[3] == 1:
         array = array[..., 0]
     if array.ndim != 3:
-        raise VolumeFileError(f"not a 3-D volume (shape {array.shape})", path=path)
+        raise NotA3DVolumeError(
+            f"not a 3-D volume (shape {array.shape}): a 4-D image holds several channels or time "
+            "points, which are not supported as one input yet",
+            path=path,
+        )
     return np.ascontiguousarray(array)
 
 

@@ -21,7 +21,9 @@ class IngestConfig(ConfigBlock):
 
     WHERE = "ingest"
 
-    labels: Mapping[str, int] = field(default_factory=dict)
+    #: name -> value of the project's label map; null (or empty) = the source's own map (an MSD
+    #: task's dataset.json, a SEG's segment numbers): the right choice for one task at a time.
+    labels: Mapping[str, int] | None = None
     label_aliases: Mapping[str, str] = field(default_factory=dict)
     label_suffixes: tuple[str, ...] = ("_label", "_labels", "_seg", "_mask")
     image_suffixes: tuple[str, ...] = ("_image", "_img", "_ct", "_0000")
@@ -36,8 +38,10 @@ class IngestConfig(ConfigBlock):
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if not self.labels:
-            raise ValueError("params:ingest.labels must map label names to values, e.g. {organ: 1}")
+        object.__setattr__(self, "labels", dict(self.labels or {}))
+        bad = {name: value for name, value in self.labels.items() if not 0 < int(value) < 256}
+        if bad:
+            raise ValueError(f"ingest.labels values must be 1-255 (0 is background): {bad}")
 
     @property
     def aliases(self) -> dict[str, str]:

@@ -19,7 +19,7 @@ from mvl_pipeline.dicom.assemble import assemble_series
 from mvl_pipeline.dicom.deid import deidentify
 from mvl_pipeline.dicom.read import SEGMENTATION_STORAGE, read_dataset, read_header, sort_study
 from mvl_pipeline.ingestion.config import IngestConfig
-from mvl_pipeline.ingestion.labels import canonical_label, map_label_names, remap_labels
+from mvl_pipeline.ingestion.labels import case_label_names, map_label_names, remap_labels
 from mvl_pipeline.ingestion.result import (
     UnitResult,
     case_meta,
@@ -126,12 +126,11 @@ def _dicom_case(
         else:  # several label objects: later ones paint over earlier background only
             merged = np.where(label.array > 0, label.array, mapped.array)
             label = Volume(merged, image.affine, {})
-        label_names.update({v: canonical_label(names[k], config) for k, v in
-                            map_label_names(names, config).items()})  # fmt: skip
+        label_names.update(case_label_names(names, config))
 
     patient_source = str(first.get("PatientID", "")) or str(first.get("PatientName", ""))
     meta = {
-        **case_meta(str(first.get("Modality", "OT")), "dicom", image, label, config),
+        **case_meta(str(first.get("Modality", "OT")), "dicom", image, label, label_names or config.label_names),
         "burned_in_annotation": bool(report.burned_in_annotation),
         "deidentified_header": _header_json(deid_header),
         "deidentification": report.method,

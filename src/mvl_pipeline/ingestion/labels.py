@@ -18,7 +18,10 @@ def canonical_label(name: str, config: IngestConfig) -> str:
 
 
 def map_label_names(names: Mapping[int, str], config: IngestConfig) -> dict[int, int]:
-    """Source label value -> project label value, by name. Unknown names raise."""
+    """Source label value -> project label value, by name. Unknown names raise. Without a
+    project label map (``ingest.labels: {}``) the source's own values are kept."""
+    if not config.labels:
+        return {int(v): int(v) for v in names if int(v) != 0}
     table = {k.lower(): int(v) for k, v in config.labels.items()}
     mapping = {}
     for value, name in names.items():
@@ -43,3 +46,11 @@ def remap_labels(label: Volume, mapping: Mapping[int, int]) -> Volume:
         if source < lut.size:
             lut[source] = target
     return Volume(lut[label.array.astype(np.int64)], label.affine, {})
+
+
+def case_label_names(names: Mapping[int, str], config: IngestConfig) -> dict[int, str]:
+    """The label names a case records: the project's whole map, or (without one) the source's
+    names of the values it uses, canonicalised."""
+    if config.labels:
+        return config.label_names
+    return {int(v): canonical_label(str(name), config) for v, name in names.items() if int(v) != 0}

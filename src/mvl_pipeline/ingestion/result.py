@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,13 +104,13 @@ def guard_no_identity(result: UnitResult, identity: Sequence[str]) -> None:
 
 
 def case_meta(
-    modality: str, source_kind: str, image: Volume, label: Volume | None, config: IngestConfig
+    modality: str, source_kind: str, image: Volume, label: Volume | None, label_names: Mapping[int, str]
 ) -> dict[str, Any]:
     """The PHI-free geometry and label metadata every ingested case carries."""
     return {
         "modality": modality,
         "source_kind": source_kind,
-        "label_names": {str(k): v for k, v in sorted(config.label_names.items())},
+        "label_names": {str(k): v for k, v in sorted(label_names.items())},
         "present_labels": sorted(int(v) for v in np.unique(label.array) if v) if label is not None else [],
         "spacing": list(image.spacing),
         "shape": list(image.shape),

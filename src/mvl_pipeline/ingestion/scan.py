@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import logging
+import posixpath
 from collections import defaultdict
 from collections.abc import Mapping
 from concurrent.futures import Executor
@@ -24,9 +25,11 @@ from mvl_pipeline.core.errors import ImagingError
 from mvl_pipeline.dicom.read import read_header
 from mvl_pipeline.formats.volumes import volume_suffix
 from mvl_pipeline.ingestion.units import (
+    PATIENTS_FILE,
     Unit,
     is_ignored,
     is_msd_descriptor,
+    is_task_file,
     msd_units,
     pair_volumes,
 )
@@ -101,7 +104,11 @@ def scan_drop(
     available = {e.relpath for e in listing}
     msd_files: set[str] = set()
     for descriptor in descriptors:
-        task_units = msd_units(descriptor, drop.read_bytes(descriptor), available)
+        patients = posixpath.join(posixpath.dirname(descriptor), PATIENTS_FILE)
+        task_units = msd_units(
+            descriptor, drop.read_bytes(descriptor), available,
+            drop.read_bytes(patients) if patients in available else None,
+        )  # fmt: skip
         units.extend(task_units)
         msd_files.update(f for u in task_units for f in u.files)
         msd_files.add(descriptor)
@@ -113,7 +120,7 @@ def scan_drop(
     )
 
     # DICOM: unchanged files keep their unit; new ones are grouped by StudyInstanceUID.
-    dicom_paths = [p for p in fkeys if not volume_suffix(p) and not is_msd_descriptor(p)]
+    dicom_paths = [p for p in fkeys if not volume_suffix(p) and not is_task_file(p)]
     members: dict[str, list[str]] = defaultdict(list)
     for relpath in dicom_paths:
         ukey = files[fkeys[relpath]].get("unit")

@@ -23,6 +23,7 @@ IGNORED_SUFFIXES = (
     ".json", ".txt", ".csv", ".md", ".xml", ".html", ".pdf", ".log", ".yml", ".yaml",
     ".raw", ".raw.gz", ".zraw", ".dvc", ".gitignore", ".ds_store",
 )  # fmt: skip
+PATIENTS_FILE = "patients.csv"
 IGNORED_NAMES = ("dicomdir", "thumbs.db", "license", "readme", "_complete")
 
 
@@ -51,7 +52,12 @@ def is_ignored(relpath: str) -> bool:
     name = posixpath.basename(relpath).lower()
     if name.startswith(".") or name in IGNORED_NAMES:
         return True
-    return name.endswith(IGNORED_SUFFIXES) and name != "dataset.json"
+    return name.endswith(IGNORED_SUFFIXES) and not is_task_file(relpath)
+
+
+def is_task_file(relpath: str) -> bool:
+    """An MSD task's own files (``dataset.json``, ``patients.csv``): read, hashed, never DICOM."""
+    return posixpath.basename(relpath).lower() in ("dataset.json", PATIENTS_FILE)
 
 
 def is_msd_descriptor(relpath: str) -> bool:
@@ -121,9 +127,31 @@ def pair_volumes(
     return units
 
 
-def msd_units(descriptor_path: str, descriptor: bytes, available: set[str]) -> list[Unit]:
-    """Units of a Medical Segmentation Decathlon task from its ``dataset.json``."""
+def read_patients(data: bytes) -> dict[str, str]:
+    """``patients.csv`` of a task folder: ``case_id,patient_id`` rows (a header row is allowed):
+    the case's image file name without its suffix -> the patient it belongs to, so that the
+    follow-ups of one patient stay together in the split."""
+    import csv
+    import io
+
+    rows = list(csv.reader(io.StringIO(data.decode("utf-8-sig"))))
+    if rows and [c.strip().lower() for c in rows[0][:2]] == ["case_id", "patient_id"]:
+        rows = rows[1:]
+    mapping = {}
+    for row in rows:
+        if len(row) >= 2 and row[0].strip() and row[1].strip():
+            mapping[row[0].strip()] = row[1].strip()
+    return mapping
+
+
+def msd_units(
+    descriptor_path: str, descriptor: bytes, available: set[str], patients: bytes | None = None
+) -> list[Unit]:
+    """Units of a Medical Segmentation Decathlon task from its ``dataset.json`` (and the task's
+    optional ``patients.csv``: without it every case is its own patient)."""
     root = posixpath.dirname(descriptor_path)
+    patient_of = read_patients(patients) if patients else {}
+    patients_file = posixpath.join(root, PATIENTS_FILE) if patients else None
     try:
         task = read_task(descriptor)
     except MsdDescriptorError as exc:
@@ -142,9 +170,11 @@ def msd_units(descriptor_path: str, descriptor: bytes, available: set[str]) -> l
                      error_detail=f"{len(missing)} file(s) listed in dataset.json are missing")
             )  # fmt: skip
             continue
-        patient = posixpath.basename(_strip(image))
+        case = posixpath.basename(_strip(image))
+        if patients_file:  # a new patient mapping re-ingests the task's cases
+            files = (*files, patients_file)
         units.append(
-            Unit("volume", image, files, image=image, label=label, patient_hint=patient,
+            Unit("volume", image, files, image=image, label=label, patient_hint=patient_of.get(case, case),
                  label_names=dict(task.labels), modality=task.modality)
         )  # fmt: skip
     return units

@@ -13,7 +13,7 @@ from mvl_pipeline.core.errors import ImagingError, LabelGridMismatchError, Unkno
 from mvl_pipeline.core.volume import Volume, guess_modality
 from mvl_pipeline.formats.volumes import read_volume
 from mvl_pipeline.ingestion.config import IngestConfig
-from mvl_pipeline.ingestion.labels import map_label_names, remap_labels
+from mvl_pipeline.ingestion.labels import case_label_names, map_label_names, remap_labels
 from mvl_pipeline.ingestion.result import (
     UnitResult,
     case_meta,
@@ -68,6 +68,8 @@ def process_volume_unit(drop: Any, unit: Unit, key: bytes, config: IngestConfig)
             ):
                 raise UnknownLabelValueError("label volume holds non-integer values")
             raw = Volume(raw_label.array.astype(np.int64), image.affine, {})
+            if not names:  # neither the task nor the project names them: the values themselves
+                names = {int(v): f"label {int(v)}" for v in np.unique(raw.array) if v}
             label = remap_labels(raw, map_label_names(names, config))
     except ImagingError as exc:
         result.quarantined.append(
@@ -77,7 +79,7 @@ def process_volume_unit(drop: Any, unit: Unit, key: bytes, config: IngestConfig)
         guard_no_identity(result, identity)
         return result
     result.modality = modality
-    meta = case_meta(modality, "volume", image, label, config)
+    meta = case_meta(modality, "volume", image, label, case_label_names(names, config))
     clean = Volume(image.array.astype(np.float32, copy=False), image.affine, {"modality": modality})
     patient = pseudonyms.patient_pseudonym(key, "volume", unit.patient_hint or unit.source_id)
     result.cases.append(Case(case_id, patient, clean, label, meta))

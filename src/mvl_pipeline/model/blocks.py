@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .patch_ops import patchify
+
 Grid = tuple[int, int, int]
 
 
@@ -30,16 +32,20 @@ def grid_to_tokens(x: torch.Tensor) -> torch.Tensor:
 
 
 class PatchEmbed3d(nn.Module):
-    """Non-overlapping 3D patches -> tokens: Conv3d with kernel = stride = patch size."""
+    """Non-overlapping 3D patches -> tokens: Conv3d with kernel = stride = patch size, run as
+    one matmul over the patches (``matmul``, see ``patch_ops``) or as the convolution."""
 
-    def __init__(self, in_channels: int, embed_dim: int, patch_size: Grid):
+    def __init__(self, in_channels: int, embed_dim: int, patch_size: Grid, matmul: bool = True):
         super().__init__()
         self.patch_size = tuple(patch_size)
         self.proj = nn.Conv3d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.matmul = matmul
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Grid]:
+        grid = tuple(s // p for s, p in zip(x.shape[2:], self.patch_size, strict=True))
+        if self.matmul:
+            return patchify(x, self.proj.weight, self.proj.bias, self.patch_size), grid  # type: ignore[return-value]
         x = self.proj(x)  # (B, E, X/px, Y/py, Z/pz)
-        grid = tuple(x.shape[2:])
         x = x.flatten(2).transpose(1, 2)  # (B, T, E), tokens in (X, Y, Z) row-major order
         return x, grid  # type: ignore[return-value]
 

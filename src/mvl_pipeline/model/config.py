@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mvl_pipeline.core.config import ConfigBlock
+from mvl_pipeline.core.config import ConfigBlock, build
+
+from .cnn import CNNConfig
+from .presets import PRESETS, apply_preset
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +27,8 @@ SMOLLM2_OFFLINE = "smollm2-offline"
 # Names a LoRA adapter may target: the two bridge projections, or linears inside the LLM layer.
 LORA_PROJECTION_TARGETS = ("proj_in", "proj_out")
 LORA_LAYER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-CPU_DTYPES = ("float32", "bfloat16")
+CPU_DTYPES = ("auto", "float32", "bfloat16")
+PATCH_OPS = ("matmul", "conv")
 PRECISIONS = ("bf16-mixed", "fp32")
 
 
@@ -81,7 +85,8 @@ class LLMConfig(ConfigBlock):
         ``.gguf`` file.
     layer_index: which decoder layer; negative counts from the end (-1 = last).
     position: number of encoder blocks before the LLM layer; None = after the encoder.
-    cpu_dtype: dtype of the frozen layer on CPU (on GPU it is always bfloat16).
+    cpu_dtype: dtype of the frozen layer on CPU: auto (bf16 under bf16-mixed, else fp32), float32
+        or bfloat16 (on GPU it is always bfloat16).
     random_seed: seed of the ``random`` mode's initialisation (so a saved model can rebuild it).
     """
 
@@ -91,7 +96,7 @@ class LLMConfig(ConfigBlock):
     source: str = SMOLLM2_OFFLINE
     layer_index: int = -1
     position: int | None = None
-    cpu_dtype: str = "float32"
+    cpu_dtype: str = "auto"
     random_seed: int = 0
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
@@ -137,6 +142,7 @@ class MedVisionLlamaConfig(ConfigBlock):
 
     WHERE = "model"
 
+    preset: str = "medvisionllama"  # medvisionllama | paper | cnn (model/presets.py)
     in_channels: int = 1
     num_classes: int = 2  # output channels; 1 = one sigmoid channel (binary), else softmax
     patch_size: tuple[int, int, int] = (8, 8, 8)
@@ -145,18 +151,48 @@ class MedVisionLlamaConfig(ConfigBlock):
     num_heads: int = 3
     mlp_ratio: float = 4.0
     local_kernel: int = 3  # depthwise conv kernel of the local attention branch
-    pos_grid: tuple[int, int, int] = (8, 8, 4)  # token grid the positional embedding is stored at
+    pos_grid: tuple[int, int, int] | None = None  # token grid of the positional embedding; None: the plan's
     token_budget: int = 256  # read by the preprocessing plan to size the training crop
     precision: str = "bf16-mixed"  # "bf16-mixed" (autocast) or "fp32"
+    patch_ops: str = "matmul"  # patch embedding / decoder upsampling: matmul (GEMMs) | conv (oneDNN)
     grad_checkpointing: bool = False
     compile: bool = False
     llm: LLMConfig = field(default_factory=LLMConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    cnn: CNNConfig = field(default_factory=CNNConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "patch_size", _triple(self.patch_size, "patch_size"))
-        object.__setattr__(self, "pos_grid", _triple(self.pos_grid, "pos_grid"))
+        if self.pos_grid is not None:
+            object.__setattr__(self, "pos_grid", _triple(self.pos_grid, "pos_grid"))
         self._validate()
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any] | None = None, where: str | None = None) -> MedVisionLlamaConfig:
+        """The model block with its preset applied (``model/presets.py``), built by the one builder."""
+        return build(cls, apply_preset(params), where or cls.WHERE)
+
+    def for_plan(self, plan: Mapping[str, Any]) -> MedVisionLlamaConfig:
+        """This config completed from the preprocessing plan it will train under: the classes
+        (plan label values), the positional-embedding grid (the plan's token grid) and, for the
+        CNN, its nnU-Net topology (from the plan's patch and spacing)."""
+        from .cnn import nnunet_topology
+        from .plan import check_plan_fits, token_grid
+
+        check_plan_fits(self, plan)
+        values = sorted(int(v) for v in plan.get("label_values", []) if int(v) != 0)
+        cfg = self.for_classes(values) if values else self
+        if cfg.preset == "cnn" and (cfg.cnn.kernel_sizes is None or cfg.cnn.strides is None):
+            kernels, strides = nnunet_topology(
+                plan["patch_size"], plan["target_spacing"],
+                min_feature_map=cfg.cnn.min_feature_map, max_pools=cfg.cnn.max_pools,
+            )  # fmt: skip
+            return dataclasses.replace(cfg, cnn=dataclasses.replace(cfg.cnn, kernel_sizes=kernels, strides=strides))
+        if cfg.preset == "cnn":  # a pinned topology (model.cnn.kernel_sizes / strides) is kept
+            return cfg
+        if cfg.pos_grid is None:
+            cfg = dataclasses.replace(cfg, pos_grid=token_grid(plan, cfg.patch_size))
+        return cfg
 
     def _validate(self) -> None:
         if self.in_channels < 1 or self.num_classes < 1:
@@ -172,6 +208,10 @@ class MedVisionLlamaConfig(ConfigBlock):
             )
         if self.local_kernel < 1 or self.local_kernel % 2 == 0:
             raise ValueError(f"local_kernel must be odd; got {self.local_kernel}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"model.preset must be one of {sorted(PRESETS)}; got {self.preset!r}")
+        if self.patch_ops not in PATCH_OPS:
+            raise ValueError(f"patch_ops must be one of {list(PATCH_OPS)}; got {self.patch_ops!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}; got {self.precision!r}")
         if self.depth < 1:

@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from .patch_ops import PatchConvTranspose3d
+
 Grid = tuple[int, int, int]
 
 
@@ -69,14 +71,15 @@ class UpNormAct(ConvNormAct):
         factor: Grid,
         norm_layer: Callable[[int], nn.Module] = default_conv_norm,
         act_layer: Callable[[], nn.Module] = default_conv_act,
+        matmul: bool = True,
     ):
         super().__init__(in_channels, out_channels, 1, norm_layer, act_layer)
-        self.conv = nn.ConvTranspose3d(in_channels, out_channels, factor, stride=factor, bias=False)
+        self.conv = PatchConvTranspose3d(in_channels, out_channels, factor, bias=False, matmul=matmul)
 
 
-def upsample(in_channels: int, out_channels: int, factor: Grid) -> nn.ConvTranspose3d:
+def upsample(in_channels: int, out_channels: int, factor: Grid, matmul: bool = True) -> nn.ConvTranspose3d:
     """Plain learned upsampling (UNETR's decoder step): a fusion conv block follows it."""
-    return nn.ConvTranspose3d(in_channels, out_channels, factor, stride=factor)
+    return PatchConvTranspose3d(in_channels, out_channels, factor, matmul=matmul)
 
 
 def cumulative_factor(stage_factors: Sequence[Grid], level: int) -> Grid:
@@ -97,6 +100,7 @@ class FusionDecoder(nn.Module):
         num_taps: int,
         norm_layer: Callable[[int], nn.Module] = default_conv_norm,
         act_layer: Callable[[], nn.Module] = default_conv_act,
+        matmul: bool = True,
     ):
         super().__init__()
         levels = len(stage_factors)
@@ -110,18 +114,18 @@ class FusionDecoder(nn.Module):
         self.bottleneck = ConvNormAct(embed_dim, channels[0], 3, **blocks)
         # tap i (0 = deepest) joins at level i + 1: one transposed conv straight to that grid
         self.tap_lifts = nn.ModuleList(
-            UpNormAct(embed_dim, channels[i + 1], cumulative_factor(stage_factors, i + 1), **blocks)
+            UpNormAct(embed_dim, channels[i + 1], cumulative_factor(stage_factors, i + 1), **blocks, matmul=matmul)
             for i in range(num_taps)
         )
         self.ups = nn.ModuleList(
-            upsample(channels[s - 1], channels[s], stage_factors[s - 1]) for s in range(1, levels)
+            upsample(channels[s - 1], channels[s], stage_factors[s - 1], matmul) for s in range(1, levels)
         )
         self.fuses = nn.ModuleList(
             ConvNormAct(channels[s] * (2 if s <= num_taps else 1), channels[s], 3, **blocks)
             for s in range(1, levels)
         )
         self.stem = ConvNormAct(in_channels, stem_channels, 3, **blocks)
-        self.up_full = upsample(channels[-1], stem_channels, stage_factors[-1])
+        self.up_full = upsample(channels[-1], stem_channels, stage_factors[-1], matmul)
         self.fuse_full = ConvNormAct(2 * stem_channels, stem_channels, 3, **blocks)
 
     def forward(

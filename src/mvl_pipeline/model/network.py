@@ -57,7 +57,10 @@ class MedVisionLlama(nn.Module):
             raise ValueError(f"llm.mode {cfg.llm.mode!r} and the LLM layer given disagree")
         self.cfg = cfg
         E = cfg.embed_dim
-        self.patch_embed = PatchEmbed3d(cfg.in_channels, E, cfg.patch_size)
+        matmul = cfg.patch_ops == "matmul"
+        self.patch_embed = PatchEmbed3d(cfg.in_channels, E, cfg.patch_size, matmul=matmul)
+        if cfg.pos_grid is None:
+            raise ValueError("model.pos_grid is unknown: it is the plan's token grid (MedVisionLlamaConfig.for_plan)")
         self.pos_embed = PositionalEmbedding3d(E, cfg.pos_grid)
         self.blocks = nn.ModuleList(
             EncoderBlock(E, cfg.num_heads, cfg.mlp_ratio, cfg.local_kernel, norm_layer, act_layer)
@@ -80,6 +83,7 @@ class MedVisionLlama(nn.Module):
             len(cfg.decoder.taps),
             conv_norm_layer,
             conv_act_layer,
+            matmul=matmul,
         )
         self.classifier = nn.Conv3d(cfg.decoder.stem_channels, cfg.num_classes, kernel_size=1)
         for name, module in self.named_modules():
@@ -176,8 +180,13 @@ class MedVisionLlama(nn.Module):
 
 
 def llm_dtype(cfg: MedVisionLlamaConfig, device: torch.device) -> torch.dtype:
-    """bf16 on GPU; the configured dtype on CPU."""
-    return torch.bfloat16 if device.type == "cuda" else getattr(torch, cfg.llm.cpu_dtype)
+    """bf16 on GPU; on CPU the configured dtype, ``auto`` = the model's compute dtype (bf16 under
+    bf16-mixed: the frozen weights are then never cast again on a step)."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    if cfg.llm.cpu_dtype == "auto":
+        return torch.bfloat16 if cfg.precision == "bf16-mixed" else torch.float32
+    return getattr(torch, cfg.llm.cpu_dtype)
 
 
 def build_model(
@@ -193,6 +202,13 @@ def build_model(
     go to fsspec for an ``s3://`` source (endpoint, credentials from conf/local).
     """
     device = torch.device(device)
+    if cfg.preset == "cnn":
+        from .cnn import CNNSegmenter
+
+        model: nn.Module = CNNSegmenter(cfg).to(device)
+        if cfg.compile:
+            model.compile()
+        return model
     llm = None
     if cfg.llm.mode != "none":
         llm = load_llm_layer(

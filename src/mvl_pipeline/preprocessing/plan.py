@@ -342,3 +342,13 @@ def reconcile_plan(
     ):
         return dict(previous), True
     return dict(new), False
+
+
+def plan_classes(plan: Mapping[str, Any]) -> dict[int, str]:
+    """Foreground label value -> name of the classes a model trained under ``plan`` predicts
+    (from the data the plan was made from: the label map that ingest recorded)."""
+    names = {int(k): str(v) for k, v in (plan.get("label_names") or {}).items()}
+    values = [int(v) for v in plan.get("label_values", []) if int(v) != 0] or sorted(names)
+    if not values:
+        raise ValueError("the preprocessing plan lists no foreground label: were the cases labelled?")
+    return {v: names.get(v, f"label {v}") for v in sorted(values)}

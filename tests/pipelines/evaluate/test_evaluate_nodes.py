@@ -20,7 +20,7 @@ def test_evaluate_holdout_scores_every_holdout_case_on_its_original_grid(tiny_tr
     data = tiny_training_data
     per_case, summary, overlays = evaluate_holdout(
         tiny_models["long"], data["ingested_cases"], data["data_split"], data["preprocessing_plan"],
-        data["labels"], data["llm_cache_dir"], {"overlay_cases": 2},
+        data["llm_cache_dir"], {"overlay_cases": 2},
     )  # fmt: skip
     holdout = sorted(data["data_split"]["test"])
     assert sorted(per_case["case_id"].unique()) == holdout

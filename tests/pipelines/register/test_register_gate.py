@@ -46,7 +46,7 @@ def holdout_summary(data, weights):
 def register(dataset, data, weights, summary):
     request, decision = decide_registration(
         weights, summary, dataset.load(), data["ingested_cases"], data["data_split"], data["preprocessing_plan"],
-        {"data_version": "v1", "run_name": "test-run"}, LINEAGE, data["labels"], data["llm_cache_dir"],
+        {"data_version": "v1", "run_name": "test-run"}, LINEAGE, data["llm_cache_dir"],
         {}, {"margin": 0.005},
     )  # fmt: skip
     dataset.save(request)

@@ -18,7 +18,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 evaluate_holdout,
                 inputs=[
                     "trained_model", "ingested_cases", "data_split", "preprocessing_plan",
-                    "params:ingest.labels", "params:fit.llm_cache_dir", "params:evaluate",
+                    "params:fit.llm_cache_dir", "params:evaluate",
                 ],  # fmt: skip
                 outputs=["evaluation_per_case", "evaluation_summary", "evaluation_overlays"],
                 name="evaluate_holdout_node",
@@ -34,6 +34,6 @@ def create_pipeline(**kwargs) -> Pipeline:
             "evaluation_per_case", "evaluation_summary", "evaluation_metrics",
             "learning_curves_plot", "per_case_plot", "overlay_plot",
         },  # fmt: skip
-        parameters={"params:ingest.labels", "params:fit.llm_cache_dir", "params:evaluate"},
+        parameters={"params:fit.llm_cache_dir", "params:evaluate"},
         tags="evaluate",
     )

@@ -6,8 +6,10 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from mvl_pipeline.evaluation.scoring import EvaluateConfig, cases_in, decide_postprocessing_on
 from mvl_pipeline.ingestion.manifest import data_version
-from mvl_pipeline.model import MedVisionLlamaConfig
+from mvl_pipeline.model import MedVisionLlamaConfig, model_from_weights
+from mvl_pipeline.preprocessing.plan import plan_classes
 from mvl_pipeline.training import ray_driver
 from mvl_pipeline.training.config import FitConfig
 
@@ -21,11 +23,11 @@ def fit_model(
     ingest_manifest: Mapping[str, Any],
     model_params: Mapping[str, Any],
     fit_params: Mapping[str, Any],
-    labels: Mapping[str, int],
 ) -> tuple[tuple[dict[str, Any], dict[str, Any]], dict[str, Any]]:
     """Train on Ray; return the best model (weights + config) and the training history."""
-    classes = sorted(int(v) for v in labels.values())
-    model_cfg = MedVisionLlamaConfig.from_params(model_params).for_classes(classes)
+    names = plan_classes(preprocessing_plan)
+    classes = sorted(names)
+    model_cfg = MedVisionLlamaConfig.from_params(model_params).for_plan(preprocessing_plan)
     version = data_version(ingest_manifest)
     weights, state = ray_driver.fit(
         model_input_cases,
@@ -48,8 +50,27 @@ def fit_model(
         "global_step": state.get("global_step"),
         "loop_started_unix": state.get("loop_started_unix"),
         "classes": classes,
-        "class_names": {str(v): k for k, v in labels.items()},
+        "class_names": {str(v): name for v, name in names.items()},
         "num_workers": state["num_workers"],
     }
     logger.info("fit: best validation Dice %.3f at epoch %d", history["best_val_dice"], history["best_epoch"] + 1)
     return weights, history
+
+
+def decide_postprocessing(
+    fitted_model: tuple[dict[str, Any], dict[str, Any]],
+    ingested_cases: Mapping[str, Callable[[], Any]],
+    data_split: Mapping[str, Any],
+    preprocessing_plan: Mapping[str, Any],
+    llm_cache_dir: str,
+    evaluate_params: Mapping[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The trained model with its post-processing decision (nnU-Net: keep the largest component
+    of a class only where that raised validation Dice), decided on the validation cases."""
+    state, config = fitted_model
+    model = model_from_weights(state, config, llm_cache_dir=llm_cache_dir)
+    decision = decide_postprocessing_on(
+        model, cases_in(ingested_cases, data_split, "validation"), preprocessing_plan,
+        plan_classes(preprocessing_plan), params=EvaluateConfig.from_params(evaluate_params),
+    )  # fmt: skip
+    return state, {**config, "postprocessing": decision}

@@ -14,6 +14,7 @@ from mvl_pipeline.evaluation.gate import RegisterConfig, decide, gate_score
 from mvl_pipeline.evaluation.scoring import EvaluateConfig, cases_in, score_cases
 from mvl_pipeline.evaluation.summary import summarise
 from mvl_pipeline.model import model_from_weights
+from mvl_pipeline.preprocessing.plan import plan_classes
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,6 @@ def decide_registration(
     preprocessing_plan: Mapping[str, Any],
     fit_history: Mapping[str, Any],
     lineage: Mapping[str, Any],
-    labels: Mapping[str, int],
     llm_cache_dir: str,
     evaluate_params: Mapping[str, Any],
     params: Mapping[str, Any],
@@ -47,10 +47,11 @@ def decide_registration(
     else:
         (state, model_config), champion_plan = registry.champion.load_bundle()
         champion_model = model_from_weights(state, model_config, llm_cache_dir=llm_cache_dir)
-        classes = {int(v): str(k) for k, v in labels.items()}
+        classes = plan_classes(champion_plan)
         rows, _ = score_cases(
             champion_model, cases_in(ingested_cases, data_split, "test"), champion_plan, classes,
             num_classes=champion_model.cfg.num_classes, params=EvaluateConfig.from_params(evaluate_params),
+            postprocessing=model_config.get("postprocessing"),
         )  # fmt: skip
         champion = gate_score(summarise(rows))
         promoted, reason = decide(challenger, champion, config)

@@ -12,7 +12,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 decide_registration,
                 inputs=[
                     "trained_model", "evaluation_summary", "registry_before", "ingested_cases", "data_split",
-                    "preprocessing_plan", "fit_history", "lineage", "params:ingest.labels",
+                    "preprocessing_plan", "fit_history", "lineage",
                     "params:fit.llm_cache_dir", "params:evaluate", "params:register",
                 ],  # fmt: skip
                 outputs=["model_registry", "registration_decision"],
@@ -31,6 +31,6 @@ def create_pipeline(**kwargs) -> Pipeline:
             "preprocessing_plan", "fit_history", "lineage",
         },  # fmt: skip
         outputs={"model_registry", "registration_report"},
-        parameters={"params:ingest.labels", "params:fit.llm_cache_dir", "params:evaluate", "params:register"},
+        parameters={"params:fit.llm_cache_dir", "params:evaluate", "params:register"},
         tags="register",
     )

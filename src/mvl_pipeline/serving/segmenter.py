@@ -1,0 +1,48 @@
+"""A trained model ready to segment whole studies: weights + plan + post-processing, loaded once.
+
+The same steps as evaluation (``evaluation.scoring.predict_case``): the model's own plan
+preprocesses the image, a sliding window predicts, the probabilities go back to the image's own
+grid, and the stored post-processing decision is applied there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mvl_pipeline.core.case import Case
+from mvl_pipeline.core.volume import Volume
+from mvl_pipeline.evaluation.scoring import EvaluateConfig, predict_case
+from mvl_pipeline.preprocessing.plan import plan_classes
+
+
+class Segmenter:
+    def __init__(
+        self,
+        weights: tuple[dict[str, Any], dict[str, Any]],
+        plan: Mapping[str, Any],
+        *,
+        llm_cache_dir: str | Path,
+        config: EvaluateConfig | None = None,
+    ) -> None:
+        from mvl_pipeline.model import model_from_weights
+
+        state, model_config = weights
+        self.model = model_from_weights(state, model_config, llm_cache_dir=llm_cache_dir)
+        self.model.eval()
+        self.plan = dict(plan)
+        self.postprocessing = model_config.get("postprocessing")
+        self.config = config or EvaluateConfig()
+        self.classes = plan_classes(self.plan)
+
+    def segment(self, image: Volume, modality: str) -> np.ndarray:
+        """Integer labels (uint8) on ``image``'s own grid."""
+        volume = Volume(np.asarray(image.array, dtype=np.float32), image.affine, {"modality": modality})
+        case = Case("input", "input", volume, meta={"modality": modality})
+        return predict_case(
+            self.model, case, self.plan, num_classes=self.model.cfg.num_classes, params=self.config,
+            postprocessing=self.postprocessing,
+        )  # fmt: skip

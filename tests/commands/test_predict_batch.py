@@ -1,0 +1,280 @@
+"""Batch prediction (``python -m mvl_pipeline.predict``): what ``discover`` makes of an input, what
+``predict_study`` writes (NIfTI on the input's own grid, a DICOM SEG for DICOM input), and ``run``
+end to end against a registered champion in a sqlite MLflow registry, with one corrupt input.
+
+The model is tiny and untrained (``llm.mode: none``): these tests are about plumbing, not quality.
+The plan is the real planner's, from an ingest + preprocess of three real Hippocampus cases.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from argparse import Namespace
+from pathlib import Path
+
+import mlflow
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+import yaml
+from scipy import ndimage
+
+from mvl_pipeline.commands.predict import discover, predict_study, run
+from mvl_pipeline.core.volume import Volume
+from mvl_pipeline.datasets.model_registry import MlflowRegistryDataset, RegistrationRequest
+from mvl_pipeline.dicom.assemble import assemble_series
+from mvl_pipeline.dicom.labels import read_segmentation, referenced_series_uids
+from mvl_pipeline.dicom.read import SEGMENTATION_STORAGE
+from mvl_pipeline.dicom.write import dataset_bytes, series_uids, write_image_series
+from mvl_pipeline.formats.volumes import read_volume
+from mvl_pipeline.model import MedVisionLlamaConfig, build_model, model_weights
+from mvl_pipeline.serving.segmenter import Segmenter
+from tests.support.workspace import local_catalog, prepare
+
+PROJECT = Path(__file__).resolve().parents[2]
+TASK = "Task04_Hippocampus"
+PLANNED_ON = ("hippocampus_001", "hippocampus_003", "hippocampus_004")
+INPUTS = ("hippocampus_034", "hippocampus_035", "hippocampus_036")  # never seen by the planner
+TINY = {"embed_dim": 32, "depth": 1, "num_heads": 2, "precision": "fp32", "llm": {"mode": "none"},
+        "decoder": {"taps": [], "channels": [16, 8, 8], "stem_channels": 4}}  # fmt: skip
+POSTPROCESSING = {"largest_component": [1, 2], "validation_dice": {}, "n_cases": 0}
+ARGS = Namespace(modality=None, series_index=None)
+URI = "models:/tiny@champion"
+
+
+def base_block(name: str) -> dict:
+    return yaml.safe_load((PROJECT / "conf" / "base" / f"parameters_{name}.yml").read_text())[name]
+
+
+@pytest.fixture(scope="module")
+def task_dir(shared_data) -> Path:
+    task = shared_data / "msd" / TASK
+    if not (task / "dataset.json").is_file():
+        pytest.fail(f"the MSD Hippocampus task is missing at {task}: tests need ../shared/data")
+    return task
+
+
+@pytest.fixture(scope="module")
+def bundle(task_dir, tmp_path_factory, llm_cache_dir):
+    """``(weights, plan)``: a tiny model (with a stored post-processing decision) for the plan the
+    real ingest + preprocess make of three Hippocampus cases copied into an MSD drop."""
+    root = tmp_path_factory.mktemp("predict-plan")
+    drop = root / "drop" / TASK
+    for kind in ("imagesTr", "labelsTr"):
+        (drop / kind).mkdir(parents=True)
+        for name in PLANNED_ON:
+            shutil.copyfile(task_dir / kind / f"{name}.nii.gz", drop / kind / f"{name}.nii.gz")
+    descriptor = json.loads((task_dir / "dataset.json").read_text())
+    descriptor["training"] = [
+        {"image": f"./imagesTr/{n}.nii.gz", "label": f"./labelsTr/{n}.nii.gz"} for n in PLANNED_ON
+    ]
+    (drop / "dataset.json").write_text(json.dumps(descriptor))
+    preprocess = base_block("preprocess")
+    preprocess["apply"]["workers"] = 1
+    model_params = base_block("model") | TINY
+    blocks = {"ingest": base_block("ingest") | {"labels": None, "workers": 1, "progress": False},
+              "preprocess": preprocess, "model": model_params}  # fmt: skip
+    plan = prepare(local_catalog(root, blocks))["preprocessing_plan"]
+    assert plan["patch_size"] == [40, 56, 40] and plan["label_names"] == {"1": "anterior", "2": "posterior"}
+    torch.manual_seed(0)
+    model = build_model(MedVisionLlamaConfig.from_params(model_params).for_plan(plan), llm_cache_dir=llm_cache_dir)
+    state, config = model_weights(model)
+    return (state, {**config, "postprocessing": POSTPROCESSING}), plan
+
+
+@pytest.fixture(scope="module")
+def segmenter(bundle, llm_cache_dir) -> Segmenter:
+    weights, plan = bundle
+    return Segmenter(weights, plan, llm_cache_dir=llm_cache_dir)
+
+
+def hippocampus_volume(task_dir: Path, name: str) -> Volume:
+    path = task_dir / "imagesTr" / f"{name}.nii.gz"
+    return read_volume(path.read_bytes(), str(path))
+
+
+def write_dicom_study(volume: Volume, folder: Path, seed: str) -> list[str]:
+    """``volume`` as an MR series of one study (real pixels, generated headers); its files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    uids = series_uids("predict-test", seed, n_slices=volume.shape[2])
+    datasets = write_image_series(volume, header={"Modality": "MR", "PatientID": f"P-{seed}"}, uids=uids)
+    for k, ds in enumerate(datasets):
+        (folder / f"slice{k:03d}.dcm").write_bytes(dataset_bytes(ds))
+    return [str(uids.series)]
+
+
+def n_components(mask: np.ndarray) -> int:
+    return int(ndimage.label(mask, structure=np.ones((3, 3, 3), bool))[1])
+
+
+# -- discover ---------------------------------------------------------------------------------------
+def test_a_single_nifti_file_is_one_study_not_a_batch(task_dir, tmp_path):
+    path = tmp_path / "scan.nii.gz"
+    shutil.copyfile(task_dir / "imagesTr" / f"{INPUTS[0]}.nii.gz", path)
+    studies, batch = discover(path)
+    assert not batch
+    assert [(s.name, s.kind, s.paths, s.source) for s in studies] == [("scan", "volume", [path], "scan.nii.gz")]
+
+
+def test_a_folder_of_nifti_files_is_a_batch_that_keeps_their_names(task_dir, tmp_path):
+    for name in INPUTS:
+        shutil.copyfile(task_dir / "imagesTr" / f"{name}.nii.gz", tmp_path / f"{name}.nii.gz")
+    (tmp_path / "README.txt").write_text("not an image")
+    studies, batch = discover(tmp_path)
+    assert batch
+    assert [(s.name, s.kind, s.source) for s in studies] == [(n, "volume", f"{n}.nii.gz") for n in INPUTS]
+
+
+def test_a_folder_with_one_dicom_study_is_not_a_batch(task_dir, tmp_path):
+    volume = hippocampus_volume(task_dir, INPUTS[0])
+    write_dicom_study(volume, tmp_path / "study" / "series", "one")
+    (tmp_path / "notes.txt").write_text("not an image")  # see the report: some texts crash read_header
+    studies, batch = discover(tmp_path)
+    assert not batch
+    [study] = studies
+    assert study.kind == "dicom" and study.name == "study-001"
+    assert sorted(study.paths) == sorted((tmp_path / "study" / "series").glob("*.dcm"))
+    assert len(study.paths) == volume.shape[2]
+
+
+def test_a_folder_with_two_dicom_studies_and_nifti_files_is_a_batch(task_dir, tmp_path):
+    write_dicom_study(hippocampus_volume(task_dir, INPUTS[0]), tmp_path / "a", "a")
+    write_dicom_study(hippocampus_volume(task_dir, INPUTS[1]), tmp_path / "b", "b")
+    for name in INPUTS[1:]:
+        shutil.copyfile(task_dir / "imagesTr" / f"{name}.nii.gz", tmp_path / f"{name}.nii.gz")
+    studies, batch = discover(tmp_path)
+    assert batch
+    assert [(s.name, s.kind) for s in studies] == [
+        (INPUTS[1], "volume"), (INPUTS[2], "volume"), ("study-001", "dicom"), ("study-002", "dicom")
+    ]  # fmt: skip
+    dicom = {s.source: {p.parent.name for p in s.paths} for s in studies if s.kind == "dicom"}
+    assert dicom == {"a": {"a"}, "b": {"b"}}  # one study per folder, nothing mixed
+
+
+def test_an_input_with_nothing_to_segment_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("nothing here")
+    with pytest.raises(ValueError, match="no DICOM study and no NIfTI/NRRD file"):
+        discover(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        discover(tmp_path / "missing")
+
+
+# -- predict_study ----------------------------------------------------------------------------------
+def test_the_segmenter_applies_the_models_stored_post_processing(segmenter, task_dir):
+    assert segmenter.postprocessing == POSTPROCESSING
+    assert segmenter.classes == {1: "anterior", 2: "posterior"}
+    labels = segmenter.segment(hippocampus_volume(task_dir, INPUTS[0]), "MR")
+    assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1, 2}
+    assert all(n_components(labels == c) <= 1 for c in (1, 2))
+
+
+def test_a_nifti_prediction_lies_on_the_inputs_own_grid(segmenter, task_dir, tmp_path):
+    image = hippocampus_volume(task_dir, INPUTS[0])
+    # the same anatomy stored flipped on x and y (an LPS-style affine) and a resampled-grid copy
+    nx, ny = image.shape[:2]
+    flip = np.array([[-1, 0, 0, nx - 1], [0, -1, 0, ny - 1], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=np.float64)
+    flipped_affine = image.affine @ flip
+    coarse_affine = image.affine @ np.diag([1.5, 1.0, 1.25, 1.0])
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copyfile(task_dir / "imagesTr" / f"{INPUTS[0]}.nii.gz", inputs / "original.nii.gz")
+    flipped = np.ascontiguousarray(image.array[::-1, ::-1, :])
+    nib.save(nib.Nifti1Image(flipped, flipped_affine), inputs / "flipped.nii.gz")
+    coarse = np.ascontiguousarray(image.array[::2, :, ::2])
+    nib.save(nib.Nifti1Image(coarse, coarse_affine), inputs / "coarse.nii.gz")
+
+    studies, batch = discover(inputs)
+    out = tmp_path / "out"
+    written = {s.name: predict_study(segmenter, s, out, batch=batch, uri=URI, args=ARGS) for s in studies}
+    assert written == {n: f"{n}.nii.gz" for n in ("coarse", "flipped", "original")}
+    predictions = {}
+    for name, relpath in written.items():
+        source = read_volume((inputs / f"{name}.nii.gz").read_bytes(), f"{name}.nii.gz")
+        prediction = read_volume((out / relpath).read_bytes(), relpath)
+        assert prediction.shape == source.shape, name
+        np.testing.assert_allclose(prediction.affine, source.affine, atol=1e-6, err_msg=name)
+        assert prediction.meta["model_uri"] == URI and prediction.meta["plan_id"] == segmenter.plan["plan_id"]
+        predictions[name] = prediction.array
+    assert (predictions["original"] > 0).any()
+    # on its own grid: the flipped file's prediction is the original's, flipped the same way
+    np.testing.assert_array_equal(predictions["flipped"], predictions["original"][::-1, ::-1, :])
+
+
+def test_a_dicom_study_gets_a_nifti_on_its_grid_and_a_seg_that_references_it(segmenter, task_dir, tmp_path):
+    [series_uid] = write_dicom_study(hippocampus_volume(task_dir, INPUTS[1]), tmp_path / "in", "seg")
+    [study], batch = discover(tmp_path / "in")
+    out = tmp_path / "out"
+    assert predict_study(segmenter, study, out, batch=batch, uri=URI, args=ARGS) == "prediction.nii.gz"
+    reference = assemble_series(sorted(study.paths))
+    prediction = read_volume((out / "prediction.nii.gz").read_bytes(), "prediction.nii.gz")
+    assert prediction.shape == reference.shape
+    np.testing.assert_allclose(prediction.affine, reference.affine, atol=1e-5)
+    np.testing.assert_array_equal(prediction.array, segmenter.segment(reference, "MR"))
+
+    seg = pydicom.dcmread(out / "prediction_seg.dcm")
+    assert seg.SOPClassUID == SEGMENTATION_STORAGE and referenced_series_uids(seg) == [series_uid]
+    assert "not for diagnosis" in seg.SeriesDescription
+    restored, names = read_segmentation(seg, reference)
+    assert names == {1: "anterior", 2: "posterior"}
+    np.testing.assert_array_equal(restored.array, prediction.array)
+
+
+# -- run, end to end ---------------------------------------------------------------------------------
+@pytest.fixture
+def registry(bundle, tmp_path, llm_cache_dir, monkeypatch):
+    """The tiny bundle registered as ``tiny@champion`` in a sqlite registry under tmp_path; the
+    process's MLflow state is put back afterwards (``mlflow.set_*_uri`` export env vars)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root (./mlruns) stays in tmp_path
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+    weights, plan = bundle
+    dataset = MlflowRegistryDataset(model_name="tiny", tracking_uri=uri, registry_uri=uri, llm_cache_dir=llm_cache_dir)
+    request = RegistrationRequest(weights=weights, plan=plan, aliases=("champion",),
+                                  tags={"plan_id": plan["plan_id"]}, run_name="predict-test", num_classes=3)  # fmt: skip
+    dataset.save(request)
+    # predict runs as a fresh process would: only --tracking-uri says where the registry is
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    yield uri
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+
+
+def test_run_segments_a_batch_with_the_champion_and_reports_the_one_corrupt_input(
+    registry, task_dir, tmp_path, llm_cache_dir
+):
+    inputs = tmp_path / "studies"
+    inputs.mkdir()
+    for name in INPUTS[:2]:
+        shutil.copyfile(task_dir / "imagesTr" / f"{name}.nii.gz", inputs / f"{name}.nii.gz")
+    whole = (task_dir / "imagesTr" / f"{INPUTS[2]}.nii.gz").read_bytes()
+    (inputs / "truncated.nii.gz").write_bytes(whole[: len(whole) // 2])
+    write_dicom_study(hippocampus_volume(task_dir, INPUTS[2]), inputs / "dicom_study", "run")
+    out = tmp_path / "predictions"
+
+    status = run([str(inputs), str(out), "--model-uri", "models:/tiny@champion", "--tracking-uri", registry,
+                  "--llm-cache-dir", llm_cache_dir])  # fmt: skip
+
+    assert status == 1  # one input failed
+    with (out / "predictions.csv").open(newline="", encoding="utf-8") as handle:
+        rows = {row["input"]: row for row in csv.DictReader(handle)}
+    assert {k: (r["status"], r["reason"], r["output"]) for k, r in rows.items()} == {
+        f"{INPUTS[0]}.nii.gz": ("ok", "", f"{INPUTS[0]}.nii.gz"),
+        f"{INPUTS[1]}.nii.gz": ("ok", "", f"{INPUTS[1]}.nii.gz"),
+        "truncated.nii.gz": ("failed", "unreadable_file", ""),
+        "dicom_study": ("ok", "", "study-001/prediction.nii.gz"),
+    }
+    for name in INPUTS[:2]:
+        source = hippocampus_volume(task_dir, name)
+        prediction = read_volume((out / f"{name}.nii.gz").read_bytes(), f"{name}.nii.gz")
+        assert prediction.shape == source.shape and prediction.meta["model_uri"] == "models:/tiny@champion"
+        assert all(n_components(prediction.array == c) <= 1 for c in (1, 2))  # the registered decision
+    assert (out / "study-001" / "prediction_seg.dcm").is_file()
+    assert not (out / "truncated.nii.gz").exists()

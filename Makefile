@@ -8,6 +8,9 @@ STAMP := $(VENV)/.installed
 PIPELINE ?= train
 KEDRO_ENV ?= local
 PYTEST_ARGS ?=
+# extra `kedro run` options for `make train`, e.g. KEDRO_ARGS='--params fit.loop.epochs=2'
+KEDRO_ARGS ?=
+MLFLOW_PORT ?= 5000
 
 export KEDRO_DISABLE_TELEMETRY := true
 export RAY_AUTH_MODE := disabled
@@ -16,7 +19,7 @@ export MLFLOW_ENABLE_TELEMETRY := false
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup train test lint sample-data key viz bench clean-venv browser
+.PHONY: setup train test lint sample-data key viz bench clean-venv browser data-msd repro mlflow-ui
 
 $(STAMP): requirements/runtime.lock requirements/dev.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,14 +36,21 @@ setup: $(STAMP)
 key: setup
 	@$(BIN)/python -m mvl_pipeline.commands.secrets ensure-key conf/local/credentials.yml
 
+# The drop `make train` ingests. KEDRO_ENV=msd: an MSD task, MVL_MSD_TASK if set, else
+# $(MSD_DEST)/$(TASK), downloaded by `data-msd` when missing. Otherwise the sample hospital drop,
+# generated when data/01_raw/sample_drop is empty.
 sample-data: setup
-	@if [ -z "$$(find data/01_raw -mindepth 1 ! -name .gitkeep -print -quit)" ]; then \
-		echo "[train] data/01_raw is empty: generating the sample hospital drop"; \
+	@if [ "$(KEDRO_ENV)" = msd ]; then \
+		if [ -n "$$MVL_MSD_TASK" ]; then echo "[train] MSD task: $$MVL_MSD_TASK"; \
+		elif [ -f "$(MSD_DEST)/$(TASK)/dataset.json" ]; then echo "[train] MSD task: $(MSD_DEST)/$(TASK)"; \
+		else echo "[train] no MSD task at $(MSD_DEST)/$(TASK): downloading it"; $(MAKE) --no-print-directory data-msd; fi; \
+	elif [ -z "$$(find data/01_raw/sample_drop -mindepth 1 ! -name .gitkeep -print -quit 2>/dev/null)" ]; then \
+		echo "[train] data/01_raw/sample_drop is empty: generating the sample hospital drop"; \
 		$(BIN)/kedro run --pipelines sample_data; \
-	else echo "[train] data/01_raw already holds a drop: using it"; fi
+	else echo "[train] data/01_raw/sample_drop already holds a drop: using it"; fi
 
 train: setup key sample-data
-	$(BIN)/kedro run --pipelines $(PIPELINE) --env $(KEDRO_ENV)
+	MVL_MSD_TASK="$${MVL_MSD_TASK:-$(MSD_DEST)/$(TASK)}" $(BIN)/kedro run --pipelines $(PIPELINE) --env $(KEDRO_ENV) $(KEDRO_ARGS)
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
@@ -70,8 +80,28 @@ test: setup browser
 viz: setup
 	$(BIN)/kedro viz run --host 127.0.0.1 --port 4141 --no-browser
 
+# DVC: every stage that changed, in order (dvc.yaml's stage commands find .venv/bin themselves).
+# The key first: the ingest stage reads it.
+repro: setup key
+	$(BIN)/dvc repro
+
+# MLflow UI on the project's own store (conf/base/mlflow.yml: sqlite:///mlflow.db), this machine only
+mlflow-ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
+
 bench: setup
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean-venv:
 	rm -rf $(VENV)
+
+# A Medical Segmentation Decathlon task folder, $(MSD_DEST)/$(TASK)/{dataset.json,imagesTr,...}:
+# the official tar (MONAI's copy) or a mirror (MSD_URL: https://, s3://, file://, a path; MSD_MD5,
+# or `none`), resumable, MD5-checked, unpacked atomically. `make data-msd TASK=Task09_Spleen`
+TASK ?= Task04_Hippocampus
+MSD_URL ?=
+MSD_MD5 ?=
+MSD_DEST ?= data/01_raw/msd
+data-msd: setup
+	$(BIN)/python -m mvl_pipeline.commands.fetch_msd '$(TASK)' --dest '$(MSD_DEST)' \
+		$(if $(MSD_URL),--url '$(MSD_URL)') $(if $(MSD_MD5),--md5 '$(MSD_MD5)')

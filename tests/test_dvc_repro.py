@@ -2,13 +2,15 @@
 
 A copy of the project's tracked files becomes its own git repository, with parameters shrunk
 (5 phantom patients of 48x48x16, a ViT of width 32 without the LLM layer, 1 Ray worker, one epoch
-of 2 steps). Then, in order:
+of 2 steps). Its .venv is a link to the checkout's, and no virtual environment is on PATH, as in a
+fresh shell: the stage commands must find .venv themselves. Then, in order:
 
 1. ``dvc repro`` runs every stage once, in dependency order; a second ``dvc repro`` runs none.
 2. The kedro-mlflow runs and the registered model version carry the git commit and the DVC data
    version that dvc.lock records for data/02_intermediate/cases.
-3. A changed evaluate parameter reruns exactly evaluate and register; a changed register
-   parameter or shared module marks exactly the stages that depend on it.
+3. A changed evaluate parameter reruns exactly fit (its post-processing decision uses evaluate's
+   settings), evaluate and register; a changed register parameter or shared module marks exactly
+   the stages that depend on it.
 4. ``dvc push`` to the default local remote and to S3 (moto_server on 127.0.0.1, the endpoint
    and credentials from the environment, none in .dvc/config), then ``dvc pull`` from S3 after
    deleting the cache and every output restores byte-identical data.
@@ -122,16 +124,24 @@ class Project:
 def project(project_copy) -> Project:
     root = project_copy("dvc-repro")
     shrink(root)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DVC_STAGE", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DVC_STAGE", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "VIRTUAL_ENV")}
+    # Nothing activated: no virtual environment on PATH. The stages' commands must find the
+    # project's .venv themselves (dvc.yaml: PATH="$PWD/.venv/bin:$PATH" kedro run ...).
+    path = [p for p in env.get("PATH", "").split(os.pathsep) if p and Path(p) != BIN and not (Path(p).parent / "pyvenv.cfg").is_file()]
     env.update(
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+        PATH=os.pathsep.join(path), RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
         KEDRO_DISABLE_TELEMETRY="true", MLFLOW_ENABLE_TELEMETRY="false", HF_HUB_OFFLINE="1",
         DVC_NO_ANALYTICS="1", DVC_SITE_CACHE_DIR=str(root.parent / "dvc-site-cache"),
     )  # fmt: skip
+    assert shutil.which("kedro", path=env["PATH"]) is None, "kedro must not be on the stages' PATH"
     project = Project(root, env)
     project.run("git", "init", "-q")
     project.run("git", "add", "-A")
     project.run("git", "-c", "user.name=ci", "-c", "user.email=ci@example.org", "commit", "-qm", "copy")
+    # the environment `make setup` makes in a clone, here the checkout's own; ignored like .venv/
+    (root / ".venv").symlink_to(BIN.parent, target_is_directory=True)
+    with (root / ".git/info/exclude").open("a", encoding="utf-8") as exclude:
+        exclude.write("/.venv\n")
     return project
 
 
@@ -200,12 +210,13 @@ def test_a_change_reruns_exactly_the_stages_that_depend_on_it(project, first_rep
     shared.write_text(code, encoding="utf-8")
     assert project.status() == {}
 
+    # evaluate's settings also decide fit's post-processing (on the validation cases)
     evaluate = project.root / "conf/base/parameters_evaluate.yml"
     _edit_yaml(evaluate, lambda d: d["evaluate"].update(nsd_tolerance_mm=3.0))
     status = project.status()
-    assert set(status) == {"evaluate", "register"}
+    assert set(status) == {"fit", "evaluate", "register"}
     assert "conf/base/parameters_evaluate.yml" in json.dumps(status["evaluate"])
-    assert project.repro() == ["evaluate", "register"]
+    assert project.repro() == ["fit", "evaluate", "register"]
     assert project.lock()["stages"]["evaluate"]["params"]["conf/base/parameters_evaluate.yml"]["evaluate"][
         "nsd_tolerance_mm"
     ] == 3.0

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from k8s_policy import RENDER_TARGETS
+from k8s_policy import CRD_KINDS, RENDER_TARGETS
 
 from mvl_pipeline.k8s.manifests import ManifestError, render_kustomization
 
@@ -33,10 +33,11 @@ def kubectl() -> str:
 
 @pytest.fixture(scope="session")
 def schemas_dir(project_root: Path) -> Path:
-    directory = project_root.parent / "shared" / "schemas"
-    for name in ("ray.io_rayjobs.yaml", "ray.io_raycronjobs.yaml"):
+    """The KubeRay CRD schemas vendored in k8s/schemas (source, version, licence: its README)."""
+    directory = project_root / "k8s" / "schemas"
+    for name in CRD_KINDS.values():
         if not (directory / name).is_file():
-            pytest.fail(f"KubeRay CRD schema {directory / name} is missing (../shared/schemas)")
+            pytest.fail(f"vendored KubeRay CRD schema k8s/schemas/{name} is missing (see k8s/schemas/README.md)")
     return directory
 
 

@@ -39,3 +39,17 @@ def test_augmentation_is_seeded_and_keeps_label_values():
     assert set(np.unique(a[1].numpy())) <= {0, 2}
     assert not torch.equal(a[0], x)  # something happened
     assert torch.equal(x, sample_batch([volume()], (16, 16, 8), 4, np.random.default_rng(3), foreground_fraction=1.0)[0])
+
+
+def test_multi_channel_volumes_give_channel_first_patches_cut_at_the_same_place():
+    rng = np.random.default_rng(1)
+    image = rng.normal(size=(2, 20, 18, 6)).astype(np.float32)
+    image[1] = 10.0 * image[0] + 3.0  # the second channel is a function of the first, voxel by voxel
+    label = np.zeros((20, 18, 6), np.uint8)
+    label[5:8, 5:8, 2:4] = 1
+    x, y = sample_batch([TrainingVolume.from_arrays(image, label)], (16, 16, 8), 4, np.random.default_rng(0))
+    assert x.shape == (4, 2, 16, 16, 8) and y.shape == (4, 16, 16, 8)
+    # padded along Z (6 -> 8) with each channel's own minimum; elsewhere the channels stay aligned
+    inside = x[:, 0] != float(image[0].min())
+    torch.testing.assert_close(x[:, 1][inside], 10.0 * x[:, 0][inside] + 3.0)
+    assert torch.all(x[:, 1][~inside] == float(image[1].min()))

@@ -14,6 +14,12 @@
   ``OUTPUT_DIR/predictions.csv`` lists input, output, status and, for a study that failed, the
   reason. One bad input never stops the others (exit status 1 when any failed).
 
+A model trained on several input channels (``ingest.channels``) takes them from a DICOM study
+by the same rules as ingest (one series per channel, resampled onto the first channel's grid;
+the SEG references the first channel's series) or from a 4-D NIfTI (its volumes at the indices
+the training images had them); a study without one of the channels fails with
+``missing_channel`` naming it.
+
 The model is loaded once; each study is preprocessed, predicted and mapped back exactly as in
 evaluation (the plan and post-processing travel with the registered model). Predictions go back
 to the hospital and carry the study's identity (the SEG references its patient and study); the
@@ -34,6 +40,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from mvl_pipeline.core.channels import plan_channels
 from mvl_pipeline.core.errors import ImagingError
 from mvl_pipeline.core.volume import Volume, guess_modality
 from mvl_pipeline.formats.nifti import encode_nifti
@@ -130,6 +137,45 @@ def read_dicom_study(paths: list[Path], series_index: int | None) -> tuple[Volum
     return assemble_series(chosen), [read_dataset(path) for path in chosen]
 
 
+def read_dicom_channels(paths: list[Path], channels: list[dict[str, Any]], min_overlap: float) -> tuple[Volume, list[Any]]:
+    """A study's series picked by the model's channel rules (``plan["channels"]``, as at ingest),
+    resampled onto the reference channel's grid; plus the reference series' data sets (the SEG
+    references them). A study without a series for some channel: :class:`MissingChannelError`."""
+    from mvl_pipeline.core.channels import rules_of
+    from mvl_pipeline.dicom.assemble import assemble_series
+    from mvl_pipeline.dicom.read import read_dataset, read_header, sort_study
+    from mvl_pipeline.ingestion.channels import check_frames, series_for_channels
+    from mvl_pipeline.preprocessing.channels import stack_channels
+
+    headers = {path: read_header(path) for path in paths}
+    series = {str(uid): files for uid, files in sort_study(headers).series.items()}
+    rules = rules_of(channels)
+    chosen = series_for_channels(rules, {uid: headers[files[0]] for uid, files in series.items()})
+    check_frames(rules, [headers[series[uid][0]] for uid in chosen])
+    volumes = [assemble_series(series[uid]) for uid in chosen]
+    image, _ = stack_channels(volumes, [r.name for r in rules], min_overlap=min_overlap)
+    return image, [read_dataset(path) for path in series[chosen[0]]]
+
+
+def read_input(study: Study, channels: list[dict[str, Any]], plan: dict[str, Any], args: Any) -> tuple[Volume, list[Any], str]:
+    """``(image, source data sets for the SEG, modality)`` of one study; with the model's input
+    channels for a multi-channel model (a multi-series DICOM study, or a 4-D NIfTI)."""
+    from mvl_pipeline.ingestion.channels import recorded_volume_channels
+
+    if study.kind == "dicom" and channels:
+        min_overlap = float(plan.get("channel_min_overlap") or 0.5)
+        image, datasets = read_dicom_channels(study.paths, channels, min_overlap)
+        return image, datasets, str(channels[0]["modality"])
+    if study.kind == "dicom":
+        image, datasets = read_dicom_study(study.paths, args.series_index)
+        return image, datasets, str(datasets[0].get("Modality", "") or "") or guess_modality(image)
+    path = study.paths[0]
+    image = read_volume(path.read_bytes(), str(path), read_sibling=lambda p: Path(p).read_bytes(), channels=bool(channels))
+    if channels:
+        return recorded_volume_channels(image, channels), [], str(channels[0]["modality"])
+    return image, [], args.modality or guess_modality(image)
+
+
 def write_seg(prediction: Volume, datasets: list[Any], names: dict[int, str], target: Path, uri: str) -> None:
     from mvl_pipeline.dicom.write import dataset_bytes, make_uid, write_segmentation
 
@@ -148,16 +194,9 @@ def write_seg(prediction: Volume, datasets: list[Any], names: dict[int, str], ta
 
 def predict_study(segmenter: Any, study: Study, out: Path, *, batch: bool, uri: str, args: Any) -> str:
     """Segment one study and write its outputs; returns the output path (relative to ``out``)."""
-    datasets: list[Any] = []
-    if study.kind == "dicom":
-        image, datasets = read_dicom_study(study.paths, args.series_index)
-        modality = str(datasets[0].get("Modality", "") or "") or guess_modality(image)
-    else:
-        path = study.paths[0]
-        image = read_volume(path.read_bytes(), str(path), read_sibling=lambda p: Path(p).read_bytes())
-        modality = args.modality or guess_modality(image)
-    labels = segmenter.segment(image, modality)
     plan = segmenter.plan
+    image, datasets, modality = read_input(study, plan_channels(plan), plan, args)
+    labels = segmenter.segment(image, modality)
     prediction = Volume(labels.astype(np.uint8), image.affine, {"model_uri": uri, "plan_id": plan.get("plan_id")})
     folder = out / study.name if (batch and study.kind == "dicom") else out
     folder.mkdir(parents=True, exist_ok=True)

@@ -108,3 +108,36 @@ class NotAVolumeError(UnreadableFileError):
     channels or time points)."""
 
     reason = "not_3d_volume"
+
+
+# -- input channels (several MR contrasts or CT phases as one case: core/channels.py) ---------
+class ChannelError(ImagingError):
+    """A case's declared input channels cannot be assembled (``ingest.channels``)."""
+
+    reason = "channel_error"
+
+
+class MissingChannelError(ChannelError):
+    """A declared channel has no source (no series matches its rule, a 4-D image too short):
+    the case is incomplete, never a silently shorter input. The detail names the channel."""
+
+    reason = "missing_channel"
+
+
+class AmbiguousChannelError(ChannelError):
+    """Several series (or volumes) of one study match one channel's rule."""
+
+    reason = "ambiguous_channel"
+
+
+class ChannelFrameMismatchError(ChannelError):
+    """A channel's series lies in another Frame of Reference than the reference channel's: its
+    coordinates cannot be compared, so it cannot be resampled onto the reference grid."""
+
+    reason = "channel_frame_mismatch"
+
+
+class ChannelsDoNotOverlapError(ChannelError):
+    """A channel covers too little of the reference channel's grid (``ingest.channel_min_overlap``)."""
+
+    reason = "channels_do_not_overlap"

@@ -4,7 +4,8 @@ Conventions used everywhere in this project (the contract between readers, prepr
 training and inference):
 
 - ``array`` is indexed ``[i, j, k]`` (spatial order X, Y, Z of the voxel grid), the order of
-  NIfTI, nibabel and MONAI. A DICOM slice's ``pixel_array`` is ``[row, column]``; readers
+  NIfTI, nibabel and MONAI; a multi-channel image (several MR contrasts or CT phases on one grid)
+  is channel-first ``[c, i, j, k]``, as MONAI and the model take it, and ``shape`` stays spatial. A DICOM slice's ``pixel_array`` is ``[row, column]``; readers
   transpose it so that ``i`` runs along the row direction (the first ImageOrientationPatient
   triplet, i.e. along a row, across columns).
 - ``affine`` maps a voxel index ``(i, j, k, 1)`` to world millimetres in **RAS+** (the NIfTI
@@ -47,15 +48,17 @@ def affine_from_geometry(
 
 @dataclass(frozen=True)
 class Volume:
-    """An image or label volume: ``array[i, j, k]`` + voxel->RAS ``affine`` + ``meta``."""
+    """An image or label volume: ``array[i, j, k]`` (or ``[c, i, j, k]``) + voxel->RAS ``affine`` + ``meta``."""
 
     array: np.ndarray
     affine: np.ndarray
     meta: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.array.ndim != 3:
-            raise ValueError(f"a Volume array must be 3-D (i, j, k); got shape {self.array.shape}")
+        if self.array.ndim not in (3, 4):
+            raise ValueError(
+                f"a Volume array must be 3-D (i, j, k) or channel-first 4-D (c, i, j, k); got shape {self.array.shape}"
+            )
         affine = np.asarray(self.affine, dtype=np.float64)
         if affine.shape != (4, 4):
             raise ValueError(f"a Volume affine must be 4x4; got shape {affine.shape}")
@@ -65,7 +68,21 @@ class Volume:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(int(s) for s in self.array.shape)  # type: ignore[return-value]
+        """The spatial shape ``(X, Y, Z)`` (without the channel axis of a multi-channel image)."""
+        return tuple(int(s) for s in self.array.shape[-3:])  # type: ignore[return-value]
+
+    @property
+    def n_channels(self) -> int:
+        return 1 if self.array.ndim == 3 else int(self.array.shape[0])
+
+    def channel(self, index: int) -> Volume:
+        """Channel ``index`` as a 3-D volume on the same grid (a view; channel 0 of a 3-D volume
+        is the volume itself)."""
+        if self.array.ndim == 3:
+            if index != 0:
+                raise IndexError(f"channel {index} of a single-channel volume")
+            return self
+        return Volume(self.array[index], self.affine.copy(), dict(self.meta))
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -105,5 +122,5 @@ class Volume:
 def guess_modality(volume: Volume) -> str:
     """``"CT"`` when the volume holds air (its 1st intensity percentile is at or below -500, in
     HU), else ``"MR"``: for NIfTI/NRRD files, which carry no modality."""
-    sample = np.asarray(volume.array)[::4, ::4, :]
+    sample = np.asarray(volume.array)[..., ::4, ::4, :]
     return "CT" if float(np.percentile(sample, 1)) <= -500.0 else "MR"

@@ -29,9 +29,13 @@ def storable(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def as_3d(array: np.ndarray, path: str) -> np.ndarray:
+def as_3d(array: np.ndarray, path: str, *, channels: bool = False) -> np.ndarray:
+    """A decoded ``(X, Y, Z)`` array; with ``channels``, a 4-D ``(X, Y, Z, C)`` array (several
+    contrasts of one grid) becomes channel-first ``(C, X, Y, Z)``."""
     if array.ndim == 4 and array.shape[3] == 1:
         array = array[..., 0]
+    if channels and array.ndim == 4:
+        return np.ascontiguousarray(np.moveaxis(array, -1, 0))
     if array.ndim != 3:
         raise NotA3DVolumeError(
             f"not a 3-D volume (shape {array.shape}): a 4-D image holds several channels or time "

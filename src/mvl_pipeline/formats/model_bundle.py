@@ -129,3 +129,11 @@ def read_bundle(folder: str | Any, *, storage_options: Mapping[str, Any] | None 
     fs, root = _fs(str(folder), storage_options)
     plan = decode_json(_read(fs, root, PLAN_FILE), path=f"{root}/{PLAN_FILE}")
     return read_weights(folder, storage_options=storage_options), plan
+
+
+def weights_sha256(state_dict: Mapping[str, Any]) -> str:
+    """The identity of a model's weights: sha256 of its tensors as the bundle stores them (names,
+    dtypes, shapes, bytes; the config, which may carry run bookkeeping, is not part of it)."""
+    import hashlib
+
+    return hashlib.sha256(encode_state_dict(state_dict)).hexdigest()

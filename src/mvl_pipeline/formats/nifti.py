@@ -5,6 +5,8 @@ qform). ``Volume.meta`` (JSON) travels inside the file as a comment extension (c
 is ``mvl_pipeline.volume/1 {"meta": ..., "affine": ...}`` (the float64 affine too, since the
 header keeps only float32; used when it agrees with the header to 1e-3 mm). Files written by other
 tools load with ``meta == {}``. ``.nii.gz`` is written deterministically (no timestamp).
+A multi-channel volume ``(C, X, Y, Z)`` is stored as NIfTI's 4-D ``(X, Y, Z, C)`` and read back
+channel-first when the caller asks for channels (otherwise a 4-D file is not a volume).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ def encode_nifti(volume: Volume, *, compress: bool, compresslevel: int = 6) -> b
     import nibabel as nib
 
     array = storable(volume.array)
+    if array.ndim == 4:  # channel-first in memory, channels last in the file (NIfTI's 4th axis)
+        array = np.moveaxis(array, 0, -1)  # a view: nibabel writes it in file order in one copy
     image = nib.Nifti1Image(array, volume.affine, dtype=array.dtype)
     image.header.set_sform(volume.affine, code=1)
     image.header.set_qform(volume.affine, code=1)
@@ -43,8 +47,9 @@ def encode_nifti(volume: Volume, *, compress: bool, compresslevel: int = 6) -> b
     return gzip.compress(raw, compresslevel=compresslevel, mtime=0) if compress else raw
 
 
-def decode_nifti(data: bytes, *, compressed: bool, path: str) -> Volume:
-    """Parse NIfTI-1/2 bytes into a Volume; :class:`VolumeFileError` naming ``path`` if bad."""
+def decode_nifti(data: bytes, *, compressed: bool, path: str, channels: bool = False) -> Volume:
+    """Parse NIfTI-1/2 bytes into a Volume; :class:`VolumeFileError` naming ``path`` if bad.
+    With ``channels``, a 4-D image is a channel-first multi-channel volume."""
     import nibabel as nib
 
     try:
@@ -68,7 +73,7 @@ def decode_nifti(data: bytes, *, compressed: bool, path: str) -> Volume:
         array = np.asanyarray(image.dataobj)
     except Exception as exc:  # nibabel raises many types for corrupt or truncated data
         raise VolumeFileError(f"not a readable NIfTI volume ({exc})", path=path) from exc
-    array = as_3d(array, path)
+    array = as_3d(array, path, channels=channels)
     affine = np.asarray(image.affine, dtype=np.float64)
     meta: dict[str, Any] = {}
     for extension in image.header.extensions:

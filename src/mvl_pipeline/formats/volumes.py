@@ -35,13 +35,21 @@ def volume_format(path: str) -> str:
     return VOLUME_FORMATS[suffix]
 
 
-def read_volume(data: bytes, path: str, *, read_sibling: Callable[[str], bytes] | None = None, name: str | None = None) -> Volume:
+def read_volume(
+    data: bytes,
+    path: str,
+    *,
+    read_sibling: Callable[[str], bytes] | None = None,
+    name: str | None = None,
+    channels: bool = False,
+) -> Volume:
     """Decode a volume file's bytes. ``path`` picks the format; a detached ``.nhdr`` reads its
     data file with ``read_sibling(path of the data file)``. ``name`` is what errors and logs
-    show (a drop's paths may carry names: ingest passes a placeholder)."""
+    show (a drop's paths may carry names: ingest passes a placeholder). ``channels``: a 4-D NIfTI
+    is read as a channel-first multi-channel volume (NRRD stays 3-D only)."""
     fmt, shown = volume_format(path), name or path
     if fmt in ("nifti", "nifti-gz"):
-        return decode_nifti(data, compressed=fmt == "nifti-gz", path=shown)
+        return decode_nifti(data, compressed=fmt == "nifti-gz", path=shown, channels=channels)
     data_file = detached_data_file(data, shown) if fmt == "nhdr" else None
     if data_file is None:
         return decode_nrrd(data, path=shown)

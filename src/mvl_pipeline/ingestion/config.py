@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from mvl_pipeline.core.channels import ChannelRule, rules_from_params
 from mvl_pipeline.core.config import ConfigBlock
 from mvl_pipeline.core.hashing import json_digest
 from mvl_pipeline.core.parallel import resolve_workers
@@ -35,10 +36,18 @@ class IngestConfig(ConfigBlock):
     quarantine_burned_in: bool = True
     keep_unlabelled: bool = False
     volume_modality: str = "auto"
+    #: name -> rule (attribute -> regex) of each input channel, in order (core/channels.py);
+    #: empty: one channel per case (an MSD task with several modalities: those, by index).
+    channels: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    channel_min_overlap: float = 0.5  # share of the reference grid every channel must cover
     progress: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", dict(self.labels or {}))
+        object.__setattr__(self, "channels", {str(k): dict(v or {}) for k, v in (self.channels or {}).items()})
+        rules_from_params(self.channels)  # names and regular expressions are valid
+        if not 0.0 <= self.channel_min_overlap <= 1.0:
+            raise ValueError("ingest.channel_min_overlap must be in [0, 1]")
         bad = {name: value for name, value in self.labels.items() if not 0 < int(value) < 256}
         if bad:
             raise ValueError(f"ingest.labels values must be 1-255 (0 is background): {bad}")
@@ -49,6 +58,11 @@ class IngestConfig(ConfigBlock):
         return {str(k).lower(): str(v).lower() for k, v in self.label_aliases.items()}
 
     @property
+    def channel_rules(self) -> tuple[ChannelRule, ...]:
+        """The declared input channels; () for single-channel cases."""
+        return rules_from_params(self.channels)
+
+    @property
     def label_names(self) -> dict[int, str]:
         """Project label value -> name (0, background, is not listed)."""
         return {int(v): str(k) for k, v in self.labels.items()}
@@ -56,6 +70,9 @@ class IngestConfig(ConfigBlock):
     def settings_id(self) -> str:
         """Hash of everything that shapes a unit's result: a change re-ingests every unit."""
         shaping: dict[str, Any] = {k: v for k, v in self.to_dict().items() if k not in _NOT_SHAPING}
+        if not self.channels:  # single channel: the same id as before channels existed
+            shaping.pop("channels")
+            shaping.pop("channel_min_overlap")
         return json_digest(shaping)
 
     def n_workers(self) -> int:

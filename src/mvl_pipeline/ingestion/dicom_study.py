@@ -1,5 +1,7 @@
 """One DICOM study of a drop -> cases: each image series with the SEG/RTSTRUCT objects that
-reference it, assembled, validated, de-identified and labelled."""
+reference it, assembled, validated, de-identified and labelled; or, with ``ingest.channels``
+declared, one case whose input channels are the series the rules pick (ingestion/channels.py),
+resampled onto the reference channel's grid, labelled by the SEG/RTSTRUCT of any of them."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from mvl_pipeline.dicom import labels as dicom_labels
 from mvl_pipeline.dicom.assemble import assemble_series
 from mvl_pipeline.dicom.deid import deidentify
 from mvl_pipeline.dicom.read import SEGMENTATION_STORAGE, read_dataset, read_header, sort_study
+from mvl_pipeline.ingestion.channels import channel_record, check_frames, series_for_channels
 from mvl_pipeline.ingestion.config import IngestConfig
 from mvl_pipeline.ingestion.labels import case_label_names, map_label_names, remap_labels
 from mvl_pipeline.ingestion.result import (
@@ -30,6 +33,7 @@ from mvl_pipeline.ingestion.result import (
     validate_image,
 )
 from mvl_pipeline.ingestion.units import Unit
+from mvl_pipeline.preprocessing.channels import label_onto_reference, stack_channels
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +59,9 @@ def process_dicom_study(drop: Any, unit: Unit, key: bytes, config: IngestConfig)
         result.skipped.append({"reason": exc.reason, "detail": scrub(exc.detail), "n_files": 1})
     series, labels_by_series, label_objects = study.series, study.labels, study.label_files
 
+    if config.channel_rules and series:  # one case of several series (input channels)
+        _channel_study(drop, unit, key, config, headers, study, identity, result)
+        series = {}
     for series_uid, files in sorted(series.items()):
         case_id = pseudonyms.case_pseudonym(key, unit.source_id, series_uid)
         label_files = labels_by_series.get(series_uid, [])
@@ -75,7 +82,7 @@ def process_dicom_study(drop: Any, unit: Unit, key: bytes, config: IngestConfig)
         result.modality = case.modality
         result.cases.append(case)
     for referenced, files in labels_by_series.items():
-        if referenced not in series:
+        if referenced not in study.series:
             result.quarantined.append(
                 record("label_without_image", "a SEG/RTSTRUCT references a series not in the drop",
                         case_id=None, n_files=len(files), kind="dicom")  # fmt: skip
@@ -88,6 +95,72 @@ def process_dicom_study(drop: Any, unit: Unit, key: bytes, config: IngestConfig)
     return result
 
 
+def _assemble(drop: Any, files: list[str], config: IngestConfig, channels: tuple[str, ...] = ()) -> Volume:
+    # (name, bytes) sources take the assembler's fast path for uncompressed slices
+    sources = [(f, drop.read_bytes(f)) for f in files]
+    image = assemble_series(
+        sources, min_slices=config.min_slices, spacing_tolerance=config.spacing_tolerance
+    )
+    validate_image(image, config, channels)
+    return image
+
+
+def _deidentify(header: Any, key: bytes, config: IngestConfig) -> tuple[Any, Any]:
+    deid_header, report = deidentify(
+        header, key, retain_longitudinal_temporal=config.retain_longitudinal_temporal
+    )
+    if report.burned_in_annotation and config.quarantine_burned_in:
+        raise _BurnedInError("burned-in annotation flagged: pixels may carry identity")
+    return deid_header, report
+
+
+def _labels(
+    drop: Any, label_files: list[str], image: Volume, config: IngestConfig, label: Volume | None = None,
+    reference: Volume | None = None,
+) -> tuple[Volume | None, dict[int, str]]:
+    """The label objects referencing ``image``'s series, merged (onto ``reference``'s grid, when
+    the series is not the reference channel's) into ``label``."""
+    label_names: dict[int, str] = {}
+    target = reference or image
+    for relpath in label_files:
+        ds = read_dataset(io.BytesIO(drop.read_bytes(relpath)))
+        if str(ds.get("SOPClassUID", "")) == SEGMENTATION_STORAGE:
+            volume, names = dicom_labels.read_segmentation(ds, image)
+        else:
+            volume, names = dicom_labels.rasterise_rtstruct(ds, image)
+        if not volume.same_grid(image):
+            raise LabelGridMismatchError("label could not be placed on the image grid")
+        if reference is not None and not volume.same_grid(reference):
+            volume = label_onto_reference(volume, reference)
+        mapped = remap_labels(volume, map_label_names(names, config))
+        if label is None:
+            label = mapped
+        else:  # several label objects: later ones paint over earlier background only
+            merged = np.where(label.array > 0, label.array, mapped.array)
+            label = Volume(merged, target.affine, {})
+        label_names.update(case_label_names(names, config))
+    return label, label_names
+
+
+def _case(
+    case_id: str, key: bytes, image: Volume, label: Volume | None, label_names: Mapping[int, str],
+    first: Any, deidentified: tuple[Any, Any], config: IngestConfig, channels: list[dict[str, Any]] | None = None,
+) -> Case:
+    deid_header, report = deidentified
+    patient_source = str(first.get("PatientID", "")) or str(first.get("PatientName", ""))
+    meta = {
+        **case_meta(str(first.get("Modality", "OT")), "dicom", image, label, label_names or config.label_names),
+        "burned_in_annotation": bool(report.burned_in_annotation),
+        "deidentified_header": _header_json(deid_header),
+        "deidentification": report.method,
+    }
+    if channels:
+        meta["channels"] = channels
+        meta["channel_min_overlap"] = config.channel_min_overlap
+    clean_image = Volume(image.array.astype(np.float32, copy=False), image.affine, {"modality": meta["modality"]})
+    return Case(case_id, pseudonyms.patient_pseudonym(key, patient_source), clean_image, label, meta)
+
+
 def _dicom_case(
     drop: Any,
     files: list[str],
@@ -97,46 +170,56 @@ def _dicom_case(
     key: bytes,
     config: IngestConfig,
 ) -> Case:
-    # (name, bytes) sources take the assembler's fast path for uncompressed slices
-    sources = [(f, drop.read_bytes(f)) for f in files]
-    image = assemble_series(
-        sources, min_slices=config.min_slices, spacing_tolerance=config.spacing_tolerance
-    )
-    validate_image(image, config)
+    image = _assemble(drop, files, config)
     first = headers[files[0]]
-    deid_header, report = deidentify(
-        first, key, retain_longitudinal_temporal=config.retain_longitudinal_temporal
-    )
-    if report.burned_in_annotation and config.quarantine_burned_in:
-        raise _BurnedInError("burned-in annotation flagged: pixels may carry identity")
+    deidentified = _deidentify(first, key, config)
+    label, label_names = _labels(drop, label_files, image, config)
+    return _case(case_id, key, image, label, label_names, first, deidentified, config)
 
-    label: Volume | None = None
-    label_names: dict[int, str] = {}
-    for relpath in label_files:
-        ds = read_dataset(io.BytesIO(drop.read_bytes(relpath)))
-        if str(ds.get("SOPClassUID", "")) == SEGMENTATION_STORAGE:
-            volume, names = dicom_labels.read_segmentation(ds, image)
-        else:
-            volume, names = dicom_labels.rasterise_rtstruct(ds, image)
-        if not volume.same_grid(image):
-            raise LabelGridMismatchError("label could not be placed on the image grid")
-        mapped = remap_labels(volume, map_label_names(names, config))
-        if label is None:
-            label = mapped
-        else:  # several label objects: later ones paint over earlier background only
-            merged = np.where(label.array > 0, label.array, mapped.array)
-            label = Volume(merged, image.affine, {})
-        label_names.update(case_label_names(names, config))
 
-    patient_source = str(first.get("PatientID", "")) or str(first.get("PatientName", ""))
-    meta = {
-        **case_meta(str(first.get("Modality", "OT")), "dicom", image, label, label_names or config.label_names),
-        "burned_in_annotation": bool(report.burned_in_annotation),
-        "deidentified_header": _header_json(deid_header),
-        "deidentification": report.method,
-    }
-    clean_image = Volume(image.array.astype(np.float32, copy=False), image.affine, {"modality": meta["modality"]})
-    return Case(case_id, pseudonyms.patient_pseudonym(key, patient_source), clean_image, label, meta)
+# -- several series as the input channels of one case (ingest.channels) -----------------------
+def _channel_study(
+    drop: Any, unit: Unit, key: bytes, config: IngestConfig, headers: Mapping[str, Any], study: Any,
+    identity: list[str], result: UnitResult,
+) -> None:
+    """The study's series matched to the declared channels -> one case (or its quarantine)."""
+    rules = config.channel_rules
+    case_id = pseudonyms.case_pseudonym(key, unit.source_id, "channels")
+    n_files = sum(len(f) for f in study.series.values())
+    try:
+        chosen = series_for_channels(rules, {uid: headers[files[0]] for uid, files in study.series.items()})
+        label_files = [f for uid in chosen for f in study.labels.get(uid, [])]
+        if not label_files and not config.keep_unlabelled:
+            result.skipped.append(
+                {"reason": "unlabelled_series", "detail": "no SEG or RTSTRUCT references a channel's series",
+                 "n_files": n_files, "case_id": case_id}  # fmt: skip
+            )
+            return
+        firsts = [headers[study.series[uid][0]] for uid in chosen]
+        check_frames(rules, firsts)
+        deidentified = [_deidentify(first, key, config) for first in firsts]
+        volumes = [_assemble(drop, study.series[uid], config, (r.name,)) for uid, r in zip(chosen, rules, strict=True)]
+        image, coverages = stack_channels(volumes, [r.name for r in rules], min_overlap=config.channel_min_overlap)
+        label, label_names = None, {}
+        for uid, volume in zip(chosen, volumes, strict=True):
+            label, names = _labels(drop, study.labels.get(uid, []), volume, config, label, reference=volumes[0])
+            label_names.update(names)
+        channels = [
+            channel_record(rule, str(first.get("Modality", "OT")), coverage=coverage)
+            for rule, first, coverage in zip(rules, firsts, coverages, strict=True)
+        ]
+        case = _case(case_id, key, image, label, label_names, firsts[0], deidentified[0], config, channels)
+    except ImagingError as exc:
+        result.quarantined.append(
+            record(exc.reason, scrub(exc.detail, identity), case_id=case_id, n_files=n_files, kind="dicom")
+        )
+        return
+    for uid, files in sorted(study.series.items()):
+        if uid not in chosen:
+            result.skipped.append({"reason": "not_a_channel", "detail": "the series matches no channel's rule",
+                                   "n_files": len(files), "case_id": case_id})  # fmt: skip
+    result.modality = case.modality
+    result.cases.append(case)
 
 
 class _BurnedInError(ImagingError):

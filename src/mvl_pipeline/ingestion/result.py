@@ -55,14 +55,18 @@ def scrub(text: str, raw: Sequence[str] = ()) -> str:
     return _UID.sub("<uid>", text)[:300]
 
 
-def validate_image(image: Volume, config: IngestConfig) -> None:
+def validate_image(image: Volume, config: IngestConfig, channels: Sequence[str] = ()) -> None:
+    """Finite values, enough slices, and contrast in every channel (``channels``: their names)."""
     array = image.array
     if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
         raise NonFiniteValuesError("image holds NaN or Inf values")
     if min(image.shape) < 1 or image.shape[2] < config.min_slices:
         raise TooFewSlicesError(f"{image.shape[2]} slices, at least {config.min_slices} needed")
-    if float(array.max()) == float(array.min()):
-        raise EmptyImageError("every voxel of the image has the same value")
+    for index in range(image.n_channels):
+        values = image.channel(index).array
+        if float(values.max()) == float(values.min()):
+            which = f"channel {channels[index]!r} of the image" if index < len(channels) else "the image"
+            raise EmptyImageError(f"every voxel of {which} has the same value")
 
 
 def record(reason: str, detail: str, *, case_id: str | None, n_files: int, kind: str) -> dict:

@@ -44,6 +44,7 @@ class Unit:
     patient_hint: str | None = None
     label_names: Mapping[int, str] = field(default_factory=dict)
     modality: str | None = None
+    channel_names: tuple[str, ...] = ()  # an MSD task's modalities by index (its image's 4th axis)
     error_reason: str | None = None
     error_detail: str | None = None
 
@@ -175,6 +176,7 @@ def msd_units(
             files = (*files, patients_file)
         units.append(
             Unit("volume", image, files, image=image, label=label, patient_hint=patient_of.get(case, case),
-                 label_names=dict(task.labels), modality=task.modality)
+                 label_names=dict(task.labels), modality=task.modality,
+                 channel_names=tuple(name for _, name in sorted(task.modalities.items())))
         )  # fmt: skip
     return units

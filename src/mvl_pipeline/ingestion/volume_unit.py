@@ -12,6 +12,7 @@ from mvl_pipeline.core.case import Case
 from mvl_pipeline.core.errors import ImagingError, LabelGridMismatchError, UnknownLabelValueError
 from mvl_pipeline.core.volume import Volume, guess_modality
 from mvl_pipeline.formats.volumes import read_volume
+from mvl_pipeline.ingestion.channels import rules_for_unit, volume_channels
 from mvl_pipeline.ingestion.config import IngestConfig
 from mvl_pipeline.ingestion.labels import case_label_names, map_label_names, remap_labels
 from mvl_pipeline.ingestion.result import (
@@ -32,9 +33,12 @@ logger = logging.getLogger(__name__)
 _VOLUME_NAME = "<drop volume>"
 
 
-def read_drop_volume(drop: Any, relpath: str) -> Volume:
-    """A NIfTI / NRRD file of the drop as a Volume (a detached .nhdr reads its data file too)."""
-    return read_volume(drop.read_bytes(relpath), relpath, read_sibling=drop.read_bytes, name=_VOLUME_NAME)
+def read_drop_volume(drop: Any, relpath: str, *, channels: bool = False) -> Volume:
+    """A NIfTI / NRRD file of the drop as a Volume (a detached .nhdr reads its data file too);
+    with ``channels``, a 4-D NIfTI as a channel-first multi-channel volume."""
+    return read_volume(
+        drop.read_bytes(relpath), relpath, read_sibling=drop.read_bytes, name=_VOLUME_NAME, channels=channels
+    )
 
 
 def process_volume_unit(drop: Any, unit: Unit, key: bytes, config: IngestConfig) -> UnitResult:
@@ -45,16 +49,20 @@ def process_volume_unit(drop: Any, unit: Unit, key: bytes, config: IngestConfig)
         result.skipped.append({"reason": "unlabelled_image", "detail": "no label file pairs with this image",
                                "n_files": 1, "case_id": case_id})  # fmt: skip
         return result
+    rules = rules_for_unit(config.channel_rules, unit.channel_names)
+    channels: list[dict[str, Any]] = []
     try:
-        image = read_drop_volume(drop, unit.image)
-        if image.array.ndim != 3:
-            raise ImagingError("only single-channel 3-D images are supported")
-        modality = unit.modality or (
-            guess_modality(image) if config.volume_modality == "auto" else config.volume_modality.upper()
-        )
-        if modality == "MULTI":
-            raise ImagingError("multi-channel (several modalities) images are not supported yet")
-        validate_image(image, config)
+        image = read_drop_volume(drop, unit.image, channels=bool(rules))
+        if rules:  # the declared channels: volumes of a 4-D image, all on its grid
+            image, channels = volume_channels(image, rules, unit.channel_names, volume_modality=config.volume_modality)
+            modality = channels[0]["modality"]
+        else:
+            if image.array.ndim != 3:
+                raise ImagingError("only single-channel 3-D images are supported")
+            modality = unit.modality or (
+                guess_modality(image) if config.volume_modality == "auto" else config.volume_modality.upper()
+            )
+        validate_image(image, config, [c["name"] for c in channels])
         label = None
         names = dict(unit.label_names) or {v: k for k, v in config.labels.items()}
         if unit.label is not None:
@@ -80,6 +88,9 @@ def process_volume_unit(drop: Any, unit: Unit, key: bytes, config: IngestConfig)
         return result
     result.modality = modality
     meta = case_meta(modality, "volume", image, label, case_label_names(names, config))
+    if channels:
+        meta["channels"] = channels
+        meta["channel_min_overlap"] = config.channel_min_overlap
     clean = Volume(image.array.astype(np.float32, copy=False), image.affine, {"modality": modality})
     patient = pseudonyms.patient_pseudonym(key, "volume", unit.patient_hint or unit.source_id)
     result.cases.append(Case(case_id, patient, clean, label, meta))

@@ -5,6 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from mvl_pipeline.core.channels import n_channels
+
+
+def plan_in_channels(plan: Mapping[str, Any]) -> int:
+    """Input channels of a model trained under ``plan``: one per planned channel (1 without)."""
+    return n_channels(plan)
+
 
 def token_grid(plan: Mapping[str, Any], patch_size: Sequence[int]) -> tuple[int, int, int]:
     """The training crop's token grid: plan patch size / embedding patch size, per axis."""

@@ -7,7 +7,9 @@
 - ``cnn``: MONAI's DynUNet configured the nnU-Net way from the plan (``model/cnn.py``).
 
 A preset fixes the keys listed here, whatever the YAML says for them (to vary one of them, use
-``medvisionllama`` and set it); every other key keeps its YAML value.
+``medvisionllama`` and set it); every other key keeps its YAML value. No preset fixes
+``in_channels``: for every preset it comes from the plan (one per input channel of the data,
+``MedVisionLlamaConfig.for_plan``).
 """
 
 from __future__ import annotations

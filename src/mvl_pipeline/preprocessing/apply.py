@@ -12,7 +12,7 @@ The one code path for training data and for inference:
    ``nearest`` or ``onehot_linear``; see :mod:`mvl_pipeline.preprocessing.resample`),
 4. normalise with the modality's scheme (:mod:`mvl_pipeline.preprocessing.intensity`).
 
-``image`` is float32 ``(X, Y, Z)`` on the model grid, ``label`` uint8 on the same grid (or None),
+``image`` is float32 ``(X, Y, Z)`` (``(C, X, Y, Z)`` for a multi-channel image) on the model grid, ``label`` uint8 on the same grid (or None),
 and ``record`` a JSON-serialisable dict of everything that was done (original grid, axis
 transform, crop box, spacings, model-grid affine, normalisation applied, plan id).
 
@@ -33,7 +33,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from mvl_pipeline.core.errors import LabelGridMismatchError, NonFiniteValuesError
+from mvl_pipeline.core.channels import plan_channels
+from mvl_pipeline.core.errors import (
+    ChannelError,
+    LabelGridMismatchError,
+    MissingChannelError,
+    NonFiniteValuesError,
+)
 from mvl_pipeline.core.orientation import AxisTransform, orientation_transform
 from mvl_pipeline.core.volume import Volume
 from mvl_pipeline.preprocessing.crop import (
@@ -61,7 +67,7 @@ _SAME_SPACING_RTOL = 1e-6
 
 
 class PreprocessedCase(NamedTuple):
-    image: np.ndarray  # float32 (X, Y, Z), model grid
+    image: np.ndarray  # float32 (X, Y, Z) or (C, X, Y, Z), model grid
     label: np.ndarray | None  # uint8 (X, Y, Z), model grid
     record: dict[str, Any]  # what was done; input of restore_to_original
 
@@ -77,6 +83,25 @@ def _same_spacing(a: Sequence[float], b: Sequence[float]) -> bool:
     return bool(np.allclose(a, b, rtol=_SAME_SPACING_RTOL, atol=0.0))
 
 
+def _channel_schemes(image: Volume, plan: Mapping[str, Any], modality: str) -> tuple[list[str], list[Normalization]]:
+    """Per input channel: its modality and normalisation (the plan's ``channels``, or the one
+    channel of a single-channel plan); an image with other channels than the plan's is an error."""
+    channels = plan_channels(plan)
+    if not channels and image.n_channels == 1:
+        return [modality], [normalization_for(plan, modality)]
+    names = [str(c["name"]) for c in channels] or ["image"]
+    if image.n_channels != len(names):
+        error = MissingChannelError if image.n_channels < len(names) else ChannelError
+        raise error(
+            f"the model's plan takes {len(names)} channel(s) {names}, the image holds {image.n_channels}"
+        )
+    schemes = [
+        Normalization.from_dict(c["normalization"]) if c.get("normalization") else normalization_for(plan, str(c["modality"]))
+        for c in channels
+    ]
+    return [str(c["modality"]) for c in channels], schemes
+
+
 def preprocess_case(
     image: Volume,
     plan: Mapping[str, Any],
@@ -84,56 +109,64 @@ def preprocess_case(
     label: Volume | None = None,
     modality: str | None = None,
 ) -> PreprocessedCase:
-    """Preprocess one volume (and its label) with ``plan``; see the module doc."""
+    """Preprocess one volume (and its label) with ``plan``; see the module doc. A multi-channel
+    image ``(C, X, Y, Z)`` gets one crop box (the body of every channel) and one grid, and each
+    channel its own normalisation (``plan["channels"]``)."""
     modality = str(modality or image.meta.get("modality", "OT"))
     if label is not None and not image.same_grid(label):
         raise LabelGridMismatchError(
             f"label grid {label.shape} does not match image grid {image.shape}"
         )
+    modalities, normalizations = _channel_schemes(image, plan, modality)
     orientation = str(plan["orientation"])
     transform = orientation_transform(image.affine, orientation)
-    array = transform.apply(np.asarray(image.array))
+    reoriented = transform.apply(np.asarray(image.array))
+    arrays = [reoriented] if reoriented.ndim == 3 else list(reoriented)
     affine = transform.apply_to_affine(image.affine, image.shape)
     spacing = transform.permute(image.spacing)
 
     # 2. crop to the body (+ label foreground) box, on the reoriented source grid
     mask_config = BodyMaskConfig.from_params(plan.get("body_mask"))
-    threshold = body_threshold(array, modality, mask_config)
-    box = bounding_box(array > threshold, mask_config.min_voxels_per_slice)
+    thresholds = [body_threshold(a, m, mask_config) for a, m in zip(arrays, modalities, strict=True)]
+    box = None
+    for array, threshold in zip(arrays, thresholds, strict=True):
+        box = union_box(box, bounding_box(array > threshold, mask_config.min_voxels_per_slice))
     label_array = None
     if label is not None:
         label_array = transform.apply(np.asarray(label.array))
         box = union_box(box, bounding_box(label_array > 0))
+    shape = arrays[0].shape
     box = (
-        full_box(array.shape)
+        full_box(shape)
         if box is None
-        else grow_box(box, margin_voxels(float(plan["crop_margin_mm"]), spacing), array.shape)
+        else grow_box(box, margin_voxels(float(plan["crop_margin_mm"]), spacing), shape)
     )
-    cropped = np.asarray(array[box_slices(box)], dtype=np.float32)
-    if not np.isfinite(cropped).all():
-        raise NonFiniteValuesError("image holds NaN or Inf values inside the body box")
     crop_affine = affine.copy()
     crop_affine[:3, 3] = (
         affine[:3, :3] @ np.array([lo for lo, _ in box], dtype=np.float64) + affine[:3, 3]
     )
 
-    # 3. resample to the target spacing
+    # 3. resample to the target spacing, 4. normalise (the body mask on the model grid uses the
+    # source grid's threshold), channel by channel
     target = tuple(float(v) for v in plan["target_spacing"])
-    if _same_spacing(spacing, target):
-        # normalisation works in place: never on the caller's memory
-        own = np.may_share_memory(cropped, image.array)
-        resampled = cropped.copy() if own else cropped
-        out_shape, scale = cropped.shape, (1.0, 1.0, 1.0)
-    else:
-        out_shape = resampled_shape(cropped.shape, spacing, target)
-        scale = spacing_scale(spacing, target)
-        resampled = resample_array(cropped, out_shape, scale, plan["interpolation"]["image"])
+    same = _same_spacing(spacing, target)
+    out_shape = box_shape(box) if same else resampled_shape(box_shape(box), spacing, target)
+    scale = (1.0, 1.0, 1.0) if same else spacing_scale(spacing, target)
+    outputs, applied = [], []
+    for array, threshold, normalization in zip(arrays, thresholds, normalizations, strict=True):
+        cropped = np.asarray(array[box_slices(box)], dtype=np.float32)
+        if not np.isfinite(cropped).all():
+            raise NonFiniteValuesError("image holds NaN or Inf values inside the body box")
+        if same:  # normalisation works in place: never on the caller's memory
+            resampled = cropped.copy() if np.may_share_memory(cropped, image.array) else cropped
+        else:
+            resampled = resample_array(cropped, out_shape, scale, plan["interpolation"]["image"])
+        mask = resampled > threshold if normalization.scheme == "zscore_body" else None
+        normalized, done = normalize(resampled, normalization, body_mask=mask, inplace=True)
+        outputs.append(normalized)
+        applied.append(done)
+    normalized = outputs[0] if len(outputs) == 1 and reoriented.ndim == 3 else np.stack(outputs)
     model_affine = resampled_affine(crop_affine, spacing, target)
-
-    # 4. normalise (the body mask on the model grid uses the source grid's threshold)
-    normalization = normalization_for(plan, modality)
-    mask = resampled > threshold if normalization.scheme == "zscore_body" else None
-    normalized, applied = normalize(resampled, normalization, body_mask=mask, inplace=True)
 
     out_label = None
     if label_array is not None:
@@ -143,9 +176,10 @@ def preprocess_case(
         cropped_label = np.ascontiguousarray(cropped_label, dtype=np.uint8)
         out_label = (
             cropped_label
-            if _same_spacing(spacing, target)
+            if same
             else resample_label(cropped_label, out_shape, scale, plan["interpolation"]["label"])
         )
+    multi = reoriented.ndim == 4
     record = {
         "version": RECORD_VERSION,
         "plan_id": plan.get("plan_id"),
@@ -154,15 +188,17 @@ def preprocess_case(
         "original_shape": list(image.shape),
         "original_affine": np.asarray(image.affine).tolist(),
         "axis_transform": transform.to_list(),
-        "reoriented_shape": list(array.shape),
+        "reoriented_shape": list(shape),
         "crop_box": [list(b) for b in box],
         "source_spacing": [float(s) for s in spacing],
         "target_spacing": list(target),
-        "model_shape": list(normalized.shape),
+        "model_shape": list(normalized.shape[-3:]),
         "model_affine": model_affine.tolist(),
-        "body_threshold": float(threshold),
-        "normalization": applied,
+        "body_threshold": [float(t) for t in thresholds] if multi else float(thresholds[0]),
+        "normalization": applied if multi else applied[0],
     }
+    if multi:
+        record["channels"] = [str(c["name"]) for c in plan_channels(plan)]
     return PreprocessedCase(np.ascontiguousarray(normalized), out_label, record)
 
 

@@ -6,13 +6,15 @@ order, so a coronal acquisition's slice thickness lands on the axis it really sp
 of the body box, label voxel counts, and the foreground intensity distribution summarised as
 mean, standard deviation and ``quantile_points`` evenly spaced quantiles. The foreground is the
 label's non-zero voxels (nnU-Net's choice); unlabelled cases fall back to the body mask and say
-so in ``foreground_source``.
+so in ``foreground_source``. A multi-channel case (``meta["channels"]``) gets the statistics of each
+channel over the same foreground, and its body box holds the body of every channel.
 
 Per modality (:func:`aggregate_fingerprint`): every case's spacing and shapes, and foreground
 statistics pooled with equal weight per case (nnU-Net samples the same number of foreground
 voxels from each case): the pooled percentiles are read from the union of the per-case quantile
 points, the pooled mean and standard deviation are those of the equal-weight mixture. Nothing is
-random, so a fingerprint is a pure function of its cases.
+random, so a fingerprint is a pure function of its cases. A multi-channel dataset also gets
+``channels``: per channel its name, modality, rule and pooled foreground statistics.
 """
 
 from __future__ import annotations
@@ -25,10 +27,17 @@ from typing import Any
 import numpy as np
 
 from mvl_pipeline.core.case import Case
+from mvl_pipeline.core.channels import plan_channels
 from mvl_pipeline.core.config import ConfigBlock
 from mvl_pipeline.core.hashing import json_digest
 from mvl_pipeline.core.orientation import orientation_transform
-from mvl_pipeline.preprocessing.crop import BodyMaskConfig, body_box, body_threshold, box_shape
+from mvl_pipeline.preprocessing.crop import (
+    BodyMaskConfig,
+    body_box,
+    body_threshold,
+    box_shape,
+    union_box,
+)
 
 FINGERPRINT_VERSION = 1
 POOLED_PERCENTILES = (0.5, 50.0, 99.5)
@@ -63,22 +72,24 @@ def case_fingerprint(
     body_mask = body_mask or BodyMaskConfig()
     image = case.image
     transform = orientation_transform(image.affine, orientation)
-    array = np.asarray(image.array)
+    channels = plan_channels(case.meta)
+    if len(channels) != image.n_channels and image.n_channels > 1:
+        raise ValueError(f"case {case.case_id}: {image.n_channels} image channels, {len(channels)} recorded")
+    arrays = [np.asarray(image.channel(c).array) for c in range(image.n_channels)]
+    modalities = [str(c["modality"]) for c in channels] or [case.modality]
+    array = arrays[0]  # the reference channel
     label = None if case.label is None else np.asarray(case.label.array)
-    box = body_box(array, case.modality, body_mask, label=label)
+    box = None
+    for values_c, modality in zip(arrays, modalities, strict=True):  # the body of every channel
+        box = union_box(box, body_box(values_c, modality, body_mask, label=label))
 
     foreground_source = "label"
     foreground = label > 0 if label is not None else None
     if foreground is None or not foreground.any():
         foreground_source = "body"
         foreground = array > body_threshold(array, case.modality, body_mask)
-    values = (
-        array[foreground].astype(np.float64)
-        if foreground.any()
-        else array.astype(np.float64).ravel()
-    )
-    probabilities = np.linspace(0.0, 1.0, config.quantile_points)
-    quantiles = np.quantile(values, probabilities)
+    intensities = [_intensity(values_c, foreground, config) for values_c in arrays]
+    values = intensities[0][0]
 
     label_counts: dict[str, int] = {}
     if label is not None:
@@ -86,7 +97,7 @@ def case_fingerprint(
             raise ValueError(f"case {case.case_id}: negative label values")
         counts = np.bincount(label.ravel().astype(np.int64))
         label_counts = {str(v): int(c) for v, c in enumerate(counts) if c}
-    return {
+    record = {
         "case_id": case.case_id,
         "patient_id": case.patient_id,
         "source_hash": str(case.meta.get("source_hash") or content_hash(case)),
@@ -100,12 +111,52 @@ def case_fingerprint(
         "label_names": {str(k): v for k, v in case.label_names.items()},
         "foreground_source": foreground_source,
         "foreground_voxels": int(values.size),
-        "intensity": {
-            "mean": _round(values.mean()),
-            "std": _round(values.std()),
-            "quantiles": [_round(q) for q in quantiles],
-        },
+        "intensity": intensities[0][1],
     }
+    if channels:  # per channel: its statistics over the same foreground (core/channels.py)
+        record["channels"] = [
+            {**_channel_identity(c), "intensity": intensity} for c, (_, intensity) in zip(channels, intensities, strict=True)
+        ]
+        record["channel_min_overlap"] = case.meta.get("channel_min_overlap")
+    return record
+
+
+def _intensity(array: np.ndarray, foreground: np.ndarray, config: FingerprintConfig) -> tuple[np.ndarray, dict[str, Any]]:
+    """The foreground values of one channel and their mean, standard deviation and quantiles."""
+    values = array[foreground].astype(np.float64) if foreground.any() else array.astype(np.float64).ravel()
+    quantiles = np.quantile(values, np.linspace(0.0, 1.0, config.quantile_points))
+    return values, {
+        "mean": _round(values.mean()),
+        "std": _round(values.std()),
+        "quantiles": [_round(q) for q in quantiles],
+    }
+
+
+def _channel_identity(channel: Mapping[str, Any]) -> dict[str, Any]:
+    """What identifies a channel across cases (its name, modality, rule and source index)."""
+    return {key: channel.get(key) for key in ("name", "modality", "match", "index")}
+
+
+def _aggregate_channels(cases: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The channels every case shares, with their pooled foreground statistics; [] for a
+    single-channel dataset. Cases with other channels (or none) cannot be planned together."""
+    records = list(cases.values())
+    layouts = {json_digest([(c["name"], c["modality"]) for c in r.get("channels", [])]) for r in records}
+    if len(layouts) > 1:
+        raise ValueError(
+            "the cases do not share one channel layout (names and modalities of ingest.channels): "
+            "re-ingest them with the same channels"
+        )
+    if not records or not records[0].get("channels"):
+        return []
+    out = []
+    for index, first in enumerate(records[0]["channels"]):
+        channel = _channel_identity(first)
+        if any(r["channels"][index].get("index") != first.get("index") for r in records):
+            channel["index"] = None  # the cases' sources disagree: predict uses the rule alone
+        channel["foreground_intensity"] = _pooled_intensity([{"intensity": r["channels"][index]["intensity"]} for r in records])
+        out.append(channel)
+    return out
 
 
 def _pooled_intensity(records: list[Mapping[str, Any]]) -> dict[str, Any]:
@@ -180,6 +231,10 @@ def aggregate_fingerprint(
         "modalities": modalities,
         "cases": cases,
     }
+    channels = _aggregate_channels(cases)
+    if channels:  # only multi-channel datasets carry the key (single-channel fingerprints unchanged)
+        fingerprint["channels"] = channels
+        fingerprint["channel_min_overlap"] = next(iter(cases.values())).get("channel_min_overlap")
     fingerprint["fingerprint_id"] = json_digest(fingerprint)
     return fingerprint
 

@@ -11,7 +11,9 @@ makes, derived from a saved dataset fingerprint the way nnU-Net plans, and overr
   the largest physical extent until the token count fits ``token_budget`` (so the patch is as
   close to isotropic in millimetres as the budget and the image allow).
 - Normalisation per modality (``ct`` with the pooled foreground percentiles and mean/std for CT,
-  ``zscore_body`` otherwise; see :mod:`mvl_pipeline.preprocessing.intensity`).
+  ``zscore_body`` otherwise; see :mod:`mvl_pipeline.preprocessing.intensity`); for a
+  multi-channel dataset also per channel (``channels``: a CT phase gets ``ct`` with its own pooled
+  statistics, an MR contrast its per-case z-score), with one target spacing and crop for all.
 - Orientation, interpolation modes, body mask and crop margin: copied from the configuration.
 
 The plan is a JSON document with a ``plan_id``: a content hash of everything except ``plan_id``
@@ -212,6 +214,28 @@ def _normalizations(
     return out
 
 
+def _channel_normalizations(fingerprint: Mapping[str, Any], config: PlanConfig) -> list[dict[str, Any]]:
+    """Each channel of a multi-channel dataset with its own normalisation: the scheme of its
+    name or else of its modality (``ct`` with the channel's pooled foreground statistics)."""
+    cases = list(fingerprint["cases"].values())
+    schemes, overrides = config.normalization.schemes, config.normalization.overrides
+    out = []
+    for index, channel in enumerate(fingerprint.get("channels") or []):
+        name, modality = str(channel["name"]).upper(), str(channel["modality"]).upper()
+        scheme = schemes.get(name, schemes.get(modality, config.normalization.default_scheme))
+        override = dict(overrides.get(name, overrides.get(modality, {})))
+        values: dict[str, Any] = {"scheme": str(override.pop("scheme", scheme))}
+        if values["scheme"] == "ct":
+            group = [{"intensity": r["channels"][index]["intensity"], "foreground_source": r.get("foreground_source")}
+                     for r in cases]  # fmt: skip
+            values |= _pooled_ct_statistics(group, config.normalization.ct_clip_percentiles) | override
+        out.append(
+            {key: channel.get(key) for key in ("name", "modality", "match", "index")}
+            | {"normalization": Normalization.from_dict(values).to_dict()}
+        )
+    return out
+
+
 def plan_preprocessing(
     fingerprint: Mapping[str, Any],
     config: PlanConfig,
@@ -293,6 +317,10 @@ def plan_preprocessing(
             "median_shape_on_target_grid": [round(float(v), 2) for v in median_shape],
         },
     }
+    channels = _channel_normalizations(fingerprint, config)
+    if channels:  # several input channels: one normalisation each, one grid and crop for all
+        plan["channels"] = channels
+        plan["channel_min_overlap"] = fingerprint.get("channel_min_overlap")
     plan["plan_id"] = json_digest(plan, exclude=_NOT_HASHED)
     return plan
 

@@ -182,3 +182,96 @@ def resampled_affine(
     out = np.asarray(affine, dtype=np.float64).copy()
     out[:3, :3] = out[:3, :3] * np.asarray(spacing_scale(spacing, target_spacing))[None, :]
     return out
+
+
+# -- one grid onto another (the channels of a study: preprocessing/channels.py) ----------------
+def grid_mapping(affine: np.ndarray, reference_affine: np.ndarray) -> np.ndarray:
+    """4x4 map from a voxel index of the reference grid to the (fractional) index of the grid
+    ``affine`` at the same point in world millimetres."""
+    return np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ np.asarray(reference_affine, dtype=np.float64)
+
+
+def _inside(positions: np.ndarray, n: int) -> np.ndarray:
+    """Positions within half a voxel of the first and last voxel centres (the field of view)."""
+    return (positions >= -0.5) & (positions <= n - 0.5)
+
+
+def resample_onto(
+    array: np.ndarray,
+    affine: np.ndarray,
+    reference_shape: Sequence[int],
+    reference_affine: np.ndarray,
+    *,
+    mode: str = "linear",
+    is_label: bool = False,
+    fill: float | None = None,
+) -> tuple[np.ndarray, float]:
+    """Sample ``array`` (on the grid ``affine``) at the voxel centres of the reference grid, in
+    world coordinates. Returns ``(array on the reference grid, coverage)``: the fraction of the
+    reference voxels inside ``array``'s field of view. Voxels outside it get ``fill`` (default:
+    the array's minimum; 0 for labels).
+
+    Grids that differ by axis permutations, flips, spacing and origin (every pair of axial,
+    coronal and sagittal series of one study) take the separable path above; an oblique pair is
+    sampled point by point, one reference slice at a time.
+    """
+    shape = tuple(int(n) for n in reference_shape)
+    mapping = grid_mapping(affine, reference_affine)
+    matrix, shift = mapping[:3, :3], mapping[:3, 3]
+    nonzero = np.abs(matrix) > 1e-6 * max(float(np.abs(matrix).max()), 1.0)
+    if fill is None:
+        fill = 0.0 if is_label else float(np.min(array))
+    if (nonzero.sum(axis=0) == 1).all() and (nonzero.sum(axis=1) == 1).all():
+        source_axes = [int(np.argmax(nonzero[:, r])) for r in range(3)]
+        moved = np.transpose(array, source_axes)  # axis r runs along reference axis r
+        scale, offset, inside = [], [], []
+        for r, s in enumerate(source_axes):
+            step, start, n = float(matrix[s, r]), float(shift[s]), int(array.shape[s])
+            if step < 0:  # flip the source axis so that positions grow with the reference index
+                moved = np.flip(moved, axis=r)
+                step, start = -step, (n - 1) - start
+            scale.append(step)
+            offset.append(start)
+            inside.append(_inside(start + np.arange(shape[r]) * step, n))
+        if is_label:
+            out = resample_label(moved, shape, scale, mode, offset=offset)
+        else:
+            out = resample_array(moved, shape, scale, mode, offset=offset)
+        mask = inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :]
+    else:
+        out, mask = _resample_general(array, mapping, shape, "nearest" if is_label else mode)
+    if not mask.all():
+        out = np.where(mask, out, np.asarray(fill, dtype=out.dtype))
+    return np.ascontiguousarray(out), float(mask.mean())
+
+
+def _resample_general(
+    array: np.ndarray, mapping: np.ndarray, shape: tuple[int, ...], mode: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest or trilinear sampling at ``mapping @ index`` for every reference voxel."""
+    n_in = np.asarray(array.shape, dtype=np.float64)
+    source = array if mode == "nearest" else np.asarray(array, dtype=np.float32)
+    out = np.empty(shape, dtype=source.dtype)
+    mask = np.empty(shape, dtype=bool)
+    ii, jj = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    plane = np.stack([ii.ravel(), jj.ravel(), np.zeros(ii.size)]).astype(np.float64)  # (3, N)
+    for k in range(shape[2]):
+        plane[2] = k
+        points = mapping[:3, :3] @ plane + mapping[:3, 3:4]  # (3, N) source indices
+        mask[:, :, k] = np.all((points >= -0.5) & (points <= n_in[:, None] - 0.5), axis=0).reshape(shape[:2])
+        points = np.clip(points, 0.0, n_in[:, None] - 1.0)
+        if mode == "nearest":
+            index = np.minimum(np.floor(points + 0.5).astype(np.intp), (n_in[:, None] - 1).astype(np.intp))
+            out[:, :, k] = source[index[0], index[1], index[2]].reshape(shape[:2])
+            continue
+        low = np.minimum(np.floor(points).astype(np.intp), np.maximum(n_in[:, None] - 2, 0).astype(np.intp))
+        weight = (points - low).astype(np.float32)
+        high = np.minimum(low + 1, (n_in[:, None] - 1).astype(np.intp))
+        value = np.zeros(points.shape[1], dtype=np.float32)
+        for corner in range(8):
+            bits = [(corner >> axis) & 1 for axis in range(3)]
+            index = [high[a] if bits[a] else low[a] for a in range(3)]
+            w = np.prod([weight[a] if bits[a] else 1.0 - weight[a] for a in range(3)], axis=0)
+            value += w * source[index[0], index[1], index[2]]
+        out[:, :, k] = value.reshape(shape[:2])
+    return out, mask

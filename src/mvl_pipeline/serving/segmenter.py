@@ -39,7 +39,9 @@ class Segmenter:
         self.classes = plan_classes(self.plan)
 
     def segment(self, image: Volume, modality: str) -> np.ndarray:
-        """Integer labels (uint8) on ``image``'s own grid."""
+        """Integer labels (uint8) on ``image``'s own grid. A model of several input channels
+        takes a channel-first image ``(C, X, Y, Z)`` in the plan's channel order (predict builds
+        it by the plan's channel rules); other channels than the plan's: a ``ChannelError``."""
         volume = Volume(np.asarray(image.array, dtype=np.float32), image.affine, {"modality": modality})
         case = Case("input", "input", volume, meta={"modality": modality})
         return predict_case(

@@ -1,4 +1,5 @@
-"""Build a sample hospital drop: DICOM CT series with DICOM SEG labels and fake PHI.
+"""Build a sample hospital drop: DICOM CT series (or multi-series MR studies) with DICOM SEG
+labels and fake PHI.
 
 Two sources, one layout (a PACS export, folders named by UIDs, never by names)::
 
@@ -6,7 +7,10 @@ Two sources, one layout (a PACS export, folders named by UIDs, never by names)::
     <patient-folder-uid>/<StudyInstanceUID>/<SEG SeriesInstanceUID>/<SOPInstanceUID>.dcm
 
 - :func:`generate_sample_drop` (what the ``sample_data`` pipeline writes): synthetic CT phantoms
-  (:mod:`mvl_pipeline.synthetic.phantom`), SEG segment 1 = liver (organ), 2 = lesion.
+  (:mod:`mvl_pipeline.synthetic.phantom`), SEG segment 1 = liver (organ), 2 = lesion. With
+  ``mr_contrasts`` (e.g. ``[t1, t2]``) every study is instead an MR study of one series per
+  contrast of the same phantom (:mod:`mvl_pipeline.synthetic.mr_study`), all in one Frame of
+  Reference, the SEG on the first contrast's series.
 - :func:`convert_volumes_to_drop`: real volumes (e.g. the pyradiomics NRRD cases) with generated
   headers; SEG segment 1 = lesion.
 
@@ -40,6 +44,7 @@ from mvl_pipeline.synthetic.fake_headers import (
     fake_study_datetime,
     study_header,
 )
+from mvl_pipeline.synthetic.mr_study import MR_RESCALE, check_contrasts, contrast_grids, simulate_mr
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +77,13 @@ class SampleDataConfig(ConfigBlock):
     oblique_tilt_deg: tuple[float, float] = (15.0, 8.0)
     noise_sigma_hu: tuple[float, float] = (10.0, 20.0)
     max_lesions: int = 3
+    mr_contrasts: tuple[str, ...] = ()  # e.g. (t1, t2): MR studies, one series per contrast; (): CT
+    contrast_slice_ratio: float = 1.5  # slice spacing of the 2nd and later contrasts / the first's
 
     def __post_init__(self) -> None:
+        check_contrasts(self.mr_contrasts)
+        if self.contrast_slice_ratio < 1.0:
+            raise ValueError("contrast_slice_ratio must be >= 1")
         if self.n_patients < 1:
             raise ValueError("n_patients must be >= 1")
         if not 0.0 <= self.followup_fraction <= 1.0:
@@ -114,6 +124,8 @@ class SampleStudy:
     patient_folder: str  # a UID: the patient's folder name in the drop
     uids: SeriesUids
     seg_uids: tuple[str, str, int]  # (series UID, SOP instance UID, series number)
+    #: an MR study's further contrasts: (series description, image on its own grid, its UIDs)
+    contrasts: tuple[tuple[str, Volume, SeriesUids], ...] = ()
 
 
 def plan_studies(params: SampleDataConfig, rng: np.random.Generator) -> list[StudyPlan]:
@@ -177,15 +189,24 @@ def iter_sample_studies(params: SampleDataConfig) -> Iterator[SampleStudy]:
             centre=anatomy.scan_centre,
             tilt_deg=params.oblique_tilt_deg,
         )
-        image, label = phantom.simulate_ct(anatomy, affine, plan.shape, rng)
-        header = study_header(
-            person,
-            when,
-            phi_rng,
-            series_description=f"ABDOMEN {plan.orientation.upper()} {plan.spacing[2]:.1f}mm",
-        )
         case = f"p{plan.patient}-v{plan.visit}"
-        uids = series_uids(drop, case, "CT", n_slices=plan.shape[2], series_number=2)
+        contrasts: tuple[tuple[str, Volume, SeriesUids], ...] = ()
+        if params.mr_contrasts:
+            (image, label), contrasts = _mr_series(anatomy, plan, params, rng, drop, case)
+            header = study_header(
+                person, when, phi_rng, modality="MR", study_description="MR ABDOMEN",
+                series_description=_mr_description(params.mr_contrasts[0], plan.orientation),
+            )  # fmt: skip
+            uids = series_uids(drop, case, f"MR-{params.mr_contrasts[0]}", n_slices=plan.shape[2], series_number=2)
+        else:
+            image, label = phantom.simulate_ct(anatomy, affine, plan.shape, rng)
+            header = study_header(
+                person,
+                when,
+                phi_rng,
+                series_description=f"ABDOMEN {plan.orientation.upper()} {plan.spacing[2]:.1f}mm",
+            )
+            uids = series_uids(drop, case, "CT", n_slices=plan.shape[2], series_number=2)
         seg_uids = (
             make_uid("series", drop, case, "SEG"),
             make_uid("sop", drop, case, "SEG"),
@@ -199,7 +220,33 @@ def iter_sample_studies(params: SampleDataConfig) -> Iterator[SampleStudy]:
             patient_folder=make_uid("patient-folder", drop, plan.patient),
             uids=uids,
             seg_uids=seg_uids,
+            contrasts=contrasts,
         )
+
+
+def _mr_description(contrast: str, orientation: str) -> str:
+    return f"{contrast.upper()} {orientation.upper()}"
+
+
+def _mr_series(
+    anatomy: Any, plan: StudyPlan, params: SampleDataConfig, rng: np.random.Generator, drop: str, case: str
+) -> tuple[tuple[Volume, Volume], tuple[tuple[str, Volume, SeriesUids], ...]]:
+    """The first contrast (image, label) on the study's grid, and the further contrasts, each on
+    its own grid (thicker slices over the same extent), with its own series UIDs."""
+    grids = contrast_grids(plan.shape, plan.spacing, len(params.mr_contrasts), params.contrast_slice_ratio)
+    volumes = []
+    for contrast, (shape, spacing) in zip(params.mr_contrasts, grids, strict=True):
+        affine = phantom.acquisition_affine(
+            shape=shape, spacing=spacing, orientation=plan.orientation,  # type: ignore[arg-type]
+            centre=anatomy.scan_centre, tilt_deg=params.oblique_tilt_deg,
+        )  # fmt: skip
+        volumes.append(simulate_mr(anatomy, affine, shape, rng, contrast))
+    further = tuple(
+        (_mr_description(contrast, plan.orientation), image,
+         series_uids(drop, case, f"MR-{contrast}", n_slices=image.shape[2], series_number=3 + index))
+        for index, (contrast, (image, _)) in enumerate(zip(params.mr_contrasts[1:], volumes[1:], strict=True))
+    )  # fmt: skip
+    return volumes[0], further
 
 
 def study_files(
@@ -209,7 +256,15 @@ def study_files(
     rescale: tuple[float, float] = CT_RESCALE,
 ) -> dict[str, Dataset]:
     """The DICOM files of one study: relative path -> data set (image slices, then the SEG)."""
+    if study.contrasts:
+        rescale = MR_RESCALE
     slices = write_image_series(study.image, header=study.header, uids=study.uids, rescale=rescale)
+    others = [
+        ds
+        for description, image, uids in study.contrasts
+        for ds in write_image_series(image, header={**study.header, "SeriesDescription": description},
+                                     uids=uids, rescale=rescale)
+    ]  # fmt: skip
     seg = write_segmentation(
         study.label,
         source_images=slices,
@@ -218,7 +273,7 @@ def study_files(
         header_overrides={"SeriesDescription": "Reference segmentation"},
     )
     study_folder = f"{study.patient_folder}/{study.uids.study}"
-    files = {f"{study_folder}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm": ds for ds in slices}
+    files = {f"{study_folder}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm": ds for ds in slices + others}
     files[f"{study_folder}/{seg.SeriesInstanceUID}/{seg.SOPInstanceUID}.dcm"] = seg
     return files
 

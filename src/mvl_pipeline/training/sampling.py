@@ -19,7 +19,7 @@ import torch
 class TrainingVolume:
     """One case held by a worker: arrays plus the foreground voxel index per class."""
 
-    image: np.ndarray  # (X, Y, Z) float32, normalised
+    image: np.ndarray  # (X, Y, Z) or channel-first (C, X, Y, Z) float32, normalised
     label: np.ndarray  # (X, Y, Z) uint8
     foreground: dict[int, np.ndarray]  # class -> (N, 3) voxel coordinates (subsampled)
     counts: dict[int, int] = field(default_factory=dict)  # class -> voxel count
@@ -41,12 +41,18 @@ class TrainingVolume:
         )
 
 
-def _pad_to(array: np.ndarray, shape: Sequence[int], value: float) -> np.ndarray:
-    pads = [(0, max(0, int(s) - d)) for d, s in zip(array.shape, shape, strict=True)]
+def _pad_to(array: np.ndarray, shape: Sequence[int], value: float | np.ndarray) -> np.ndarray:
+    """``array`` padded (centred) to at least ``shape`` on its last three axes; a channel axis
+    in front is padded per channel with ``value[c]``."""
+    spatial = array.shape[-3:]
+    pads = [(0, max(0, int(s) - d)) for d, s in zip(spatial, shape, strict=True)]
     if not any(p[1] for p in pads):
         return array
     pads = [(p // 2, p - p // 2) for _, p in pads]
-    return np.pad(array, pads, mode="constant", constant_values=value)
+    if array.ndim == 3:
+        return np.pad(array, pads, mode="constant", constant_values=value)
+    values = np.broadcast_to(np.asarray(value, dtype=array.dtype), (array.shape[0],))
+    return np.stack([np.pad(c, pads, mode="constant", constant_values=v) for c, v in zip(array, values, strict=True)])
 
 
 def sample_patch(
@@ -57,15 +63,20 @@ def sample_patch(
     force_foreground: bool,
     rare_class_prob: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One (image, label) crop of shape ``patch``; padded if the volume is smaller.
+    """One (image, label) crop of shape ``patch`` (a multi-channel image: ``(C, *patch)``);
+    padded if the volume is smaller.
 
     A foreground-centred crop picks its class uniformly among the classes present (nnU-Net),
     or, with probability ``rare_class_prob``, the rarest class present (small lesions).
     """
-    image = _pad_to(volume.image, patch, float(volume.image.min()))
+    if volume.image.ndim == 3:
+        image = _pad_to(volume.image, patch, float(volume.image.min()))
+    else:  # each channel padded with its own minimum
+        image = _pad_to(volume.image, patch, volume.image.reshape(volume.image.shape[0], -1).min(axis=1))
     label = _pad_to(volume.label, patch, 0)
-    offset = np.array([(i - v) // 2 if i > v else 0 for i, v in zip(image.shape, volume.image.shape, strict=True)])
-    shape = np.array(image.shape)
+    spatial = volume.image.shape[-3:]
+    offset = np.array([(i - v) // 2 if i > v else 0 for i, v in zip(label.shape, spatial, strict=True)])
+    shape = np.array(label.shape)
     size = np.array(patch)
     high = shape - size  # inclusive upper bound of the start corner
     if force_foreground and volume.foreground:
@@ -80,7 +91,7 @@ def sample_patch(
     else:
         start = np.array([int(rng.integers(0, h + 1)) for h in high])
     window = tuple(slice(int(s), int(s + n)) for s, n in zip(start, size, strict=True))
-    return image[window], label[window]
+    return image[(Ellipsis, *window)], label[window]
 
 
 def sample_batch(
@@ -92,7 +103,7 @@ def sample_batch(
     foreground_fraction: float = 1 / 3,
     rare_class_prob: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch ``(images (B, 1, *patch) float32, labels (B, *patch) int64)``.
+    """A batch ``(images (B, C, *patch) float32, labels (B, *patch) int64)`` (C = 1 for 3-D volumes).
 
     At least ``round(foreground_fraction * batch_size)`` patches are foreground-centred, as
     nnU-Net forces the last third of each batch; the rest are random.
@@ -105,7 +116,8 @@ def sample_batch(
         image, label = sample_patch(volume, patch, rng, force_foreground=force, rare_class_prob=rare_class_prob)
         images.append(image)
         labels.append(label)
-    x = torch.from_numpy(np.stack(images)[:, None].copy())
+    stacked = np.stack(images)
+    x = torch.from_numpy((stacked[:, None] if stacked.ndim == 4 else stacked).copy())
     y = torch.from_numpy(np.stack(labels).astype(np.int64))
     return x, y
 

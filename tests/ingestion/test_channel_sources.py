@@ -1,0 +1,83 @@
+"""Which source is which channel (ingestion/channels.py) and the ``ingest.channels`` settings:
+the README's example is a valid block, declaring no channels keeps the settings id of a
+single-channel project, and predict takes a 4-D image's channels where training found them."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from mvl_pipeline.core.channels import rules_from_params
+from mvl_pipeline.core.errors import MissingChannelError
+from mvl_pipeline.core.volume import Volume, affine_from_geometry
+from mvl_pipeline.ingestion.channels import (
+    recorded_volume_channels,
+    rules_for_unit,
+    volume_channels,
+)
+from mvl_pipeline.ingestion.config import IngestConfig
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+def four_d() -> Volume:
+    air = np.full((6, 5, 4), -1000.0)
+    air[2:4, 2:4, :] = 40.0
+    mr = np.arange(120, dtype=np.float64).reshape(6, 5, 4)
+    return Volume(np.stack([air, mr, 2 * mr]).astype(np.float32), affine_from_geometry((1.0, 1.0, 2.0)))
+
+
+def test_the_readme_example_is_a_valid_ingest_block():
+    readme = (PROJECT / "README.md").read_text()
+    section = readme.split("## Multi-modal inputs", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    config = IngestConfig.from_params({**yaml.safe_load(block)["ingest"], "labels": {"organ": 1}})
+    assert [r.name for r in config.channel_rules] == ["t1", "t2"]
+    assert config.channel_min_overlap == 0.5
+
+
+def test_no_channels_keep_the_settings_id_and_declared_ones_change_it():
+    plain = IngestConfig.from_params({"labels": {"organ": 1}})
+    assert plain.channel_rules == ()
+    declared = IngestConfig.from_params({"labels": {"organ": 1}, "channels": {"t1": {}}})
+    assert declared.settings_id() != plain.settings_id()
+    legacy = {k: v for k, v in plain.to_dict().items() if k not in ("workers", "batch_size", "progress",
+                                                                       "channels", "channel_min_overlap")}  # fmt: skip
+    from mvl_pipeline.core.hashing import json_digest
+
+    assert plain.settings_id() == json_digest(legacy)  # what a project ingested before channels existed
+    with pytest.raises(ValueError, match="not a regular expression"):
+        IngestConfig.from_params({"channels": {"t1": {"SeriesDescription": "(("}}})
+    with pytest.raises(ValueError, match=r"channel_min_overlap must be in \[0, 1\]"):
+        IngestConfig.from_params({"channel_min_overlap": 1.5})
+
+
+def test_declared_rules_win_and_an_msd_task_with_several_modalities_brings_its_own():
+    declared = rules_from_params({"t1": {}})
+    assert rules_for_unit(declared, ("FLAIR", "T1w")) == declared
+    assert [r.name for r in rules_for_unit((), ("FLAIR", "T1w"))] == ["FLAIR", "T1w"]
+    assert rules_for_unit((), ("MRI",)) == () and rules_for_unit((), ()) == ()
+
+
+def test_volumes_of_a_4d_image_become_channels_with_their_modality():
+    image = four_d()
+    rules = rules_from_params({"mr": {"index": "^1$"}, "ct": {"index": "^0$"}})
+    stacked, records = volume_channels(image, rules)
+    np.testing.assert_array_equal(stacked.array, image.array[[1, 0]])
+    assert [(r["name"], r["modality"], r["index"]) for r in records] == [("mr", "MR", 1), ("ct", "CT", 0)]
+    assert stacked.meta == {"modality": "MR"}
+    _, named = volume_channels(image, rules_from_params({"venous": {"name": "(?i)^ct$"}}), ["T1", "CT", "T2"])
+    assert (named[0]["index"], named[0]["modality"]) == (1, "CT")  # the MSD name gives the modality
+
+
+def test_predict_takes_a_4d_images_channels_where_training_found_them():
+    image = four_d()
+    channels = [{"name": "t2", "modality": "MR", "index": 2}, {"name": "t1", "modality": "MR", "index": 1}]
+    picked = recorded_volume_channels(image, channels)
+    np.testing.assert_array_equal(picked.array, image.array[[2, 1]])
+    with pytest.raises(MissingChannelError, match=r"channel 't2' is missing: the image holds 1 volume\(s\), the model takes the channels \['t2', 't1'\]"):
+        recorded_volume_channels(image.channel(1), channels)

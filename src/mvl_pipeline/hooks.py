@@ -1,4 +1,11 @@
-"""Kedro hooks: tag each kedro-mlflow run with where it comes from (code and data versions).
+"""Kedro hooks: one run at a time writes the project's data (``RunLockHook``), and each
+kedro-mlflow run is tagged with where it comes from, code and data versions (``LineageTagsHook``).
+
+``RunLockHook`` takes the run lock of the data root (``core.run_lock``) before the first node of a
+pipeline that writes data, before kedro-mlflow opens its run (``tryfirst``), and releases it when
+the run ends or fails; ``params:run`` says whether a second run waits or refuses. Taking over
+from a run that died holding it, it first removes that run's unfinished temporaries
+(``core.storage.remove_temporaries``).
 
 kedro-mlflow 2.0.3 starts its run in its own ``before_pipeline_run``; this hook runs after it
 (``trylast``) and sets, on that active run, the tags ``git_commit``, ``git_dirty``,
@@ -10,10 +17,14 @@ have no active run and get nothing.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from kedro.framework.hooks import hook_impl
+from kedro.io import MemoryDataset
 
+from mvl_pipeline.core import storage
+from mvl_pipeline.core.run_lock import RunConfig, RunLock, local_root, lock_path
 from mvl_pipeline.datasets.lineage import LineageDataset
 
 logger = logging.getLogger(__name__)
@@ -24,6 +35,59 @@ LINEAGE_DATASET = "lineage"
 DATA_DATASET = "ingested_cases"
 
 LINEAGE_TAGS = ("git_commit", "git_dirty", "dvc_data_version", "dvc_data_status")
+#: The parameter block of the run lock (conf/base/parameters_run.yml).
+RUN_PARAMS = "params:run"
+
+
+def writes_data(pipeline: Any, catalog: Any) -> bool:
+    """True when a node of ``pipeline`` saves to a dataset that persists (not a MemoryDataset)."""
+    for name in pipeline.all_outputs():
+        dataset = catalog.get(name) if name in catalog else None
+        if dataset is not None and not isinstance(dataset, MemoryDataset):
+            return True
+    return False
+
+
+class RunLockHook:
+    """Hold the data root's run lock for the whole of a run that writes data (module doc)."""
+
+    def __init__(self) -> None:
+        self._project_path: Path | None = None
+        self._data_root = "data"
+        self._lock: RunLock | None = None
+
+    @hook_impl
+    def after_context_created(self, context: Any) -> None:
+        self._project_path = Path(context.project_path)
+        self._data_root = str(context.config_loader["globals"].get("data_root", "data"))
+
+    @hook_impl(tryfirst=True)  # before kedro-mlflow opens a run that a refused run would leave open
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        if not writes_data(pipeline, catalog):
+            return
+        config = RunConfig.from_params(catalog.load(RUN_PARAMS) if RUN_PARAMS in catalog else {})
+        project = self._project_path or Path(run_params.get("project_path") or ".")
+        name = ",".join(run_params.get("pipeline_names") or ["__default__"])
+        self._lock = RunLock(lock_path(self._data_root, project), config, pipeline=name)
+        self._lock.acquire()
+        root = local_root(self._data_root, project)
+        if self._lock.left_behind is not None and root is not None:
+            # the run that died holding the lock may have been killed mid-save
+            removed = storage.remove_temporaries(str(root))
+            logger.info("removed %d temporary file(s) or folder(s) of interrupted saves", removed)
+
+    @hook_impl(trylast=True)
+    def after_pipeline_run(self) -> None:
+        self._release()
+
+    @hook_impl(trylast=True)
+    def on_pipeline_error(self) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 def lineage_tags(lineage: dict[str, Any], *, produces_data: bool) -> dict[str, str]:

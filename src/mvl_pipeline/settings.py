@@ -3,7 +3,7 @@
 from kedro.config import OmegaConfigLoader
 from omegaconf.resolvers import oc
 
-from mvl_pipeline.hooks import LineageTagsHook
+from mvl_pipeline.hooks import LineageTagsHook, RunLockHook
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
@@ -21,5 +21,6 @@ CONFIG_LOADER_ARGS = {
     },
 }
 
-# kedro-mlflow registers its own hook through its entry point; ours tags the run it starts.
-HOOKS = (LineageTagsHook(),)
+# kedro-mlflow registers its own hook through its entry point; ours take the run lock of the data
+# root before it starts its run, and tag the run it starts.
+HOOKS = (RunLockHook(), LineageTagsHook())

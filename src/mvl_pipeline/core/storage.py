@@ -5,23 +5,59 @@ or uploaded in one PUT (object stores only show completed uploads). A multi-file
 folder) is written with :func:`atomic_directory`: locally into a temporary sibling folder that is
 swapped in when complete; on object stores the folder's ``_COMPLETE`` marker is removed first
 (then any objects of an earlier version) and written last, and :func:`is_complete` is what
-loaders check. A crash mid-save therefore never leaves something a later load would accept.
+loaders check. A crash mid-save therefore never leaves something a later load would accept; the
+hidden temporaries a killed process leaves locally are removed by :func:`remove_temporaries`
+(the next run, once it holds the run lock: ``hooks.RunLockHook``).
+
+Object stores fail transiently. Every S3 filesystem made here attempts a request at most
+``S3_RETRY["total_max_attempts"]`` times (botocore's ``standard`` mode: exponential backoff with
+jitter), and nothing else retries around it (:data:`S3FS_RETRIES`); a catalog entry's ``fs_args``
+may set another ``config_kwargs``. When the store stays unreachable, :func:`outage_guard` turns the
+client's error into :class:`StorageUnavailableError`, which names the endpoint, never the object
+key (hospital folder names can carry identity) or credentials: callers let it stop the run
+instead of recording it as a verdict on the data.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import fsspec
 from kedro.io.core import get_protocol_and_path
 
 COMPLETE_MARKER = "_COMPLETE"
+
+#: botocore retry policy of every S3 client made here: a request is attempted at most 4 times in
+#: all, with waits of rand(0, 1) x 1, 2, 4 s between attempts (truncated exponential backoff, full
+#: jitter), on connection errors, timeouts, 5xx and throttling.
+S3_RETRY = {"mode": "standard", "total_max_attempts": 4}
+#: s3fs's own retry loop (it wraps botocore's, and nests: a read is a call inside a call) is off,
+#: so that the bound above is the whole bound.
+S3FS_RETRIES = 1
+#: Seconds to wait for a connection / for data on an open one before the attempt counts as failed.
+S3_TIMEOUTS = {"connect_timeout": 10, "read_timeout": 60}
+
+
+class StorageUnavailableError(RuntimeError):
+    """The object store did not answer within the bounded retries: an outage, not bad data.
+
+    The message names the endpoint (``scheme://host:port``) and the client's error type only.
+    Not an ``OSError``, so that no reader's ``except OSError`` turns an outage into a verdict on a
+    file.
+    """
+
+
+def _s3_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    config = {"retries": dict(S3_RETRY), **S3_TIMEOUTS, **(kwargs.get("config_kwargs") or {})}
+    return {**kwargs, "config_kwargs": config}
 
 
 def filesystem(
@@ -38,7 +74,78 @@ def filesystem(
     kwargs = {**(fs_args or {}), **(credentials or {})}
     if protocol == "file":
         kwargs.setdefault("auto_mkdir", True)
-    return fsspec.filesystem(protocol, **kwargs), protocol, path
+    elif protocol in ("s3", "s3a"):
+        kwargs = _s3_options(kwargs)
+    fs = fsspec.filesystem(protocol, **kwargs)
+    if protocol in ("s3", "s3a"):
+        fs.retries = S3FS_RETRIES  # an attribute of s3fs, not a constructor argument
+    return fs, protocol, path
+
+
+def endpoint(fs: fsspec.AbstractFileSystem) -> str:
+    """``scheme://host[:port]`` of the store behind ``fs`` (no credentials, no path)."""
+    url = (getattr(fs, "client_kwargs", None) or {}).get("endpoint_url") or getattr(fs, "endpoint_url", None)
+    if not url:
+        client = getattr(fs, "s3", None)  # s3fs: the client, once connected
+        url = getattr(getattr(client, "meta", None), "endpoint_url", None)
+    if not url:
+        return "the default endpoint"
+    parts = urlsplit(str(url))
+    host = parts.hostname or "?"
+    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
+    except ImportError:  # pragma: no cover - botocore comes with s3fs
+        return isinstance(exc, ConnectionError | TimeoutError)
+    return isinstance(exc, BotoConnectionError | HTTPClientError | ConnectionError | TimeoutError)
+
+
+@contextlib.contextmanager
+def outage_guard(fs: fsspec.AbstractFileSystem, protocol: str) -> Iterator[None]:
+    """Re-raise a remote store's connection failure (after the client's retries) as
+    :class:`StorageUnavailableError` naming the endpoint; everything else passes unchanged."""
+    try:
+        yield
+    except StorageUnavailableError:
+        raise
+    except Exception as exc:
+        if protocol == "file" or not _is_unreachable(exc):
+            raise
+        bound = str(S3_RETRY["total_max_attempts"]) if protocol in ("s3", "s3a") else "repeated"
+        message = (
+            f"{protocol} storage at {endpoint(fs)} is unreachable ({type(exc).__name__}) after {bound} attempts "
+            f"with backoff: check that the endpoint is up, then run again (what was saved is kept)"
+        )
+        # `from None`: the client's own message quotes the object's key, which may carry identity
+        raise StorageUnavailableError(message) from None
+
+
+#: What an interrupted save leaves beside its target: ``.<name>.tmp-<uuid hex>`` (being written)
+#: and ``.<name>.old-<uuid hex>`` (the replaced version, between the two renames of a swap).
+TEMPORARY = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{32}$")
+
+
+def remove_temporaries(root: str) -> int:
+    """Remove the temporaries of interrupted saves under the local folder ``root``; their count.
+
+    Loaders never read them (hidden names, no ``_COMPLETE``), but DVC would hash them into a
+    data version. Only safe while no other process writes under ``root`` (the run lock).
+    """
+    removed = 0
+    for parent, dirs, files in os.walk(root):
+        for name in [d for d in dirs if TEMPORARY.match(d)]:
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            dirs.remove(name)
+            removed += 1
+        for name in (f for f in files if TEMPORARY.match(f)):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(parent, name))
+                removed += 1
+    return removed
 
 
 def full_path(protocol: str, path: str) -> str:

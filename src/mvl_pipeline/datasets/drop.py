@@ -112,25 +112,30 @@ class DropFolder:
 
     def open(self, relpath: str) -> IO[bytes]:
         """A binary file object for ``relpath`` (close it, or use ``with``)."""
-        fs, _, _ = self._filesystem()
+        fs, protocol, _ = self._filesystem()
         path = self.path(relpath)
         try:
-            return fs.open(path, "rb")
+            with storage.outage_guard(fs, protocol):
+                return fs.open(path, "rb")
         except (FileNotFoundError, IsADirectoryError) as exc:
             raise DropFolderError("no such file in the drop folder", path=path) from exc
 
     def read_bytes(self, relpath: str) -> bytes:
-        fs, _, _ = self._filesystem()
+        """The file's content. An unreachable store raises ``storage.StorageUnavailableError``
+        (an outage stops the run; it is never recorded as a verdict on the file)."""
+        fs, protocol, _ = self._filesystem()
         path = self.path(relpath)
         try:
-            return fs.cat_file(path)
+            with storage.outage_guard(fs, protocol):
+                return fs.cat_file(path)
         except (FileNotFoundError, IsADirectoryError) as exc:
             raise DropFolderError("no such file in the drop folder", path=path) from exc
 
     def sha256(self, relpath: str) -> str:
         """Hex SHA-256 of the file's content, streamed in 1 MiB chunks."""
+        fs, protocol, _ = self._filesystem()
         digest = hashlib.sha256()
-        with self.open(relpath) as handle:
+        with self.open(relpath) as handle, storage.outage_guard(fs, protocol):
             for chunk in iter(lambda: handle.read(_CHUNK), b""):
                 digest.update(chunk)
         return digest.hexdigest()
@@ -139,9 +144,10 @@ class DropFolder:
 def list_drop_files(fs: Any, protocol: str, root: str) -> tuple[DropFile, ...]:
     """Every non-hidden file under ``root`` at any depth, sorted by relative path."""
     fs.invalidate_cache(root)
-    if not fs.isdir(root):
-        raise DropFolderError("drop folder not found", path=storage.full_path(protocol, root))
-    infos = fs.find(root, detail=True)
+    with storage.outage_guard(fs, protocol):
+        if not fs.isdir(root):
+            raise DropFolderError("drop folder not found", path=storage.full_path(protocol, root))
+        infos = fs.find(root, detail=True)
     prefix = root.rstrip("/") + "/"
     files = []
     for name, info in infos.items():

@@ -3,7 +3,8 @@
 Runs in worker processes: everything here is a plain function of picklable arguments. A unit is
 a DICOM study (:mod:`.dicom_study`), an image/label pair or MSD entry (:mod:`.volume_unit`), or a
 file that could not be read; whatever happens, :func:`process_unit` returns a result and never
-raises for bad data.
+raises for bad data. An unreachable store (:class:`StorageUnavailableError`) is not bad data: it
+propagates and stops the run, and the unit is processed by the rerun.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from mvl_pipeline.core import pseudonyms
 from mvl_pipeline.core.errors import ImagingError
+from mvl_pipeline.core.storage import StorageUnavailableError
 from mvl_pipeline.ingestion.config import IngestConfig
 from mvl_pipeline.ingestion.dicom_study import process_dicom_study
 from mvl_pipeline.ingestion.result import UnitResult, record, scrub
@@ -38,6 +40,8 @@ def process_unit(drop: Any, unit: Unit, key: bytes, config: IngestConfig) -> Uni
         if unit.kind == "volume":
             return process_volume_unit(drop, unit, key, config)
         return process_bad_file(unit, key)
+    except StorageUnavailableError:  # an outage, not the data: stop; the rerun processes the unit
+        raise
     except ImagingError as exc:  # anything not caught closer to its source
         result = UnitResult(unit=pseudonyms.unit_key(key, unit.kind, unit.source_id))
         result.quarantined.append(

@@ -1,0 +1,655 @@
+"""Faults under real processes and real signals (issue 15): each test runs ``kedro run`` (or a
+moto S3 server, or a Ray Train worker) as an operating-system process, kills or stops it with a
+signal at a chosen point, and ends with the same three checks: nothing lost (what was saved is
+still there, unchanged), nothing half-written that a later run would load, and a rerun of the same
+command completes doing only what was left undone.
+
+Killing at a chosen point without a race: :func:`run_until` lets a run advance in slices of a few
+milliseconds (SIGCONT ... SIGSTOP of its process group) and looks at the disk while it is stopped,
+so a SIGKILL lands exactly after, say, the first saved batch, and usually in the middle of the
+next save. A run that finishes before the point is reached fails the test (it could not test
+anything). No exception is monkeypatched; nothing in src/ knows it is being tested.
+
+The Ray Train worker to kill is found with Ray's state API (the run's job, its live
+``RayTrainWorker`` actor) on a Ray cluster the test process owns and `kedro run` joins through
+RAY_ADDRESS; the driver is killed with its own local Ray, as a laptop runs it. "The same losses"
+compares with an uninterrupted run of the same data and configuration.
+
+The project copies are tiny (16 phantom studies of 32 x 32 x 10 voxels, a 2-block ViT without
+the LLM layer, 4 short epochs of one Ray worker) and start from one prepared copy (drop, MLflow store,
+ingested and preprocessed data) to stay within minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+N_STUDIES = 16
+EPOCHS = 4
+TINY = {
+    "sample_data": {
+        "n_patients": N_STUDIES, "followup_fraction": 0.0, "image_size": 32, "pixel_spacing_mm": [9.0, 9.0],
+        "n_slices": [10, 10], "slice_spacing_mm": 12.0, "thin_slice_studies": 0, "non_axial_studies": 0,
+    },
+    "ingest": {"workers": 1, "progress": False, "batch_size": 2},
+    "preprocess": {"apply": {"workers": 1}, "split": {"ratios": {"train": 0.5, "validation": 0.25, "test": 0.25}}},
+    "model": {
+        "embed_dim": 32, "depth": 2, "num_heads": 2, "token_budget": 64, "pos_grid": [4, 4, 2], "precision": "fp32",
+        "llm": {"mode": "none"}, "decoder": {"taps": [1, 2], "channels": [8, 8, 8], "stem_channels": 4},
+    },
+    "fit": {
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1}, "ray_num_cpus": 2, "max_failures": 1,
+        "stream_to_mlflow": False,
+        "loop": {"epochs": EPOCHS, "steps_per_epoch": 25, "batch_size": 1, "val_every": 1, "warmup_epochs": 0,
+                 "torch_threads": 1},
+    },
+}  # fmt: skip
+
+MANIFEST = "data/02_intermediate/ingest_manifest.json"
+INGESTED = "data/02_intermediate/cases"
+MODEL_INPUT = "data/05_model_input/cases"
+RAY_RESULTS = "data/06_models/ray_results"
+#: Everything the prepared copy has under data/ (drop, ingest, preprocess outputs).
+ALL_DATA = ("*",)
+
+
+# -- processes ------------------------------------------------------------------------------
+def clean_env(**extra: str) -> dict[str, str]:
+    """A user's shell: none of the caller's MLflow, Ray, AWS or Python path settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "AWS_"))}
+    env.update(KEDRO_DISABLE_TELEMETRY="true", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               PYTHONPATH="", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")  # fmt: skip
+    env.update(extra)
+    return env
+
+
+#: Every run started, so that none outlives its test (see `no_run_left_behind`).
+STARTED: list[Run] = []
+
+
+@pytest.fixture(autouse=True)
+def no_run_left_behind():
+    yield
+    while STARTED:
+        run = STARTED.pop()
+        if run.proc.poll() is None:
+            run.kill()
+        run.signal_group(signal.SIGKILL)  # what it started and left (Ray's agents)
+
+
+class Run:
+    """``kedro run ARGS`` in ``root`` as its own process group, output to a file."""
+
+    def __init__(self, root: Path, *args: str, env: dict[str, str] | None = None, name: str = "run") -> None:
+        self.root = root
+        self.log = root.parent / f"{name}-{time.monotonic_ns()}.log"
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "kedro", "run", *args], cwd=root, env=env or clean_env(),
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        self.pid = self.proc.pid
+        STARTED.append(self)
+
+    def output(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+    def wait(self, timeout: float = 900) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"kedro run did not end within {timeout} s:\n{self.output()[-4000:]}")
+
+    def succeeded(self, timeout: float = 900) -> str:
+        rc = self.wait(timeout)
+        assert rc == 0, f"kedro run failed ({rc}):\n{self.output()[-6000:]}"
+        return self.output()
+
+    def signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def kill(self, *, group: bool = True) -> None:
+        """SIGKILL the kedro process itself (the fault), then (``group``) whatever it started."""
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+        if group:
+            self.signal_group(signal.SIGKILL)
+
+    def wait_for_line(self, pattern: str, timeout: float = 600) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = re.search(pattern, self.output())
+            if found:
+                return found
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        pytest.fail(f"no line matching {pattern!r} (rc {self.proc.poll()}):\n{self.output()[-4000:]}")
+
+
+def _threads(pid: int) -> list[tuple[str, str]]:
+    """(state, wait channel) of each thread of ``pid``."""
+    threads = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", encoding="ascii") as stat:
+                state = stat.read().rsplit(")", 1)[1].split()[0]
+            with open(f"/proc/{pid}/task/{tid}/wchan", encoding="ascii") as wchan:
+                threads.append((state, wchan.read()))
+        except FileNotFoundError:  # a thread that just ended
+            pass
+    return threads
+
+
+def _frozen(pid: int) -> bool:
+    """No thread of ``pid`` can run: stopped, or in vfork() waiting for a (stopped) child."""
+    try:
+        return all(state in "tTZX" or (state == "D" and wchan == "kernel_clone") for state, wchan in _threads(pid))
+    except FileNotFoundError:  # the process is gone
+        return True
+
+
+def freeze(run: Run) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        run.signal_group(signal.SIGSTOP)  # again: a thread started during the stop may not have it
+        if _frozen(run.pid):
+            return
+        assert time.monotonic() < deadline, f"SIGSTOP did not stop the run: threads {_threads(run.pid)}"
+        time.sleep(0.001)
+
+
+def lock_taken(run: Run) -> bool:
+    """The run holds its data root's run lock (it is about to run its first node)."""
+    try:
+        return json.loads((run.root / "data" / ".run.lock").read_text())["pid"] == run.pid
+    except (FileNotFoundError, ValueError, KeyError):
+        return False
+
+
+def run_until(run: Run, point: Callable[[], bool], what: str, *, slice_s: float = 0.005, timeout: float = 180) -> None:
+    """Let ``run`` start freely, then, once it holds the run lock, advance in slices; return with
+    it stopped (SIGSTOP) right after the slice in which ``point()`` became true. Fails if the run
+    ends first."""
+    deadline = time.monotonic() + timeout
+    while not lock_taken(run) and run.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    while True:
+        freeze(run)
+        if point():
+            return
+        if run.proc.poll() is not None:
+            pytest.fail(f"the run ended (rc {run.proc.returncode}) before {what}:\n{run.output()[-4000:]}")
+        if time.monotonic() > deadline:
+            run.kill()
+            pytest.fail(f"{what} not reached within {timeout} s:\n{run.output()[-4000:]}")
+        run.signal_group(signal.SIGCONT)
+        time.sleep(slice_s)
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of every process below ``pid`` (from /proc), e.g. the Ray processes a driver started."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", encoding="ascii") as stat:
+                    children.setdefault(int(stat.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+            except FileNotFoundError:
+                pass
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# -- project copies -------------------------------------------------------------------------
+#: What a run leaves at the top of a project besides its data: not carried into a clone.
+RUN_LEFTOVERS = {"data", ".viz", "info.log", "mlruns"}
+
+
+def clone(tmp_path_factory, prepared: Path, name: str, *, data: tuple[str, ...] = ()) -> Path:
+    """A copy of the prepared project (its code as copied once, conf/local with the key and the
+    tiny parameters, its MLflow store) with the named data folders only."""
+    base = tmp_path_factory.mktemp(name)
+    root = base / "project"
+    shutil.copytree(prepared, root, symlinks=True,
+                    ignore=lambda folder, names: RUN_LEFTOVERS & set(names) if Path(folder) == prepared else set())  # fmt: skip
+    if (prepared.parent / "shared").exists():
+        (base / "shared").symlink_to((prepared.parent / "shared").resolve(), target_is_directory=True)
+    folders = {p.name for p in (prepared / "data").iterdir() if p.is_dir()}
+    for folder in sorted(folders):
+        if data == ALL_DATA or folder in data:
+            shutil.copytree(prepared / "data" / folder, root / "data" / folder, symlinks=True)
+        else:  # the empty layer folder a clone has
+            (root / "data" / folder).mkdir(parents=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def prepared(project_copy) -> Path:
+    """The tiny project: a drop of N_STUDIES studies, ingested and preprocessed by `kedro run`."""
+    from mvl_pipeline.datasets.drop import DropFolderDataset
+    from mvl_pipeline.pipelines.sample_data.nodes import generate_sample_drop
+
+    root = project_copy("faults-prepared")
+    (root / "conf" / "local" / "parameters.yml").write_text(yaml.safe_dump(TINY), encoding="utf-8")
+    base = yaml.safe_load((root / "conf/base/parameters_sample_data.yml").read_text(encoding="utf-8"))
+    drop = generate_sample_drop(base["sample_data"] | TINY["sample_data"])
+    DropFolderDataset(filepath=str(root / "data/01_raw/sample_drop")).save(drop)
+    Run(root, "--pipelines", "ingest,preprocess", name="prepare").succeeded()
+    return root
+
+
+# -- what is on disk --------------------------------------------------------------------------
+def manifest_cases(root: Path) -> dict[str, list[str]]:
+    """unit key -> case ids, from the saved ingest manifest ({} when there is none yet)."""
+    path = root / MANIFEST
+    if not path.exists():
+        return {}
+    return {unit: entry["cases"] for unit, entry in json.loads(path.read_text())["units"].items()}
+
+
+def assert_store_consistent(root: Path, store: str, fmt: str, expected: set[str] | None = None) -> set[str]:
+    """Every completely written case loads; every other entry of the folder (a case folder killed
+    mid-write, a temporary) is refused by the loader. Returns the loadable ids."""
+    from kedro.io import DatasetError
+
+    from mvl_pipeline.datasets.case_store import CaseStoreDataset
+
+    dataset = CaseStoreDataset(path=str(root / store), format=fmt)
+    ids = set(dataset.case_ids())
+    for case_id in sorted(ids):
+        case = dataset.load_case(case_id)
+        assert case.case_id == case_id and case.image.array.size > 0
+    folder = root / store
+    for entry in sorted(folder.iterdir()) if folder.exists() else []:
+        if entry.name not in ids:
+            with pytest.raises(DatasetError):
+                dataset.load_case(entry.name)
+    if expected is not None:
+        assert expected <= ids, f"listed but not loadable: {sorted(expected - ids)}"
+    return ids
+
+
+def stamps(root: Path, store: str, ids: set[str]) -> dict[str, tuple[int, int]]:
+    """(inode, mtime) of each case's record: unchanged means not rewritten."""
+    return {c: ((s := (root / store / c / "case.json").stat()).st_ino, s.st_mtime_ns) for c in ids}
+
+
+def temporaries(root: Path) -> list[str]:
+    from mvl_pipeline.core.storage import TEMPORARY
+
+    return sorted(str(p.relative_to(root)) for p in (root / "data").rglob("*") if TEMPORARY.match(p.name))
+
+
+def assert_rerun_recovered_lock(output: str, killed_pid: int) -> None:
+    assert re.search(rf"recovered the run lock left by PID {killed_pid} on host ", output), output[-3000:]
+
+
+# -- SIGKILL mid-ingest and mid-preprocess ------------------------------------------------------
+def test_sigkill_mid_ingest_keeps_the_saved_batches_and_the_rerun_ingests_only_the_rest(tmp_path_factory, prepared):
+    root = clone(tmp_path_factory, prepared, "faults-ingest", data=("01_raw",))
+    run = Run(root, "--pipelines", "ingest", name="ingest-killed")
+    run_until(run, (root / MANIFEST).exists, "the first batch was saved")
+    run.kill()
+
+    saved = manifest_cases(root)
+    assert 0 < len(saved) < N_STUDIES, f"not killed mid-ingest: {len(saved)} of {N_STUDIES} units saved"
+    listed = {case for cases in saved.values() for case in cases}
+    before = assert_store_consistent(root, INGESTED, "nifti", expected=listed)
+    kept = stamps(root, INGESTED, listed)
+
+    output = Run(root, "--pipelines", "ingest", name="ingest-rerun").succeeded()
+    assert_rerun_recovered_lock(output, run.pid)
+    # the units the manifest recorded are not processed again; cases saved after the manifest's
+    # last save (the batch being written at the kill) are redone
+    assert f"{N_STUDIES - len(saved)} new or changed to process, {len(saved)} unchanged" in output
+    after = manifest_cases(root)
+    assert len(after) == N_STUDIES and all(len(cases) == 1 for cases in after.values())
+    final = {case for cases in after.values() for case in cases}
+    assert assert_store_consistent(root, INGESTED, "nifti", expected=final) == final >= before
+    assert stamps(root, INGESTED, listed) == kept  # what was saved is untouched
+    assert temporaries(root) == []  # the killed save's leftovers were swept
+    assert json.loads((root / "data/02_intermediate/quarantine.json").read_text()) == []
+
+
+def test_sigkill_mid_preprocess_keeps_the_written_cases_and_the_rerun_computes_only_the_rest(tmp_path_factory, prepared):
+    root = clone(tmp_path_factory, prepared, "faults-preprocess", data=("01_raw", "02_intermediate"))
+    done = root / MODEL_INPUT
+
+    def some_case_written() -> bool:
+        return done.is_dir() and any((d / "_COMPLETE").exists() for d in done.iterdir())
+
+    run = Run(root, "--pipelines", "preprocess", name="preprocess-killed")
+    run_until(run, some_case_written, "the first model-input case was written", slice_s=0.003)
+    run.kill()
+
+    planned = int(run.wait_for_line(r"preprocess with plan \w+: (\d+) to compute").group(1))
+    written = assert_store_consistent(root, MODEL_INPUT, "npy")
+    assert 0 < len(written) < planned, f"not killed mid-preprocess: {len(written)} of {planned} cases written"
+    kept = stamps(root, MODEL_INPUT, written)
+
+    output = Run(root, "--pipelines", "preprocess", name="preprocess-rerun").succeeded()
+    assert_rerun_recovered_lock(output, run.pid)
+    # the cases written before the kill are kept, not recomputed
+    assert f"{planned - len(written)} to compute, {len(written)} up to date" in output, output[-3000:]
+    ingested = {case for cases in manifest_cases(root).values() for case in cases}
+    final = assert_store_consistent(root, MODEL_INPUT, "npy")
+    assert len(final) == planned and written <= final <= ingested
+    assert stamps(root, MODEL_INPUT, written) == kept
+    assert temporaries(root) == []
+
+
+# -- S3 outage during ingest -------------------------------------------------------------------
+S3_KEY, S3_SECRET = "AKIAFAULTTESTKEY0001", "fault-test-secret-never-logged"
+BUCKET = "hospital-drop"
+
+
+class MotoServer:
+    """``moto_server`` as a real process on a fixed port: stopped and started like a real outage."""
+
+    def __init__(self, port: int) -> None:
+        self.port, self.endpoint, self.proc = port, f"http://127.0.0.1:{port}", None
+
+    def start(self, drop: Path) -> None:
+        import boto3
+
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                assert self.proc.poll() is None and time.monotonic() < deadline, "moto_server did not start"
+                time.sleep(0.1)
+        client = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=S3_KEY,
+                              aws_secret_access_key=S3_SECRET, region_name="us-east-1")  # fmt: skip
+        client.create_bucket(Bucket=BUCKET)
+        for path in sorted(p for p in drop.rglob("*") if p.is_file()):  # the same bytes, the same ETags
+            client.put_object(Bucket=BUCKET, Key=f"drop/{path.relative_to(drop).as_posix()}", Body=path.read_bytes())
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+
+def test_s3_outage_mid_ingest_fails_naming_the_endpoint_after_bounded_retries_and_the_rerun_completes(
+    tmp_path_factory, prepared
+):
+    drop = prepared / "data/01_raw/sample_drop"
+    server = MotoServer(free_port())
+    server.start(drop)
+    try:
+        root = clone(tmp_path_factory, prepared, "faults-s3")
+        (root / "conf/local/globals.yml").write_text(f"drop_url: s3://{BUCKET}/drop\n", encoding="utf-8")
+        env = clean_env(AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET, AWS_ENDPOINT_URL=server.endpoint,
+                        AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+        run = Run(root, "--pipelines", "ingest", env=env, name="ingest-s3-outage")
+        run_until(run, (root / MANIFEST).exists, "the first batch was saved")
+        server.stop()  # the outage, while the run is stopped mid-ingest
+        outage = time.monotonic()
+        run.signal_group(signal.SIGCONT)
+        assert run.wait(timeout=300) != 0
+        failed_after = time.monotonic() - outage
+        output = run.output()
+        from mvl_pipeline.core.storage import S3_RETRY
+
+        attempts = S3_RETRY["total_max_attempts"]
+        expected = f"s3 storage at {server.endpoint} is unreachable (EndpointConnectionError) after {attempts} attempts"
+        assert f"StorageUnavailableError: {expected}" in output, output[-4000:]
+        assert S3_SECRET not in output and S3_KEY not in output
+        keys = {part for f in drop.rglob("*") for part in f.relative_to(drop).parts}  # UIDs: identifying
+        assert not [k for k in keys if k in output]  # no object key or folder name of the drop
+        assert failed_after < 120, f"no bound on the retries: failed {failed_after:.0f} s after the outage"
+
+        saved = manifest_cases(root)
+        assert 0 < len(saved) < N_STUDIES
+        manifest = json.loads((root / MANIFEST).read_text())
+        assert not [u for u in manifest["units"].values() if u.get("quarantined")]  # an outage is no verdict
+        listed = {case for cases in saved.values() for case in cases}
+        assert_store_consistent(root, INGESTED, "nifti", expected=listed)
+        kept = stamps(root, INGESTED, listed)
+
+        server.start(drop)  # the store is back, with the same drop
+        output = Run(root, "--pipelines", "ingest", env=env, name="ingest-s3-rerun").succeeded()
+        assert "recovered the run lock" not in output  # the failed run released it
+        assert f"{N_STUDIES - len(saved)} new or changed to process, {len(saved)} unchanged" in output
+        final = {case for cases in manifest_cases(root).values() for case in cases}
+        assert len(manifest_cases(root)) == N_STUDIES
+        assert assert_store_consistent(root, INGESTED, "nifti", expected=final) == final
+        assert stamps(root, INGESTED, listed) == kept
+        assert json.loads((root / "data/02_intermediate/quarantine.json").read_text()) == []
+    finally:
+        server.stop()
+
+
+# -- two runs on one project: the run lock ------------------------------------------------------
+def test_a_second_run_on_one_project_waits_refuses_or_gives_up_as_configured(tmp_path_factory, prepared):
+    root = clone(tmp_path_factory, prepared, "faults-lock", data=("01_raw",))
+    first = Run(root, "--pipelines", "ingest", name="lock-first")
+    run_until(first, lambda: lock_taken(first), "the first run took the lock")  # and stays stopped there
+    holder = rf"PID {first.pid} on host \S+ \(pipeline 'ingest', started \d{{4}}-\d\d-\d\dT[\d:]+\+00:00\)"
+
+    waiting = Run(root, "--pipelines", "ingest", name="lock-waiting")
+    refused = Run(root, "--pipelines", "train", "--params", "run.lock=refuse", name="lock-refused")
+    timed_out = Run(root, "--pipelines", "train", "--params", "run.lock_timeout_s=2", name="lock-timeout")
+    assert refused.wait() != 0
+    message = re.search(r"RunLockedError: another run writes this project's data: (.*)", refused.output())
+    assert message and re.match(holder, message.group(1)), refused.output()[-3000:]
+    assert "/" not in message.group(0)  # the holder by PID, host and time: no path
+    assert timed_out.wait() != 0
+    assert re.search(rf"gave up after waiting 2 s \(run.lock_timeout_s\) for the run lock held by {holder}", timed_out.output())
+    waiting.wait_for_line(rf"another run writes this project's data: {holder}; waiting up to 3600 s")
+    for run in (waiting, refused, timed_out):  # none of them touched the data
+        assert "Running node" not in run.output()
+    assert not (root / MANIFEST).exists()
+
+    first.signal_group(signal.SIGCONT)
+    first.succeeded()
+    output = waiting.succeeded()  # went on once the first run had finished
+    assert re.search(r"the other run finished: waited [\d.]+ s", output)
+    assert f"0 new or changed to process, {N_STUDIES} unchanged" in output  # ran after, not alongside
+    ingested = {case for cases in manifest_cases(root).values() for case in cases}
+    assert len(ingested) == N_STUDIES
+    assert assert_store_consistent(root, INGESTED, "nifti", expected=ingested) == ingested
+    # (a holder killed with SIGKILL: the ingest and preprocess tests above, the fit-driver test below)
+
+
+# -- Ray Train: a worker killed mid-epoch, the driver killed mid-fit -------------------------------
+def latest_checkpoint(root: Path) -> int | None:
+    """Epoch of the newest checkpoint Ray Train has registered (its manager snapshot), if any."""
+    for snapshot in (root / RAY_RESULTS).glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            return int(json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["epoch"])
+        except (ValueError, KeyError, TypeError):  # being written
+            return None
+    return None
+
+
+def wait_for(condition: Callable[[], object], run: Run, what: str, timeout: float = 600) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value is not None and value is not False:
+            return value
+        if run.proc.poll() is not None:
+            pytest.fail(f"the run ended (rc {run.proc.returncode}) before {what}:\n{run.output()[-4000:]}")
+        time.sleep(0.02)
+    run.kill()
+    pytest.fail(f"{what} not reached within {timeout} s:\n{run.output()[-4000:]}")
+
+
+def fit_history(root: Path) -> dict:
+    return json.loads((root / "data/08_reporting/fit_history.json").read_text())
+
+
+def curve(history: dict) -> list[tuple[int, float, float]]:
+    return [(e["epoch"], e["train_loss"], e["val_dice"]) for e in history["epochs"]]
+
+
+def assert_fit_outputs_whole(root: Path) -> None:
+    """Every checkpoint Ray registered and the saved model load; nothing else is half there."""
+    from mvl_pipeline.datasets.torch_weights import TorchWeightsDataset
+    from mvl_pipeline.formats.model_bundle import read_weights
+
+    (run_dir,) = (root / RAY_RESULTS).iterdir()
+    snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    for result in snapshot["checkpoint_results"]:
+        assert read_weights(run_dir / result["checkpoint_dir_name"] / "model")
+    from kedro.io.core import Version
+
+    model = TorchWeightsDataset(filepath=str(root / "data/06_models/medvisionllama"), version=Version(None, None))
+    state, config = model.load()
+    assert state and config
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster owned by the test process: `kedro run` joins it through RAY_ADDRESS
+    (as on a cluster), and the test reads its workers from Ray's state API."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        with pytest.MonkeyPatch.context() as env:  # what `kedro run` sets for a local Ray (ray_driver)
+            env.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+            env.setenv("RAY_worker_niceness", "0")
+            ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False, configure_logging=False)
+    yield ray.get_runtime_context().gcs_address
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, prepared, ray_cluster) -> Run:
+    """An uninterrupted fit on the prepared data, started (it runs beside the worker test)."""
+    root = clone(tmp_path_factory, prepared, "faults-fit-reference", data=ALL_DATA)
+    return Run(root, "--pipelines", "fit", env=clean_env(RAY_ADDRESS=ray_cluster), name="fit-reference")
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> dict:
+    """The fit history of the uninterrupted run."""
+    reference_run.succeeded()
+    history = fit_history(reference_run.root)
+    assert [e["epoch"] for e in history["epochs"]] == list(range(EPOCHS)) and history["resumed_after_epochs"] == []
+    return history
+
+
+def train_worker(run: Run, address: str) -> int | None:
+    """PID of the one live Ray Train worker of ``run``'s Ray job (from Ray's state API)."""
+    from ray.util.state import list_actors, list_jobs
+
+    jobs = [j.job_id for j in list_jobs(address=address) if j.driver_info and str(j.driver_info.pid) == str(run.pid)]
+    if len(jobs) != 1:
+        return None
+    filters = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"), ("job_id", "=", jobs[0])]
+    actors = list_actors(address=address, filters=filters)
+    return actors[0].pid if len(actors) == 1 and actors[0].pid else None
+
+
+def test_sigkill_of_a_ray_train_worker_mid_epoch_resumes_from_the_last_checkpoint_with_the_same_losses(
+    tmp_path_factory, prepared, ray_cluster, reference_run, request
+):
+    root = clone(tmp_path_factory, prepared, "faults-fit-worker", data=ALL_DATA)
+    run = Run(root, "--pipelines", "fit", env=clean_env(RAY_ADDRESS=ray_cluster), name="fit-worker-killed")
+    worker = wait_for(lambda: train_worker(run, ray_cluster), run, "the Ray Train worker started")
+    epoch = wait_for(lambda: latest_checkpoint(root), run, "the first checkpoint")
+    os.kill(worker, signal.SIGKILL)  # the worker is training the epoch after `epoch`
+    assert epoch < EPOCHS - 1, "the worker was killed after its last epoch: nothing to resume"
+
+    output = run.succeeded()
+    assert not process_alive(worker)
+    replaced = rf"\(RayTrainWorker pid=(?!{worker}\b)\d+\).*worker 0: resumed after epoch \d"
+    assert re.search(replaced, output), "no replacement worker resumed the run"
+    history = fit_history(root)
+    # resumed once, from the last checkpoint: the one seen at the kill (or one registered just after)
+    (resumed,) = history["resumed_after_epochs"]
+    assert epoch <= resumed < EPOCHS - 1, output[-3000:]
+    reference = request.getfixturevalue("reference")
+    assert curve(history) == curve(reference)  # the same losses and Dice as without the failure
+    assert history["global_step"] == reference["global_step"]
+    assert_fit_outputs_whole(root)
+
+
+def test_sigkill_of_the_kedro_driver_mid_fit_then_the_same_command_resumes_from_the_last_checkpoint(
+    tmp_path_factory, prepared, reference
+):
+    root = clone(tmp_path_factory, prepared, "faults-fit-driver", data=ALL_DATA)
+    command = ("--pipelines", "fit")  # with its own local Ray, as on a laptop
+    run = Run(root, *command, name="fit-driver-killed")
+    wait_for(lambda: latest_checkpoint(root) is not None, run, "the first checkpoint")
+    training = [p for p in descendants(run.pid) if re.match(r"ray::(RayTrainWorker|TrainController)", cmdline(p))]
+    assert training, "no Ray Train process found under the driver"
+    run.kill(group=False)  # the driver alone, as the OOM killer or a closed laptop would
+    # the training processes die with the driver that started them (Ray's fate sharing), within
+    # seconds: none trains on and writes into the run's folder behind the rerun's back
+    deadline = time.monotonic() + 60
+    while [p for p in training if process_alive(p)] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not [p for p in training if process_alive(p)], "Ray Train processes outlived their driver"
+    run.signal_group(signal.SIGKILL)  # clean-up: Ray's idle agents linger in the group for a while
+    # the last checkpoint Ray registered (one may have completed in those seconds)
+    epoch = latest_checkpoint(root)
+    assert epoch is not None and epoch < EPOCHS - 1, f"nothing left to resume after epoch {epoch}"
+    assert not (root / "data/08_reporting/fit_history.json").exists()
+    assert not list((root / "data/06_models").glob("medvisionllama/*/*/_COMPLETE"))
+
+    output = Run(root, *command, name="fit-driver-rerun").succeeded()
+    assert_rerun_recovered_lock(output, run.pid)
+    history = fit_history(root)
+    assert history["resumed_after_epochs"] == [epoch], output[-3000:]
+    assert curve(history) == curve(reference)
+    assert_fit_outputs_whole(root)

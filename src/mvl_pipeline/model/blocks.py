@@ -195,26 +195,30 @@ class LLMBridge(nn.Module):
     def __init__(
         self,
         embed_dim: int,
-        layer: nn.Module,
+        layer: nn.Module | None,
         hidden_size: int,
         head_dim: int,
         linear: Callable[[int, int], nn.Module] = nn.Linear,
     ):
         super().__init__()
         self.proj_in = linear(embed_dim, hidden_size)
-        self.layer = layer
+        self.layer = layer  # None: the projections only (the ablation's bridge_only control)
         self.proj_out = linear(hidden_size, embed_dim)
         self.head_dim = head_dim
-        self.layer.self_attn.is_causal = False
-        self.layer.eval()
+        if self.layer is not None:
+            self.layer.self_attn.is_causal = False
+            self.layer.eval()
 
     def train(self, mode: bool = True) -> LLMBridge:
         super().train(mode)
-        self.layer.eval()
+        if self.layer is not None:
+            self.layer.eval()
         return self
 
     def run_layer(self, h: torch.Tensor) -> torch.Tensor:
         """The frozen layer on (B, T, H) hidden states, bidirectional and position-free."""
+        if self.layer is None:
+            return h
         layer_dtype = self.layer.input_layernorm.weight.dtype
         device_type = h.device.type
         rope_dtype = (

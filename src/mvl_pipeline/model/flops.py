@@ -83,12 +83,11 @@ def _llm_bridge(cfg: MedVisionLlamaConfig, tokens: int, dims: LLMDims) -> int:
         "up_proj": (H, dims.intermediate_size),
         "down_proj": (dims.intermediate_size, H),
     }
-    return (
-        linear("proj_in", E, H, trainable=True)
-        + sum(linear(name, i, o, trainable=False) for name, (i, o) in layer.items())
+    inside = 0 if cfg.llm.mode == "bridge_only" else (
+        sum(linear(name, i, o, trainable=False) for name, (i, o) in layer.items())
         + _attention_core(tokens, dims.num_heads, dims.head_dim)
-        + linear("proj_out", H, E, trainable=True)
     )
+    return linear("proj_in", E, H, trainable=True) + inside + linear("proj_out", H, E, trainable=True)
 
 
 def _conv(out_voxels: int, c_in: int, c_out: int, kernel: int, *, input_grad=True) -> int:

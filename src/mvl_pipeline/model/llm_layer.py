@@ -71,7 +71,7 @@ KNOWN_LLM_DIMS: dict[str, LLMDims] = {
 class LLMReference:
     """What a saved model records about its frozen layer (never the weights themselves)."""
 
-    mode: str  # "pretrained" or "random"
+    mode: str  # one of LAYER_MODES
     source: str
     layer_index: int  # resolved, >= 0
     model_type: str
@@ -86,7 +86,7 @@ class LLMReference:
 
 @dataclass
 class LoadedLLMLayer:
-    layer: nn.Module
+    layer: nn.Module | None  # None for bridge_only
     config: Any  # the transformers PretrainedConfig of the source model
     dims: LLMDims
     reference: LLMReference
@@ -110,20 +110,39 @@ def decoder_layer_class(model_type: str) -> type[nn.Module]:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def random_layer_tensors(layer: nn.Module, config: Any, seed: int) -> dict[str, torch.Tensor]:
-    """Seeded float32 init of the layer's parameters (normal(0, initializer_range) for matrices,
-    ones for norm weights, zeros for biases) from a CPU generator: identical on every machine."""
-    generator = torch.Generator().manual_seed(seed)
-    std = getattr(config, "initializer_range", 0.02)
-    tensors = {}
-    for name, param in sorted(layer.named_parameters()):
-        if param.ndim >= 2:
-            tensors[name] = torch.randn(param.shape, generator=generator) * std
-        elif name.endswith("bias"):
-            tensors[name] = torch.zeros(param.shape)
-        else:
-            tensors[name] = torch.ones(param.shape)
-    return tensors
+#: How the frozen layer's tensors are made, per ``llm.mode`` (the ablation's arms): the
+#: pre-trained tensors; the same tensors with their elements permuted within each tensor (same
+#: statistics, no learnt structure); fresh draws matched to each pre-trained tensor's mean and
+#: standard deviation (norm gains too); or no layer at all between the two trainable projections.
+LAYER_MODES = ("pretrained", "shuffled", "random", "bridge_only")
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}|{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") & (2**63 - 1))
+
+
+def shuffled_tensors(tensors: Mapping[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Each tensor's elements permuted (seeded per tensor name): identical statistics and value
+    histogram, none of the learnt arrangement."""
+    out = {}
+    for name, tensor in sorted(tensors.items()):
+        flat = tensor.reshape(-1)
+        order = torch.randperm(flat.numel(), generator=_generator(seed, name))
+        out[name] = flat[order].reshape(tensor.shape).clone()
+    return out
+
+
+def matched_random_tensors(tensors: Mapping[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Fresh normal draws with each tensor's own mean and standard deviation (seeded per tensor
+    name), in its dtype: the pre-trained layer's per-tensor statistics, nothing else of it."""
+    out = {}
+    for name, tensor in sorted(tensors.items()):
+        values = tensor.float()
+        mean, std = values.mean(), values.std() if values.numel() > 1 else torch.tensor(0.0)
+        draw = torch.randn(tensor.shape, generator=_generator(seed, name)) * std + mean
+        out[name] = draw.to(tensor.dtype)
+    return out
 
 
 def load_llm_layer(
@@ -137,20 +156,28 @@ def load_llm_layer(
     device: str | torch.device = "cpu",
     storage_options: Mapping[str, Any] | None = None,
 ) -> LoadedLLMLayer:
-    """Load (mode ``pretrained``) or seed-initialise (mode ``random``) one decoder layer of
-    ``source``, frozen: ``requires_grad=False``, eval mode, bidirectional attention."""
-    if mode not in ("pretrained", "random"):
-        raise ValueError(f"mode must be 'pretrained' or 'random'; got {mode!r}")
+    """One decoder layer of ``source`` made per ``mode`` (:data:`LAYER_MODES`), frozen:
+    ``requires_grad=False``, eval mode, bidirectional attention. ``bridge_only`` loads no layer
+    (only its sizes: the bridge's projections keep the same shapes and parameter count)."""
+    if mode not in LAYER_MODES:
+        raise ValueError(f"mode must be one of {list(LAYER_MODES)}; got {mode!r}")
     cache_dir = Path(cache_dir)
     files = resolve_source(source, cache_dir, storage_options)
     config = read_hf_config(files)
     index = resolve_layer_index(layer_index, config.num_hidden_layers)
+    if mode == "bridge_only":
+        reference = LLMReference(
+            mode=mode, source=source, layer_index=index, model_type=config.model_type,
+            num_hidden_layers=config.num_hidden_layers, hidden_size=config.hidden_size, sha256="none",
+        )  # fmt: skip
+        return LoadedLLMLayer(layer=None, config=config, dims=LLMDims.from_hf_config(config), reference=reference)
     with torch.device("meta"):
         layer = decoder_layer_class(config.model_type)(config, layer_idx=index)
-    if mode == "pretrained":
-        tensors = read_layer_tensors(files, index)
-    else:
-        tensors = random_layer_tensors(layer, config, random_seed)
+    tensors = read_layer_tensors(files, index)
+    if mode == "shuffled":
+        tensors = shuffled_tensors(tensors, random_seed)
+    elif mode == "random":
+        tensors = matched_random_tensors(tensors, random_seed)
     expected = set(layer.state_dict())
     if set(tensors) != expected:
         raise KeyError(
@@ -171,7 +198,7 @@ def load_llm_layer(
         num_hidden_layers=config.num_hidden_layers,
         hidden_size=config.hidden_size,
         sha256=sha256,
-        random_seed=random_seed if mode == "random" else None,
+        random_seed=random_seed if mode in ("shuffled", "random") else None,
     )
     logger.info(
         "LLM layer %d/%d of %s (%s, %s) loaded frozen in %s, sha256 %s",

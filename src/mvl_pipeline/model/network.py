@@ -34,6 +34,7 @@ from .blocks import (
 )
 from .config import LORA_LAYER_TARGETS, LORA_PROJECTION_TARGETS, MedVisionLlamaConfig
 from .decoder import FusionDecoder, default_conv_act, default_conv_norm
+from .init import init_parameters
 from .llm_layer import LLMDims, LLMReference, LoadedLLMLayer, load_llm_layer
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,10 @@ class MedVisionLlama(nn.Module):
                 self._init_weights(module)
         if self.llm is not None and cfg.llm.lora.enabled:
             self._add_lora()
+        if self.llm is not None and self.llm.layer is None:
+            inside = [t for t in cfg.llm.lora.targets if t in LORA_LAYER_TARGETS] if cfg.llm.lora.enabled else []
+            if inside:
+                raise ValueError(f"llm.mode bridge_only has no layer for LoRA targets {inside}")
         self._taps_deepest_first = sorted(cfg.decoder.taps, reverse=True)
 
     @staticmethod
@@ -106,7 +111,7 @@ class MedVisionLlama(nn.Module):
     def _add_lora(self) -> None:
         lora = self.cfg.llm.lora
         inside = [t for t in lora.targets if t in LORA_LAYER_TARGETS]
-        wrapped = apply_lora(self.llm.layer, inside, lora.rank, lora.alpha)
+        wrapped = apply_lora(self.llm.layer, inside, lora.rank, lora.alpha) if self.llm.layer is not None else []
         for target in (t for t in lora.targets if t in LORA_PROJECTION_TARGETS):
             setattr(self.llm, target, LoRALinear(getattr(self.llm, target), lora.rank, lora.alpha))
             wrapped.append(target)
@@ -195,16 +200,19 @@ def build_model(
     device: str | torch.device = "cpu",
     llm_cache_dir: str | Path,
     storage_options: dict[str, Any] | None = None,
+    seed: int = 0,
 ) -> MedVisionLlama:
     """The model of ``cfg`` on ``device``, its LLM layer loaded per ``cfg.llm.mode`` and frozen.
 
     ``llm_cache_dir`` holds converted GGUF checkpoints and hub downloads; ``storage_options``
-    go to fsspec for an ``s3://`` source (endpoint, credentials from conf/local).
+    go to fsspec for an ``s3://`` source (endpoint, credentials from conf/local). ``seed`` fixes
+    the initial weights, tensor by tensor (``model/init.py``: the same for every variant).
     """
     device = torch.device(device)
     if cfg.preset == "cnn":
         from .cnn import CNNSegmenter
 
+        torch.manual_seed(seed)  # MONAI's own initialisation, seeded
         model: nn.Module = CNNSegmenter(cfg).to(device)
         if cfg.compile:
             model.compile()
@@ -221,7 +229,9 @@ def build_model(
             device=device,
             storage_options=storage_options,
         )
-    model = MedVisionLlama(cfg, llm).to(device)
+    model = MedVisionLlama(cfg, llm)
+    init_parameters(model, seed)
+    model = model.to(device)
     if cfg.compile:
         model.compile()
     return model

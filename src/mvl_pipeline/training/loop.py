@@ -137,7 +137,7 @@ def run_training(config: Mapping[str, Any], session: Session) -> dict[str, Any]:
         state = json.loads((Path(restored) / STATE_FILE).read_text(encoding="utf-8"))
         state.setdefault("resumed_after_epochs", []).append(int(state["epoch"]))
     else:
-        model = build_model(model_cfg, device="cpu", llm_cache_dir=config["llm_cache_dir"])
+        model = build_model(model_cfg, device="cpu", llm_cache_dir=config["llm_cache_dir"], seed=loop.seed)
         state = {"epoch": -1, "history": [], "best_val_dice": -1.0, "global_step": 0, "resumed_after_epochs": []}
     model = session.prepare_model(model.to(device))
     optimizer = configure_optimizers(_unwrap(model), lr=loop.lr, weight_decay=loop.weight_decay, betas=loop.betas)

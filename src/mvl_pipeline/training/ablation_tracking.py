@@ -1,0 +1,127 @@
+"""MLflow for the ablation: the pipeline's kedro-mlflow run is the parent, each trial a child run.
+
+A trial opens its child (``mlflow.parentRunId`` = the parent) when it starts training, tagged
+with the arm, the seed, the data version, the plan id and the git commit; the training loop
+streams its epoch metrics (``fit.*``) into it and the trial logs its test metrics at the end. A
+trial that finished in an earlier, interrupted invocation of the ablation is not trained again:
+the new parent gets a child carrying that trial's stored metrics, tagged ``resumed_from_run``
+with the run that did the work, so every parent run holds the whole grid. A child left RUNNING
+by a killed trial is marked KILLED when its trial starts again. Tags and metrics hold arm names,
+seeds, hashes and figures only: no case or patient identifier (no PHI) reaches MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mvl_pipeline.evaluation.gate import per_case
+
+logger = logging.getLogger(__name__)
+
+CHILD_MARKER = "mlflow_child.json"
+RESUMED_TAG = "resumed_from_run"
+
+
+def _client(target: Mapping[str, str]) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=target["tracking_uri"])
+
+
+def trial_metrics(rows: Sequence[Mapping[str, Any]], class_names: Mapping[int, str]) -> dict[str, float]:
+    """A trial's test figures: each endpoint over the classes present, averaged per patient then
+    over patients (``test.dice`` ...), and the plain mean per class (``test.<class>.dice``)."""
+    cases = list(per_case(rows).values())
+    metrics: dict[str, float] = {}
+    for metric in ("dice", "hd95_mm", "nsd"):
+        by_patient: dict[str, list[float]] = {}
+        for case in cases:
+            if case[metric] is not None:
+                by_patient.setdefault(case["patient_id"], []).append(case[metric])
+        if by_patient:
+            metrics[f"test.{metric}"] = float(np.mean([np.mean(v) for v in by_patient.values()]))
+        for value, name in class_names.items():
+            values = [float(r[metric]) for r in rows if int(r["class_value"]) == int(value) and r.get(metric) is not None]
+            if values:
+                metrics[f"test.{name}.{metric}"] = float(np.mean(values))
+    return metrics
+
+
+def _close_stale_child(client: Any, marker: Path) -> None:
+    """Mark the child of a trial killed mid-run (its marker left behind) as KILLED."""
+    try:
+        stale = json.loads(marker.read_text(encoding="utf-8"))["run_id"]
+        if client.get_run(stale).info.status == "RUNNING":
+            client.set_terminated(stale, status="KILLED")
+            logger.info("MLflow run %s of an interrupted trial marked KILLED", stale)
+    except Exception as exc:  # noqa: BLE001 - bookkeeping must never stop a trial
+        logger.warning("could not close the MLflow run of an interrupted trial: %s", type(exc).__name__)
+
+
+def start_child(parent: Mapping[str, str] | None, tags: Mapping[str, Any], marker_dir: str | None) -> str | None:
+    """Open the trial's child run under ``parent``; its id (None without a parent run)."""
+    if not parent:
+        return None
+    client = _client(parent)
+    marker = Path(marker_dir) / CHILD_MARKER if marker_dir and "://" not in marker_dir else None
+    if marker is not None and marker.is_file():
+        _close_stale_child(client, marker)
+    experiment = client.get_run(parent["run_id"]).info.experiment_id
+    run_tags = {str(k): str(v) for k, v in tags.items()}
+    run_tags |= {"mlflow.parentRunId": parent["run_id"], "mlflow.runName": f"{tags['arm']}-seed{tags['seed']}"}
+    run = client.create_run(experiment, tags=run_tags)
+    if marker is not None:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"run_id": run.info.run_id}), encoding="utf-8")
+    return run.info.run_id
+
+
+def _log(client: Any, run_id: str, metrics: Mapping[str, float], history: Sequence[Mapping[str, Any]]) -> None:
+    from mlflow.entities import Metric
+
+    stamp = int(time.time() * 1000)
+    batch = [Metric(k, float(v), stamp, 0) for k, v in metrics.items()]
+    for entry in history:
+        step = int(entry.get("epoch", 0))
+        batch += [Metric(f"fit.{k}", float(v), stamp, step) for k, v in entry.items()
+                  if k != "epoch" and isinstance(v, int | float) and np.isfinite(v)]  # fmt: skip
+    for start in range(0, len(batch), 900):  # MLflow takes at most 1000 metrics per batch
+        client.log_batch(run_id, metrics=batch[start : start + 900])
+
+
+def finish_child(parent: Mapping[str, str] | None, run_id: str | None, metrics: Mapping[str, float]) -> None:
+    """Log the trial's final figures and close its child run (FINISHED)."""
+    if not parent or not run_id:
+        return
+    client = _client(parent)
+    _log(client, run_id, metrics, [])
+    client.set_terminated(run_id, status="FINISHED")
+
+
+def adopt_earlier_trials(parent: Mapping[str, str] | None, trials: Sequence[Mapping[str, Any]], tags: Mapping[str, Any]) -> int:
+    """Give ``parent`` a child for each trial that a previous invocation ran (its stored test
+    metrics and epoch history), tagged ``resumed_from_run``; returns how many were added."""
+    if not parent:
+        return 0
+    client = _client(parent)
+    experiment = client.get_run(parent["run_id"]).info.experiment_id
+    added = 0
+    for trial in trials:
+        if trial.get("parent_run_id") == parent["run_id"]:
+            continue
+        run_tags = {str(k): str(v) for k, v in tags.items()} | {
+            "arm": trial["arm"], "seed": str(trial["seed"]), RESUMED_TAG: str(trial.get("child_run_id")),
+            "mlflow.parentRunId": parent["run_id"], "mlflow.runName": f"{trial['arm']}-seed{trial['seed']}",
+        }  # fmt: skip
+        run = client.create_run(experiment, tags=run_tags)
+        _log(client, run.info.run_id, trial["test_metrics"], trial["history"])
+        client.set_terminated(run.info.run_id, status="FINISHED")
+        added += 1
+    return added

@@ -1,0 +1,247 @@
+"""The ablation driver: a Ray Tune ``Tuner`` over Ray Train runs, grid arm x seed
+(``training.ablation_trial`` is one trial). The ``ablation`` pipeline's node is a thin wrapper
+around :func:`run_ablation`.
+
+Where things go (``ablation.storage_path``, local or a URL Ray can write):
+
+    <storage>/<name>/trials/<arm>-seed<seed>-<arm digest>/   Ray Train run + ablation_trial.json
+    <storage>/<name>/tune-<grid digest>/                    the Tune experiment (its state)
+
+``<name>`` (``ablation.name: auto``) is a hash of what makes results comparable: the data version,
+the plan, the train/validation split, the shared model block, the loop budget and the workers.
+Running the same ablation again finds its Tune experiment and RESTORES it
+(``Tuner.restore(resume_unfinished=True, resume_errored=True)``): finished trials are kept,
+unfinished and errored trials run again, and each of those resumes its Ray Train run from its
+last checkpoint. A trial whose result file exists is never trained again, even in a new Tune
+experiment (another grid over the same runs: an extra seed or arm reuses the others).
+
+A local Ray runs one trial at a time (the trial takes every core); on a cluster (``RAY_ADDRESS``)
+up to ``ablation.max_concurrent_trials`` run at once. A trial reserves no CPU itself (its Ray
+Train workers and its scoring task hold the resources), only 64 MiB of memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, replace
+from typing import Any
+
+from mvl_pipeline.core.hashing import json_digest, set_digest
+from mvl_pipeline.evaluation.ablation import json_safe
+from mvl_pipeline.evaluation.leakage import LeakageError
+from mvl_pipeline.evaluation.scoring import EvaluateConfig, cases_in
+from mvl_pipeline.model import MedVisionLlamaConfig, build_model
+from mvl_pipeline.model.presets import apply_preset
+from mvl_pipeline.preprocessing.plan import plan_classes
+from mvl_pipeline.training import ablation_tracking
+from mvl_pipeline.training.ablation_config import AblationConfig
+from mvl_pipeline.training.ablation_trial import (
+    TrialContext,
+    join_url,
+    read_result,
+    run_trial,
+    trial_dir,
+)
+from mvl_pipeline.training.config import FitConfig
+from mvl_pipeline.training.ray_driver import absolute, connect_ray, mlflow_target, size_workers
+
+logger = logging.getLogger(__name__)
+
+TRIAL_RESOURCES = {"cpu": 0, "memory": 64 * 1024**2}
+
+
+def _merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def trial_plan(plan: Mapping[str, Any], config: AblationConfig) -> dict[str, Any]:
+    """The plan every trial trains and scores under: the preprocessing plan, with the training
+    crop (and sliding-window size) set by ``ablation.crop_size`` when given."""
+    plan = copy.deepcopy(dict(plan))
+    if config.crop_size is not None:
+        plan["patch_size"] = [int(v) for v in config.crop_size]
+    return plan
+
+
+def arm_models(model_params: Mapping[str, Any], config: AblationConfig, plan: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each arm's complete model configuration: ``params:model`` with the arm's changes, its preset
+    applied, completed from the plan. Everything not named in ``ablation.arm_models`` is shared."""
+    models = {}
+    for arm in config.arms:
+        params = apply_preset(_merge(model_params, config.arm_models[arm]))
+        models[arm] = MedVisionLlamaConfig.from_params(params).for_plan(plan).to_dict()
+    return models
+
+
+def experiment_name(identity: Mapping[str, Any], config: AblationConfig) -> str:
+    if config.name != "auto":
+        return config.name
+    return f"ablation-{identity['data_version']}-{json_digest(identity, length=10)}"
+
+
+def run_names(models: Mapping[str, Mapping[str, Any]], config: AblationConfig) -> dict[str, dict[int, str]]:
+    """Ray Train run name per (arm, seed): the arm, the seed and a hash of the arm's model."""
+    return {arm: {seed: f"{arm}-seed{seed}-{json_digest(models[arm], length=6)}" for seed in config.seeds} for arm in config.arms}
+
+
+def check_disjoint(development_split: Mapping[str, Any], test_split: Mapping[str, Any]) -> None:
+    """The test patients were never training or validation patients."""
+    development = {p for role in ("train", "validation") for p in development_split.get("patients", {}).get(role, [])}
+    shared = development & set(test_split.get("patients", {}).get("test", []))
+    if shared:
+        raise LeakageError(f"{len(shared)} test patient(s) are also development patients: the split is broken")
+
+
+def build_context(
+    *,
+    model_input_cases: Mapping[str, Callable[[], Any]],
+    ingested_cases: Mapping[str, Callable[[], Any]],
+    development_split: Mapping[str, Any],
+    test_split: Mapping[str, Any],
+    preprocessing_plan: Mapping[str, Any],
+    data_version: str,
+    lineage: Mapping[str, Any],
+    model_params: Mapping[str, Any],
+    fit_cfg: FitConfig,
+    evaluate_cfg: EvaluateConfig,
+    config: AblationConfig,
+) -> tuple[TrialContext, str]:
+    """Everything the trials share, and the experiment folder (``<storage>/<name>``)."""
+    check_disjoint(development_split, test_split)
+    plan = trial_plan(preprocessing_plan, config)
+    train_ids = sorted(c for c in development_split["train"] if c in model_input_cases)
+    val_ids = sorted(c for c in development_split["validation"] if c in model_input_cases)
+    if len(train_ids) < fit_cfg.scaling.num_workers or not val_ids:
+        raise ValueError(f"{len(train_ids)} training / {len(val_ids)} validation cases: too few for the ablation")
+    test_cases = cases_in(ingested_cases, test_split, "test")
+    models = arm_models(model_params, config, plan)
+    loop = fit_cfg.loop.to_dict() | asdict(config.trial)
+    loop.pop("inject_failure", None)
+    identity = {
+        "data_version": data_version,
+        "plan": json_digest(plan, exclude=("provenance",)),
+        "split": set_digest([*train_ids, *("v:" + c for c in val_ids)]),
+        "model": json_digest(dict(model_params)),
+        "loop": {k: v for k, v in loop.items() if k != "seed"},
+        "workers": [fit_cfg.scaling.num_workers, fit_cfg.scaling.use_gpu],
+    }
+    experiment = join_url(absolute(config.storage_path), experiment_name(identity, config))
+    classes = plan_classes(plan)
+    context = TrialContext(
+        trials_dir=join_url(experiment, "trials"),
+        run_names=run_names(models, config),
+        model_configs=models,
+        loop=loop,
+        plan=plan,
+        class_names=classes,
+        train_ids=train_ids,
+        val_ids=val_ids,
+        loaders={c: model_input_cases[c] for c in [*train_ids, *val_ids]},
+        test_cases=test_cases,
+        llm_cache_dir=absolute(fit_cfg.llm_cache_dir),
+        scaling=asdict(fit_cfg.scaling),
+        max_failures=fit_cfg.max_failures,
+        num_to_keep=fit_cfg.num_to_keep,
+        evaluate=evaluate_cfg.to_dict(),
+        scoring_id=json_digest([set_digest(c for c, _ in test_cases), evaluate_cfg.to_dict(), classes]),
+        mlflow=mlflow_target(),
+        score_in_trial=not os.environ.get("RAY_ADDRESS"),
+        tags={
+            "data_version": data_version,
+            "plan_id": str(preprocessing_plan.get("plan_id")),
+            "git_commit": str(lineage.get("git_commit")),
+            "git_dirty": str(lineage.get("git_dirty")),
+            "ablation": experiment_name(identity, config),
+        },
+    )
+    return context, experiment
+
+
+def _tuner(context: TrialContext, experiment: str, config: AblationConfig, *, local: bool) -> Any:
+    """A new Tuner over the grid, or the one of an earlier run of the same grid, restored."""
+    from ray import tune
+
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), TRIAL_RESOURCES)
+    grid = sorted(context.run_names[a][s] for a in config.arms for s in config.seeds)
+    name = f"tune-{json_digest(grid, length=10)}"
+    path = join_url(experiment, name)
+    if tune.Tuner.can_restore(path):
+        logger.info("ablation: restoring the Tune experiment %s (unfinished and errored trials run again)", name)
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    concurrent = 1 if local else config.max_concurrent_trials
+    return tune.Tuner(
+        trainable,
+        # seeds outer, arms inner: an interrupted grid has whole seeds of every arm done first
+        param_space={"arm": tune.grid_search(list(config.arms)), "seed": tune.grid_search(list(config.seeds))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
+        run_config=tune.RunConfig(name=name, storage_path=experiment, verbose=1),
+    )
+
+
+def run_ablation(context: TrialContext, experiment: str, fit_cfg: FitConfig, config: AblationConfig) -> list[dict[str, Any]]:
+    """Run (or resume) the grid; return every trial's stored result, in grid order (seed, arm)."""
+    import ray
+
+    started_at = time.time()
+    for arm, model in context.model_configs.items():
+        # build each arm once before Ray starts: a configuration error fails here, and the frozen
+        # LLM layer is converted into the cache once instead of by every trial
+        build_model(MedVisionLlamaConfig.from_params(model), device="cpu", llm_cache_dir=context.llm_cache_dir)
+        logger.info("ablation arm %s: model built", arm)
+    started = connect_ray(fit_cfg)
+    local = not os.environ.get("RAY_ADDRESS")
+    try:
+        sized = size_workers(fit_cfg, ray.cluster_resources(), local=local)
+        context = replace(context, scaling=asdict(sized.scaling))
+        total = len(config.arms) * len(config.seeds)
+        logger.info(
+            "ablation %s: %d arms x %d seeds = %d trials, %d at a time, %d worker(s) x %d CPU each, %d test cases",
+            experiment, len(config.arms), len(config.seeds), total, 1 if local else config.max_concurrent_trials,
+            sized.scaling.num_workers, sized.scaling.cpus_per_worker, len(context.test_cases),
+        )  # fmt: skip
+        grid = _tuner(context, experiment, config, local=local).fit()
+        failed = [f"{r.config.get('arm')}/seed {r.config.get('seed')}: {type(r.error).__name__}: {r.error}" for r in grid if r.error]
+        if failed:
+            raise RuntimeError("ablation trials failed (run the ablation again to resume them):\n" + "\n".join(failed))
+    finally:
+        if started:
+            ray.shutdown()
+    trials = []
+    for seed in config.seeds:
+        for arm in config.arms:
+            document = read_result(trial_dir(context, arm, seed))
+            if document is None or document.get("scoring_id") != context.scoring_id:
+                raise RuntimeError(f"ablation trial {arm}/seed {seed} left no result in {trial_dir(context, arm, seed)}")
+            trials.append(document)
+    ablation_tracking.adopt_earlier_trials(context.mlflow, trials, context.tags)
+    earlier = sum(float(t.get("finished_unix", 0.0)) < started_at for t in trials)
+    logger.info("ablation: %d trials, %d of them finished by an earlier run of the ablation", len(trials), earlier)
+    return trials
+
+
+def results_rows(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (arm, seed, case, class): the trial's test rows with its arm and seed."""
+    return [{"arm": t["arm"], "seed": int(t["seed"]), "run_name": t["run_name"], **row} for t in trials for row in t["rows"]]
+
+
+def histories(trials: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{arm: {seed: {"history", "best_epoch", "best_val_dice", "test_metrics"}}}`` (no case ids)."""
+    out: dict[str, Any] = {}
+    for t in trials:
+        out.setdefault(t["arm"], {})[str(t["seed"])] = {
+            "history": t["history"], "best_epoch": t["best_epoch"], "best_val_dice": t["best_val_dice"],
+            "test_metrics": t["test_metrics"], "run_name": t["run_name"], "wall_s": t.get("wall_s"),
+            "train_wall_s": t.get("train_wall_s"), "score_wall_s": t.get("score_wall_s"),
+            "resumed_after_epochs": t.get("resumed_after_epochs", []),
+        }  # fmt: skip
+    return json_safe(out)

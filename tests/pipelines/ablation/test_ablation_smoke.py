@@ -1,0 +1,246 @@
+"""The CI smoke grid of the ablation, as a user runs it: `kedro run --pipelines ablation` on a copy
+of the project (2 arms x 2 seeds, a few steps, 16 Hippocampus cases from ../shared), with Ray
+Tune, a REAL interruption (SIGKILL of the run's process group once the first trial has stored
+its result), a resume that runs only the unfinished trials (counted: MLflow child runs that
+trained vs. adopted), MLflow nesting and tags, the per-case results table (a new version per run,
+none overwritten) and the report files. Minutes: marked slow (CI runs it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+CASES = 16
+ARMS, SEEDS = ["pretrained", "none"], [0, 1]
+ENV = "smoke"
+DATA = "data/smoke"
+
+
+def _task_subset(task: Path, target: Path, n: int) -> Path:
+    spec = json.loads((task / "dataset.json").read_text())
+    spec["training"] = spec["training"][:n]
+    spec["numTraining"] = n
+    for entry in spec["training"]:
+        for key in ("image", "label"):
+            relative = entry[key].lstrip("./")
+            (target / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(task / relative, target / relative)
+    (target / "dataset.json").write_text(json.dumps(spec))
+    return target
+
+
+def _write_env(root: Path, drop: Path, llm_cache_dir: str) -> None:
+    conf = root / "conf" / ENV
+    conf.mkdir(parents=True)
+    (conf / "globals.yml").write_text(yaml.safe_dump({"data_root": DATA, "drop_url": str(drop), "llm_cache_dir": llm_cache_dir}))
+    parameters = {
+        "ingest": {"labels": None, "workers": 1, "progress": False},
+        "preprocess": {"split": {"ratios": {"train": 0.45, "validation": 0.2, "gate": 0.0, "test": 0.35}}},
+        "model": {"embed_dim": 48, "depth": 2, "num_heads": 2, "patch_size": [8, 8, 8], "token_budget": 32,
+                  "decoder": {"taps": [1], "channels": [16, 8, 8], "stem_channels": 4}},
+        "fit": {"scaling": {"num_workers": 1}},
+        "ablation": {"arms": ARMS, "seeds": SEEDS, "trial": {"epochs": 2, "steps_per_epoch": 3, "val_every": 1},
+                     "statistics": {"n_resamples": 1000}},
+    }  # fmt: skip
+    (conf / "parameters.yml").write_text(yaml.safe_dump(parameters))
+
+
+def _kedro(pipelines: str) -> list[str]:
+    return [str(BIN / "kedro"), "run", "--pipelines", pipelines, "--env", ENV]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "RAY_AUTH_MODE": "disabled",
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
+
+
+def _run(root: Path, pipelines: str, log: Path) -> str:
+    with log.open("w") as out:
+        done = subprocess.run(_kedro(pipelines), cwd=root, env=_env(), stdout=out, stderr=subprocess.STDOUT,
+                              timeout=600, check=False)  # fmt: skip
+    text = log.read_text(errors="replace")
+    assert done.returncode == 0, f"kedro run --pipelines {pipelines} failed:\n{text[-6000:]}"
+    return text
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _results(root: Path) -> list[Path]:
+    return sorted((root / DATA / "06_models" / "ablation").glob("*/trials/*/ablation_trial.json"))
+
+
+def _children(root: Path, parent: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_run(parent).info.experiment_id
+    return client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+
+
+@pytest.fixture(scope="module")
+def smoke(project_copy, shared_data, llm_cache_dir, tmp_path_factory):
+    root = project_copy("ablation-smoke")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "smoke"],
+                   cwd=root, check=True)  # fmt: skip
+    drop = _task_subset(shared_data / "msd" / "Task04_Hippocampus", tmp_path_factory.mktemp("drop"), CASES)
+    _write_env(root, drop, llm_cache_dir)
+    logs = root.parent
+    timings = {}
+    started = time.monotonic()
+    _run(root, "ingest,preprocess", logs / "prepare.log")
+    timings["prepare"] = time.monotonic() - started
+
+    # 1. start the ablation and kill its whole process group once the first trial is stored
+    started = time.monotonic()
+    with (logs / "killed.log").open("w") as out:
+        process = subprocess.Popen(_kedro("ablation"), cwd=root, env=_env(), stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # fmt: skip
+        try:
+            while not _results(root):
+                if process.poll() is not None or time.monotonic() - started > 600:
+                    pytest.fail("the ablation ended or hung before its first trial finished:\n"
+                                + (logs / "killed.log").read_text(errors="replace")[-6000:])  # fmt: skip
+                time.sleep(0.2)
+        finally:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    deadline = time.monotonic() + 30
+    while _group_alive(process.pid):  # Ray's processes went down with the run (same group)
+        assert time.monotonic() < deadline, "processes of the killed run are still alive"
+        time.sleep(0.5)
+    timings["killed_run"] = time.monotonic() - started
+    first = _results(root)
+    assert len(first) == 1, first
+    first_bytes = first[0].read_bytes()
+    time.sleep(2)
+
+    # 2. run it again: the Tuner is restored, the finished trial is kept, the others run
+    started = time.monotonic()
+    resumed_log = _run(root, "ablation", logs / "resumed.log")
+    timings["resumed_run"] = time.monotonic() - started
+    resumed_results = sorted((root / DATA / "08_reporting/ablation/results.csv").glob("*/results.csv"))
+
+    # 3. and again, finished: nothing trains, a new version of the results is written beside
+    started = time.monotonic()
+    _run(root, "ablation", logs / "again.log")
+    timings["finished_run"] = time.monotonic() - started
+    return {"root": root, "first": first[0], "first_bytes": first_bytes, "resumed_log": resumed_log,
+            "resumed_results": resumed_results, "timings": timings}  # fmt: skip
+
+
+def _ablation_parents(root: Path) -> list:
+    """The kedro-mlflow runs of `kedro run --pipelines ablation`, oldest first (parents of trials)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], order_by=["attributes.start_time ASC"])
+    return [r for r in runs if "mlflow.parentRunId" not in r.data.tags and any(k.startswith("ablation.") for k in r.data.params)]
+
+
+def test_an_interrupted_ablation_resumes_only_its_unfinished_trials(smoke):
+    root = smoke["root"]
+    assert "restoring the Tune experiment" in smoke["resumed_log"]
+    assert len(list((root / DATA / "06_models" / "ablation").glob("*/tune-*"))) == 1  # restored, not a new one
+    assert smoke["first"].read_bytes() == smoke["first_bytes"]  # the finished trial was not redone
+    assert len(_results(root)) == len(ARMS) * len(SEEDS)
+    parents = _ablation_parents(root)
+    assert len(parents) == 3, [p.info.run_id for p in parents]  # killed, resumed, finished
+    killed, resumed, finished = parents
+    trained = lambda runs: sorted((r.data.tags["arm"], r.data.tags["seed"]) for r in runs if "resumed_from_run" not in r.data.tags)  # noqa: E731
+    adopted = lambda runs: sorted((r.data.tags["arm"], r.data.tags["seed"]) for r in runs if "resumed_from_run" in r.data.tags)  # noqa: E731
+    stored = json.loads(smoke["first"].read_text())
+    first_trial = (stored["arm"], str(stored["seed"]))
+    # the killed run trained the first trial (and had started the second when it died)
+    assert first_trial in trained(_children(root, killed.info.run_id))
+    # the resumed run trained exactly the three unfinished trials and adopted the finished one
+    resumed_children = _children(root, resumed.info.run_id)
+    assert len(trained(resumed_children)) == len(ARMS) * len(SEEDS) - 1
+    assert first_trial not in trained(resumed_children) and adopted(resumed_children) == [first_trial]
+    # a finished ablation run again trains nothing
+    finished_children = _children(root, finished.info.run_id)
+    assert trained(finished_children) == [] and len(adopted(finished_children)) == len(ARMS) * len(SEEDS)
+    # the child of the trial killed mid-run is closed, not left RUNNING
+    statuses = {r.info.status for r in _children(root, killed.info.run_id)}
+    assert "RUNNING" not in statuses, statuses
+
+
+def test_trials_are_child_runs_with_their_tags_and_metrics(smoke):
+    root = smoke["root"]
+    resumed = _ablation_parents(root)[1]
+    children = _children(root, resumed.info.run_id)
+    assert sorted((r.data.tags["arm"], int(r.data.tags["seed"])) for r in children) == sorted((a, s) for a in ARMS for s in SEEDS)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    plan = json.loads((root / DATA / "04_feature/preprocessing_plan.json").read_text())
+    for run in children:
+        tags = run.data.tags
+        assert tags["mlflow.parentRunId"] == resumed.info.run_id
+        assert tags["git_commit"] == commit and tags["plan_id"] == plan["plan_id"]
+        assert len(tags["data_version"]) == 12 and tags["ablation"].startswith(f"ablation-{tags['data_version']}-")
+        assert run.info.status == "FINISHED"
+        assert {"test.dice", "test.hd95_mm", "test.nsd", "best_val_dice"} <= set(run.data.metrics)
+        if "resumed_from_run" not in tags:
+            assert "fit.train_loss" in run.data.metrics  # streamed by the training loop
+        assert not any("case" in key or "pt-" in value for key, value in tags.items())  # no PHI / ids
+
+
+def test_the_results_table_has_one_row_per_arm_seed_case_class_and_no_run_overwrites_another(smoke):
+    root = smoke["root"]
+    versions = sorted((root / DATA / "08_reporting/ablation/results.csv").glob("*/results.csv"))
+    assert len(smoke["resumed_results"]) == 1 and len(versions) == 2  # the resumed run's, then the last run's
+    assert smoke["resumed_results"][0] in versions
+    test_split = json.loads((root / DATA / "03_primary/split_test.json").read_text())
+    first, second = (pd.read_csv(v) for v in versions)
+    assert len(first) == len(ARMS) * len(SEEDS) * len(test_split["test"]) * 2  # 2 foreground classes
+    assert {"arm", "seed", "case_id", "patient_id", "class_name", "dice", "hd95_mm", "nsd"} <= set(first.columns)
+    assert not first.duplicated(["arm", "seed", "case_id", "class_value"]).any()
+    assert set(first["case_id"]) == set(test_split["test"])
+    pd.testing.assert_frame_equal(first, second)  # the same finished trials, read back, both kept
+
+
+def test_the_report_summary_and_plots_are_written_and_logged_to_the_parent_run(smoke):
+    from mlflow.tracking import MlflowClient
+
+    root = smoke["root"]
+    folder = root / DATA / "08_reporting/ablation"
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["design"]["arms"] == ARMS and summary["design"]["reference"] == "pretrained"
+    assert set(summary["comparisons"]) == {"dice", "hd95_mm", "nsd"} and set(summary["comparisons"]["dice"]) == {"none"}
+    assert summary["comparisons"]["dice"]["none"]["verdict"] in ("better", "worse", "no detectable difference", "inconclusive")
+    report = (folder / "report.md").read_text()
+    assert "## Conclusion" in report and "`none`" in report and "Holm" in report
+    for png in ("forest.png", "learning_curves.png"):
+        assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    parent = _ablation_parents(root)[-1]
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"forest.png", "learning_curves.png", "report.md", "summary.json"} <= artifacts
+    metrics = client.get_run(parent.info.run_id).data.metrics
+    assert {"ablation_metrics.none.dice.mean_difference", "ablation_metrics.pretrained.dice"} <= set(metrics)
+    # the README section comes out of this summary (the command on a copy of the README)
+    readme = folder / "README.copy.md"
+    readme.write_text("# t\n\n<!-- ablation:begin -->\nold\n<!-- ablation:end -->\n")
+    subprocess.run([sys.executable, "-m", "mvl_pipeline.commands.ablation_readme", str(folder / "summary.json"), str(readme)],
+                   cwd=root, check=True, capture_output=True)  # fmt: skip
+    assert "old" not in readme.read_text() and "`none`" in readme.read_text()
+

@@ -1,0 +1,107 @@
+"""The ablation driver's pure parts: what each arm changes in the model (and nothing else), the
+names that make a re-run resume the same runs, the crop override, the split guard and the
+``ablation`` block's validation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from mvl_pipeline.evaluation.leakage import LeakageError
+from mvl_pipeline.training import tune_driver
+from mvl_pipeline.training.ablation_config import AblationConfig
+from tests.pipelines.conftest import ROOT
+
+PLAN = {"patch_size": [40, 56, 40], "embed_patch_size": [8, 8, 8], "label_values": [0, 1, 2],
+        "label_names": {"1": "anterior", "2": "posterior"}, "target_spacing": [1.0, 1.0, 1.0], "plan_id": "p1"}  # fmt: skip
+MODEL = yaml.safe_load((ROOT / "conf/base/parameters_model.yml").read_text())["model"]
+
+
+def _without(config: dict, *paths: str) -> dict:
+    config = copy.deepcopy(config)
+    for path in paths:
+        *parents, leaf = path.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        node.pop(leaf)
+    return config
+
+
+def test_each_arm_changes_only_what_its_entry_names():
+    models = tune_driver.arm_models(MODEL, AblationConfig(), PLAN)
+    assert list(models) == ["pretrained", "shuffled", "random", "bridge_only", "none", "cnn"]
+    assert {arm: models[arm]["llm"]["mode"] for arm in models} == {
+        "pretrained": "pretrained", "shuffled": "shuffled", "random": "random", "bridge_only": "bridge_only",
+        "none": "none", "cnn": "none",
+    }  # fmt: skip
+    shared = _without(models["pretrained"], "llm.mode")
+    for arm in ("shuffled", "random", "bridge_only", "none"):
+        assert _without(models[arm], "llm.mode") == shared, arm  # encoder, decoder, crop grid, precision ...
+    assert models["cnn"]["preset"] == "cnn" and models["cnn"]["cnn"]["kernel_sizes"]  # the nnU-Net topology of the plan
+    assert models["pretrained"]["pos_grid"] == [5, 7, 5] and models["pretrained"]["num_classes"] == 3
+
+
+def test_run_names_follow_the_arms_model_so_a_rerun_finds_its_runs():
+    config = AblationConfig()
+    models = tune_driver.arm_models(MODEL, config, PLAN)
+    names = tune_driver.run_names(models, config)
+    assert names == tune_driver.run_names(tune_driver.arm_models(MODEL, config, PLAN), config)
+    assert names["none"][2].startswith("none-seed2-") and len({n for arm in names.values() for n in arm.values()}) == 18
+    changed = AblationConfig(arm_models={**config.arm_models, "random": {"llm": {"mode": "random", "layer_index": -2}}})
+    other = tune_driver.run_names(tune_driver.arm_models(MODEL, changed, PLAN), changed)
+    assert other["random"][0] != names["random"][0] and other["pretrained"] == names["pretrained"]
+    identity = {"data_version": "abc123abc123", "plan": "x"}
+    assert tune_driver.experiment_name(identity, config).startswith("ablation-abc123abc123-")
+    assert tune_driver.experiment_name(identity, config) != tune_driver.experiment_name(identity | {"plan": "y"}, config)
+    assert tune_driver.experiment_name(identity, AblationConfig(name="mine")) == "mine"
+
+
+def test_the_crop_override_changes_the_training_crop_and_the_token_grid():
+    config = AblationConfig(crop_size=(48, 64, 48))
+    plan = tune_driver.trial_plan(PLAN, config)
+    assert plan["patch_size"] == [48, 64, 48] and PLAN["patch_size"] == [40, 56, 40]
+    assert tune_driver.arm_models(MODEL, config, plan)["none"]["pos_grid"] == [6, 8, 6]
+    assert tune_driver.trial_plan(PLAN, AblationConfig()) == PLAN
+    with pytest.raises(ValueError, match="not whole tokens"):
+        tune_driver.arm_models(MODEL, AblationConfig(crop_size=(44, 64, 48)), tune_driver.trial_plan(PLAN, AblationConfig(crop_size=(44, 64, 48))))
+
+
+def test_a_test_patient_among_the_development_patients_is_refused():
+    development = {"patients": {"train": ["pt-a", "pt-b"], "validation": ["pt-c"]}}
+    tune_driver.check_disjoint(development, {"patients": {"test": ["pt-d"]}})
+    with pytest.raises(LeakageError, match="1 test patient"):
+        tune_driver.check_disjoint(development, {"patients": {"test": ["pt-d", "pt-c"]}})
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"arms": ["pretrained"]}, "at least two distinct arms"),
+        ({"arms": ["pretrained", "nope"]}, r"\['nope'\] have no entry in ablation.arm_models"),
+        ({"reference": "cnn", "arms": ["pretrained", "none"]}, "ablation.reference 'cnn' is not one of"),
+        ({"seeds": [1, 1]}, "distinct"),
+        ({"trial": {"epochs": 0}}, "ablation.trial"),
+        ({"crop_size": [1, 2]}, "needs 3 values"),
+        ({"arms": ["pretrained", "a/b"], "arm_models": {"pretrained": {}, "a/b": {}}}, "letters, digits"),
+    ],
+)
+def test_the_ablation_block_refuses_a_grid_it_cannot_run(params, message):
+    with pytest.raises(ValueError, match=message):
+        AblationConfig.from_params(params)
+
+
+def test_a_trial_result_round_trips_locally_and_on_s3(tmp_path, s3_bucket):
+    import numpy as np
+
+    from mvl_pipeline.training.ablation_trial import join_url, read_result, write_result
+
+    document = {"arm": "none", "seed": 1, "rows": [{"dice": np.float32(0.5), "voxels_label": np.int64(7)}]}
+    for directory, options in ((str(tmp_path / "trials" / "none-seed1-abc"), {}),
+                               (f"s3://{s3_bucket['bucket']}/ablation/trials/none-seed1-abc", s3_bucket["credentials"])):  # fmt: skip
+        assert read_result(directory, **options) is None
+        write_result(directory, document, **options)
+        assert read_result(directory, **options) == {"arm": "none", "seed": 1, "rows": [{"dice": 0.5, "voxels_label": 7}]}
+    assert join_url("s3://bucket/a/", "trials", "x") == "s3://bucket/a/trials/x"

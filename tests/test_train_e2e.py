@@ -26,7 +26,7 @@ TINY = {
         "n_slices": [16, 20], "slice_spacing_mm": 10.0, "thin_slice_studies": 0, "non_axial_studies": 1,
     },
     "ingest": {"workers": 1, "progress": False},
-    "preprocess": {"split": {"ratios": {"train": 0.5, "validation": 0.25, "test": 0.25}}},
+    "preprocess": {"split": {"ratios": {"train": 0.5, "validation": 0.2, "gate": 0.15, "test": 0.15}}},
     "model": {
         "embed_dim": 48, "depth": 2, "num_heads": 2, "pos_grid": [4, 4, 2], "token_budget": 32,
         "decoder": {"taps": [1], "channels": [16, 8, 8], "stem_channels": 4},
@@ -35,6 +35,9 @@ TINY = {
         "scaling": {"num_workers": 1, "cpus_per_worker": 2},
         "loop": {"epochs": 2, "steps_per_epoch": 3, "val_every": 1},
     },
+    # a 6-step model is far below any real floor; this test is about the flow, so the first model
+    # is deployed whatever its quality (the floor itself: tests/pipelines/register)
+    "register": {"first_model_floor": 0.0},
 }  # fmt: skip
 
 
@@ -70,6 +73,16 @@ def test_make_train_flow_leaves_a_champion_and_a_report(project):
         assert (reporting / name).stat().st_size > 0, name  # fmt: skip
     registration = json.loads((reporting / "registration.json").read_text())
     assert registration["promoted"] and registration["registered_aliases"] == ["champion"]
+    assert registration["registered_version"] == "1" and registration["n_gate_patients"] >= 1
+    # the split decided first, in the primary layer; each stage's view beside it
+    split = json.loads((project / "data" / "03_primary" / "split.json").read_text())
+    assert all(split["patients"][role] for role in ("train", "validation", "gate", "test"))
+    fingerprint = json.loads((project / "data" / "04_feature" / "dataset_fingerprint.json").read_text())
+    assert sorted(fingerprint["cases"]) == sorted(split["train"] + split["validation"])
+    # the test report of THESE weights is what the registry shows as the champion's performance
+    summary = json.loads((reporting / "evaluation_summary.json").read_text())
+    assert summary["weights_sha256"] == registration["weights_sha256"]
+    assert registration["champion_test_performance"]["organ_dice"] == f"{summary['classes']['organ']['dice']['mean']:.4f}"
     with sqlite3.connect(project / "mlflow.db") as db:
         aliases = db.execute("select name, alias, version from registered_model_aliases").fetchall()
         run_tags = dict(db.execute("select key, value from tags").fetchall())
@@ -79,13 +92,19 @@ def test_make_train_flow_leaves_a_champion_and_a_report(project):
     assert len(history["epochs"]) == 2
 
     # a second `train` with nothing new: ingest and preprocess recompute nothing, fit resumes the
-    # finished run, and the same model is not promoted over itself
+    # finished run, and the same weights register nothing (no duplicate version, one champion)
     again = kedro(project, "run", "--pipelines", "train")
     assert again.returncode == 0, again.stdout[-5000:] + again.stderr[-5000:]
     log = again.stdout + again.stderr
     assert "0 new or changed to process" in log and "0 to compute" in log
     second = json.loads((reporting / "registration.json").read_text())
-    assert not second["promoted"] and second["champion_dice"] == pytest.approx(second["challenger_dice"])
+    assert second["weights_sha256"] == registration["weights_sha256"]
+    assert not second["promoted"] and not second["registered"] and second["already_registered_as"] == "1"
+    assert second["champion_version_now"] == "1"
+    with sqlite3.connect(project / "mlflow.db") as db:
+        versions = db.execute("select version from model_versions where name = 'medvisionllama'").fetchall()
+        aliases = db.execute("select alias, version from registered_model_aliases").fetchall()
+    assert versions == [(1,)] and aliases == [("champion", 1)]
 
 
 def test_predict_writes_nifti_and_a_dicom_seg_on_the_source_grid(project):

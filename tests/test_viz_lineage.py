@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 TRAIN_STAGES = ("ingest", "preprocess", "fit", "evaluate", "register")
-LAYERS = ["raw", "intermediate", "feature", "model_input", "models", "reporting", "registry"]
+LAYERS = ["raw", "intermediate", "primary", "feature", "model_input", "models", "reporting", "registry"]
 PLOTS = ("learning_curves_plot", "per_case_plot", "overlay_plot")
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -11,12 +11,14 @@ import pytest
 import yaml
 
 from mvl_pipeline.core.config import ConfigBlock
+from mvl_pipeline.core.run_lock import RunConfig
 from mvl_pipeline.evaluation.gate import RegisterConfig
 from mvl_pipeline.evaluation.scoring import EvaluateConfig
 from mvl_pipeline.ingestion.config import IngestConfig
 from mvl_pipeline.model import MedVisionLlamaConfig
 from mvl_pipeline.preprocessing.config import PreprocessConfig
 from mvl_pipeline.synthetic.sample_drop import SampleDataConfig
+from mvl_pipeline.training.ablation_config import AblationConfig
 from mvl_pipeline.training.augmentation import AugmentConfig
 from mvl_pipeline.training.config import FitConfig, LoopConfig
 
@@ -30,6 +32,8 @@ BLOCKS = {
     "evaluate": ("evaluate", EvaluateConfig),
     "register": ("register", RegisterConfig),
     "sample_data": ("sample_data", SampleDataConfig),
+    "run": ("run", RunConfig),
+    "ablation": ("ablation", AblationConfig),
 }
 #: Fields that have no place in the shipped YAML: a test-only fault injection.
 NOT_IN_YAML = {"fit.loop.inject_failure"}
@@ -136,6 +140,9 @@ def test_nested_blocks_and_tuples_are_built_from_the_field_types():
         (lambda bad: PreprocessConfig.from_params({"split": {"ratios": bad}}), "preprocess.split.ratios"),
         (lambda bad: PreprocessConfig.from_params({"body_mask": bad}), "preprocess.body_mask"),
         (SampleDataConfig.from_params, "sample_data"),
+        (AblationConfig.from_params, "ablation"),
+        (lambda bad: AblationConfig.from_params({"trial": bad}), "ablation.trial"),
+        (lambda bad: AblationConfig.from_params({"statistics": bad}), "ablation.statistics"),
     ],
 )
 def test_a_misspelt_key_fails_naming_it_and_where(build, where):

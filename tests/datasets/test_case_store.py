@@ -109,3 +109,21 @@ def test_a_label_off_the_image_grid_is_refused_when_the_case_is_built():
     shifted = Volume(np.asarray(case.label.array), moved, {})
     with pytest.raises(LabelGridMismatchError):
         Case("case-a", "pt", case.image, shifted)
+
+
+@pytest.mark.parametrize("fmt", ["nifti", "npy"])
+def test_a_multi_channel_case_round_trips_channel_first(tmp_path, fmt):
+    import nibabel as nib
+
+    single = make_case("case-mc", 3)
+    image = Volume(np.stack([single.image.array, -2 * single.image.array]), single.image.affine, {"modality": "MR"})
+    case = Case("case-mc", "pt-0001", image, single.label, {"modality": "MR", "channels": [{"name": "t1"}, {"name": "t2"}]})
+    store = CaseStoreDataset(path=str(tmp_path / "cases"), format=fmt)
+    store.save({"case-mc": case})
+    loaded = store.load()["case-mc"]()
+    assert loaded.image.array.shape == (2, 12, 10, 6) and loaded.image.shape == (12, 10, 6)
+    assert_same(loaded, case)
+    if fmt == "nifti":  # on disk a viewer sees NIfTI's 4-D layout: (X, Y, Z, channel)
+        stored = nib.load(tmp_path / "cases" / "case-mc" / "image.nii.gz")
+        assert stored.shape == (12, 10, 6, 2)
+        np.testing.assert_array_equal(np.asarray(stored.dataobj)[..., 1], case.image.array[1])

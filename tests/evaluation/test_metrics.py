@@ -49,13 +49,33 @@ def test_empty_cases_are_explicit_not_nan():
     some = box((10, 10, 10), (2, 2, 2), (5, 5, 5))
     both = class_metrics(empty, empty, 1, spacing=(1, 1, 1), nsd_tolerance_mm=1.0)
     assert (both["status"], both["dice"], both["hd95_mm"], both["nsd"]) == ("both_empty", 1.0, 0.0, 1.0)
+    assert both["detected"] is None and both["hd95_worst_case"] is False
+    diagonal = math.sqrt(3 * 10.0**2)  # the image diagonal in mm
     missed = class_metrics(empty, some, 1, spacing=(1, 1, 1), nsd_tolerance_mm=1.0)
-    assert (missed["status"], missed["dice"], missed["hd95_mm"]) == ("prediction_empty", 0.0, None)
+    assert (missed["status"], missed["dice"], missed["nsd"]) == ("prediction_empty", 0.0, 0.0)
+    assert missed["hd95_mm"] == pytest.approx(diagonal) and missed["hd95_worst_case"] is True
+    assert missed["detected"] is False
     invented = class_metrics(some, empty, 1, spacing=(1, 1, 1), nsd_tolerance_mm=1.0)
-    assert (invented["status"], invented["dice"], invented["hd95_mm"]) == ("label_empty", 0.0, None)
+    assert (invented["status"], invented["dice"], invented["nsd"]) == ("label_empty", 0.0, 0.0)
+    assert invented["hd95_mm"] == pytest.approx(diagonal) and invented["hd95_worst_case"] is True
+    assert invented["detected"] is None  # nothing to detect
+    found = class_metrics(some, some, 1, spacing=(1, 1, 1), nsd_tolerance_mm=1.0)
+    assert found["detected"] is True and found["hd95_worst_case"] is False and found["hd95_mm"] == 0.0
 
 
-def test_summary_counts_undefined_hd95_instead_of_averaging_nan():
+def test_one_sided_empty_hd95_is_the_diagonal_in_mm_with_anisotropic_spacing():
+    """The worst case is a distance on the case's own grid: extent x spacing, corner to corner."""
+    empty = np.zeros((20, 16, 8), np.uint8)
+    some = box((20, 16, 8), (2, 2, 2), (5, 5, 5))
+    row = class_metrics(empty, some, 1, spacing=(0.5, 0.8, 4.0), nsd_tolerance_mm=1.0)
+    assert row["hd95_mm"] == pytest.approx(math.sqrt(10.0**2 + 12.8**2 + 32.0**2))
+    # worse than any distance two masks on this grid can have: never better than a poor hit
+    poor = class_metrics(box((20, 16, 8), (15, 12, 5), (16, 13, 6)), some, 1, spacing=(0.5, 0.8, 4.0),
+                         nsd_tolerance_mm=1.0)  # fmt: skip
+    assert poor["status"] == "ok" and 0 < poor["hd95_mm"] < row["hd95_mm"]
+
+
+def test_summary_averages_the_worst_case_hd95_instead_of_dropping_it():
     label = box((20, 20, 20), (0, 0, 0), (10, 10, 10))
     empty = np.zeros_like(label)
     rows = []
@@ -64,10 +84,31 @@ def test_summary_counts_undefined_hd95_instead_of_averaging_nan():
             rows.append({"case_id": case_id, **row})
     summary = summarise(rows)["organ"]
     assert summary["dice"]["mean"] == pytest.approx(0.5)
-    assert summary["hd95_mm"]["mean"] == pytest.approx(0.0)
-    assert summary["hd95_mm"]["n_undefined"] == 1
+    # a perfect case (0 mm) and a missed one (the 34.6 mm diagonal): the mean is their mean
+    assert summary["hd95_mm"]["mean"] == pytest.approx(math.sqrt(3 * 20.0**2) / 2)
+    assert summary["hd95_mm"]["n_undefined"] == 0 and summary["hd95_mm"]["n"] == 2
+    assert summary["hd95_worst_case_cases"] == 1
+    assert summary["detection_rate"] == pytest.approx(0.5)
     assert summary["status"] == {"ok": 1, "prediction_empty": 1}
     assert not any(isinstance(v, float) and math.isnan(v) for v in summary["dice"].values() if v is not None and not isinstance(v, list))
+
+
+def test_a_model_that_never_predicts_the_lesion_never_reports_lesion_hd95_zero():
+    """The defect: a model that missed every lesion reported lesion HD95 0.0 mm (both-empty cases
+    scored 0, one-sided-empty cases were left out)."""
+    rows = []
+    for k in range(4):
+        label = box((16, 16, 16), (2, 2, 2), (12, 12, 12)) + (box((16, 16, 16), (4, 4, 4), (6, 6, 6)) if k < 2 else 0)
+        pred = box((16, 16, 16), (2, 2, 2), (12, 12, 12))  # the organ, never the lesion
+        for row in case_metrics(pred, label.astype(np.uint8), {1: "organ", 2: "lesion"}, spacing=(2, 2, 2),
+                                nsd_tolerance_mm=1.0):  # fmt: skip
+            rows.append({"case_id": f"c{k}", "patient_id": f"p{k}", **row})
+    lesion = summarise(rows)["lesion"]
+    assert lesion["detection_rate"] == 0.0
+    assert lesion["hd95_worst_case_cases"] == 2
+    assert lesion["dice_label_present"]["mean"] == 0.0
+    assert lesion["hd95_mm"]["mean"] > 0.0
+    assert lesion["hd95_mm"]["mean"] == pytest.approx(math.sqrt(3 * 32.0**2) / 2)  # 2 of 4 cases: the diagonal
 
 
 def test_lesion_dice_where_present_is_reported_apart_from_both_empty_cases():

@@ -14,12 +14,14 @@ from scipy import ndimage
 
 from mvl_pipeline.core.case import Case
 from mvl_pipeline.core.volume import Volume
+from mvl_pipeline.evaluation.leakage import RECORD_KEY, shared_patients
 from mvl_pipeline.evaluation.postprocessing import (
     apply_postprocessing,
     decide_postprocessing,
     largest_component,
 )
 from mvl_pipeline.evaluation.scoring import EvaluateConfig, decide_postprocessing_on, predict_case
+from mvl_pipeline.formats.model_bundle import weights_sha256
 from mvl_pipeline.formats.volumes import read_volume
 from mvl_pipeline.model import MedVisionLlamaConfig, build_model, model_weights
 from mvl_pipeline.pipelines.fit.nodes import decide_postprocessing as decide_postprocessing_node
@@ -160,7 +162,8 @@ def tiny_setup(shared_data, llm_cache_dir):
     preprocess = base_block("preprocess")
     preprocess["apply"]["workers"] = 1
     model_params = base_block("model") | TINY
-    plan = plan_dataset(fingerprint_dataset(loaders, preprocess), None, preprocess, model_params)
+    development = {"train": list(HIPPOCAMPUS_CASES), "validation": []}
+    plan = plan_dataset(fingerprint_dataset(loaders, development, preprocess), None, preprocess, model_params)
     assert plan["patch_size"] == [40, 56, 40] and plan["label_values"] == [0, 1, 2]
     torch.manual_seed(0)
     cfg = MedVisionLlamaConfig.from_params(model_params).for_plan(plan)
@@ -192,10 +195,15 @@ def test_predict_case_applies_the_stored_decision_on_the_original_grid(tiny_setu
 def test_the_fit_node_stores_the_decision_made_on_the_validation_cases_with_the_model(tiny_setup, llm_cache_dir):
     model, plan, loaders = tiny_setup["model"], tiny_setup["plan"], tiny_setup["loaders"]
     state, config = model_weights(model)
-    split = {"train": [], "validation": list(HIPPOCAMPUS_CASES), "test": []}
+    split = {"train": [], "validation": list(HIPPOCAMPUS_CASES), "patients": {"train": ["pt-x"], "validation": ["pt-y"]}}
     new_state, new_config = decide_postprocessing_node((state, config), loaders, split, plan, llm_cache_dir, {})
     assert new_state is state and "postprocessing" not in config  # the input is not modified
-    assert {k: v for k, v in new_config.items() if k != "postprocessing"} == config
+    assert RECORD_KEY not in config
+    assert {k: v for k, v in new_config.items() if k not in ("postprocessing", RECORD_KEY)} == config
+    # the model carries (salted hashes of) the patients it was developed on, salted by its weights
+    record = new_config[RECORD_KEY]
+    assert record["n"] == 2 and record["salt"] == weights_sha256(state)[:32]
+    assert shared_patients(record, ["pt-x", "pt-y", "pt-z"]) == 2
 
     params = EvaluateConfig()
     pairs = [

@@ -45,14 +45,15 @@ def tiny_model_params() -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def tiny_training_data(tmp_path_factory, llm_cache_dir) -> dict[str, Any]:
-    """Model-input cases, split, plan, manifest and ingested cases of 8 tiny phantom patients."""
+    """Model-input cases, split, plan, manifest and ingested cases of 14 tiny phantom patients:
+    6 train, 2 validation, 3 gate, 3 test (three gate patients: the fewest the gate can decide on)."""
     from mvl_pipeline.datasets.drop import DropFolderDataset
     from mvl_pipeline.pipelines.sample_data.nodes import generate_sample_drop
     from tests.support.workspace import local_catalog, prepare
 
     tmp = tmp_path_factory.mktemp("tiny-project")
     sample = base_params("sample_data")["sample_data"] | {
-        "n_patients": 8,
+        "n_patients": 14,
         "followup_fraction": 0.0,
         "image_size": 48,
         "pixel_spacing_mm": [7.5, 8.0],
@@ -65,11 +66,12 @@ def tiny_training_data(tmp_path_factory, llm_cache_dir) -> dict[str, Any]:
 
     ingest = base_params("ingest")["ingest"] | {"workers": 1, "progress": False}
     preprocess = base_params("preprocess")["preprocess"]
-    preprocess["split"]["ratios"] = {"train": 0.5, "validation": 0.25, "test": 0.25}
+    preprocess["split"]["ratios"] = {"train": 0.4, "validation": 0.15, "gate": 0.25, "test": 0.2}
     blocks = {"ingest": ingest, "preprocess": preprocess, "model": tiny_model_params()}
     data = prepare(local_catalog(tmp, blocks, key_hex=hashlib.sha256(b"tiny").hexdigest()))
     split = data["data_split"]
-    assert split["train"] and split["validation"] and split["test"], split
+    sizes = {role: len(split["patients"][role]) for role in ("train", "validation", "gate", "test")}
+    assert sizes == {"train": 6, "validation": 2, "gate": 3, "test": 3}, sizes
     return {
         "root": tmp,
         **data,
@@ -111,36 +113,57 @@ def tiny_fit(tmp_path, tiny_training_data):
     return make
 
 
-@pytest.fixture(scope="session")
-def tiny_models(tiny_training_data) -> dict[str, tuple[dict, dict]]:
-    """Three models of known relative quality, as ``(state_dict, config)``: ``untrained``,
-    ``short`` (a few steps) and ``long`` (more steps), trained in-process (no Ray)."""
-    from mvl_pipeline.model import MedVisionLlamaConfig, build_model, model_weights
+def train_tiny(data: dict[str, Any], *, epochs: int, steps: int, seed: int = 42) -> tuple[dict, dict]:
+    """A tiny model trained in-process (no Ray), then through the fit pipeline's last node
+    (post-processing decided on validation, the record of its development patients): what
+    ``trained_model`` holds after ``fit``."""
+    from mvl_pipeline.formats.model_bundle import read_weights
     from mvl_pipeline.training.config import LoopConfig
     from mvl_pipeline.training.loop import run_training
     from mvl_pipeline.training.session import Session
 
-    data = tiny_training_data
-    cfg = MedVisionLlamaConfig.from_params(data["model"])
-    models = {"untrained": model_weights(build_model(cfg, llm_cache_dir=data["llm_cache_dir"]))}
-
     class Capture(Session):
         def report(self, metrics, checkpoint_dir):
             if checkpoint_dir is not None:
-                from mvl_pipeline.formats.model_bundle import read_weights
-
                 self.weights = read_weights(Path(checkpoint_dir) / "model")
 
-    cases = data["model_input_cases"]
-    for name, epochs in (("short", 1), ("long", 8)):
-        loop = LoopConfig.from_params({"epochs": epochs, "steps_per_epoch": 5, "batch_size": 2, "lr": 0.003,
-                                       "val_every": epochs}).to_dict()  # fmt: skip
-        session = Capture()
-        run_training(
-            {"loop": loop, "model": data["model"], "plan": data["preprocessing_plan"], "classes": [1, 2],
-             "train_ids": data["data_split"]["train"], "val_ids": data["data_split"]["validation"],
-             "loaders": cases, "llm_cache_dir": data["llm_cache_dir"], "cpus_per_worker": 2},
-            session,
-        )  # fmt: skip
-        models[name] = session.weights
-    return models
+    loop = LoopConfig.from_params({"epochs": epochs, "steps_per_epoch": steps, "batch_size": 2, "lr": 0.003,
+                                   "val_every": epochs, "seed": seed,
+                                   "warmup_epochs": 1.0 if epochs * steps > 1 else 0.0}).to_dict()  # fmt: skip
+    session = Capture()
+    run_training(
+        {"loop": loop, "model": data["model"], "plan": data["preprocessing_plan"], "classes": [1, 2],
+         "train_ids": data["development_split"]["train"], "val_ids": data["development_split"]["validation"],
+         "loaders": data["model_input_cases"], "llm_cache_dir": data["llm_cache_dir"], "cpus_per_worker": 2},
+        session,
+    )  # fmt: skip
+    return finish_fit(data, session.weights)
+
+
+def finish_fit(data: dict[str, Any], weights: tuple[dict, dict]) -> tuple[dict, dict]:
+    from mvl_pipeline.pipelines.fit.nodes import decide_postprocessing
+
+    return decide_postprocessing(weights, data["ingested_cases"], data["development_split"], data["preprocessing_plan"],
+                                 data["llm_cache_dir"], {})  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_training_data) -> dict[str, tuple[dict, dict]]:
+    """Three models of known relative quality, as ``(state_dict, config)`` like ``trained_model``:
+    ``untrained``, ``short`` (a few steps) and ``long`` (more steps)."""
+    from mvl_pipeline.model import MedVisionLlamaConfig, build_model, model_weights
+
+    data = tiny_training_data
+    cfg = MedVisionLlamaConfig.from_params(data["model"])
+    untrained = model_weights(build_model(cfg, llm_cache_dir=data["llm_cache_dir"]))
+    return {
+        "untrained": finish_fit(data, untrained),
+        "short": train_tiny(data, epochs=1, steps=5),
+        "long": train_tiny(data, epochs=8, steps=5),
+    }
+
+
+@pytest.fixture(scope="session")
+def one_step_models(tiny_training_data) -> dict[int, tuple[dict, dict]]:
+    """Deliberately bad challengers: one training step each, from three seeds."""
+    return {seed: train_tiny(tiny_training_data, epochs=1, steps=1, seed=seed) for seed in (0, 1, 2)}

@@ -45,8 +45,13 @@ def local_catalog(root: Path, params: Mapping[str, Any], *, key_hex: str | None 
             "previous_preprocessing_plan": json_ds("plan", missing={}),
             "model_input_cases": CaseStoreDataset(path=str(root / "model_input"), format="npy"),
             "model_input_records": CaseStoreDataset(path=str(root / "model_input"), format="npy"),
+            "ingested_case_index": CaseStoreDataset(path=str(root / "cases"), index_only=True),
             "data_split": json_ds("split"),
             "previous_data_split": json_ds("split", missing={}),
+            "legacy_data_split": json_ds("split_legacy", missing={}),
+            "development_split": json_ds("split_development"),
+            "gate_split": json_ds("split_gate"),
+            "test_split": json_ds("split_test"),
         }
     )
     for block, values in params.items():
@@ -66,6 +71,9 @@ def prepare(catalog: DataCatalog) -> dict[str, Any]:
         "model_input_cases": catalog.load("model_input_cases"),
         "ingested_cases": catalog.load("ingested_cases"),
         "data_split": catalog.load("data_split"),
+        "development_split": catalog.load("development_split"),
+        "gate_split": catalog.load("gate_split"),
+        "test_split": catalog.load("test_split"),
         "preprocessing_plan": catalog.load("preprocessing_plan"),
         "ingest_manifest": catalog.load("ingest_manifest"),
     }

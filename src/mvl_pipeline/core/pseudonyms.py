@@ -64,6 +64,16 @@ def keyed_digest(key: bytes, *parts: str) -> str:
     return hmac.new(key, message, hashlib.sha256).hexdigest()
 
 
+def key_id(key: bytes) -> str:
+    """A name for the key itself (an HMAC of a constant: it reveals nothing about the key). Data
+    made under one key carries it, so that pseudonyms made under two keys are never mixed."""
+    return "key-" + keyed_digest(key, "key-id")[:12]
+
+
+class KeyChangedError(PseudonymKeyError):
+    """Data made under another pseudonymisation key would be mixed with this key's."""
+
+
 def case_pseudonym(key: bytes, *source_ids: str) -> str:
     return "case-" + keyed_digest(key, "case", *source_ids)[:16]
 

@@ -7,7 +7,9 @@ preprocessed data (local or ``s3://``).
                      _COMPLETE                     (written last; incomplete folders are ignored)
 
 ``load()`` returns ``{case_id: loader}`` where ``loader()`` reads that case only (Kedro's
-partitioned-dataset convention), so a node can stream over thousands of cases. ``save()`` takes
+partitioned-dataset convention), so a node can stream over thousands of cases; with
+``index_only: true`` it returns ``{case_id: {"patient_id", "meta"}}`` from the case.json files
+alone (what a split needs, without reading a voxel). ``save()`` takes
 ``{case_id: Case | callable returning Case | None}``: it writes only the cases given (each one
 atomically, replacing an older version of the same case), and ``None`` deletes a case. Cases not
 named are left untouched, which is what makes incremental runs cheap.
@@ -59,7 +61,7 @@ def _decode(data: bytes, fmt: str, path: str) -> np.ndarray:
             return np.load(io.BytesIO(data), allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise UnreadableFileError(f"cannot decode npy volume: {exc}", path=path) from exc
-    return np.asarray(decode_nifti(data, compressed=True, path=path).array)
+    return np.asarray(decode_nifti(data, compressed=True, path=path, channels=True).array)  # (C, X, Y, Z) too
 
 
 class CaseStoreDataset(AbstractDataset[dict[str, Callable[[], Case]], dict[str, Any]]):
@@ -72,6 +74,7 @@ class CaseStoreDataset(AbstractDataset[dict[str, Callable[[], Case]], dict[str, 
         format: str = "nifti",  # noqa: A002 - the catalog key users write
         compresslevel: int = 1,
         mmap: bool = True,
+        index_only: bool = False,
         credentials: dict[str, Any] | None = None,
         fs_args: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
@@ -83,6 +86,7 @@ class CaseStoreDataset(AbstractDataset[dict[str, Callable[[], Case]], dict[str, 
         self._suffix = ".npy" if format == "npy" else ".nii.gz"
         self._compresslevel = int(compresslevel)
         self._mmap = bool(mmap)
+        self._index_only = bool(index_only)
         self.metadata = metadata
 
     # -- reading -------------------------------------------------------------------------
@@ -98,8 +102,19 @@ class CaseStoreDataset(AbstractDataset[dict[str, Callable[[], Case]], dict[str, 
                     ids.append(name)
         return sorted(ids)
 
-    def load(self) -> dict[str, Callable[[], Case]]:
+    def load(self) -> dict[str, Callable[[], Case]] | dict[str, dict[str, Any]]:
+        if self._index_only:  # ids and PHI-free records only: no image is read
+            return {case_id: self.load_record(case_id) for case_id in self.case_ids()}
         return {case_id: partial(self.load_case, case_id) for case_id in self.case_ids()}
+
+    def load_record(self, case_id: str) -> dict[str, Any]:
+        """``{"patient_id", "meta"}`` of one case, from its case.json only."""
+        folder = storage.join(self._root, _check_case_id(case_id))
+        try:
+            record = json.loads(self._fs.cat_file(storage.join(folder, "case.json")))
+        except (FileNotFoundError, json.JSONDecodeError) as exc:
+            raise UnreadableFileError(f"case record unreadable: {exc}", path=folder) from exc
+        return {"patient_id": record["patient_id"], "meta": record.get("meta", {})}
 
     def _read_array(self, folder: str, stem: str) -> np.ndarray:
         path = storage.join(folder, stem + self._suffix)

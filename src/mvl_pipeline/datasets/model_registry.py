@@ -54,6 +54,12 @@ class RegistryView:
     champion: ModelVersionView | None
     latest: ModelVersionView | None
     aliases_of_latest: tuple[str, ...] = ()
+    weights_of_versions: dict[str, str] = field(default_factory=dict)  # version -> weights_sha256 tag
+
+    def version_with_weights(self, digest: str) -> str | None:
+        """The (oldest) registered version holding exactly these weights, if any."""
+        matches = sorted((v for v, d in self.weights_of_versions.items() if d == digest), key=int)
+        return matches[0] if matches else None
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,15 @@ class RegistrationRequest:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class MlflowRegistryDataset(AbstractDataset[RegistrationRequest, RegistryView]):
+@dataclass(frozen=True)
+class AlreadyRegistered:
+    """What the gate hands on instead of a request when these weights are registered already
+    (Kedro refuses to save ``None``): saving it registers nothing."""
+
+    version: str
+
+
+class MlflowRegistryDataset(AbstractDataset[RegistrationRequest | AlreadyRegistered, RegistryView]):
     def __init__(
         self,
         *,
@@ -119,9 +133,16 @@ class MlflowRegistryDataset(AbstractDataset[RegistrationRequest, RegistryView]):
         except MlflowException:
             champion = None  # no version holds the alias yet
         aliases = tuple(client.get_model_version(self._name, latest.version).aliases or ())
-        return RegistryView(champion=champion, latest=self._view(latest), aliases_of_latest=aliases)
+        weights = {str(v.version): (v.tags or {}).get("weights_sha256", "") for v in versions}
+        return RegistryView(champion=champion, latest=self._view(latest), aliases_of_latest=aliases,
+                            weights_of_versions=weights)  # fmt: skip
 
-    def save(self, data: RegistrationRequest) -> None:
+    def save(self, data: RegistrationRequest | AlreadyRegistered) -> None:
+        """Register ``data`` (:class:`AlreadyRegistered`: the gate found these weights registered
+        already: nothing)."""
+        if isinstance(data, AlreadyRegistered):
+            logger.info("nothing to register for %s (these weights are version %s)", self._name, data.version)
+            return
         import mlflow
         import numpy as np
         from mlflow.models import ModelSignature
@@ -152,6 +173,8 @@ class MlflowRegistryDataset(AbstractDataset[RegistrationRequest, RegistryView]):
                     pip_requirements=["mvl_pipeline", "torch", "transformers", "safetensors", "monai"],
                     model_config={"llm_cache_dir": self._llm_cache_dir} if self._llm_cache_dir else None,
                 )
+                for name, document in data.extra.items():  # e.g. the test summary of these weights
+                    mlflow.log_dict(document, f"{name}.json")
             client = self._client()
             try:
                 client.create_registered_model(self._name)

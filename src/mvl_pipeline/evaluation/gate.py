@@ -1,43 +1,140 @@
-"""The champion/challenger gate: the statistic and the decision.
+"""The promotion gate: which model a hospital runs, decided so that a worse model cannot win.
 
-The challenger (this run's model) becomes ``champion`` only if its holdout Dice beats the current
-champion's by at least ``margin``, both scored *now* on the same holdout cases with the same
-evaluation code (each model under its own preprocessing plan). Otherwise it is registered as
-``challenger`` with the comparison recorded. The first model becomes champion.
+Both models are scored by the gate itself, now, on the gate patients (never the test patients),
+each with its own plan and post-processing (``scoring``). The evidence is paired: per patient,
+the challenger's figure minus the champion's, averaged over the patient's cases (follow-ups are
+not independent). A case's Dice figure is the mean over the foreground classes its label holds
+("Dice where present": an empty lesion class does not score 1 or 0 for free). The rule, in
+plain words:
+
+- **promote** only when the lower bound of the 95% BCa bootstrap interval (over patients) of the
+  mean Dice improvement is above ``margin`` (the improvement is real, not noise), AND the
+  challenger is non-inferior on boundary quality: the upper bound of the HD95 difference
+  (challenger - champion, mm) is at most ``hd95_tolerance_mm`` and the lower bound of the NSD
+  difference at least ``-nsd_tolerance``;
+- otherwise the challenger is registered with the alias ``challenger`` and the reason;
+- a first model (no champion) becomes champion only when its mean gate Dice is at least
+  ``first_model_floor`` (configured per task); below it, it is registered without an alias;
+- with fewer than 3 gate patients there is no interval, so nothing is promoted over a champion.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from mvl_pipeline.core.config import ConfigBlock
+from mvl_pipeline.evaluation.summary import MIN_PATIENTS_FOR_CI, bootstrap_ci, describe
 
 
 @dataclass(frozen=True)
 class RegisterConfig(ConfigBlock):
-    """``params:register`` (conf/base/parameters_register.yml)."""
+    """``params:register`` (conf/base/parameters_register.yml): what each value protects against
+    is written there."""
 
     WHERE = "register"
 
-    margin: float = 0.005  # a challenger must beat the champion's holdout Dice by this much
+    margin: float = 0.0
+    hd95_tolerance_mm: float = 1.0
+    nsd_tolerance: float = 0.02
+    first_model_floor: float = 0.5
+    confidence_level: float = 0.95
+    n_resamples: int = 5000
+    seed: int = 0
     champion_alias: str = "champion"
     challenger_alias: str = "challenger"
 
 
-def gate_score(summary_classes: Mapping[str, Any]) -> float:
-    """The gate's figure: mean over classes of the mean holdout Dice."""
-    means = [entry["dice"]["mean"] for entry in summary_classes.values() if entry["dice"]["mean"] is not None]
-    return float(np.mean(means)) if means else float("nan")
+def per_case(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``{case_id: {"patient_id", "dice", "hd95_mm", "nsd"}}``: each figure the mean over the
+    foreground classes present in the case's label (None when its label holds none)."""
+    cases: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        entry = cases.setdefault(row["case_id"], {"patient_id": str(row.get("patient_id") or row["case_id"]), "_": []})
+        if row["voxels_label"] > 0:
+            entry["_"].append(row)
+    result = {}
+    for case_id, entry in sorted(cases.items()):
+        present = entry.pop("_")
+        result[case_id] = {
+            "patient_id": entry["patient_id"],
+            **{metric: (float(np.mean([float(r[metric]) for r in present])) if present else None)
+               for metric in ("dice", "hd95_mm", "nsd")},
+        }  # fmt: skip
+    return result
 
 
-def decide(challenger: float, champion: float | None, config: RegisterConfig) -> tuple[bool, str]:
-    """``(promoted, reason)`` for a challenger's and a champion's gate scores (None: no champion)."""
-    if champion is None:
-        return True, "first model"
-    promoted = bool(challenger >= champion + config.margin)
-    relation = ">=" if promoted else "<"
-    return promoted, f"holdout Dice {challenger:.4f} {relation} champion {champion:.4f} + margin {config.margin}"
+def gate_score(rows: Sequence[Mapping[str, Any]]) -> float:
+    """A model's gate figure: mean over patients of the per-case Dice where present."""
+    cases = [c for c in per_case(rows).values() if c["dice"] is not None]
+    if not cases:
+        return float("nan")
+    return float(describe([c["dice"] for c in cases], [c["patient_id"] for c in cases])["mean"])
+
+
+def paired_difference(
+    challenger: Mapping[str, Mapping[str, Any]], champion: Mapping[str, Mapping[str, Any]], metric: str, config: RegisterConfig
+) -> dict[str, Any]:
+    """Mean over patients of (challenger - champion) on ``metric`` and its BCa interval."""
+    by_patient: dict[str, list[float]] = {}
+    for case_id, mine in challenger.items():
+        theirs = champion.get(case_id)
+        if theirs is None or mine[metric] is None or theirs[metric] is None:
+            continue
+        by_patient.setdefault(mine["patient_id"], []).append(float(mine[metric]) - float(theirs[metric]))
+    diffs = np.array([np.mean(v) for _, v in sorted(by_patient.items())], dtype=np.float64)
+    interval = bootstrap_ci(diffs, n_resamples=config.n_resamples, seed=config.seed, level=config.confidence_level)
+    return {
+        "mean": float(diffs.mean()) if diffs.size else None,
+        "ci": None if interval is None else [interval[0], interval[1]],
+        "n_patients": int(diffs.size),
+    }
+
+
+def decide(
+    challenger_rows: Sequence[Mapping[str, Any]],
+    champion_rows: Sequence[Mapping[str, Any]] | None,
+    config: RegisterConfig,
+) -> dict[str, Any]:
+    """The gate's decision: ``promoted`` (bool), ``alias`` (or None), ``reason`` (plain words),
+    and the statistics behind it."""
+    mine = per_case(challenger_rows)
+    score = gate_score(challenger_rows)
+    decision: dict[str, Any] = {"challenger_gate_dice": score, "rule": config.to_dict()}
+    if champion_rows is None:
+        promoted = bool(score >= config.first_model_floor)
+        reason = (
+            f"first model: gate Dice {score:.4f} {'>=' if promoted else '<'} the floor {config.first_model_floor}"
+            + ("" if promoted else ": registered without an alias, not deployed")
+        )
+        return decision | {"promoted": promoted, "alias": config.champion_alias if promoted else None,
+                           "reason": reason, "champion_gate_dice": None}  # fmt: skip
+    theirs = per_case(champion_rows)
+    decision["champion_gate_dice"] = gate_score(champion_rows)
+    stats = {m: paired_difference(mine, theirs, m, config) for m in ("dice", "hd95_mm", "nsd")}
+    decision["paired"] = stats
+    dice, hd95, nsd = stats["dice"], stats["hd95_mm"], stats["nsd"]
+    if dice["ci"] is None:
+        reason = f"fewer than {MIN_PATIENTS_FOR_CI} gate patients with paired results ({dice['n_patients']}): no evidence, not promoted"
+        promoted = False
+    elif dice["ci"][0] <= config.margin:
+        reason = (f"Dice improvement {dice['mean']:+.4f} (95% CI {dice['ci'][0]:+.4f} to {dice['ci'][1]:+.4f}, "
+                  f"{dice['n_patients']} patients) does not clear the margin {config.margin}")  # fmt: skip
+        promoted = False
+    elif hd95["ci"] is not None and hd95["ci"][1] > config.hd95_tolerance_mm:
+        reason = (f"Dice improved ({dice['ci'][0]:+.4f} to {dice['ci'][1]:+.4f}) but HD95 may be worse by up to "
+                  f"{hd95['ci'][1]:.2f} mm (tolerance {config.hd95_tolerance_mm} mm)")  # fmt: skip
+        promoted = False
+    elif nsd["ci"] is not None and nsd["ci"][0] < -config.nsd_tolerance:
+        reason = (f"Dice improved ({dice['ci'][0]:+.4f} to {dice['ci'][1]:+.4f}) but NSD may be worse by up to "
+                  f"{-nsd['ci'][0]:.4f} (tolerance {config.nsd_tolerance})")  # fmt: skip
+        promoted = False
+    else:
+        reason = (f"Dice improvement {dice['mean']:+.4f} (95% CI {dice['ci'][0]:+.4f} to {dice['ci'][1]:+.4f}, "
+                  f"{dice['n_patients']} patients) clears the margin {config.margin}; HD95 and NSD non-inferior")  # fmt: skip
+        promoted = True
+    return decision | {"promoted": promoted, "alias": config.champion_alias if promoted else config.challenger_alias,
+                       "reason": reason}  # fmt: skip

@@ -3,9 +3,13 @@
 Empty cases are handled explicitly instead of becoming NaN averages. For each class:
 
 - label and prediction both empty: Dice = Jaccard = NSD = 1, HD95 = 0 (a correct "nothing here");
-- exactly one of them empty: Dice = Jaccard = NSD = 0 and HD95 is *undefined* (there is no
-  surface to measure from). It is recorded as ``None`` with ``status`` saying why, counted in
-  the summary's ``n_undefined``, and left out of the HD95 mean rather than silently averaged.
+  ``status: both_empty``. Summaries report "Dice where present" beside the plain mean, so such
+  cases cannot dominate a rare class;
+- exactly one of them empty: Dice = Jaccard = NSD = 0, and HD95 has no surface to measure from:
+  it is the worst case, the diagonal of the image in mm (``hd95_worst_case: true``), never 0 and
+  never left out (a model that never predicts a lesion must not report lesion HD95 0);
+  ``detected`` says whether a class present in the label was predicted at all (the detection
+  rate is reported beside HD95).
 
 Distances use the voxel spacing of the grid the arrays live on (anisotropic spacing included).
 """
@@ -75,16 +79,21 @@ def class_metrics(
         "accuracy": accuracy,
     }
     if n_true == 0 and n_pred == 0:
-        row.update(status="both_empty", dice=dice(pred, true), jaccard=1.0, precision=1.0, recall=1.0, hd95_mm=0.0, nsd=1.0)
+        row.update(status="both_empty", dice=dice(pred, true), jaccard=1.0, precision=1.0, recall=1.0, hd95_mm=0.0,
+                   nsd=1.0, detected=None, hd95_worst_case=False)  # fmt: skip
         return row
+    row["detected"] = None if n_true == 0 else n_pred > 0
+    row["hd95_worst_case"] = False
     if n_true == 0 or n_pred == 0:
+        diagonal = float(np.linalg.norm(np.asarray(prediction.shape, dtype=np.float64) * np.asarray(spacing, dtype=np.float64)))
         row.update(
             status="label_empty" if n_true == 0 else "prediction_empty",
             dice=0.0,
             jaccard=0.0,
             precision=0.0 if n_pred else None,
             recall=0.0 if n_true else None,
-            hd95_mm=None,
+            hd95_mm=diagonal,
+            hd95_worst_case=True,
             nsd=0.0,
         )
         return row

@@ -98,7 +98,7 @@ def score_cases(
         for row in case_metrics(
             prediction, label, classes, spacing=case.image.spacing, nsd_tolerance_mm=params.nsd_tolerance_mm
         ):
-            rows.append({"case_id": case_id, **row})
+            rows.append({"case_id": case_id, "patient_id": case.patient_id, **row})
         if len(overlays) < keep_overlays:
             overlays.append(_overlay(case, prediction))
         logger.info("evaluated case %d: %s", index + 1, case_id)
@@ -112,7 +112,7 @@ def _overlay(case: Case, prediction: np.ndarray) -> dict[str, Any]:
     label = np.asarray(case.label.array)
     per_slice = (label > 0).reshape(-1, label.shape[2]).sum(axis=0)
     k = int(per_slice.argmax()) if per_slice.any() else label.shape[2] // 2
-    image = np.asarray(case.image.array, dtype=np.float32)
+    image = np.asarray(case.image.channel(0).array, dtype=np.float32)  # a multi-channel case: its reference
     where = np.argwhere(label > 0)
     if where.size:
         low, high = where.min(axis=0), where.max(axis=0) + 1

@@ -1,56 +1,104 @@
-"""Summaries of per-case metric rows: mean, spread and bootstrap confidence intervals per class."""
+"""Summaries of per-case metric rows: means with confidence intervals over PATIENTS.
+
+Cases of one patient (follow-ups) are not independent: every interval resamples patients, not
+cases. A metric's values are first averaged per patient; the mean of those patient means is the
+figure, and its 95% interval is scipy's BCa bootstrap over patients (the percentile method
+under-covers with few patients; BCa corrects bias and skew). With fewer than three patients no
+interval is given (``ci95: null``, ``ci_method`` says why): an interval of zero width at n = 1
+would claim a certainty that is not there.
+"""
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from scipy import stats
 
 from mvl_pipeline.evaluation.metrics import METRICS
 
+MIN_PATIENTS_FOR_CI = 3
 
-def bootstrap_ci(values: Sequence[float], *, n_resamples: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of the mean."""
+
+def patient_means(values: Sequence[float], patients: Sequence[str]) -> np.ndarray:
+    """The mean of ``values`` per patient (in patient order)."""
+    grouped: dict[str, list[float]] = {}
+    for value, patient in zip(values, patients, strict=True):
+        grouped.setdefault(str(patient), []).append(float(value))
+    return np.array([np.mean(grouped[p]) for p in sorted(grouped)], dtype=np.float64)
+
+
+def bootstrap_ci(
+    values: Sequence[float], *, n_resamples: int = 5000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float] | None:
+    """BCa bootstrap interval of the mean of ``values`` (one value per independent unit); None
+    for fewer than :data:`MIN_PATIENTS_FOR_CI` values."""
     data = np.asarray(values, dtype=np.float64)
-    if data.size == 0:
-        return (math.nan, math.nan)
-    if data.size == 1:
+    if data.size < MIN_PATIENTS_FOR_CI:
+        return None
+    if np.allclose(data, data[0]):
         return (float(data[0]), float(data[0]))
-    rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, data.size, size=(n_resamples, data.size))].mean(axis=1)
-    alpha = (1 - level) / 2
-    return (float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # BCa warns on near-degenerate data; the fallback follows
+        result = stats.bootstrap(
+            (data,), np.mean, n_resamples=n_resamples, confidence_level=level, method="BCa",
+            random_state=np.random.default_rng(seed),
+        )  # fmt: skip
+    low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
+    if math.isnan(low) or math.isnan(high):  # BCa undefined (e.g. a skewed tiny sample)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = stats.bootstrap(
+                (data,), np.mean, n_resamples=n_resamples, confidence_level=level, method="percentile",
+                random_state=np.random.default_rng(seed),
+            )  # fmt: skip
+        low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
+    return (low, high)
+
+
+def describe(values: Sequence[float], patients: Sequence[str], *, seed: int = 0) -> dict[str, Any]:
+    """Mean over patients, its BCa interval over patients, and the counts behind them."""
+    if not values:
+        return {"mean": None, "std": None, "median": None, "ci95": None, "n": 0, "n_patients": 0, "ci_method": None}
+    means = patient_means(values, patients)
+    interval = bootstrap_ci(means, seed=seed)
+    return {
+        "mean": float(means.mean()),
+        "std": float(means.std(ddof=1)) if means.size > 1 else None,
+        "median": float(np.median(means)),
+        "ci95": None if interval is None else [interval[0], interval[1]],
+        "n": len(values),
+        "n_patients": int(means.size),
+        "ci_method": f"none (fewer than {MIN_PATIENTS_FOR_CI} patients)" if interval is None else "BCa bootstrap over patients",
+    }
 
 
 def summarise(rows: Sequence[Mapping[str, Any]], *, seed: int = 0) -> dict[str, Any]:
-    """Per class and metric: mean, std, median, 95% bootstrap CI, n and n_undefined."""
+    """Per class and metric: mean over patients with its interval, median, n (cases), n_patients;
+    plus "Dice where present" (cases whose label holds the class), the detection rate and the
+    worst-case HD95 count. A row's patient is ``patient_id`` (else its case is its own patient)."""
     summary: dict[str, Any] = {}
     for name in sorted({r["class_name"] for r in rows}):
         class_rows = [r for r in rows if r["class_name"] == name]
-        entry: dict[str, Any] = {"n_cases": len(class_rows),
-                                 "status": {s: sum(r["status"] == s for r in class_rows)
-                                            for s in sorted({r["status"] for r in class_rows})}}  # fmt: skip
-        for metric in METRICS:
-            defined = [float(r[metric]) for r in class_rows if r.get(metric) is not None]
-            low, high = bootstrap_ci(defined, seed=seed)
-            entry[metric] = {
-                "mean": float(np.mean(defined)) if defined else None,
-                "std": float(np.std(defined, ddof=1)) if len(defined) > 1 else (0.0 if defined else None),
-                "median": float(np.median(defined)) if defined else None,
-                "ci95": [None if math.isnan(low) else low, None if math.isnan(high) else high],
-                "n": len(defined),
-                "n_undefined": len(class_rows) - len(defined),
-            }
-        # Dice over the cases where the class is present in the label: the honest figure for
-        # lesions, which "both empty" cases would otherwise inflate.
-        present = [float(r["dice"]) for r in class_rows if r["voxels_label"] > 0]
-        low, high = bootstrap_ci(present, seed=seed)
-        entry["dice_label_present"] = {
-            "mean": float(np.mean(present)) if present else None,
-            "ci95": [None if math.isnan(low) else low, None if math.isnan(high) else high],
-            "n": len(present),
+        patients = [str(r.get("patient_id") or r["case_id"]) for r in class_rows]
+        entry: dict[str, Any] = {
+            "n_cases": len(class_rows),
+            "n_patients": len(set(patients)),
+            "status": {s: sum(r["status"] == s for r in class_rows) for s in sorted({r["status"] for r in class_rows})},
         }
+        for metric in METRICS:
+            defined = [(float(r[metric]), p) for r, p in zip(class_rows, patients, strict=True) if r.get(metric) is not None]
+            entry[metric] = describe([v for v, _ in defined], [p for _, p in defined], seed=seed)
+            entry[metric]["n_undefined"] = len(class_rows) - len(defined)
+        present = [(float(r["dice"]), p) for r, p in zip(class_rows, patients, strict=True) if r["voxels_label"] > 0]
+        entry["dice_label_present"] = describe([v for v, _ in present], [p for _, p in present], seed=seed)
+        with_label = [r for r in class_rows if r["voxels_label"] > 0]
+        entry["detection_rate"] = (
+            None if not with_label else float(np.mean([bool(r.get("detected", r["voxels_pred"] > 0)) for r in with_label]))
+        )
+        entry["hd95_worst_case_cases"] = int(sum(bool(r.get("hd95_worst_case")) for r in class_rows))
         summary[name] = entry
     return summary

@@ -19,6 +19,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from mvl_pipeline.core import pseudonyms
 from mvl_pipeline.core.case import Case
 from mvl_pipeline.ingestion.config import IngestConfig
 from mvl_pipeline.ingestion.manifest import MANIFEST_VERSION, empty_manifest, unit_entry
@@ -46,6 +47,16 @@ def ingest(
     if manifest.get("version") != MANIFEST_VERSION:
         logger.warning("ingest manifest has another version: re-ingesting everything")
         manifest = empty_manifest()
+    key_id = pseudonyms.key_id(key)
+    recorded = manifest.get("key_id")
+    if manifest.get("units") and recorded is not None and recorded != key_id:
+        raise pseudonyms.KeyChangedError(
+            f"the cases in this project were ingested under another pseudonymisation key ({recorded}; this key "
+            f"is {key_id}). Ingesting now would give every study a second pseudonym and mix two patients' "
+            "identities in one split. Restore the earlier key, or re-ingest everything under the new one: "
+            "delete data/02_intermediate/cases and data/02_intermediate/ingest_manifest.json (and the later "
+            "layers) first. A champion trained under the earlier key cannot then be re-scored on the new split."
+        )
     settings_id = config.settings_id()
     force = bool(manifest.get("units")) and manifest.get("settings_id") != settings_id
     if force:
@@ -63,13 +74,14 @@ def ingest(
         new_manifest = {
             "version": MANIFEST_VERSION,
             "settings_id": settings_id,
+            "key_id": key_id,
             "files": scan.files,
             "units": units_state,
         }
         if not scan.todo:
             yield {}, new_manifest
             return
-        yield from _process(drop, scan, key, config, pool, new_manifest)
+        yield from _process(drop, scan, key, config, pool, new_manifest, key_id)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -82,6 +94,7 @@ def _process(
     config: IngestConfig,
     pool: Executor | None,
     manifest: dict[str, Any],
+    key_id: str,
 ) -> Iterator[tuple[dict[str, Case | None], dict[str, Any]]]:
     todo = scan.todo
     progress = tqdm(total=len(todo), desc="ingest", unit="unit", disable=not config.progress, mininterval=1.0)
@@ -106,7 +119,7 @@ def _process(
         manifest["units"][ukey] = entry
         for case in result.cases:
             # downstream (preprocess) recomputes a case only when its source changed
-            batch[case.case_id] = replace(case, meta={**case.meta, "source_hash": source_hash})
+            batch[case.case_id] = replace(case, meta={**case.meta, "source_hash": source_hash, "key_id": key_id})
         for stale in previous_cases - set(entry["cases"]):
             batch[stale] = None  # the study changed and no longer yields this case
         counts["cases"] += len(result.cases)

@@ -1,30 +1,33 @@
-"""Train / validation / test split by patient pseudonym, stable over time.
+"""Patients to roles, once, stable over time: development (train / validation), gate, test.
 
-Each patient's assignment is a pure function of ``(seed, pseudonym)`` and two thresholds: a
-SHA-256 of both, read as a number in [0, 1), puts the patient in ``test`` when it falls below the
-test threshold; otherwise a second, independent hash puts it in ``validation`` when it falls below
-the validation threshold. So adding patients never moves anyone else.
+- development (train, validation; k-fold capable): what a model is fitted and selected on;
+- gate: the patients the registry gate compares a challenger and the champion on, every retrain;
+- test: locked: a model's reported performance, never used for any decision.
 
-The thresholds are fixed when the split is first written: from the ranks of the first cohort's
-hashes, so that the first split has exactly the configured proportions (with 16 patients a plain
-"hash < ratio" rule gives anything from 0 to 6 test patients); they are recorded in the split
-document and used for every later patient, as long as seed and ratios are unchanged (otherwise the
-ratios themselves are the thresholds).
+Each patient's role is a pure function of ``(seed, pseudonym)`` and three thresholds: a SHA-256 of
+both, read as a number in [0, 1), holds the patient out when it falls below the held-out
+threshold; a second hash then makes a held-out patient gate or test, and a third makes a
+development patient validation or train. So adding patients never moves anyone else.
 
-Persistence (the holdout the registry gate compares models on):
+The thresholds are fixed when the split is first written, from the ranks of the first cohort's
+hashes, so that the first split has exactly the configured proportions; they are recorded in the
+split document and used for every later patient while seed and ratios are unchanged (otherwise
+the ratios themselves are the thresholds).
 
-- every patient keeps the split recorded in the previous split file;
-- the test set only grows, with new patients: a previous test patient stays in ``test`` (even
-  when the ratios change, and even when its cases disappear upstream: it stays listed under
-  ``patients.test`` and in ``withdrawn_holdout_patients``), and a previous train/validation
-  patient never enters it;
-- ``rebalance_development: true`` re-draws previous train/validation patients under the current
-  ratios (between train and validation only).
+Persistence: every patient keeps the role recorded in the previous split file; the held-out
+roles only grow (a gate or test patient stays there even when its cases disappear upstream:
+``withdrawn_holdout_patients``), and a development patient never becomes held out.
+``rebalance_development: true`` re-draws development patients between train and validation
+only. A split file of the earlier three-way split (train / validation / test) migrates: its test
+patients stay held out, as gate or test by their gate hash.
 
-With at least three current patients every split is non-empty: when one would be empty, the
-patient whose hash is nearest to that split's range moves there, new patients first (a previous
-test patient never moves). Optional k-fold: ``folds > 1`` adds ``folds`` train/validation
-partitions of the development patients (train + validation), by a third hash.
+With at least four current patients every role is non-empty (the nearest patient moves there,
+new patients first; a held-out patient never moves, and a development patient of an earlier split
+never becomes held out: a held-out role can then stay empty until new patients arrive).
+Optional k-fold: ``folds > 1`` adds ``folds`` train/validation partitions of the development
+patients, by a fourth hash.
+:func:`role_view` is what each stage may read: fit the development roles, the gate the gate role,
+evaluate the test role.
 """
 
 from __future__ import annotations
@@ -39,21 +42,24 @@ from mvl_pipeline.core.config import ConfigBlock
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "validation", "test")
+SPLITS = ("train", "validation", "gate", "test")
+DEVELOPMENT = ("train", "validation")
+HELD_OUT = ("gate", "test")
 
 
 @dataclass(frozen=True)
 class SplitRatios(ConfigBlock):
-    """``preprocess.split.ratios``: shares of patients (normalised by their sum)."""
+    """``preprocess.split.ratios``: shares of patients per role (normalised by their sum)."""
 
     WHERE = "preprocess.split.ratios"
 
-    train: float = 0.6
-    validation: float = 0.2
-    test: float = 0.2
+    train: float = 0.55
+    validation: float = 0.15
+    gate: float = 0.15
+    test: float = 0.15
 
     def __post_init__(self) -> None:
-        ratios = (self.train, self.validation, self.test)
+        ratios = (self.train, self.validation, self.gate, self.test)
         if min(ratios) < 0 or sum(ratios) <= 0:
             raise ValueError(f"split ratios must be >= 0 with a positive sum, got {list(ratios)}")
 
@@ -67,16 +73,21 @@ class SplitConfig(ConfigBlock):
     seed: int = 20241002
     ratios: SplitRatios = field(default_factory=SplitRatios)
     folds: int = 0  # > 1: also k train/validation folds of the development patients
-    rebalance_development: bool = False  # re-draw earlier train/validation patients (never test)
+    rebalance_development: bool = False  # re-draw earlier train/validation patients (never gate/test)
 
     def __post_init__(self) -> None:
         if self.folds < 0 or self.folds == 1:
             raise ValueError("split.folds must be 0 (no k-fold) or >= 2")
 
     @property
-    def test_fraction(self) -> float:
+    def held_out_fraction(self) -> float:
         r = self.ratios
-        return r.test / (r.train + r.validation + r.test)
+        return (r.gate + r.test) / (r.train + r.validation + r.gate + r.test)
+
+    @property
+    def gate_fraction_of_held_out(self) -> float:
+        held = self.ratios.gate + self.ratios.test
+        return self.ratios.gate / held if held > 0 else 0.0
 
     @property
     def validation_fraction_of_development(self) -> float:
@@ -100,20 +111,34 @@ def _rank_threshold(values: list[float], count: int) -> float:
     return (ordered[count - 1] + ordered[count]) / 2.0
 
 
+def _default_thresholds(config: SplitConfig) -> dict[str, float]:
+    return {
+        "held_out": config.held_out_fraction,
+        "gate": config.gate_fraction_of_held_out,
+        "validation": config.validation_fraction_of_development,
+    }
+
+
 def first_thresholds(patients: Iterable[str], config: SplitConfig) -> dict[str, float]:
     """Thresholds that give the first cohort exactly the configured proportions."""
     cohort = sorted(set(patients))
     n = len(cohort)
-    if n < 3:
-        return {"test": config.test_fraction, "validation": config.validation_fraction_of_development}
-    n_test = max(1, round(config.test_fraction * n)) if config.ratios.test > 0 else 0
-    test_hashes = [unit_hash(config.seed, "test", p) for p in cohort]
-    t_test = _rank_threshold(test_hashes, n_test)
-    development = [p for p, u in zip(cohort, test_hashes, strict=True) if u >= t_test]
+    if n < 4:
+        return _default_thresholds(config)
+    r = config.ratios
+    n_held = max(1, round(config.held_out_fraction * n)) if r.gate + r.test > 0 else 0
+    held_hashes = [unit_hash(config.seed, "test", p) for p in cohort]
+    t_held = _rank_threshold(held_hashes, n_held)
+    held = [p for p, u in zip(cohort, held_hashes, strict=True) if u < t_held]
+    n_gate = round(config.gate_fraction_of_held_out * len(held))
+    if len(held) >= 2 and r.gate > 0 and r.test > 0:  # both held-out roles get a patient
+        n_gate = min(max(1, n_gate), len(held) - 1)
+    t_gate = _rank_threshold([unit_hash(config.seed, "gate", p) for p in held], n_gate)
+    development = [p for p, u in zip(cohort, held_hashes, strict=True) if u >= t_held]
     n_val = round(config.validation_fraction_of_development * len(development))
-    n_val = max(1, n_val) if config.ratios.validation > 0 and len(development) >= 2 else n_val
+    n_val = max(1, n_val) if r.validation > 0 and len(development) >= 2 else n_val
     t_val = _rank_threshold([unit_hash(config.seed, "validation", p) for p in development], n_val)
-    return {"test": t_test, "validation": t_val}
+    return {"held_out": t_held, "gate": t_gate, "validation": t_val}
 
 
 def assign_patients(
@@ -122,62 +147,78 @@ def assign_patients(
     previous: Mapping[str, str] | None = None,
     thresholds: Mapping[str, float] | None = None,
 ) -> dict[str, str]:
-    """``{patient: split}`` for the current patients plus the previous test patients."""
+    """``{patient: role}`` for the current patients plus the previous held-out patients.
+
+    A previous ``gate`` or ``test`` patient keeps its role; a patient held out under the earlier
+    three-way split (``previous == "held_out"``) stays held out and gets gate or test by its
+    gate hash; a previous development patient never becomes held out."""
     previous = dict(previous or {})
     current = sorted(set(patients))
-    limits = dict(thresholds or {"test": config.test_fraction,
-                                 "validation": config.validation_fraction_of_development})  # fmt: skip
+    limits = dict(thresholds or _default_thresholds(config))
     assignment: dict[str, str] = {}
     for patient in current:
         before = previous.get(patient)
-        if before == "test":
-            assignment[patient] = "test"
-        elif before in ("train", "validation") and not config.rebalance_development:
+        if before in HELD_OUT:
             assignment[patient] = before
-        elif before is None and unit_hash(config.seed, "test", patient) < limits["test"]:
-            assignment[patient] = "test"
+        elif before == "held_out" or (before is None and unit_hash(config.seed, "test", patient) < limits["held_out"]):
+            assignment[patient] = "gate" if unit_hash(config.seed, "gate", patient) < limits["gate"] else "test"
+        elif before in DEVELOPMENT and not config.rebalance_development:
+            assignment[patient] = before
         else:
             u = unit_hash(config.seed, "validation", patient)
             assignment[patient] = "validation" if u < limits["validation"] else "train"
-    if len(current) >= 3:
-        _fill_empty_splits(assignment, current, previous, config)
-    for patient, split in previous.items():  # the holdout never loses a member
-        if split == "test" and patient not in assignment:
-            assignment[patient] = "test"
+    if len(current) >= 4:
+        _fill_empty_roles(assignment, current, previous, config)
+    for patient, role in previous.items():  # the held-out roles never lose a member
+        if patient not in assignment and role in (*HELD_OUT, "held_out"):
+            assignment[patient] = role if role in HELD_OUT else (
+                "gate" if unit_hash(config.seed, "gate", patient) < limits["gate"] else "test"
+            )
     return assignment
 
 
-def _fill_empty_splits(
+def _fill_empty_roles(
     assignment: dict[str, str], current: list[str], previous: Mapping[str, str], config: SplitConfig
 ) -> None:
-    # How far each patient's hash is from each split's range: smaller is a more natural move.
-    def distance(patient: str, split: str) -> float:
-        if split == "test":
-            return unit_hash(config.seed, "test", patient)
-        u = unit_hash(config.seed, "validation", patient)
-        return u if split == "validation" else 1.0 - u
+    """With at least four patients every role with a positive ratio gets a patient. An empty
+    role takes, from its sibling role (gate <-> test, train <-> validation) when that has two or
+    more and one of them may move, else from development (for a held-out role), the patient whose
+    hash lies nearest its range, new patients first; a patient held out before never moves, and a development patient
+    of the previous split never becomes held out (a model may have been trained on it)."""
 
-    for split in ("test", "validation", "train"):
-        members = [p for p in current if assignment[p] == split]
-        if members:
+    def distance(patient: str, role: str) -> float:
+        if role in HELD_OUT:
+            u = unit_hash(config.seed, "gate", patient)
+            return u if role == "gate" else 1.0 - u
+        u = unit_hash(config.seed, "validation", patient)
+        return u if role == "validation" else 1.0 - u
+
+    ratios = config.ratios.to_dict()
+    sibling = {"gate": "test", "test": "gate", "train": "validation", "validation": "train"}
+    for role in ("test", "gate", "validation", "train"):
+        if ratios[role] <= 0 or any(assignment[p] == role for p in current):
             continue
         sizes = {s: sum(1 for p in current if assignment[p] == s) for s in SPLITS}
-        candidates = [p for p in current if previous.get(p) != "test" and sizes[assignment[p]] > 1]
+        candidates: list[str] = []
+        for sources in ([sibling[role]], [*DEVELOPMENT] if role in HELD_OUT else []):  # the sibling first
+            candidates = [
+                p for p in current
+                if assignment[p] in sources and sizes[assignment[p]] > 1 and previous.get(p) not in (*HELD_OUT, "held_out")
+                and not (role in HELD_OUT and previous.get(p) in DEVELOPMENT)
+            ]  # fmt: skip
+            if candidates:
+                break
         if not candidates:
             continue
-        # New patients first; a previous patient moves only when no new one can (e.g. the
-        # previous split had fewer than three patients).
-        chosen = min(candidates, key=lambda p: (p in previous, distance(p, split), p))
-        logger.info(
-            "split %s was empty: moved one patient there from %s", split, assignment[chosen]
-        )
-        assignment[chosen] = split
+        chosen = min(candidates, key=lambda p: (p in previous, distance(p, role), p))
+        logger.info("split role %s was empty: moved one patient there from %s", role, assignment[chosen])
+        assignment[chosen] = role
 
 
 def _fold_lists(
     assignment: Mapping[str, str], cases_by_patient: Mapping[str, list[str]], config: SplitConfig
 ) -> list[dict[str, list[str]]]:
-    development = sorted(p for p, s in assignment.items() if s != "test" and p in cases_by_patient)
+    development = sorted(p for p, s in assignment.items() if s in DEVELOPMENT and p in cases_by_patient)
     fold_of = {p: int(unit_hash(config.seed, "fold", p) * config.folds) for p in development}
     folds = []
     for fold in range(config.folds):
@@ -186,9 +227,7 @@ def _fold_lists(
             logger.warning("fold %d has no patients (too few development patients)", fold)
         folds.append(
             {
-                "train": sorted(
-                    c for p in development if fold_of[p] != fold for c in cases_by_patient[p]
-                ),
+                "train": sorted(c for p in development if fold_of[p] != fold for c in cases_by_patient[p]),
                 "validation": sorted(c for p in held for c in cases_by_patient[p]),
             }
         )
@@ -196,13 +235,20 @@ def _fold_lists(
 
 
 def previous_assignment(previous_split: Mapping[str, Any] | None) -> dict[str, str]:
-    """``{patient: split}`` recorded in a split document written by :func:`make_split`."""
+    """``{patient: role}`` recorded in a split document written by :func:`make_split`; a
+    document of the earlier three-way split (train/validation/test) gives ``held_out`` for its
+    test patients, who stay held out (as gate or test)."""
     if not previous_split:
         return {}
     patients = previous_split.get("patients")
     if not isinstance(patients, Mapping):
         raise ValueError("the previous split has no 'patients' block: not written by this pipeline")
-    return {str(p): split for split in SPLITS for p in patients.get(split, [])}
+    three_way = "gate" not in patients
+    found = {}
+    for role in SPLITS:
+        for p in patients.get(role, []):
+            found[str(p)] = "held_out" if (three_way and role == "test") else role
+    return found
 
 
 def make_split(
@@ -210,39 +256,44 @@ def make_split(
     config: SplitConfig,
     previous_split: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The split document: case ids per split, patient pseudonyms per split, optional folds."""
+    """The split document: case ids and patient pseudonyms per role, optional folds."""
     cases_by_patient: dict[str, list[str]] = {}
     for case_id, patient in sorted(case_patients.items()):
         cases_by_patient.setdefault(str(patient), []).append(case_id)
     previous = previous_assignment(previous_split)
     ratios = config.ratios.to_dict()
-    same_rule = bool(previous_split) and previous_split.get("seed") == config.seed and previous_split.get(
-        "ratios"
-    ) == ratios
+    same_rule = bool(previous_split) and previous_split.get("seed") == config.seed and previous_split.get("ratios") == ratios
     if not previous_split:
         thresholds = first_thresholds(cases_by_patient, config)
-    elif same_rule and "thresholds" in previous_split:
+    elif same_rule and "held_out" in previous_split.get("thresholds", {}):
         thresholds = dict(previous_split["thresholds"])
     else:
-        thresholds = {"test": config.test_fraction, "validation": config.validation_fraction_of_development}
+        thresholds = _default_thresholds(config)
     assignment = assign_patients(cases_by_patient, config, previous, thresholds)
-    withdrawn = sorted(
-        p for p, s in assignment.items() if s == "test" and p not in cases_by_patient
-    )
+    withdrawn = sorted(p for p, s in assignment.items() if s in HELD_OUT and p not in cases_by_patient)
     if withdrawn:
-        logger.warning(
-            "%d holdout patient(s) have no current cases; kept in the holdout", len(withdrawn)
-        )
+        logger.warning("%d held-out patient(s) have no current cases; kept held out", len(withdrawn))
     document: dict[str, Any] = {}
-    for split in SPLITS:
-        patients = sorted(p for p, s in assignment.items() if s == split)
-        document[split] = sorted(c for p in patients for c in cases_by_patient.get(p, []))
-    document["patients"] = {
-        split: sorted(p for p, s in assignment.items() if s == split) for split in SPLITS
-    }
+    for role in SPLITS:
+        patients = sorted(p for p, s in assignment.items() if s == role)
+        document[role] = sorted(c for p in patients for c in cases_by_patient.get(p, []))
+    document["patients"] = {role: sorted(p for p, s in assignment.items() if s == role) for role in SPLITS}
     document["withdrawn_holdout_patients"] = withdrawn
     document["folds"] = _fold_lists(assignment, cases_by_patient, config) if config.folds else []
     document["seed"] = config.seed
     document["ratios"] = ratios
     document["thresholds"] = thresholds
     return document
+
+
+def role_view(split: Mapping[str, Any], roles: Iterable[str]) -> dict[str, Any]:
+    """The part of a split document a stage may see: the case ids and patients of ``roles`` only
+    (fit sees train + validation + folds, the gate sees gate, evaluate sees test)."""
+    roles = tuple(roles)
+    view: dict[str, Any] = {role: list(split.get(role, [])) for role in roles}
+    view["patients"] = {role: list(split.get("patients", {}).get(role, [])) for role in roles}
+    if set(roles) <= set(DEVELOPMENT):
+        view["folds"] = list(split.get("folds", []))
+    if split.get("key_id"):
+        view["key_id"] = split["key_id"]  # the pseudonymisation key the patients are named under
+    return view

@@ -5,6 +5,9 @@ from __future__ import annotations
 import matplotlib.figure
 import pytest
 
+from mvl_pipeline.core.hashing import set_digest
+from mvl_pipeline.evaluation.leakage import LeakageError
+from mvl_pipeline.formats.model_bundle import weights_sha256
 from mvl_pipeline.pipelines.evaluate.nodes import (
     evaluate_holdout,
     metrics_for_mlflow,
@@ -16,28 +19,50 @@ from mvl_pipeline.pipelines.evaluate.nodes import (
 pytestmark = pytest.mark.slow
 
 
-def test_evaluate_holdout_scores_every_holdout_case_on_its_original_grid(tiny_training_data, tiny_models):
+def test_evaluate_holdout_scores_every_test_case_on_its_original_grid(tiny_training_data, tiny_models):
     data = tiny_training_data
+    weights = tiny_models["long"]
     per_case, summary, overlays = evaluate_holdout(
-        tiny_models["long"], data["ingested_cases"], data["data_split"], data["preprocessing_plan"],
+        weights, data["ingested_cases"], data["test_split"], data["preprocessing_plan"],
         data["llm_cache_dir"], {"overlay_cases": 2},
     )  # fmt: skip
-    holdout = sorted(data["data_split"]["test"])
-    assert sorted(per_case["case_id"].unique()) == holdout
+    test_cases = sorted(data["data_split"]["test"])
+    assert sorted(per_case["case_id"].unique()) == test_cases  # the test role only: no gate case
+    assert not set(per_case["case_id"]) & set(data["data_split"]["gate"])
     assert set(per_case["class_name"]) == {"organ", "lesion"}
-    for case_id in holdout:  # voxel counts are those of the ORIGINAL (ingested) label grid
+    for case_id in test_cases:  # voxel counts are those of the ORIGINAL (ingested) label grid
         label = data["ingested_cases"][case_id]().label.array
         row = per_case[(per_case.case_id == case_id) & (per_case.class_name == "organ")].iloc[0]
         assert row["voxels_label"] == int((label == 1).sum())
-    assert summary["n_holdout_cases"] == len(holdout)
-    organ = summary["classes"]["organ"]["dice"]
-    assert 0 <= organ["ci95"][0] <= organ["mean"] <= organ["ci95"][1] <= 1
-    assert len(overlays) == min(2, len(holdout))
+        assert row["patient_id"] == data["ingested_cases"][case_id]().patient_id
+    # the summary is tied to these weights and this test set (register attaches it only then)
+    assert summary["role"] == "test"
+    assert summary["n_cases"] == len(test_cases) and summary["n_patients"] == 3
+    assert summary["weights_sha256"] == weights_sha256(weights[0])
+    assert summary["test_set_hash"] == set_digest(test_cases)
+    organ = summary["classes"]["organ"]
+    assert organ["n_patients"] == 3 and organ["dice"]["ci_method"] == "BCa bootstrap over patients"
+    assert 0 <= organ["dice"]["ci95"][0] <= organ["dice"]["mean"] <= organ["dice"]["ci95"][1] <= 1
+    lesion = summary["classes"]["lesion"]
+    assert lesion["hd95_mm"]["n_undefined"] == 0  # a missed lesion has its worst case, never a gap
+    assert 0.0 <= lesion["detection_rate"] <= 1.0
+    assert len(overlays) == min(2, len(test_cases))
     flat = metrics_for_mlflow(summary)
-    assert flat["holdout.organ.dice"]["value"] == pytest.approx(organ["mean"])
+    assert flat["holdout.organ.dice"]["value"] == pytest.approx(organ["dice"]["mean"])
     assert not any("case-" in k for k in flat)
     for figure in (plot_per_case(per_case), plot_overlays(overlays)):
         assert isinstance(figure, matplotlib.figure.Figure)
+
+
+def test_evaluate_refuses_a_test_set_holding_a_development_patient(tiny_training_data, tiny_models):
+    data = tiny_training_data
+    state, config = tiny_models["long"]
+    trained_on = data["development_split"]["patients"]["train"][0]
+    leaky = {"test": list(data["test_split"]["test"]),
+             "patients": {"test": [*data["test_split"]["patients"]["test"], trained_on]}}  # fmt: skip
+    with pytest.raises(LeakageError, match="1 patient\\(s\\) of the test set were development"):
+        evaluate_holdout((state, config), data["ingested_cases"], leaky, data["preprocessing_plan"],
+                         data["llm_cache_dir"], {"overlay_cases": 0})  # fmt: skip
 
 
 def test_learning_curves_plot_only_validated_epochs():

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 def run_fit(data, fit):
     return fit_model(
-        data["model_input_cases"], data["data_split"], data["preprocessing_plan"], data["ingest_manifest"],
+        data["model_input_cases"], data["development_split"], data["preprocessing_plan"], data["ingest_manifest"],
         data["model"], fit,
     )  # fmt: skip
 

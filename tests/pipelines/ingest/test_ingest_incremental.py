@@ -3,6 +3,7 @@ byte-identical, and a study changed upstream replaces its old outputs."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 
@@ -11,6 +12,7 @@ import pydicom
 import pytest
 from ingest_support import drop_files, run_ingest, snapshot, write_drop
 
+from mvl_pipeline.core import pseudonyms
 from mvl_pipeline.datasets.drop import encode_file
 
 
@@ -160,3 +162,25 @@ def test_changed_ingest_settings_reingest_every_study_once(first_run, sample_stu
     assert changed.manifest["settings_id"] != first_settings
     run_ingest(drop, root, params=params)
     assert len(count_processed()) == 3  # nothing more the second time
+
+
+def test_a_changed_key_is_refused_before_anything_is_written(first_run, sample_studies):
+    """Ingest under another key would give every study a second pseudonym next to its first (and
+    one patient two places in the split): refused, naming both keys' ids and what to do, with
+    the earlier cases and manifest untouched."""
+    drop, root, run = first_run
+    before = snapshot(root)
+    other_key = hashlib.sha256(b"another site key").hexdigest()
+    write_drop(drop, drop_files(*sample_studies[3:]))
+    with pytest.raises(Exception) as caught:
+        run_ingest(drop, root, key_hex=other_key)
+    error = caught.value
+    while not isinstance(error, pseudonyms.KeyChangedError) and error.__cause__ is not None:
+        error = error.__cause__
+    assert isinstance(error, pseudonyms.KeyChangedError), caught.value
+    message = str(error)
+    assert pseudonyms.key_id(bytes.fromhex(other_key)) in message and run.manifest["key_id"] in message
+    assert "ingest_manifest.json" in message and other_key not in message
+    assert snapshot(root) == before
+    # every case records the key it was made under; the manifest too
+    assert {run.case(c).meta["key_id"] for c in run.case_ids()} == {run.manifest["key_id"]}

@@ -125,7 +125,8 @@ def test_empty_drop_is_refused_by_default_and_is_a_no_op_when_allowed(tmp_path):
 
     run = run_ingest(drop, tmp_path / "data", allow_empty=True)
     assert run.case_ids() == []
-    assert {k: v for k, v in run.manifest.items() if k != "settings_id"} == {"version": 1, "files": {}, "units": {}}
+    assert {k: v for k, v in run.manifest.items() if k not in ("settings_id", "key_id")} == {"version": 1, "files": {}, "units": {}}
+    assert run.manifest["key_id"].startswith("key-")  # which key named the (future) cases
     assert run.quarantine == []
     assert run.summary_path.read_text().strip() == "status,reason,modality,count"
 

@@ -103,27 +103,38 @@ def _case_json(root: Path) -> dict[str, str]:
     return {p.parent.name: p.read_text() for p in sorted(folder.glob("*/case.json"))}
 
 
+def _split(root: Path, name: str = "split") -> dict:
+    return json.loads((root / "03_primary" / f"{name}.json").read_text())
+
+
 def test_preprocess_pipeline_end_to_end_and_incremental(tmp_path, drop, counted):
     ingested = CaseStoreDataset(path=str(tmp_path / "02_intermediate" / "cases"), format="nifti")
     ingested.save(dict(drop))
     params = _params()
 
-    # -- first run: everything is computed -------------------------------------------------
+    # -- first run: the split first, then everything of the development patients is computed --
     _run(tmp_path, params)
-    assert len(counted) == len(drop) == 8
+    split = _split(tmp_path)
+    development = sorted(c for role in ("train", "validation") for c in split[role])
+    held_out = sorted(c for role in ("gate", "test") for c in split[role])
+    assert sorted(development + held_out) == sorted(drop) and held_out
+    assert len(counted) == len(development)
     plan = json.loads((tmp_path / "04_feature" / "preprocessing_plan.json").read_text())
     fingerprint = json.loads((tmp_path / "04_feature" / "dataset_fingerprint.json").read_text())
-    split = json.loads((tmp_path / "05_model_input" / "split.json").read_text())
-    assert set(fingerprint["cases"]) == set(drop)
+    # the plan learns from development cases only: no gate or test case in the fingerprint
+    assert sorted(fingerprint["cases"]) == development and fingerprint["n_cases"] == len(development)
     assert (
         plan["patch_size"] and all(p % 8 == 0 for p in plan["patch_size"]) and plan["tokens"] <= 512
     )
-    # RAS spacings: the coronal case's 10 mm slices lie along y
-    assert fingerprint["cases"]["case021"]["spacing"] == [7.0, 10.0, 7.0]
+    # an ordinary axial study of a patient with a second study (the layout depends on the seeded split)
+    two_studies = [c for c in ("case020", "case040") if c in development]
+    assert two_studies, split["patients"]
+    if "case021" in development:  # RAS spacings: the coronal case's 10 mm slices lie along y
+        assert fingerprint["cases"]["case021"]["spacing"] == [7.0, 10.0, 7.0]
 
     model_inputs = CaseStoreDataset(path=str(tmp_path / "05_model_input" / "cases"), format="npy")
     loaded = {cid: load() for cid, load in model_inputs.load().items()}
-    assert set(loaded) == set(drop)
+    assert sorted(loaded) == development  # held-out cases are scored from their ingested originals
     for case_id, case in loaded.items():
         assert case.image.array.dtype == np.float32 and case.label.array.dtype == np.uint8
         assert np.isfinite(case.image.array).all()
@@ -141,15 +152,22 @@ def test_preprocess_pipeline_end_to_end_and_incremental(tmp_path, drop, counted)
         assert 2 * organ.sum() / ((restored == 1).sum() + (original == 1).sum()) > 0.85
 
     patients = {c.patient_id for c in drop.values()}
-    by_split = {s: {drop[c].patient_id for c in split[s]} for s in ("train", "validation", "test")}
+    roles = ("train", "validation", "gate", "test")
+    by_split = {s: {drop[c].patient_id for c in split[s]} for s in roles}
     assert set().union(*by_split.values()) == patients
-    assert not (by_split["train"] & by_split["validation"] or by_split["train"] & by_split["test"])
-    assert not by_split["validation"] & by_split["test"]
-    assert all(by_split.values())  # 6 patients: every split has one
+    for i, a in enumerate(roles):
+        for b in roles[i + 1:]:
+            assert not by_split[a] & by_split[b], (a, b)
+    assert all(by_split.values())  # 6 patients: every role has one
     assert by_split == {s: set(split["patients"][s]) for s in by_split}
+    # each stage's view holds its roles only
+    views = {name: _split(tmp_path, f"split_{name}") for name in ("development", "gate", "test")}
+    assert set(views["development"]["patients"]) == {"train", "validation"}
+    assert views["gate"]["gate"] == split["gate"] and "test" not in views["gate"]
+    assert views["test"]["test"] == split["test"] and "gate" not in views["test"]
 
     before = _case_json(tmp_path)
-    split_before = (tmp_path / "05_model_input" / "split.json").read_text()
+    split_before = (tmp_path / "03_primary" / "split.json").read_text()
 
     # -- second run, nothing changed: nothing is recomputed, nothing rewritten -------------
     counted.clear()
@@ -157,19 +175,32 @@ def test_preprocess_pipeline_end_to_end_and_incremental(tmp_path, drop, counted)
     assert counted == []
     assert _case_json(tmp_path) == before
     assert json.loads((tmp_path / "04_feature" / "preprocessing_plan.json").read_text()) == plan
-    assert (tmp_path / "05_model_input" / "split.json").read_text() == split_before
+    assert (tmp_path / "03_primary" / "split.json").read_text() == split_before
 
-    # -- one study re-sent upstream (new source_hash, slightly different pixels) -----------
-    changed = drop["case030"]
+    # -- a held-out study re-sent upstream (other pixels): the fingerprint and plan do not move --
+    for case_id in held_out:
+        case = drop[case_id]
+        ingested.save({case_id: Case(case.case_id, case.patient_id, case.image.with_array(case.image.array * 3.0),
+                                     case.label, {**case.meta, "source_hash": f"h-{case_id}-v2"})})  # fmt: skip
+    counted.clear()
+    _run(tmp_path, params)
+    assert counted == []
+    assert json.loads((tmp_path / "04_feature" / "dataset_fingerprint.json").read_text()) == fingerprint
+    assert json.loads((tmp_path / "04_feature" / "preprocessing_plan.json").read_text()) == plan
+    assert _case_json(tmp_path) == before
+
+    # -- one development study re-sent upstream (new source_hash, slightly different pixels) ----
+    changed_id = development[0]
+    changed = drop[changed_id]
     noisy = changed.image.with_array(changed.image.array + np.float32(1.0))
     ingested.save(
         {
-            "case030": Case(
+            changed_id: Case(
                 changed.case_id,
                 changed.patient_id,
                 noisy,
                 changed.label,
-                {**changed.meta, "source_hash": "h-case030-v2"},
+                {**changed.meta, "source_hash": f"h-{changed_id}-v2"},
             )
         }
     )
@@ -177,27 +208,52 @@ def test_preprocess_pipeline_end_to_end_and_incremental(tmp_path, drop, counted)
     _run(tmp_path, params)
     assert counted == [hashlib_of(noisy)]  # only that case
     after = _case_json(tmp_path)
-    assert {cid for cid in after if after[cid] != before[cid]} == {"case030"}
-    assert json.loads(after["case030"])["meta"]["source_hash"] == "h-case030-v2"
+    assert {cid for cid in after if after[cid] != before[cid]} == {changed_id}
+    assert json.loads(after[changed_id])["meta"]["source_hash"] == f"h-{changed_id}-v2"
     assert (
         json.loads((tmp_path / "04_feature" / "preprocessing_plan.json").read_text())["plan_id"]
         == plan["plan_id"]
     )
 
-    # -- a study withdrawn upstream disappears from the model input, the split keeps the rest
-    ingested.save({"case041": None})
+    # -- a development study withdrawn upstream disappears from the model input; the split keeps
+    # every patient (the other study of that patient is still there), the plan barely drifts
+    withdrawn = two_studies[0]
+    ingested.save({withdrawn: None})
     counted.clear()
     _run(tmp_path, params)
     assert counted == []
-    assert "case041" not in _case_json(tmp_path) and len(_case_json(tmp_path)) == 7
-    new_split = json.loads((tmp_path / "05_model_input" / "split.json").read_text())
+    assert withdrawn not in _case_json(tmp_path) and len(_case_json(tmp_path)) == len(development) - 1
+    new_split = _split(tmp_path)
     assert new_split["patients"] == split["patients"]
 
-    # -- a plan change (another crop margin) recomputes every case ---------------------------
+    # -- a plan change (another crop margin) recomputes every development case -----------------
     params["plan"]["crop_margin_mm"] = 25.0
     counted.clear()
     _run(tmp_path, params)
-    assert len(counted) == 7
+    assert len(counted) == len(development) - 1
+
+
+def test_an_earlier_three_way_split_file_is_migrated_keeping_its_test_patients_held_out(tmp_path, drop):
+    """A project from before the gate role: 05_model_input/split.json (train/validation/test) is
+    read once; its test patients stay held out, the new split lives in 03_primary."""
+    ingested = CaseStoreDataset(path=str(tmp_path / "02_intermediate" / "cases"), format="nifti")
+    ingested.save(dict(drop))
+    patients = sorted({c.patient_id for c in drop.values()})
+    old_roles = {"train": patients[:3], "validation": patients[3:4], "test": patients[4:]}
+    legacy = {
+        **{role: sorted(c for c, case in drop.items() if case.patient_id in members) for role, members in old_roles.items()},
+        "patients": old_roles, "withdrawn_holdout_patients": [], "folds": [], "seed": 1,
+        "ratios": {"train": 0.6, "validation": 0.2, "test": 0.2}, "thresholds": {"test": 0.2, "validation": 0.25},
+    }  # fmt: skip
+    (tmp_path / "05_model_input").mkdir(parents=True)
+    (tmp_path / "05_model_input" / "split.json").write_text(json.dumps(legacy))
+    _run(tmp_path, _params(workers=1))
+    split = _split(tmp_path)
+    held = set(split["patients"]["gate"]) | set(split["patients"]["test"])
+    assert set(old_roles["test"]) <= held
+    assert not held & (set(old_roles["train"]) | set(old_roles["validation"]))
+    fingerprint = json.loads((tmp_path / "04_feature" / "dataset_fingerprint.json").read_text())
+    assert not set(fingerprint["cases"]) & (set(split["gate"]) | set(split["test"]))
 
 
 def test_catalog_entries_and_parameters_are_consistent():
@@ -206,9 +262,14 @@ def test_catalog_entries_and_parameters_are_consistent():
     datasets = {d for d in pipeline.datasets() if not d.startswith("params:")}
     assert datasets - {"ingested_cases"} == set(catalog)
     for name, entry in catalog.items():
-        assert entry["metadata"]["kedro-viz"]["layer"] in ("feature", "model_input"), name
+        assert entry["metadata"]["kedro-viz"]["layer"] in ("intermediate", "primary", "feature", "model_input"), name
+    # the split is decided before anything is learnt from the data: the primary layer
+    for name in ("data_split", "development_split", "gate_split", "test_split"):
+        assert catalog[name]["metadata"]["kedro-viz"]["layer"] == "primary", name
     # the "previous" entries read the very files the nodes write, tolerating their absence
     assert catalog["previous_data_split"]["filepath"] == catalog["data_split"]["filepath"]
+    assert catalog["data_split"]["filepath"].endswith("03_primary/split.json")
+    assert catalog["legacy_data_split"]["filepath"].endswith("05_model_input/split.json")
     assert (
         catalog["previous_preprocessing_plan"]["filepath"]
         == catalog["preprocessing_plan"]["filepath"]
@@ -217,15 +278,23 @@ def test_catalog_entries_and_parameters_are_consistent():
         catalog["previous_data_split"]["missing"]
         == {}
         == catalog["previous_preprocessing_plan"]["missing"]
+        == catalog["legacy_data_split"]["missing"]
     )
     assert catalog["model_input_records"]["path"] == catalog["model_input_cases"]["path"]
+    assert catalog["ingested_case_index"]["index_only"] is True  # the split reads no voxel
     for node in pipeline.nodes:
         assert node.name.endswith("_node")
         assert not set(node.inputs) & set(node.outputs)
+    # split first: the fingerprint reads the development view, never the whole split
+    fingerprint = next(n for n in pipeline.nodes if n.name == "fingerprint_node")
+    assert "development_split" in fingerprint.inputs
+    assert not {"data_split", "gate_split", "test_split"} & set(fingerprint.inputs)
     params = PreprocessConfig.from_params(yaml.safe_load(PARAMS_YML.read_text())["preprocess"])
     assert params.plan.orientation == "RAS"
-    # the holdout must be a real fraction of the patients, never "one volume"
-    assert 0.1 <= params.split.test_fraction <= 0.3
+    # gate and test must each be a real fraction of the patients, never "one volume"
+    ratios = params.split.ratios
+    total = ratios.train + ratios.validation + ratios.gate + ratios.test
+    assert 0.1 <= ratios.gate / total <= 0.3 and 0.1 <= ratios.test / total <= 0.3
     with pytest.raises(ValueError, match="unknown"):
         PreprocessConfig.from_params({"plan": {"token_budgt": 3}})
 
@@ -245,19 +314,23 @@ def test_cases_without_a_source_hash_are_tracked_by_content(tmp_path, drop, coun
     ingested.save(bare)
     params = _params(workers=1)
     _run(tmp_path, params)
-    assert len(counted) == 4
+    split = _split(tmp_path)
+    development = sorted(split["train"] + split["validation"])
+    assert len(counted) == len(development) == 2  # 4 patients: one per role
     hashes = {
         cid: json.loads(text)["meta"]["source_hash"] for cid, text in _case_json(tmp_path).items()
     }
-    assert all(h.startswith("content:") for h in hashes.values()) and len(set(hashes.values())) == 4
+    assert sorted(hashes) == development
+    assert all(h.startswith("content:") for h in hashes.values()) and len(set(hashes.values())) == 2
     counted.clear()
     _run(tmp_path, params)
     assert counted == []
     # new pixels under the same case id: recomputed, by content
-    case = bare["case000"]
+    case_id = development[0]
+    case = bare[case_id]
     ingested.save(
         {
-            "case000": Case(
+            case_id: Case(
                 case.case_id,
                 case.patient_id,
                 case.image.with_array(case.image.array * 1.01),
@@ -269,4 +342,4 @@ def test_cases_without_a_source_hash_are_tracked_by_content(tmp_path, drop, coun
     counted.clear()
     _run(tmp_path, params)
     assert len(counted) == 1
-    assert json.loads(_case_json(tmp_path)["case000"])["meta"]["source_hash"] != hashes["case000"]
+    assert json.loads(_case_json(tmp_path)[case_id])["meta"]["source_hash"] != hashes[case_id]

@@ -9,10 +9,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mvl_pipeline.core.hashing import set_digest
+from mvl_pipeline.evaluation.leakage import check_no_leakage
 from mvl_pipeline.evaluation.metrics import METRICS
 from mvl_pipeline.evaluation.plots import plot_learning_curves, plot_overlays, plot_per_case
 from mvl_pipeline.evaluation.scoring import EvaluateConfig, cases_in, score_cases
 from mvl_pipeline.evaluation.summary import summarise
+from mvl_pipeline.formats.model_bundle import weights_sha256
 from mvl_pipeline.model import model_from_weights
 from mvl_pipeline.preprocessing.plan import plan_classes
 
@@ -25,7 +28,7 @@ __all__ = ["evaluate_holdout", "metrics_for_mlflow", "plot_learning_curves", "pl
 def evaluate_holdout(
     trained_model: tuple[dict[str, Any], dict[str, Any]],
     ingested_cases: Mapping[str, Callable[[], Any]],
-    data_split: Mapping[str, Any],
+    test_split: Mapping[str, Any],
     preprocessing_plan: Mapping[str, Any],
     llm_cache_dir: str,
     params: Mapping[str, Any],
@@ -33,16 +36,24 @@ def evaluate_holdout(
     """Per-case metrics, their summary, and a few slices for overlay plots."""
     config = EvaluateConfig.from_params(params)
     state, model_config = trained_model
+    check_no_leakage(
+        model_config, test_split.get("patients", {}).get("test", []), role="test", model="trained model",
+        key_id=test_split.get("key_id"),
+    )  # fmt: skip
     model = model_from_weights(state, model_config, llm_cache_dir=llm_cache_dir)
     classes = plan_classes(preprocessing_plan)
     rows, overlays = score_cases(
-        model, cases_in(ingested_cases, data_split, "test"), preprocessing_plan, classes,
+        model, cases_in(ingested_cases, test_split, "test"), preprocessing_plan, classes,
         num_classes=model.cfg.num_classes, params=config, keep_overlays=config.overlay_cases,
         postprocessing=model_config.get("postprocessing"),
     )  # fmt: skip
     per_case = pd.DataFrame(rows)
     summary = {
-        "n_holdout_cases": len(data_split["test"]),
+        "role": "test",
+        "n_cases": len(test_split["test"]),
+        "n_patients": len(test_split.get("patients", {}).get("test", [])),
+        "test_set_hash": set_digest(test_split["test"]),
+        "weights_sha256": weights_sha256(state),
         "plan_id": preprocessing_plan.get("plan_id"),
         "nsd_tolerance_mm": config.nsd_tolerance_mm,
         "classes": summarise(rows, seed=config.bootstrap_seed),
@@ -51,11 +62,10 @@ def evaluate_holdout(
     summary["mean_dice"] = float(np.mean([m for m in means if m is not None])) if means else None
     for name, entry in summary["classes"].items():
         logger.info(
-            "holdout %-8s Dice %.3f (95%% CI %.3f-%.3f; %.3f where present, n=%d)  HD95 %s mm  NSD %.3f",
-            name, entry["dice"]["mean"], *entry["dice"]["ci95"],
-            _or_nan(entry["dice_label_present"]["mean"]), entry["dice_label_present"]["n"],
-            "n/a" if entry["hd95_mm"]["mean"] is None else f"{entry['hd95_mm']['mean']:.1f}",
-            entry["nsd"]["mean"],
+            "test %-10s Dice %.3f (%s; %s where present, %d patients)  HD95 %s mm (%d worst case)  NSD %s",
+            name, entry["dice"]["mean"], _ci(entry["dice"]), _num(entry["dice_label_present"]["mean"]),
+            entry["n_patients"], _num(entry["hd95_mm"]["mean"], 1), entry["hd95_worst_case_cases"],
+            _num(entry["nsd"]["mean"]),
         )  # fmt: skip
     return per_case, summary, overlays
 
@@ -73,5 +83,10 @@ def metrics_for_mlflow(summary: Mapping[str, Any]) -> dict[str, dict[str, float]
     return flat
 
 
-def _or_nan(value: float | None) -> float:
-    return float("nan") if value is None else float(value)
+def _num(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _ci(entry: Mapping[str, Any]) -> str:
+    ci = entry.get("ci95")
+    return "no interval: fewer than 3 patients" if ci is None else f"95% CI {ci[0]:.3f}-{ci[1]:.3f}"

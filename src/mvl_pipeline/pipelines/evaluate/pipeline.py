@@ -17,7 +17,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             node(
                 evaluate_holdout,
                 inputs=[
-                    "trained_model", "ingested_cases", "data_split", "preprocessing_plan",
+                    "trained_model", "ingested_cases", "test_split", "preprocessing_plan",
                     "params:fit.llm_cache_dir", "params:evaluate",
                 ],  # fmt: skip
                 outputs=["evaluation_per_case", "evaluation_summary", "evaluation_overlays"],
@@ -29,7 +29,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             node(plot_overlays, "evaluation_overlays", "overlay_plot", name="plot_overlays_node"),
         ],
         namespace="evaluate",
-        inputs={"trained_model", "ingested_cases", "data_split", "preprocessing_plan", "fit_history"},
+        inputs={"trained_model", "ingested_cases", "test_split", "preprocessing_plan", "fit_history"},
         outputs={
             "evaluation_per_case", "evaluation_summary", "evaluation_metrics",
             "learning_curves_plot", "per_case_plot", "overlay_plot",

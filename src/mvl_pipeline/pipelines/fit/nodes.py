@@ -6,7 +6,9 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from mvl_pipeline.evaluation.leakage import RECORD_KEY, development_record
 from mvl_pipeline.evaluation.scoring import EvaluateConfig, cases_in, decide_postprocessing_on
+from mvl_pipeline.formats.model_bundle import weights_sha256
 from mvl_pipeline.ingestion.manifest import data_version
 from mvl_pipeline.model import MedVisionLlamaConfig, model_from_weights
 from mvl_pipeline.preprocessing.plan import plan_classes
@@ -18,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 def fit_model(
     model_input_cases: Mapping[str, Callable[[], Any]],
-    data_split: Mapping[str, Any],
+    development_split: Mapping[str, Any],
     preprocessing_plan: Mapping[str, Any],
     ingest_manifest: Mapping[str, Any],
     model_params: Mapping[str, Any],
@@ -31,8 +33,8 @@ def fit_model(
     version = data_version(ingest_manifest)
     weights, state = ray_driver.fit(
         model_input_cases,
-        [c for c in data_split["train"] if c in model_input_cases],
-        [c for c in data_split["validation"] if c in model_input_cases],
+        [c for c in development_split["train"] if c in model_input_cases],
+        [c for c in development_split["validation"] if c in model_input_cases],
         preprocessing_plan,
         model_cfg,
         FitConfig.from_params(fit_params),
@@ -60,7 +62,7 @@ def fit_model(
 def decide_postprocessing(
     fitted_model: tuple[dict[str, Any], dict[str, Any]],
     ingested_cases: Mapping[str, Callable[[], Any]],
-    data_split: Mapping[str, Any],
+    development_split: Mapping[str, Any],
     preprocessing_plan: Mapping[str, Any],
     llm_cache_dir: str,
     evaluate_params: Mapping[str, Any],
@@ -70,7 +72,9 @@ def decide_postprocessing(
     state, config = fitted_model
     model = model_from_weights(state, config, llm_cache_dir=llm_cache_dir)
     decision = decide_postprocessing_on(
-        model, cases_in(ingested_cases, data_split, "validation"), preprocessing_plan,
+        model, cases_in(ingested_cases, development_split, "validation"), preprocessing_plan,
         plan_classes(preprocessing_plan), params=EvaluateConfig.from_params(evaluate_params),
     )  # fmt: skip
-    return state, {**config, "postprocessing": decision}
+    development = [p for role in ("train", "validation") for p in development_split.get("patients", {}).get(role, [])]
+    record = development_record(development, salt=weights_sha256(state)[:32], key_id=development_split.get("key_id"))
+    return state, {**config, "postprocessing": decision, RECORD_KEY: record}

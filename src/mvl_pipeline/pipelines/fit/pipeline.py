@@ -11,7 +11,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             node(
                 fit_model,
                 inputs=[
-                    "model_input_cases", "data_split", "preprocessing_plan", "ingest_manifest",
+                    "model_input_cases", "development_split", "preprocessing_plan", "ingest_manifest",
                     "params:model", "params:fit",
                 ],  # fmt: skip
                 outputs=["fitted_model", "fit_history"],
@@ -20,7 +20,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             node(
                 decide_postprocessing,
                 inputs=[
-                    "fitted_model", "ingested_cases", "data_split", "preprocessing_plan",
+                    "fitted_model", "ingested_cases", "development_split", "preprocessing_plan",
                     "params:fit.llm_cache_dir", "params:evaluate",
                 ],  # fmt: skip
                 outputs="trained_model",
@@ -28,7 +28,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
         ],
         namespace="fit",
-        inputs={"model_input_cases", "data_split", "preprocessing_plan", "ingest_manifest", "ingested_cases"},
+        inputs={"model_input_cases", "development_split", "preprocessing_plan", "ingest_manifest", "ingested_cases"},
         outputs={"trained_model", "fit_history"},
         parameters={"params:model", "params:fit", "params:fit.llm_cache_dir", "params:evaluate"},
         tags="fit",

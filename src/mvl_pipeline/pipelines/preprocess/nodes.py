@@ -28,7 +28,7 @@ from mvl_pipeline.preprocessing.apply import model_volume, preprocess_case
 from mvl_pipeline.preprocessing.config import PreprocessConfig
 from mvl_pipeline.preprocessing.fingerprint import aggregate_fingerprint, case_fingerprint
 from mvl_pipeline.preprocessing.plan import plan_preprocessing, reconcile_plan
-from mvl_pipeline.preprocessing.split import make_split
+from mvl_pipeline.preprocessing.split import DEVELOPMENT, make_split, role_view
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +41,16 @@ def _previous(document: Mapping[str, Any] | None) -> dict[str, Any] | None:
 
 
 # -- fingerprint ---------------------------------------------------------------------------
-def fingerprint_dataset(ingested_cases: CaseLoaders, params: Mapping[str, Any]) -> dict[str, Any]:
-    """The dataset fingerprint (JSON) of all ingested cases."""
+def fingerprint_dataset(
+    ingested_cases: CaseLoaders, development_split: Mapping[str, Any], params: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The dataset fingerprint (JSON) of the development cases only: the plan (spacing,
+    intensity statistics) must not learn anything from the gate or test patients."""
     config = PreprocessConfig.from_params(params)
     where = {"orientation": config.plan.orientation, "body_mask": config.body_mask}
-    case_ids = sorted(ingested_cases)
+    case_ids = sorted(c for role in DEVELOPMENT for c in development_split.get(role, []) if c in ingested_cases)
     if not case_ids:
-        raise ValueError("no ingested cases to fingerprint")
+        raise ValueError("no development cases to fingerprint (is the train split empty?)")
 
     def one(case_id: str) -> dict[str, Any]:
         return case_fingerprint(ingested_cases[case_id](), config.fingerprint, **where)
@@ -130,7 +133,8 @@ def preprocess_dataset(
     model_input_records: CaseLoaders,
     params: Mapping[str, Any],
 ) -> dict[str, Callable[[], Case] | None]:
-    """Model-input cases to (re)write, lazily and in parallel; ``None`` deletes a stale case.
+    """Model-input cases of the development patients (the fingerprint's cases) to (re)write,
+    lazily and in parallel; ``None`` deletes a stale case (gone upstream, or now held out).
 
     Unchanged cases under an unchanged plan are not in the result (nothing is recomputed).
     The work runs when the dataset saves (calls) the entries; a case that fails with an
@@ -140,14 +144,12 @@ def preprocess_dataset(
     config = PreprocessConfig.from_params(params).apply
     plan_id = str(preprocessing_plan["plan_id"])
     hashes = {cid: str(r.get("source_hash", "")) for cid, r in dataset_fingerprint["cases"].items()}
-    missing = sorted(set(ingested_cases) - set(hashes))
+    missing = sorted(set(hashes) - set(ingested_cases))
     if missing:
-        raise ValueError(
-            f"{len(missing)} ingested case(s) are not in the fingerprint: re-run fingerprint_node"
-        )
+        raise ValueError(f"{len(missing)} fingerprinted case(s) are no longer ingested: re-run fingerprint_node")
 
     todo = []
-    for case_id in sorted(ingested_cases):
+    for case_id in sorted(hashes):
         existing = model_input_records.get(case_id)
         if existing is not None:
             try:
@@ -160,10 +162,10 @@ def preprocess_dataset(
                     type(exc).__name__,
                 )
         todo.append(case_id)
-    stale = sorted(set(model_input_records) - set(ingested_cases))
+    stale = sorted(set(model_input_records) - set(hashes))
     logger.info(
         "preprocess with plan %s: %d to compute, %d up to date, %d removed",
-        plan_id, len(todo), len(ingested_cases) - len(todo), len(stale),
+        plan_id, len(todo), len(hashes) - len(todo), len(stale),
     )  # fmt: skip
 
     def one(case_id: str) -> Case:
@@ -188,16 +190,31 @@ def preprocess_dataset(
 
 # -- split ---------------------------------------------------------------------------------
 def split_dataset(
-    dataset_fingerprint: Mapping[str, Any],
+    ingested_case_index: Mapping[str, Mapping[str, Any]],
     previous_split: Mapping[str, Any] | None,
+    legacy_split: Mapping[str, Any] | None,
     params: Mapping[str, Any],
-) -> dict[str, Any]:
-    """Train / validation / test case ids by patient pseudonym (see ``split.py``)."""
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Patients to roles (see ``preprocessing/split.py``), from the ingested cases' records alone
+    (no voxel is read): the whole split document, and the view each stage may read: development
+    (fit), gate (the registry gate), test (evaluate)."""
     config = PreprocessConfig.from_params(params).split
-    case_patients = {cid: r["patient_id"] for cid, r in dataset_fingerprint["cases"].items()}
-    split = make_split(case_patients, config, _previous(previous_split))
+    case_patients = {cid: record["patient_id"] for cid, record in ingested_case_index.items()}
+    if not case_patients:
+        raise ValueError("no ingested cases to split")
+    if not previous_split and legacy_split:
+        logger.info("migrating the project's earlier train/validation/test split: its test patients stay held out")
+    key_ids = sorted({str(r["meta"]["key_id"]) for r in ingested_case_index.values() if r.get("meta", {}).get("key_id")})
+    if len(key_ids) > 1:
+        raise ValueError(
+            f"the ingested cases were made under {len(key_ids)} pseudonymisation keys ({', '.join(key_ids)}): one "
+            "patient may appear under two pseudonyms. Re-ingest everything under one key"
+        )
+    split = make_split(case_patients, config, _previous(previous_split) or _previous(legacy_split))
+    if key_ids:
+        split["key_id"] = key_ids[0]
     logger.info(
-        "split: %d train, %d validation, %d test patients",
-        *(len(split["patients"][s]) for s in ("train", "validation", "test")),
+        "split: %d train, %d validation, %d gate, %d test patients",
+        *(len(split["patients"][role]) for role in ("train", "validation", "gate", "test")),
     )
-    return split
+    return split, role_view(split, DEVELOPMENT), role_view(split, ("gate",)), role_view(split, ("test",))

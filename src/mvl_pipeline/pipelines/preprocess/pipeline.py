@@ -1,10 +1,11 @@
 """Wiring of the ``preprocess`` pipeline (the functions are in ``nodes.py``).
 
-ingested_cases -> fingerprint_node -> dataset_fingerprint
+ingested_case_index + previous_data_split -> split_node -> data_split (+ the development, gate
+    and test views each later stage reads)
+ingested_cases + development_split -> fingerprint_node -> dataset_fingerprint (development only)
 dataset_fingerprint + previous_preprocessing_plan + params -> plan_node -> preprocessing_plan
 ingested_cases + dataset_fingerprint + preprocessing_plan + model_input_records
-    -> preprocess_node -> model_input_cases
-dataset_fingerprint + previous_data_split -> split_node -> data_split
+    -> preprocess_node -> model_input_cases (development cases)
 """
 
 from kedro.pipeline import Pipeline, node
@@ -21,8 +22,15 @@ def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
             node(
+                split_dataset,
+                inputs=["ingested_case_index", "previous_data_split", "legacy_data_split", "params:preprocess"],
+                outputs=["data_split", "development_split", "gate_split", "test_split"],
+                name="split_node",
+                tags=["split"],
+            ),
+            node(
                 fingerprint_dataset,
-                inputs=["ingested_cases", "params:preprocess"],
+                inputs=["ingested_cases", "development_split", "params:preprocess"],
                 outputs="dataset_fingerprint",
                 name="fingerprint_node",
                 tags=["fingerprint"],
@@ -51,13 +59,6 @@ def create_pipeline(**kwargs) -> Pipeline:
                 outputs="model_input_cases",
                 name="preprocess_node",
                 tags=["apply"],
-            ),
-            node(
-                split_dataset,
-                inputs=["dataset_fingerprint", "previous_data_split", "params:preprocess"],
-                outputs="data_split",
-                name="split_node",
-                tags=["split"],
             ),
         ],
         # No namespace, unlike the other stages: kedro-viz draws a namespace as one node whose

@@ -1,0 +1,75 @@
+"""The leakage guard: a model is never scored on a patient it was developed on.
+
+Each model carries, in its config, a record of its development patients (train + validation):
+salted SHA-256 hashes of their pseudonyms, with a salt of its own (so records of different
+models cannot be joined with each other or with the split files). Before a model is scored on a
+gate or test set, :func:`check_no_leakage` hashes that set's patients with the model's salt and
+refuses any overlap: after a key rotation, a lost split file or a hand-edited split, the same
+patient could otherwise be a champion's training case and its "held-out" evidence at once.
+
+Pseudonyms are keyed: under a new key the same patient has a new pseudonym, and no hash can
+match. So the record also names the key its patients were named under (``key_id``, from the
+split), and a held-out set named under another key is refused outright: its overlap with the
+model's development patients cannot be known.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+RECORD_KEY = "development_patients"
+
+
+class LeakageError(ValueError):
+    """A held-out set shares patients with a model's development set."""
+
+
+def _hash(salt: str, patient: str) -> str:
+    return hashlib.sha256(f"{salt}\x1f{patient}".encode()).hexdigest()[:20]
+
+
+def development_record(patients: Iterable[str], salt: str | None = None, key_id: str | None = None) -> dict[str, Any]:
+    """``{"salt", "hashes", "n", "key_id"}`` of a model's development patients (stored in its
+    config). The fit passes its weights' hash as the salt, so the same model always gets the same
+    record, and the split's ``key_id``."""
+    salt = salt or secrets.token_hex(16)
+    hashes = sorted({_hash(salt, str(p)) for p in patients})
+    return {"salt": salt, "hashes": hashes, "n": len(hashes), "key_id": key_id}
+
+
+def shared_patients(record: Mapping[str, Any] | None, patients: Iterable[str]) -> int | None:
+    """How many of ``patients`` are in the record (None when the model has no record)."""
+    if not record or "salt" not in record:
+        return None
+    known = set(record.get("hashes", []))
+    return sum(_hash(str(record["salt"]), str(p)) in known for p in set(patients))
+
+
+def check_no_leakage(
+    model_config: Mapping[str, Any], patients: Iterable[str], *, role: str, model: str, key_id: str | None = None
+) -> int | None:
+    """Raise :class:`LeakageError` when ``patients`` (the ``role`` set, named under the key
+    ``key_id``) share a patient with the development patients recorded in ``model_config``, or
+    are named under another key than those; returns the overlap (0) or None when the model
+    predates the record (nothing can be checked: the caller says so)."""
+    record = model_config.get(RECORD_KEY) or {}
+    recorded_key = record.get("key_id")
+    if recorded_key and key_id and recorded_key != key_id:
+        raise LeakageError(
+            f"the {model} was developed on patients pseudonymised under another key ({recorded_key}) than the "
+            f"{role} set ({key_id}): the same patient has another pseudonym under each key, so whether the {role} "
+            "set holds its training patients cannot be checked. Restore the earlier key, or retrain the model on "
+            "the current split (a champion from before the key change must be retired: remove its alias)"
+        )
+    shared = shared_patients(record, patients)
+    if shared:
+        raise LeakageError(
+            f"{shared} patient(s) of the {role} set were development (training or validation) patients of the "
+            f"{model}: scoring it there would report what it has learnt, not how it generalises. This follows a "
+            "changed pseudonymisation key, a lost or edited split file, or a re-split. Restore the split "
+            "(03_primary/split.json) and the key it was made with, or retrain the model on the current split"
+        )
+    return shared

@@ -158,3 +158,21 @@ def test_compile_switch_returns_the_same_model_class(make_cfg, llm_cache_dir):
     model = build_model(make_cfg(compile=True, llm={"mode": "none"}), llm_cache_dir=llm_cache_dir)
     assert type(model).__name__ == "MedVisionLlama"
     assert model._compiled_call_impl is not None  # nn.Module.compile() in place
+
+
+def test_compile_without_a_cpp_compiler_runs_the_model_uncompiled_and_says_why(make_cfg, llm_cache_dir, tmp_path, monkeypatch, caplog):
+    # TorchInductor needs a C++ compiler on CPU; without one, compiling would fail at the first
+    # step, minutes into a run. A PATH holding no compiler stands for such a machine.
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.delenv("CXX", raising=False)
+    from mvl_pipeline.model.network import c_compiler
+
+    assert c_compiler() is None
+    with caplog.at_level("WARNING", logger="mvl_pipeline.model.network"):
+        model = build_model(make_cfg(compile=True, llm={"mode": "none"}), llm_cache_dir=llm_cache_dir)
+    assert model._compiled_call_impl is None
+    assert "no C++ compiler" in caplog.text and "uncompiled" in caplog.text
+    out = model(torch.randn(1, 1, 16, 16, 8))  # the eager model still runs
+    assert out.shape[0] == 1

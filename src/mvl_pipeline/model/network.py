@@ -215,7 +215,7 @@ def build_model(
         torch.manual_seed(seed)  # MONAI's own initialisation, seeded
         model: nn.Module = CNNSegmenter(cfg).to(device)
         if cfg.compile:
-            model.compile()
+            compile_in_place(model, device)
         return model
     llm = None
     if cfg.llm.mode != "none":
@@ -233,5 +233,30 @@ def build_model(
     init_parameters(model, seed)
     model = model.to(device)
     if cfg.compile:
-        model.compile()
+        compile_in_place(model, device)
     return model
+
+
+def c_compiler() -> str | None:
+    """The C++ compiler TorchInductor would use on CPU ($CXX, else g++ / c++ / clang++), or None."""
+    import os
+    import shutil
+
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and (found := shutil.which(name)):
+            return found
+    return None
+
+
+def compile_in_place(model: nn.Module, device: torch.device) -> bool:
+    """``model.compile()`` (``model.compile: true``) where it can work; False, with a warning
+    and the eager model unchanged, where it cannot: TorchInductor generates C++ for CPU and
+    fails at the first step (minutes into a run) without a compiler."""
+    if device.type == "cpu" and c_compiler() is None:
+        logger.warning(
+            "model.compile: true, but no C++ compiler ($CXX, g++, c++, clang++) is on PATH: "
+            "running the model uncompiled (install one, e.g. Debian's g++, to compile)"
+        )
+        return False
+    model.compile()
+    return True

@@ -114,4 +114,4 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 1000:1000
 
 ENTRYPOINT ["kedro"]
-CMD ["run", "--pipeline", "train", "--env", "cluster"]
+CMD ["run", "--pipelines", "train", "--env", "cluster"]

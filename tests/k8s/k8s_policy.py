@@ -43,7 +43,7 @@ CONFIGMAP_REQUIRED = {
     "MVL_LLM_SOURCE",
     "HF_HOME",
 }
-ENTRYPOINT = "kedro run --pipeline train --env cluster"
+ENTRYPOINT = "kedro run --pipelines train --env cluster"
 SUBMIT_SA_RIGHTS = {("ray.io", "rayjobs", verb) for verb in ("create", "get", "watch")}
 OPERATOR_RIGHTS = SUBMIT_SA_RIGHTS | {("batch", "cronjobs", "get"), ("batch", "jobs", "create")}
 

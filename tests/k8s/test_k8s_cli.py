@@ -100,7 +100,7 @@ def test_submit_creates_the_rayjob_from_an_overlay(
     rayjob = stored[expected]
     assert rayjob["kind"] == "RayJob" and rayjob["apiVersion"] == "ray.io/v1"
     assert "suspend" not in rayjob["spec"]
-    assert rayjob["spec"]["entrypoint"] == "kedro run --pipeline train --env cluster"
+    assert rayjob["spec"]["entrypoint"] == "kedro run --pipelines train --env cluster"
     labels = rayjob["metadata"]["labels"]
     assert labels["mvl-pipeline/slot"] == SLOT_TEXT
     assert labels["mvl-pipeline/data-version"] == expected.rsplit("-", 1)[1]

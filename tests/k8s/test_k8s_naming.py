@@ -182,7 +182,7 @@ def test_rayjob_from_template(rendered: dict) -> None:
     assert labels.items() <= body["metadata"]["labels"].items()
     assert "mvl-pipeline/role" not in body["metadata"]["labels"]
     assert "status" not in body and "suspend" not in body["spec"]
-    assert body["spec"]["entrypoint"] == "kedro run --pipeline train --env cluster"
+    assert body["spec"]["entrypoint"] == "kedro run --pipelines train --env cluster"
     images = {c["image"] for _, t in pod_templates(body) for c in t["spec"]["containers"]}
     assert images == {"reg/img:1"}
 

@@ -1,4 +1,4 @@
-"""``sample_data``: generate the synthetic sample hospital drop (``kedro run --pipeline sample_data``)."""
+"""``sample_data``: generate the synthetic sample hospital drop (``kedro run --pipelines sample_data``)."""
 
 from kedro.pipeline import Pipeline, node
 

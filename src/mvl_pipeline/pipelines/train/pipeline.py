@@ -1,7 +1,7 @@
 """``train`` = ingest -> preprocess -> fit -> evaluate -> register.
 
 A package of its own (not only a sum in the registry) because Kedro 1.7 loads just the
-pipelines named on the command line: ``kedro run --pipeline train`` imports this module.
+pipelines named on the command line: ``kedro run --pipelines train`` imports this module.
 """
 
 from kedro.pipeline import Pipeline

@@ -163,7 +163,7 @@ def tiny_setup(shared_data, llm_cache_dir):
     preprocess["apply"]["workers"] = 1
     model_params = base_block("model") | TINY
     development = {"train": list(HIPPOCAMPUS_CASES), "validation": []}
-    plan = plan_dataset(fingerprint_dataset(loaders, development, preprocess), None, preprocess, model_params)
+    plan = plan_dataset(fingerprint_dataset(loaders, development, None, preprocess), None, preprocess, model_params)
     assert plan["patch_size"] == [40, 56, 40] and plan["label_values"] == [0, 1, 2]
     torch.manual_seed(0)
     cfg = MedVisionLlamaConfig.from_params(model_params).for_plan(plan)

@@ -41,6 +41,7 @@ def local_catalog(root: Path, params: Mapping[str, Any], *, key_hex: str | None 
             "quarantine_report": MemoryDataset(),
             "ingest_summary": MemoryDataset(),
             "dataset_fingerprint": json_ds("fingerprint"),
+            "previous_dataset_fingerprint": json_ds("fingerprint", missing={}),
             "preprocessing_plan": json_ds("plan"),
             "previous_preprocessing_plan": json_ds("plan", missing={}),
             "model_input_cases": CaseStoreDataset(path=str(root / "model_input"), format="npy"),

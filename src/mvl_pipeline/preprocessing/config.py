@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from mvl_pipeline.core.config import ConfigBlock
 from mvl_pipeline.preprocessing.crop import BodyMaskConfig
+from mvl_pipeline.preprocessing.drift import DriftConfig
 from mvl_pipeline.preprocessing.fingerprint import FingerprintConfig
 from mvl_pipeline.preprocessing.plan import PlanConfig
 from mvl_pipeline.preprocessing.split import SplitConfig
@@ -34,3 +35,4 @@ class PreprocessConfig(ConfigBlock):
     plan: PlanConfig = field(default_factory=PlanConfig)
     apply: ApplyConfig = field(default_factory=ApplyConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)

@@ -274,6 +274,8 @@ def test_catalog_entries_and_parameters_are_consistent():
         catalog["previous_preprocessing_plan"]["filepath"]
         == catalog["preprocessing_plan"]["filepath"]
     )
+    assert catalog["previous_dataset_fingerprint"]["filepath"] == catalog["dataset_fingerprint"]["filepath"]
+    assert catalog["previous_dataset_fingerprint"]["missing"] == {}
     assert (
         catalog["previous_data_split"]["missing"]
         == {}

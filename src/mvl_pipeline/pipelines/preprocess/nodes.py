@@ -26,6 +26,7 @@ from mvl_pipeline.core.errors import ImagingError
 from mvl_pipeline.core.parallel import LazyResults, parallel_map
 from mvl_pipeline.preprocessing.apply import model_volume, preprocess_case
 from mvl_pipeline.preprocessing.config import PreprocessConfig
+from mvl_pipeline.preprocessing.drift import guard, new_case_ids
 from mvl_pipeline.preprocessing.fingerprint import aggregate_fingerprint, case_fingerprint
 from mvl_pipeline.preprocessing.plan import plan_preprocessing, reconcile_plan
 from mvl_pipeline.preprocessing.split import DEVELOPMENT, make_split, role_view
@@ -42,10 +43,18 @@ def _previous(document: Mapping[str, Any] | None) -> dict[str, Any] | None:
 
 # -- fingerprint ---------------------------------------------------------------------------
 def fingerprint_dataset(
-    ingested_cases: CaseLoaders, development_split: Mapping[str, Any], params: Mapping[str, Any]
+    ingested_cases: CaseLoaders,
+    development_split: Mapping[str, Any],
+    previous_fingerprint: Mapping[str, Any] | None,
+    params: Mapping[str, Any],
 ) -> dict[str, Any]:
     """The dataset fingerprint (JSON) of the development cases only: the plan (spacing,
-    intensity statistics) must not learn anything from the gate or test patients."""
+    intensity statistics) must not learn anything from the gate or test patients.
+
+    The drift guard (``preprocessing/drift.py``) compares the cases new since the previous
+    fingerprint with the previous ones: ``preprocess.drift.action: stop`` fails here, before
+    anything is planned or trained; ``replan`` records the findings under ``drift`` for
+    ``plan_dataset``."""
     config = PreprocessConfig.from_params(params)
     where = {"orientation": config.plan.orientation, "body_mask": config.body_mask}
     case_ids = sorted(c for role in DEVELOPMENT for c in development_split.get(role, []) if c in ingested_cases)
@@ -63,6 +72,11 @@ def fingerprint_dataset(
         progress_every=config.apply.progress_every,
     )
     fingerprint = aggregate_fingerprint(records, config.fingerprint, **where)
+    findings = guard(fingerprint, _previous(previous_fingerprint), config.drift)
+    if findings:
+        logger.warning("drift: %d finding(s); re-planning (preprocess.drift.action: replan):\n  - %s",
+                       len(findings), "\n  - ".join(findings))  # fmt: skip
+        fingerprint["drift"] = {"findings": findings, "new_cases": len(new_case_ids(fingerprint, previous_fingerprint))}
     logger.info(
         "fingerprint %s: %d cases, modalities %s",
         fingerprint["fingerprint_id"], fingerprint["n_cases"], sorted(fingerprint["modalities"]),
@@ -88,6 +102,10 @@ def plan_dataset(
         embed_patch_size=model_params.get("patch_size"),
         token_budget=model_params.get("token_budget"),
     )
+    drift = dataset_fingerprint.get("drift") or {}
+    if drift.get("findings"):  # the new cases do not fit the previous plan: never keep it
+        new["provenance"] = {**new.get("provenance", {}), "drift": list(drift["findings"])}
+        previous_plan = None
     plan, reused = reconcile_plan(new, _previous(previous_plan), config.stability_tolerance)
     if reused:
         how = "identical" if new["plan_id"] == plan["plan_id"] else "within the stability tolerance"

@@ -30,7 +30,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             node(
                 fingerprint_dataset,
-                inputs=["ingested_cases", "development_split", "params:preprocess"],
+                inputs=["ingested_cases", "development_split", "previous_dataset_fingerprint", "params:preprocess"],
                 outputs="dataset_fingerprint",
                 name="fingerprint_node",
                 tags=["fingerprint"],

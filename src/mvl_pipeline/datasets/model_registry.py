@@ -49,12 +49,21 @@ class ModelVersionView:
             return read_bundle(bundle)
 
 
+#: Version tags of a registration: the aliases it means to set (written with the version), and
+#: "true" once they are set (written last).
+INTENDED_ALIASES = "intended_aliases"
+REGISTRATION_COMPLETE = "registration_complete"
+
+
 @dataclass(frozen=True)
 class RegistryView:
     champion: ModelVersionView | None
     latest: ModelVersionView | None
     aliases_of_latest: tuple[str, ...] = ()
     weights_of_versions: dict[str, str] = field(default_factory=dict)  # version -> weights_sha256 tag
+    # version -> the aliases its registration meant to set, for versions whose registration was
+    # interrupted after the version was created (no REGISTRATION_COMPLETE tag)
+    unfinished: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def version_with_weights(self, digest: str) -> str | None:
         """The (oldest) registered version holding exactly these weights, if any."""
@@ -78,9 +87,12 @@ class RegistrationRequest:
 @dataclass(frozen=True)
 class AlreadyRegistered:
     """What the gate hands on instead of a request when these weights are registered already
-    (Kedro refuses to save ``None``): saving it registers nothing."""
+    (Kedro refuses to save ``None``): saving it registers nothing. ``finish_aliases``: the
+    version's registration was interrupted before its aliases were set (the registry went away
+    between two calls): saving sets them and marks the registration complete."""
 
     version: str
+    finish_aliases: tuple[str, ...] | None = None
 
 
 class MlflowRegistryDataset(AbstractDataset[RegistrationRequest | AlreadyRegistered, RegistryView]):
@@ -134,13 +146,29 @@ class MlflowRegistryDataset(AbstractDataset[RegistrationRequest | AlreadyRegiste
             champion = None  # no version holds the alias yet
         aliases = tuple(client.get_model_version(self._name, latest.version).aliases or ())
         weights = {str(v.version): (v.tags or {}).get("weights_sha256", "") for v in versions}
+        unfinished = {
+            str(v.version): tuple(a for a in (v.tags or {})[INTENDED_ALIASES].split(",") if a)
+            for v in versions
+            if INTENDED_ALIASES in (v.tags or {}) and (v.tags or {}).get(REGISTRATION_COMPLETE) != "true"
+        }
         return RegistryView(champion=champion, latest=self._view(latest), aliases_of_latest=aliases,
-                            weights_of_versions=weights)  # fmt: skip
+                            weights_of_versions=weights, unfinished=unfinished)  # fmt: skip
+
+    def _finish(self, client: Any, version: str, aliases: tuple[str, ...]) -> None:
+        """Set the version's aliases, then mark its registration complete (the last call)."""
+        for alias in aliases:
+            client.set_registered_model_alias(self._name, alias, version)
+        client.set_model_version_tag(self._name, version, REGISTRATION_COMPLETE, "true")
 
     def save(self, data: RegistrationRequest | AlreadyRegistered) -> None:
         """Register ``data`` (:class:`AlreadyRegistered`: the gate found these weights registered
         already: nothing)."""
         if isinstance(data, AlreadyRegistered):
+            if data.finish_aliases is not None:
+                self._finish(self._client(), data.version, data.finish_aliases)
+                logger.info("finished the interrupted registration of %s version %s: alias(es) %s set",
+                            self._name, data.version, ", ".join(data.finish_aliases) or "none")  # fmt: skip
+                return
             logger.info("nothing to register for %s (these weights are version %s)", self._name, data.version)
             return
         import mlflow
@@ -180,12 +208,14 @@ class MlflowRegistryDataset(AbstractDataset[RegistrationRequest | AlreadyRegiste
                 client.create_registered_model(self._name)
             except mlflow.exceptions.MlflowException:
                 pass  # already registered
+            # The version and what its registration means to do, in one call; the aliases and the
+            # completion mark after it. A registry lost in between leaves a version that the next
+            # run's gate finds by its weights and finishes (``RegistryView.unfinished``).
             version = client.create_model_version(
-                self._name, source=info.model_uri, run_id=run.info.run_id, tags=data.tags,
-                description=data.description,
-            )  # fmt: skip
-            for alias in data.aliases:
-                client.set_registered_model_alias(self._name, alias, version.version)
+                self._name, source=info.model_uri, run_id=run.info.run_id, model_id=info.model_id,
+                tags={**data.tags, INTENDED_ALIASES: ",".join(data.aliases)}, description=data.description,
+            )  # fmt: skip (model_id: an MLflow 3 server refuses a models:/ source without it)
+            self._finish(client, str(version.version), tuple(data.aliases))
             self.last_version = str(version.version)
             logger.info("registered %s version %s with alias(es) %s", self._name, version.version, ", ".join(data.aliases))
         finally:

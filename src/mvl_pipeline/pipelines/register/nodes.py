@@ -73,6 +73,16 @@ def decide_registration(
         "fit_run": fit_history.get("run_name"),
     }
     existing = registry.version_with_weights(digest)
+    if existing is not None and existing in registry.unfinished:
+        # an earlier run registered these weights and was cut off before setting the aliases its
+        # gate decided: finish that decision (the gate does not decide twice on the same weights)
+        aliases = registry.unfinished[existing]
+        decision |= {"registered": False, "promoted": config.champion_alias in aliases, "alias": aliases[0] if aliases else None,
+                     "already_registered_as": existing,
+                     "reason": f"these weights are version {existing}, whose registration was interrupted before "
+                               f"its alias(es) were set: finishing it ({', '.join(aliases) or 'no alias'})"}  # fmt: skip
+        logger.warning("registry gate: %s", decision["reason"])
+        return AlreadyRegistered(existing, finish_aliases=aliases), decision
     if existing is not None:
         decision |= {"registered": False, "promoted": False, "alias": None, "already_registered_as": existing,
                      "reason": f"these weights are already registered as version {existing}: nothing registered"}  # fmt: skip

@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIPELINE ?= train
 KEDRO_ENV ?= local
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=30
 # extra `kedro run` options for `make train`, e.g. KEDRO_ARGS='--params fit.loop.epochs=2'
 KEDRO_ARGS ?=
 MLFLOW_PORT ?= 5000

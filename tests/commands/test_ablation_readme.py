@@ -28,7 +28,8 @@ def test_the_section_between_the_markers_is_generated_and_the_rest_kept(tmp_path
     readme_before = hashlib.sha256((ROOT / "README.md").read_bytes()).hexdigest()
     copy = tmp_path / "README.md"
     original = (ROOT / "README.md").read_text(encoding="utf-8")
-    head, tail = original + "\n## Ablation\n\n", "\n\n## After\n\nkept as is\n"
+    assert original.count(BEGIN) == 1 and original.count(END) == 1  # the project's README holds them
+    head, tail = original[: original.index(BEGIN)], original[original.index(END) + len(END) :]
     copy.write_text(f"{head}{BEGIN}\nhand-typed table\n{END}{tail}", encoding="utf-8")
     summary = tmp_path / "summary.json"
     write_summary(summary)

@@ -37,6 +37,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.support.net import free_port
+
 pytestmark = pytest.mark.slow
 
 N_STUDIES = 16
@@ -225,12 +227,6 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # -- project copies -------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from mvl_pipeline.datasets.model_registry import (
 )
 from mvl_pipeline.formats.model_bundle import weights_sha256
 from mvl_pipeline.pipelines.register import create_pipeline
+from tests.support.net import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -41,17 +41,11 @@ WEIGHTS = ({"head.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3)}, 
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """``mlflow server`` on a sqlite backend and a local artifact store, as a real process."""
 
     def __init__(self, root: Path) -> None:
-        self.root, self.port = root, _free_port()
+        self.root, self.port = root, free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 

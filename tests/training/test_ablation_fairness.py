@@ -134,12 +134,6 @@ class CPUSession(Session):
         return torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def keep_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
 
 def trained(ctx: TrialContext, arm: str, seed: int, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Recorder:
     with monkeypatch.context() as patch:

@@ -84,13 +84,6 @@ class RecordingSession(Session):
         return torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def keep_torch_threads():
-    """run_training sets the process-wide torch thread count: give it back afterwards."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
 
 def train(tmp_path: Path, name: str, restore: Path | None = None, **loop: Any):
     session = RecordingSession(tmp_path / name, restore)

@@ -86,7 +86,7 @@ def llm_cache_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def project_copy(tmp_path_factory):
+def project_copy(tmp_path_factory, llm_cache_dir):
     """Factory: ``make(name) -> root`` of a fresh copy of the project's source tree.
 
     The copy holds the files git tracks or would track (``git ls-files --cached --others
@@ -94,6 +94,12 @@ def project_copy(tmp_path_factory):
     ``shared`` to ``../shared`` (so ``<copy>/../shared/data`` resolves as in the checkout), and has
     a new pseudonymisation key in its conf/local/credentials.yml. For tests that run Kedro, DVC
     or kedro-viz on a whole project without touching the checkout.
+
+    ``make(name, share_llm_cache=True)``: the copy's data/06_models/llm_cache (the default cache of
+    converted LLM layers of `kedro run` and of the predict command) is a link to the session's
+    ``llm_cache_dir``, so the packaged layer is converted once per session instead of once per
+    copy (~15 s on 2 cores each). The conversion itself is tested in
+    tests/model/test_model_llm_layer.py.
     """
     import shutil
     import subprocess
@@ -105,13 +111,15 @@ def project_copy(tmp_path_factory):
     ).stdout.decode()  # fmt: skip
     files = [name for name in listing.split("\0") if name and (PROJECT_ROOT / name).is_file()]
 
-    def make(name: str) -> Path:
+    def make(name: str, *, share_llm_cache: bool = False) -> Path:
         base = tmp_path_factory.mktemp(name)
         root = base / "project"
         for relpath in files:
             target = root / relpath
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(PROJECT_ROOT / relpath, target)
+        if share_llm_cache:
+            (root / "data" / "06_models" / "llm_cache").symlink_to(llm_cache_dir, target_is_directory=True)
         if SHARED_DATA.parent.is_dir():
             (base / "shared").symlink_to(SHARED_DATA.parent, target_is_directory=True)
         subprocess.run(

@@ -2,7 +2,8 @@
 copies of the project (tiny parameters in conf/local) on (1) the generated multi-series MR drop
 (T1 + T2 series of each study as two channels, declared in ``ingest.channels``) and (2) a 4-D
 NIfTI MSD-layout task built from the Hippocampus volumes (its ``dataset.json`` modalities as the
-channels); then the predict command on each input kind, and on an input missing a channel."""
+channels); then the predict command on each input kind, and on an input missing a channel. The
+copies share the session's LLM cache (``project_copy(..., share_llm_cache=True)``)."""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def predict(project: Path, source: Path, out: Path) -> subprocess.CompletedProce
 
 
 def test_multi_series_mr_drop_trains_and_predicts_on_a_study(project_copy):
-    project = project_copy("mc-dicom")
+    project = project_copy("mc-dicom", share_llm_cache=True)
     parameters = {**TINY, "sample_data": MR_DROP, "ingest": {"workers": 1, "progress": False, "channels": CHANNELS}}
     (project / "conf" / "local" / "parameters.yml").write_text(yaml.safe_dump(parameters), encoding="utf-8")
     sample = run(project, "run", "--pipelines", "sample_data")
@@ -105,7 +106,7 @@ def series_dir(series: dict[str, Path], prefix: str) -> Path:
 
 
 def test_a_4d_msd_task_trains_and_predicts_on_a_4d_nifti(project_copy, shared_data):
-    project = project_copy("mc-msd")
+    project = project_copy("mc-msd", share_llm_cache=True)
     drop = project / "drop"
     task = build_task(shared_data / "msd" / "Task04_Hippocampus", drop, HIPPOCAMPUS)
     (project / "conf" / "local" / "globals.yml").write_text(yaml.safe_dump({"drop_url": str(drop)}), encoding="utf-8")

@@ -1,6 +1,7 @@
 """End to end, as a user runs it: `kedro run --pipeline sample_data` then `kedro run --pipeline
 train` in a fresh copy of the project (tiny parameters in conf/local), then the predict command
-on a study of the drop. Leaves a champion in the project's sqlite registry."""
+on a study of the drop. Leaves a champion in the project's sqlite registry. The copy's LLM cache
+is the session's (``project_copy(..., share_llm_cache=True)``): the layer is converted once."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ TINY = {
 @pytest.fixture(scope="module")
 def project(project_copy) -> Path:
     """A fresh copy of the project (what a clone has), with tiny parameters in conf/local."""
-    root = project_copy("e2e")
+    root = project_copy("e2e", share_llm_cache=True)
     (root / "conf" / "local" / "credentials.yml").unlink()  # the test creates the key itself
     (root / "conf" / "local" / "parameters.yml").write_text(yaml.safe_dump(TINY), encoding="utf-8")
     return root

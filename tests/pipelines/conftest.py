@@ -93,12 +93,19 @@ def tiny_fit_params(tmp: Path, llm_cache_dir: str, **loop: Any) -> dict[str, Any
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the whole session (starting it costs seconds)."""
+    """One local Ray for the whole session (starting it costs seconds), set up as `kedro run` sets
+    up its local Ray (``training.ray_driver.connect_ray``): the Train controller polls its workers
+    every 0.25 s (not 2 s: seconds of idle start-up, wind-down and failure detection per fit), and
+    the workers run at the driver's niceness (not 15, where anything else on the machine takes
+    their cores)."""
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)
+        with pytest.MonkeyPatch.context() as env:  # read by Ray's processes when they start
+            env.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+            env.setenv("RAY_worker_niceness", "0")
+            ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

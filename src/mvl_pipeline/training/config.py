@@ -63,4 +63,12 @@ class FitConfig(ConfigBlock):
     max_failures: int = 1
     num_to_keep: int = 2
     stream_to_mlflow: bool = True
+    init: str = "scratch"  # scratch | champion: start from the registered champion's weights
+    champion_epochs: int = 6  # epochs of a run started from the champion (scratch: loop.epochs)
     loop: LoopConfig = field(default_factory=LoopConfig)
+
+    def __post_init__(self) -> None:
+        if self.init not in ("scratch", "champion"):
+            raise ValueError(f"fit.init must be scratch or champion, not {self.init!r}")
+        if self.champion_epochs < 1:
+            raise ValueError("fit.champion_epochs must be >= 1")

@@ -138,6 +138,8 @@ def run_training(config: Mapping[str, Any], session: Session) -> dict[str, Any]:
         state.setdefault("resumed_after_epochs", []).append(int(state["epoch"]))
     else:
         model = build_model(model_cfg, device="cpu", llm_cache_dir=config["llm_cache_dir"], seed=loop.seed)
+        if config.get("init_weights"):  # fit.init: champion (shapes checked by the driver)
+            model.load_state_dict(config["init_weights"], strict=False)  # the frozen LLM layer is not saved
         state = {"epoch": -1, "history": [], "best_val_dice": -1.0, "global_step": 0, "resumed_after_epochs": []}
     model = session.prepare_model(model.to(device))
     optimizer = configure_optimizers(_unwrap(model), lr=loop.lr, weight_decay=loop.weight_decay, betas=loop.betas)

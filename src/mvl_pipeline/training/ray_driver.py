@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,32 @@ from mvl_pipeline.training.loop import MODEL_DIR, STATE_FILE, train_loop_per_wor
 logger = logging.getLogger(__name__)
 
 
-def run_name_for(data_ver: str, plan: Mapping[str, Any], model_cfg: Mapping[str, Any], fit: FitConfig) -> str:
-    """Deterministic: the same data, plan and configuration give the same run (and resume it)."""
+@dataclass(frozen=True)
+class InitWeights:
+    """Weights a run starts from instead of a fresh initialisation (``fit.init: champion``)."""
+
+    version: str
+    sha256: str
+    state: Mapping[str, Any] = field(repr=False)
+    llm_sha256: str | None = None  # the frozen LLM layer it was trained with (None: no layer)
+
+
+def same_architecture(model: Any, state: Mapping[str, Any]) -> bool:
+    """``state`` (saved weights: every tensor but the frozen LLM layer's) fits ``model`` exactly."""
+    frozen = set(getattr(model, "frozen_llm_state_names", list)())
+    wanted = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in frozen}
+    return wanted == {k: tuple(v.shape) for k, v in state.items()}
+
+
+def run_name_for(data_ver: str, plan: Mapping[str, Any], model_cfg: Mapping[str, Any], fit: FitConfig,
+                 init_sha256: str | None = None) -> str:  # fmt: skip
+    """Deterministic: the same data, plan, configuration and starting weights give the same run
+    (and resume it)."""
     if fit.run_name != "auto":
         return fit.run_name
     identity = {"loop": fit.loop.to_dict(), "workers": fit.scaling.num_workers, "gpu": fit.scaling.use_gpu}
+    if init_sha256:
+        identity["init"] = init_sha256
     identity["loop"].pop("inject_failure", None)
     return f"mvl-{data_ver}-{json_digest([plan.get('plan_id', plan), model_cfg, identity], length=10)}"
 
@@ -103,15 +124,15 @@ def mlflow_target() -> dict[str, str] | None:
     return {"run_id": run.info.run_id, "tracking_uri": uri}
 
 
-def read_best(result: Any) -> tuple[str, dict[str, Any]]:
-    """Directory of the checkpoint with the best validation Dice, and its metrics."""
+def read_best(result: Any) -> tuple[Any, dict[str, Any]]:
+    """The checkpoint with the best validation Dice, and its metrics."""
     candidates = [(ckpt, metrics) for ckpt, metrics in (result.best_checkpoints or []) if metrics]
     if not candidates:
         if result.checkpoint is None:
             raise RuntimeError("training reported no checkpoint")
-        return result.checkpoint.path, dict(result.metrics or {})
+        return result.checkpoint, dict(result.metrics or {})
     checkpoint, metrics = max(candidates, key=lambda item: float(item[1].get("val_dice", -1.0)))
-    return checkpoint.path, dict(metrics)
+    return checkpoint, dict(metrics)
 
 
 def fit(
@@ -124,6 +145,7 @@ def fit(
     *,
     classes: Sequence[int],
     data_version: str,
+    init: InitWeights | None = None,
 ) -> tuple[tuple[dict[str, Any], dict[str, Any]], dict[str, Any]]:
     """Train on Ray; return the best model ``(state_dict, config)`` and the training state
     (history, best epoch and Dice, resumes, global step) with the run's name."""
@@ -138,8 +160,17 @@ def fit(
     cache = absolute(fit_cfg.llm_cache_dir)
     # Build once here: a configuration error fails before Ray starts, and the frozen LLM layer
     # is converted into the cache once instead of by every worker.
-    build_model(model_cfg, device="cpu", llm_cache_dir=cache)
-    name = run_name_for(data_version, plan, model_cfg.to_dict(), fit_cfg)
+    model = build_model(model_cfg, device="cpu", llm_cache_dir=cache)
+    reference = getattr(model, "llm_reference", None)
+    if init is not None and (reference.sha256 if reference else None) != init.llm_sha256:
+        logger.warning("fit.init champion: version %s was trained with another frozen LLM layer: training from scratch", init.version)
+        init = None
+    if init is not None and not same_architecture(model, init.state):
+        logger.warning("fit.init champion: version %s has another architecture than model.*: training from scratch", init.version)
+        init = None
+    if init is not None:
+        fit_cfg = replace(fit_cfg, loop=replace(fit_cfg.loop, epochs=fit_cfg.champion_epochs))
+    name = run_name_for(data_version, plan, model_cfg.to_dict(), fit_cfg, init.sha256 if init else None)
     storage = absolute(fit_cfg.storage_path)
     config = {
         "loop": fit_cfg.loop.to_dict(),
@@ -152,6 +183,7 @@ def fit(
         "llm_cache_dir": cache,
         "mlflow": mlflow_target() if fit_cfg.stream_to_mlflow else None,
         "failure_marker": os.path.join(storage, name, ".injected_failure") if "://" not in storage else None,
+        "init_weights": dict(init.state) if init is not None else None,
     }
     started_ray = connect_ray(fit_cfg)
     try:
@@ -182,10 +214,12 @@ def fit(
             ),
         )
         result = trainer.fit()
-        best_dir, best_metrics = read_best(result)
-        last_dir = result.checkpoint.path if result.checkpoint is not None else best_dir
-        weights = read_weights(Path(best_dir) / MODEL_DIR)
-        state = json.loads((Path(last_dir) / STATE_FILE).read_text(encoding="utf-8"))
+        best, best_metrics = read_best(result)
+        # as_directory(): a local path as it is, a checkpoint on S3 (or any remote storage) downloaded
+        with best.as_directory() as best_dir:
+            weights = read_weights(Path(best_dir) / MODEL_DIR)
+        with (result.checkpoint or best).as_directory() as last_dir:
+            state = json.loads((Path(last_dir) / STATE_FILE).read_text(encoding="utf-8"))
     finally:
         if started_ray:
             ray.shutdown()
@@ -194,5 +228,7 @@ def fit(
         best_epoch=int(best_metrics.get("epoch", -1)),
         best_val_dice=float(best_metrics.get("val_dice", float("nan"))),
         num_workers=scaling.num_workers,
+        init={"from": "champion", "version": init.version, "weights_sha256": init.sha256, "epochs": fit_cfg.loop.epochs}
+        if init is not None else {"from": "scratch", "epochs": fit_cfg.loop.epochs},
     )
     return weights, state

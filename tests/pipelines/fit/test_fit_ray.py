@@ -4,6 +4,7 @@ and a re-run of the same run name resumes instead of retraining."""
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -12,10 +13,10 @@ from mvl_pipeline.pipelines.fit.nodes import fit_model
 pytestmark = pytest.mark.slow
 
 
-def run_fit(data, fit):
+def run_fit(data, fit, registry=None):
     return fit_model(
         data["model_input_cases"], data["development_split"], data["preprocessing_plan"], data["ingest_manifest"],
-        data["model"], fit,
+        registry, data["model"], fit,
     )  # fmt: skip
 
 
@@ -41,16 +42,38 @@ def test_two_worker_fit_trains_and_reports_every_epoch(tiny_training_data, ray_l
     assert [e["train_loss"] for e in again["epochs"]] == [e["train_loss"] for e in epochs]
     assert time.perf_counter() - started < 60
 
+    # fit.init champion: the registered champion's weights (here: this fit's) start a shorter run
+    # of its own name, which begins where the champion ended, not where a fresh model does.
+    registry = SimpleNamespace(champion=SimpleNamespace(
+        version="7", load_bundle=lambda: ((state, config), tiny_training_data["preprocessing_plan"])))  # fmt: skip
+    _, tuned = run_fit(tiny_training_data, fit | {"init": "champion", "champion_epochs": 1}, registry)
+    assert tuned["init"]["from"] == "champion" and tuned["init"]["version"] == "7"
+    assert [e["epoch"] for e in tuned["epochs"]] == [0] and tuned["run_name"] != history["run_name"]
+    assert tuned["epochs"][0]["train_loss"] < epochs[0]["train_loss"]
+    assert history["init"] == {"from": "scratch", "epochs": 3}
+
+
+def test_champion_init_falls_back_to_scratch_without_a_champion_or_on_another_plan(tiny_training_data):
+    from mvl_pipeline.model import MedVisionLlamaConfig
+    from mvl_pipeline.pipelines.fit.nodes import champion_start
+
+    plan = tiny_training_data["preprocessing_plan"]
+    cfg = MedVisionLlamaConfig.from_params(tiny_training_data["model"]).for_plan(plan)
+    assert champion_start(SimpleNamespace(champion=None), cfg, plan) is None
+    other_plan = SimpleNamespace(champion=SimpleNamespace(version="3", load_bundle=lambda: (({}, {}), {"plan_id": "other"})))
+    assert champion_start(other_plan, cfg, plan) is None
+
 
 def test_a_worker_failure_is_recovered_from_the_last_checkpoint(tiny_training_data, ray_local, tiny_fit, tmp_path):
-    fit = tiny_fit(inject_failure={"epoch": 1, "step": 2, "rank": 1})
+    # two epochs: the failure in the last one, after epoch 0's checkpoint
+    fit = tiny_fit(epochs=2, inject_failure={"epoch": 1, "step": 2, "rank": 1})
     fit["max_failures"] = 1
     _, history = run_fit(tiny_training_data, fit)
     marker = tmp_path / "ray_results" / history["run_name"] / ".injected_failure"
     assert marker.exists()  # the failure really happened
     assert history["resumed_after_epochs"] == [0]  # restarted from epoch 0's checkpoint
-    assert [e["epoch"] for e in history["epochs"]] == [0, 1, 2]
-    assert history["global_step"] == 3 * 4
+    assert [e["epoch"] for e in history["epochs"]] == [0, 1]
+    assert history["global_step"] == 2 * 4  # epoch 1 counted once: its steps before the failure were redone
 
 
 def test_without_failure_budget_the_injected_failure_fails_the_fit(tiny_training_data, ray_local, tiny_fit):

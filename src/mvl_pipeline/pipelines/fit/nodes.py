@@ -23,6 +23,7 @@ def fit_model(
     development_split: Mapping[str, Any],
     preprocessing_plan: Mapping[str, Any],
     ingest_manifest: Mapping[str, Any],
+    registry_before: Any,
     model_params: Mapping[str, Any],
     fit_params: Mapping[str, Any],
 ) -> tuple[tuple[dict[str, Any], dict[str, Any]], dict[str, Any]]:
@@ -31,15 +32,18 @@ def fit_model(
     classes = sorted(names)
     model_cfg = MedVisionLlamaConfig.from_params(model_params).for_plan(preprocessing_plan)
     version = data_version(ingest_manifest)
+    fit_cfg = FitConfig.from_params(fit_params)
+    start = champion_start(registry_before, model_cfg, preprocessing_plan) if fit_cfg.init == "champion" else None
     weights, state = ray_driver.fit(
         model_input_cases,
         [c for c in development_split["train"] if c in model_input_cases],
         [c for c in development_split["validation"] if c in model_input_cases],
         preprocessing_plan,
         model_cfg,
-        FitConfig.from_params(fit_params),
+        fit_cfg,
         classes=classes,
         data_version=version,
+        init=start,
     )
     history = {
         "run_name": state["run_name"],
@@ -54,9 +58,27 @@ def fit_model(
         "classes": classes,
         "class_names": {str(v): name for v, name in names.items()},
         "num_workers": state["num_workers"],
+        "init": state["init"],
     }
     logger.info("fit: best validation Dice %.3f at epoch %d", history["best_val_dice"], history["best_epoch"] + 1)
     return weights, history
+
+
+def champion_start(registry: Any, model_cfg: MedVisionLlamaConfig, plan: Mapping[str, Any]) -> ray_driver.InitWeights | None:
+    """The champion's weights to start from, or None (scratch) with the reason logged: no
+    champion, or another preprocessing plan (``ray_driver.fit`` checks the architecture)."""
+    champion = getattr(registry, "champion", None)
+    if champion is None:
+        logger.info("fit.init champion: no champion registered yet: training from scratch")
+        return None
+    (state, config), champion_plan = champion.load_bundle()
+    if champion_plan.get("plan_id") != plan.get("plan_id"):
+        logger.warning("fit.init champion: version %s was trained on plan %s, this run has plan %s: training from scratch",
+                       champion.version, champion_plan.get("plan_id"), plan.get("plan_id"))  # fmt: skip
+        return None
+    logger.info("fit.init champion: starting from version %s (weights %s)", champion.version, weights_sha256(state)[:12])
+    llm = (config.get("llm_reference") or {}).get("sha256")
+    return ray_driver.InitWeights(version=str(champion.version), sha256=weights_sha256(state), state=state, llm_sha256=llm)
 
 
 def decide_postprocessing(

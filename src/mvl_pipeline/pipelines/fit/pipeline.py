@@ -12,7 +12,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 fit_model,
                 inputs=[
                     "model_input_cases", "development_split", "preprocessing_plan", "ingest_manifest",
-                    "params:model", "params:fit",
+                    "registry_before", "params:model", "params:fit",
                 ],  # fmt: skip
                 outputs=["fitted_model", "fit_history"],
                 name="fit_model_node",
@@ -28,7 +28,8 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
         ],
         namespace="fit",
-        inputs={"model_input_cases", "development_split", "preprocessing_plan", "ingest_manifest", "ingested_cases"},
+        inputs={"model_input_cases", "development_split", "preprocessing_plan", "ingest_manifest", "ingested_cases",
+                "registry_before"},
         outputs={"trained_model", "fit_history"},
         parameters={"params:model", "params:fit", "params:fit.llm_cache_dir", "params:evaluate"},
         tags="fit",

@@ -258,6 +258,35 @@ def test_submit_wait_reattaches_to_a_finished_run(
     assert len(fake_cluster.stored("rayjobs", NS)) == 1
 
 
+@pytest.mark.parametrize("earlier_status,submits", [
+    ({"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}, False),  # trained: nothing new
+    ({"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, False),  # still going: follow it
+    ({"jobDeploymentStatus": "Failed", "jobStatus": "FAILED"}, True),  # failed: tonight retries
+])  # fmt: skip
+def test_a_night_without_new_data_submits_nothing_unless_the_last_run_of_it_failed(
+    fake_cluster, kubeconfig: Path, rendered: dict, project_root: Path, earlier_status: dict, submits: bool
+) -> None:
+    earlier = naming.rayjob_name(SLOT, "dvc-rev-1")  # last night's run of the same data
+    body = stored_rayjob(rendered, earlier, earlier_status)
+    body["metadata"]["labels"] |= naming.run_labels(SLOT, "dvc-rev-1")
+    fake_cluster.put_object("ray.io/v1/rayjobs", body)
+    tonight = ["submit", "--overlay", str(project_root / "k8s/overlays/gpu"), "--slot", "20261130t0300",
+               "--data-version", "dvc-rev-1"]  # fmt: skip
+    result = invoke(kubeconfig, *tonight)
+    assert result.exit_code == 0, result.output
+    stored = sorted(fake_cluster.stored("rayjobs", NS))
+    if submits:
+        assert result.stdout.strip() == naming.rayjob_name(datetime(2026, 11, 30, 3, 0, tzinfo=UTC), "dvc-rev-1")
+        assert len(stored) == 2
+    else:
+        assert result.stdout.strip() == earlier and stored == [earlier]
+        assert ("nothing new" if earlier_status["jobStatus"] == "SUCCEEDED" else "attaching") in result.stderr
+        # --always trains regardless (e.g. after a change of code or parameters)
+        forced = invoke(kubeconfig, *tonight, "--always")
+        assert forced.exit_code == 0 and forced.stdout.strip() != earlier
+        assert len(fake_cluster.stored("rayjobs", NS)) == 2
+
+
 # ----------------------------------------------------------------------------- status / watch
 @pytest.mark.parametrize(
     "status,code",

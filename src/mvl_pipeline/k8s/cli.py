@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -56,9 +57,15 @@ class Connection:
     kubeconfig: str | None
     context: str | None
     namespace: str | None
-    _runs: TrainingRuns | None = field(default=None, init=False, repr=False)
+    ray_address: str | None = None
+    _runs: Any = field(default=None, init=False, repr=False)
 
-    def runs(self) -> TrainingRuns:
+    def runs(self) -> Any:
+        """Where training runs live: KubeRay RayJobs, or Ray jobs behind ``--ray-address``."""
+        if self._runs is None and self.ray_address:
+            from mvl_pipeline.k8s.ray_jobs import RayJobRuns
+
+            self._runs = RayJobRuns(self.ray_address)
         if self._runs is None:
             from mvl_pipeline.k8s.client import default_namespace, load_api_client
 
@@ -116,6 +123,13 @@ def _log_change(state: RayJobState) -> None:
     default=None,
     help="Namespace (default: $MVL_K8S_NAMESPACE, else the context's namespace).",
 )
+@click.option(
+    "--ray-address",
+    envvar="MVL_RAY_JOBS_ADDRESS",
+    default=None,
+    help="Submit to this Ray cluster's Job Submission API (http://HEAD:8265) instead of KubeRay, "
+    "as KubeRay would (default: $MVL_RAY_JOBS_ADDRESS).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.pass_context
 def cli(
@@ -123,11 +137,12 @@ def cli(
     kubeconfig: str | None,
     context: str | None,
     namespace: str | None,
+    ray_address: str | None,
     verbose: bool,
 ) -> None:
-    """Run mvl_pipeline training on Kubernetes (KubeRay RayJobs)."""
+    """Run mvl_pipeline training on Kubernetes (KubeRay RayJobs) or on a Ray cluster's job API."""
     _configure_logging(verbose)
-    ctx.obj = Connection(kubeconfig=kubeconfig, context=context, namespace=namespace)
+    ctx.obj = Connection(kubeconfig=kubeconfig, context=context, namespace=namespace, ray_address=ray_address)
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -215,6 +230,13 @@ def _resolve_data_version(
 )
 @click.option("--image", default=None, help="Override the image of every container.")
 @click.option(
+    "--skip-trained/--always",
+    default=True,
+    show_default=True,
+    help="Submit nothing when a run of this data version succeeded or is still going (any slot): "
+    "a night with no new data costs no cluster time. --always trains regardless.",
+)
+@click.option(
     "--wait/--no-wait",
     default=False,
     show_default=True,
@@ -238,6 +260,7 @@ def submit(
     drop_url: str | None,
     endpoint_url: str | None,
     image: str | None,
+    skip_trained: bool,
     wait: bool,
     timeout: float,
 ) -> None:
@@ -257,10 +280,22 @@ def submit(
             origin,
         )
 
+        runs = connection.runs()
+        earlier = runs.run_for_data_version(naming.data_version_token(version)) if skip_trained else None
+        if earlier is not None and earlier.outcome is Outcome.COMPLETE:
+            logger.info("nothing new: data version %s was trained by %s; submitting nothing",
+                        naming.data_version_token(version), earlier.name)  # fmt: skip
+            click.echo(earlier.name)
+            ctx.exit(0)
+        if earlier is not None:  # still going (an earlier slot's run): follow it, start no other
+            logger.info("data version %s is being trained by %s: attaching to it", naming.data_version_token(version), earlier.name)
+            name = earlier.name
         if overlay is not None:
             template = select_object(render_kustomization(overlay), RAYJOB_KIND)
         elif manifest is not None:
             template = select_object(load_manifests(manifest), RAYJOB_KIND)
+        elif connection.ray_address:
+            raise CommandError("--ray-address needs the RayJob from --overlay or --manifest")
         else:
             template = connection.runs().get_rayjob(template_name or TEMPLATE_NAME)
             if template is None:
@@ -269,7 +304,6 @@ def submit(
                     f"{connection.runs().namespace!r}: `kubectl apply -k k8s/overlays/<overlay>` "
                     "first, or pass --overlay / --manifest"
                 )
-        runs = connection.runs()
         body = rayjob_from_template(
             template,
             name=name,

@@ -23,6 +23,7 @@ from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError as Urllib3HTTPError
 
 from mvl_pipeline.k8s.manifests import RAY_GROUP, RAY_VERSION
+from mvl_pipeline.k8s.naming import LABEL_DATA_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +173,16 @@ class TrainingRuns:
             return CreateResult(name=name, created=False)
         logger.info("created RayJob %s in namespace %s", name, self.namespace)
         return CreateResult(name=name, created=True)
+
+    def run_for_data_version(self, token: str) -> RayJobState | None:
+        """The newest training RayJob of this data version token that has not failed."""
+        listing = self._custom.list_namespaced_custom_object(
+            RAY_GROUP, RAY_VERSION, self.namespace, RAYJOB_PLURAL, label_selector=f"{LABEL_DATA_VERSION}={token}"
+        )
+        items = sorted(listing.get("items") or [], key=lambda o: (o.get("metadata") or {}).get("creationTimestamp") or "")
+        states = [RayJobState.from_object(o) for o in items if (o.get("metadata") or {}).get("labels", {}).get(LABEL_DATA_VERSION) == token]
+        alive = [s for s in states if s.outcome is not Outcome.FAILED]
+        return alive[-1] if alive else None
 
     def rayjob_state(self, name: str) -> RayJobState | None:
         obj = self.get_rayjob(name)

@@ -19,7 +19,7 @@ export MLFLOW_ENABLE_TELEMETRY := false
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup train test lint sample-data key viz bench clean-venv browser data-msd repro mlflow-ui
+.PHONY: setup train test lint sample-data key viz bench clean-venv browser data-msd repro mlflow-ui scenario
 
 $(STAMP): requirements/runtime.lock requirements/dev.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -88,6 +88,12 @@ repro: setup key
 # MLflow UI on the project's own store (conf/base/mlflow.yml: sqlite:///mlflow.db), this machine only
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+# Three nights of scheduled retraining on real processes: moto S3 drop, 2-node Ray cluster, Job
+# Submission API, mlflow server (scenarios/retrain.py). SCENARIO_ARGS=--smoke: the CI size.
+SCENARIO_ARGS ?=
+scenario: setup
+	$(BIN)/python scenarios/retrain.py $(SCENARIO_ARGS)
 
 bench: setup
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

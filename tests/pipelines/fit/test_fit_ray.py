@@ -54,14 +54,22 @@ def test_two_worker_fit_trains_and_reports_every_epoch(tiny_training_data, ray_l
 
 
 def test_champion_init_falls_back_to_scratch_without_a_champion_or_on_another_plan(tiny_training_data):
+    import torch
+
     from mvl_pipeline.model import MedVisionLlamaConfig
     from mvl_pipeline.pipelines.fit.nodes import champion_start
 
     plan = tiny_training_data["preprocessing_plan"]
     cfg = MedVisionLlamaConfig.from_params(tiny_training_data["model"]).for_plan(plan)
     assert champion_start(SimpleNamespace(champion=None), cfg, plan) is None
-    other_plan = SimpleNamespace(champion=SimpleNamespace(version="3", load_bundle=lambda: (({}, {}), {"plan_id": "other"})))
+    other_grid = {**plan, "plan_id": "other", "target_spacing": [9.9, 9.9, 9.9]}
+    other_plan = SimpleNamespace(champion=SimpleNamespace(version="3", load_bundle=lambda: (({}, {}), other_grid)))
     assert champion_start(other_plan, cfg, plan) is None
+    # new intensity statistics only (a grown drop): the champion's weights still fit
+    restats = {**plan, "plan_id": "restats", "provenance": {"n_cases": 99},
+               "normalization": {m: {**n, "mean": 1.0} for m, n in (plan.get("normalization") or {}).items()}}  # fmt: skip
+    same_grid = SimpleNamespace(champion=SimpleNamespace(version="4", load_bundle=lambda: (({"w": torch.ones(2)}, {}), restats)))
+    assert champion_start(same_grid, cfg, plan).version == "4"
 
 
 def test_a_worker_failure_is_recovered_from_the_last_checkpoint(tiny_training_data, ray_local, tiny_fit, tmp_path):

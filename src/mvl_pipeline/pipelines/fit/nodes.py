@@ -64,17 +64,29 @@ def fit_model(
     return weights, history
 
 
+def plan_geometry(plan: Mapping[str, Any]) -> dict[str, Any]:
+    """What a model's weights are tied to in a plan: grid, crop, tokens, orientation, labels and
+    channels, and each channel's normalisation scheme. Not the intensity statistics (a grown CT
+    drop moves its pooled percentiles a little at every retrain) nor the plan's id and provenance."""
+    geometry = {k: v for k, v in plan.items() if k not in ("plan_id", "provenance", "normalization")}
+    geometry["normalization"] = {m: (n or {}).get("scheme") for m, n in (plan.get("normalization") or {}).items()}
+    return geometry
+
+
 def champion_start(registry: Any, model_cfg: MedVisionLlamaConfig, plan: Mapping[str, Any]) -> ray_driver.InitWeights | None:
     """The champion's weights to start from, or None (scratch) with the reason logged: no
-    champion, or another preprocessing plan (``ray_driver.fit`` checks the architecture)."""
+    champion, or a plan of another geometry (``ray_driver.fit`` checks the architecture)."""
     champion = getattr(registry, "champion", None)
     if champion is None:
         logger.info("fit.init champion: no champion registered yet: training from scratch")
         return None
     (state, config), champion_plan = champion.load_bundle()
-    if champion_plan.get("plan_id") != plan.get("plan_id"):
-        logger.warning("fit.init champion: version %s was trained on plan %s, this run has plan %s: training from scratch",
-                       champion.version, champion_plan.get("plan_id"), plan.get("plan_id"))  # fmt: skip
+    differ = sorted(k for k in {*plan_geometry(plan), *plan_geometry(champion_plan)}
+                    if plan_geometry(plan).get(k) != plan_geometry(champion_plan).get(k))  # fmt: skip
+    if differ:
+        logger.warning("fit.init champion: version %s was trained on plan %s, this run's plan %s differs in %s: "
+                       "training from scratch", champion.version, champion_plan.get("plan_id"), plan.get("plan_id"),
+                       ", ".join(differ))  # fmt: skip
         return None
     logger.info("fit.init champion: starting from version %s (weights %s)", champion.version, weights_sha256(state)[:12])
     llm = (config.get("llm_reference") or {}).get("sha256")

@@ -14,11 +14,12 @@ What runs, each as its own operating-system process:
   ``--ray-address``; the RayJob is ``scenarios/rayjob.yaml`` (``kedro run --pipelines train --env
   scenario``; ``conf/scenario`` reads every site setting from the nodes' environment).
 
-Day 0: the first studies -> one job -> the first champion. Day 1: new patients, the follow-up of a
-patient already in the gate or test role, a corrupt file, and a re-upload of an ingested study
-(same bytes) arrive; two triggers fire for the night (the second re-attaches to the first's
-job); ingest processes only the new studies, the corrupt file is quarantined, the follow-up keeps
-its patient's role, the gate decides. Day 2: nothing new -> the trigger submits nothing.
+Day 0: the first studies -> one job -> the first champion. Day 1: new patients (one study flagged
+as burned-in), the follow-ups, a truncated DICOM file, an SR report and a note under a folder
+named after a patient, and a re-upload of an ingested study (same bytes) arrive; two triggers
+fire for the night (the second re-attaches to the first's job); ingest processes only the new
+studies, the unusable files are quarantined, a follow-up keeps its patient's role, the run starts
+from the champion's weights (conf/scenario: fit.init champion), the gate decides. Day 2: nothing new -> the trigger submits nothing.
 
 The report (``<workdir>/report.md`` and the last line of stdout, one JSON object) gives per day
 what was ingested and quarantined, the job's wall time, the gate's decision and the champion
@@ -56,7 +57,7 @@ SLOTS = ("20261206t0300", "20261207t0300", "20261208t0300")
 SIZES = {
     #        patients  image  slices   epochs steps
     "smoke": dict(n_patients=10, image_size=32, n_slices=[10, 10], epochs=8, steps=25),
-    "full": dict(n_patients=16, image_size=48, n_slices=[14, 18], epochs=12, steps=40),
+    "full": dict(n_patients=24, image_size=48, n_slices=[14, 18], epochs=12, steps=40),
 }
 
 
@@ -195,11 +196,41 @@ def generate_studies(size: Mapping[str, Any]) -> list[Any]:
     return list(iter_sample_studies(config))
 
 
-def study_bytes(study: Any) -> dict[str, bytes]:
+def study_bytes(study: Any, *, burned_in: bool = False) -> dict[str, bytes]:
+    """The study's DICOM files under ``drop/``; ``burned_in``: its images flagged as carrying
+    burned-in text (BurnedInAnnotation YES), which ingest must quarantine."""
     from mvl_pipeline.datasets.drop import encode_file
     from mvl_pipeline.synthetic.sample_drop import study_files
 
-    return {f"drop/{rel}": encode_file(ds) for rel, ds in study_files(study).items()}
+    files = study_files(study)
+    if burned_in:
+        for ds in files.values():
+            if ds.Modality != "SEG":
+                ds.BurnedInAnnotation = "YES"
+    return {f"drop/{rel}": encode_file(ds) for rel, ds in files.items()}
+
+
+def hospital_clutter(study: Any) -> dict[str, bytes]:
+    """What else a hospital export holds, under a folder named after the patient: a truncated
+    DICOM file named by the record number, and a structured report (SR) carrying the patient's
+    identity and the accession number."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from mvl_pipeline.datasets.drop import encode_file
+
+    header = study.header
+    folder = f"drop/{str(header['PatientName']).replace('^', '_')}_{header['PatientBirthDate']}"
+    report = pydicom.dcmread(get_testdata_file("test-SR.dcm"))
+    for key in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "InstitutionName",
+                "ReferringPhysicianName"):  # fmt: skip
+        setattr(report, key, header[key])
+    some_slice = next(iter(study_bytes(study).values()))
+    return {
+        f"{folder}/{header['PatientID']}_broken.dcm": some_slice[: len(some_slice) // 3],
+        f"{folder}/report_{header['AccessionNumber']}.dcm": encode_file(report),
+        f"{folder}/notes_{header['PatientID']}.txt": f"{header['PatientName']} {header['PatientID']}".encode(),
+    }
 
 
 def planted_identifiers(studies: list[Any]) -> set[str]:
@@ -438,11 +469,11 @@ def main(argv: list[str] | None = None) -> int:
         split0 = read_json(work / "cluster-volume" / "03_primary" / "split.json")
         cases0 = case_records(work / "cluster-volume")
 
-        log(f"day 1: {len(day1_new)} new studies, {len(followups)} follow-up(s), a corrupt file, a re-upload")
+        log(f"day 1: {len(day1_new)} new studies (one burned-in), {len(followups)} follow-up(s), a truncated file, "
+            "an SR report and a note under a folder named after a patient, a re-upload")
         drop.put({k: v for s in [*day1_new, *followups] for k, v in study_bytes(s).items()})
-        corrupt = study_bytes(day1_new[0])
-        corrupt_key = sorted(corrupt)[0].rsplit("/", 1)[0] + "/corrupt.dcm"
-        drop.put({corrupt_key: b"DICM" + b"\x00" * 60})
+        drop.put(hospital_clutter(day1_new[0]))
+        drop.put(study_bytes(day1_new[1], burned_in=True))
         drop.put(study_bytes(day0[0]))  # the same bytes again: nothing changes
         days.append(night(1, trigger_env, work, duplicate=True) | {"counts": ingest_counts(work / "cluster-volume")})
         log(f"day 1: {json.dumps(days[-1].get('registration'))}")
@@ -458,8 +489,10 @@ def main(argv: list[str] | None = None) -> int:
     checks["day 0: a first champion"] = bool(d0.get("registration", {}).get("promoted"))
     checks["day 1: one job for two triggers"] = d1["jobs_submitted"] == 1 and d1["duplicate_trigger"]["job"] == d1["job"]
     checks["day 1: both triggers ended with the job (exit 0)"] = d1["trigger_exit"] == 0 and d1["duplicate_trigger"]["exit"] == 0
-    checks["day 1: the corrupt file quarantined"] = d0["counts"]["quarantined"] == 0 and d1["counts"]["quarantined"] >= 1
-    checks["day 1: only new studies ingested"] = d1["counts"]["cases"] == d0["counts"]["cases"] + len(day1_new) + len(followups)
+    checks["day 1: the corrupt file and the burned-in study quarantined"] = (
+        d0["counts"]["quarantined"] == 0 and d1["counts"]["quarantined"] >= 2)  # fmt: skip
+    # the new patients' studies (one of them burned-in: quarantined) and the follow-ups, nothing else
+    checks["day 1: only new studies ingested"] = d1["counts"]["cases"] == d0["counts"]["cases"] + len(day1_new) - 1 + len(followups)
     checks["day 1: every day-0 case left byte-identical"] = bool(cases0) and all(
         case_records(work / "cluster-volume").get(case) == digest for case, digest in cases0.items())  # fmt: skip
     checks["day 1: the gate decided"] = bool(d1.get("registration", {}).get("reason"))

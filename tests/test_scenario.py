@@ -49,7 +49,7 @@ def test_day_1_one_job_for_two_triggers_starts_from_the_champion_and_is_gated_ag
     assert day1["fit"]["epochs"] < day0["fit"]["epochs"]
     assert day1["registration"]["champion_version"] == "1"  # a paired comparison, not a first model
     assert "CI" in day1["registration"]["reason"]
-    assert day1["counts"]["quarantined"] == 1 and day1["counts"]["cases"] > day0["counts"]["cases"]
+    assert day1["counts"]["quarantined"] >= 2 and day1["counts"]["cases"] > day0["counts"]["cases"]
 
 
 def test_day_2_without_new_data_spends_no_cluster_time(report):

@@ -53,7 +53,7 @@ train: setup key sample-data
 	MVL_MSD_TASK="$${MVL_MSD_TASK:-$(MSD_DEST)/$(TASK)}" $(BIN)/kedro run --pipelines $(PIPELINE) --env $(KEDRO_ENV) $(KEDRO_ARGS)
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scenarios
 
 # Headless Chromium for the kedro-viz lineage test (tests/test_viz_lineage.py): Debian's
 # `chromium`, installed with apt when missing (as root, or through passwordless sudo). Where it
@@ -74,7 +74,7 @@ browser:
 	fi
 
 test: setup browser
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scenarios
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 viz: setup

@@ -514,6 +514,9 @@ def main(argv: list[str] | None = None) -> int:
     (work / "report.md").write_text(markdown(report), encoding="utf-8")
     if (work / "ray").is_symlink():  # the short folder under /tmp: scanned, now removed
         shutil.rmtree((work / "ray").resolve(), ignore_errors=True)
+    else:  # Ray's copies of the project (scanned): not left for git to list; its logs stay
+        for copies in list((work / "ray").rglob("runtime_resources")):
+            shutil.rmtree(copies, ignore_errors=True)
     for name, ok in checks.items():
         log(f"{'ok  ' if ok else 'FAIL'} {name}")
     print(json.dumps(report))  # noqa: T201

@@ -30,9 +30,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -378,9 +380,15 @@ class MotoServer:
     def __init__(self, port: int) -> None:
         self.port, self.endpoint, self.proc = port, f"http://127.0.0.1:{port}", None
 
-    def start(self, drop: Path) -> None:
+    def client(self):
         import boto3
 
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=S3_KEY,
+                            aws_secret_access_key=S3_SECRET, region_name="us-east-1")  # fmt: skip
+
+    def start(self, drop: Path | None = None, objects: dict[str, bytes] | None = None) -> None:
+        """Start an empty server with the bucket, then put ``drop``'s files under ``drop/`` and
+        ``objects`` (key -> bytes): a server that comes back with what it held."""
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -393,11 +401,21 @@ class MotoServer:
             except OSError:
                 assert self.proc.poll() is None and time.monotonic() < deadline, "moto_server did not start"
                 time.sleep(0.1)
-        client = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=S3_KEY,
-                              aws_secret_access_key=S3_SECRET, region_name="us-east-1")  # fmt: skip
+        client = self.client()
         client.create_bucket(Bucket=BUCKET)
-        for path in sorted(p for p in drop.rglob("*") if p.is_file()):  # the same bytes, the same ETags
+        files = sorted(p for p in drop.rglob("*") if p.is_file()) if drop else []
+        for path in files:  # the same bytes, the same ETags
             client.put_object(Bucket=BUCKET, Key=f"drop/{path.relative_to(drop).as_posix()}", Body=path.read_bytes())
+        for key, body in (objects or {}).items():
+            client.put_object(Bucket=BUCKET, Key=key, Body=body)
+
+    def objects(self, prefix: str) -> dict[str, bytes]:
+        """Every object under ``prefix``: key -> bytes."""
+        client, found = self.client(), {}
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+            for item in page.get("Contents", []):
+                found[item["Key"]] = client.get_object(Bucket=BUCKET, Key=item["Key"])["Body"].read()
+        return found
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -551,28 +569,108 @@ def process_alive(pid: int) -> bool:
         return False
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A local Ray cluster owned by the test process: `kedro run` joins it through RAY_ADDRESS
-    (as on a cluster), and the test reads its workers from Ray's state API."""
-    import ray
+class RayNode:
+    """One ``ray start ... --block`` as its own process group: a node of the test's cluster."""
 
-    started = not ray.is_initialized()
-    if started:
-        with pytest.MonkeyPatch.context() as env:  # what `kedro run` sets for a local Ray (ray_driver)
-            env.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-            env.setenv("RAY_worker_niceness", "0")
-            ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False, configure_logging=False)
-    yield ray.get_runtime_context().gcs_address
-    if started:
-        ray.shutdown()
+    def __init__(self, name: str, argv: list[str], temp_dir: Path, env: dict[str, str]) -> None:
+        self.name, self.log = name, temp_dir.parent / f"{name}.log"
+        temp_dir.mkdir(parents=True)
+        ports = [
+            x
+            for flag in (
+                "--dashboard-agent-listen-port",
+                "--dashboard-agent-grpc-port",
+                "--metrics-export-port",
+                "--runtime-env-agent-port",
+                "--node-manager-port",
+                "--object-manager-port",
+            )
+            for x in (flag, str(free_port()))
+        ]  # fmt: skip  (two nodes share this host: own ports each)
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [str(Path(sys.executable).parent / "ray"), "start", *argv, "--temp-dir", str(temp_dir), *ports,
+                 "--node-ip-address", "127.0.0.1", "--disable-usage-stats", "--block"],
+                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+
+    def kill(self) -> None:
+        """SIGKILL of the whole node: `ray start`, its raylet, object store, agents and workers."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+
+
+class RayCluster:
+    """A head without CPUs (it holds the controller, as a KubeRay head does) and two 1-CPU worker
+    nodes, each tagged with a custom resource named after it, all real ``ray start`` processes."""
+
+    def __init__(self, root: Path) -> None:
+        env = clean_env(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25", RAY_worker_niceness="0")
+        port = free_port()
+        self.address = f"127.0.0.1:{port}"
+        self.nodes = {"head": RayNode("head", ["--head", "--port", str(port), "--num-cpus", "0",
+                                               "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+                                               "--dashboard-port", str(free_port()),
+                                               "--ray-client-server-port", str(free_port())],
+                                      root / "head", env)}  # fmt: skip
+        self.wait_nodes(1)
+        for name in ("node-b", "node-c"):
+            self.nodes[name] = RayNode(name, ["--address", self.address, "--num-cpus", "1", "--resources",
+                                              json.dumps({name: 1})], root / name, env)  # fmt: skip
+        self.wait_nodes(3)
+
+    def alive(self) -> list:
+        from ray.util.state import list_nodes
+
+        return [n for n in list_nodes(address=self.address, detail=True) if n.state == "ALIVE"]
+
+    def wait_nodes(self, n: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if len(self.alive()) >= n:
+                    return
+            except Exception:  # noqa: BLE001 - the head is still starting
+                pass
+            if time.monotonic() > deadline:
+                logs = {
+                    name: node.log.read_text(errors="replace")[-1500:]
+                    for name, node in self.nodes.items()
+                }
+                pytest.fail(f"the Ray cluster did not reach {n} nodes within {timeout} s: {logs}")
+            time.sleep(0.5)
+
+    def node_of(self, node_id: str) -> str | None:
+        """Our name of the live node with Ray's ``node_id``."""
+        for node in self.alive():
+            if node.node_id == node_id:
+                return next((name for name in node.resources_total if name in self.nodes), "head")
+        return None
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes.values()):
+            node.kill()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory) -> RayCluster:
+    """A multi-node Ray cluster on this machine: `kedro run` joins it through RAY_ADDRESS (as on a
+    cluster), and the test reads its workers from Ray's state API."""
+    root = Path(tempfile.mkdtemp(prefix="mvl-faults-ray-", dir="/tmp"))  # Ray's socket paths: short
+    cluster = RayCluster(root)
+    yield cluster
+    cluster.stop()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, prepared, ray_cluster) -> Run:
     """An uninterrupted fit on the prepared data, started (it runs beside the worker test)."""
     root = clone(tmp_path_factory, prepared, "faults-fit-reference", data=ALL_DATA)
-    return Run(root, "--pipelines", "fit", env=clean_env(RAY_ADDRESS=ray_cluster), name="fit-reference")
+    return Run(root, "--pipelines", "fit", env=clean_env(RAY_ADDRESS=ray_cluster.address), name="fit-reference")
 
 
 @pytest.fixture(scope="module")
@@ -584,8 +682,9 @@ def reference(reference_run) -> dict:
     return history
 
 
-def train_worker(run: Run, address: str) -> int | None:
-    """PID of the one live Ray Train worker of ``run``'s Ray job (from Ray's state API)."""
+def train_worker(run: Run, address: str) -> Any:
+    """The one live Ray Train worker actor of ``run``'s Ray job (from Ray's state API): its
+    ``pid`` and ``node_id``."""
     from ray.util.state import list_actors, list_jobs
 
     jobs = [j.job_id for j in list_jobs(address=address) if j.driver_info and str(j.driver_info.pid) == str(run.pid)]
@@ -593,15 +692,15 @@ def train_worker(run: Run, address: str) -> int | None:
         return None
     filters = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"), ("job_id", "=", jobs[0])]
     actors = list_actors(address=address, filters=filters)
-    return actors[0].pid if len(actors) == 1 and actors[0].pid else None
+    return actors[0] if len(actors) == 1 and actors[0].pid else None
 
 
 def test_sigkill_of_a_ray_train_worker_mid_epoch_resumes_from_the_last_checkpoint_with_the_same_losses(
     tmp_path_factory, prepared, ray_cluster, reference_run, request
 ):
     root = clone(tmp_path_factory, prepared, "faults-fit-worker", data=ALL_DATA)
-    run = Run(root, "--pipelines", "fit", env=clean_env(RAY_ADDRESS=ray_cluster), name="fit-worker-killed")
-    worker = wait_for(lambda: train_worker(run, ray_cluster), run, "the Ray Train worker started")
+    run = Run(root, "--pipelines", "fit", env=clean_env(RAY_ADDRESS=ray_cluster.address), name="fit-worker-killed")
+    worker = wait_for(lambda: train_worker(run, ray_cluster.address), run, "the Ray Train worker started").pid
     epoch = wait_for(lambda: latest_checkpoint(root), run, "the first checkpoint")
     os.kill(worker, signal.SIGKILL)  # the worker is training the epoch after `epoch`
     assert epoch < EPOCHS - 1, "the worker was killed after its last epoch: nothing to resume"
@@ -618,6 +717,43 @@ def test_sigkill_of_a_ray_train_worker_mid_epoch_resumes_from_the_last_checkpoin
     assert curve(history) == curve(reference)  # the same losses and Dice as without the failure
     assert history["global_step"] == reference["global_step"]
     assert_fit_outputs_whole(root)
+
+
+def test_loss_of_the_ray_node_that_trains_mid_fit_fails_over_to_the_other_node_with_the_same_losses(
+    tmp_path_factory, prepared, ray_cluster, reference
+):
+    root = clone(tmp_path_factory, prepared, "faults-fit-node", data=ALL_DATA)
+    run = Run(
+        root,
+        "--pipelines",
+        "fit",
+        env=clean_env(RAY_ADDRESS=ray_cluster.address),
+        name="fit-node-lost",
+    )
+    worker = wait_for(
+        lambda: train_worker(run, ray_cluster.address), run, "the Ray Train worker started"
+    )
+    lost = ray_cluster.node_of(worker.node_id)
+    assert lost in ("node-b", "node-c"), f"the worker runs on {lost}, not on a worker node"
+    epoch = wait_for(lambda: latest_checkpoint(root), run, "the first checkpoint")
+    ray_cluster.nodes[lost].kill()  # the node goes, with the worker training the next epoch on it
+    assert epoch < EPOCHS - 1, "the node was lost after the last epoch: nothing to fail over"
+
+    output = run.succeeded()
+    assert not process_alive(worker.pid)
+    survivor = {"node-b": "node-c", "node-c": "node-b"}[lost]
+    assert re.search(r"\(RayTrainWorker pid=\d+.*\).*worker 0: resumed after epoch \d", output), (
+        output[-3000:]
+    )
+    history = fit_history(root)
+    (resumed,) = history["resumed_after_epochs"]  # one failure, within fit.max_failures (1)
+    assert epoch <= resumed < EPOCHS - 1, output[-3000:]
+    assert curve(history) == curve(
+        reference
+    )  # the same losses and Dice as on an undisturbed cluster
+    assert history["global_step"] == reference["global_step"]
+    assert_fit_outputs_whole(root)
+    assert survivor in {ray_cluster.node_of(n.node_id) for n in ray_cluster.alive()}
 
 
 def test_sigkill_of_the_kedro_driver_mid_fit_then_the_same_command_resumes_from_the_last_checkpoint(
@@ -649,3 +785,58 @@ def test_sigkill_of_the_kedro_driver_mid_fit_then_the_same_command_resumes_from_
     assert history["resumed_after_epochs"] == [epoch], output[-3000:]
     assert curve(history) == curve(reference)
     assert_fit_outputs_whole(root)
+
+
+# -- S3 outage during checkpointing --------------------------------------------------------------
+def s3_latest_checkpoint(server: MotoServer, prefix: str) -> int | None:
+    """Epoch of the newest checkpoint Ray Train registered on S3 (its manager snapshot), if any."""
+    client = server.client()
+    listing = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
+    for item in listing:
+        if item["Key"].endswith("/checkpoint_manager_snapshot.json"):
+            body = client.get_object(Bucket=BUCKET, Key=item["Key"])["Body"].read()
+            return int(json.loads(body)["latest_checkpoint_result"]["metrics"]["epoch"])
+    return None
+
+
+def test_s3_outage_during_checkpointing_fails_naming_the_endpoint_and_the_rerun_resumes_with_the_same_losses(
+    tmp_path_factory, prepared, reference
+):
+    server = MotoServer(free_port())
+    server.start()
+    try:
+        root = clone(tmp_path_factory, prepared, "faults-s3-checkpoints", data=ALL_DATA)
+        params = yaml.safe_load((root / "conf/local/parameters.yml").read_text(encoding="utf-8"))
+        params["fit"]["storage_path"] = f"s3://{BUCKET}/ray-results"
+        (root / "conf/local/parameters.yml").write_text(yaml.safe_dump(params), encoding="utf-8")
+        env = clean_env(AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET, AWS_ENDPOINT_URL=server.endpoint,
+                        AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+        command = ("--pipelines", "fit")  # its own local Ray, checkpoints on S3
+        run = Run(root, *command, env=env, name="fit-s3-outage")
+        wait_for(lambda: s3_latest_checkpoint(server, "ray-results/"), run, "the first checkpoint on S3")
+        freeze(run)  # the driver, its Ray and the worker: nothing moves while the store goes down
+        held = server.objects("ray-results/")  # what the store holds at the outage, and will again
+        epoch = s3_latest_checkpoint(server, "ray-results/")
+        server.stop()
+        outage = time.monotonic()
+        run.signal_group(signal.SIGCONT)
+        assert epoch is not None and epoch < EPOCHS - 1, f"nothing left to checkpoint after epoch {epoch}"
+        assert run.wait(timeout=300) != 0
+        failed_after = time.monotonic() - outage
+        output = run.output()
+        assert f"StorageUnavailableError: s3 storage at {server.endpoint} is unreachable" in output, output[-5000:]
+        assert S3_SECRET not in output and S3_KEY not in output
+        assert failed_after < 180, f"no bound on the retries: failed {failed_after:.0f} s after the outage"
+        # nothing of the failed run that a later step would load
+        assert not (root / "data/08_reporting/fit_history.json").exists()
+        assert not list((root / "data/06_models").glob("medvisionllama/*/*/_COMPLETE"))
+
+        server.start(objects=held)  # the store is back, with what it held
+        output = Run(root, *command, env=env, name="fit-s3-rerun").succeeded()
+        assert "recovered the run lock" not in output  # the failed run released it
+        history = fit_history(root)
+        assert history["resumed_after_epochs"] == [epoch], output[-3000:]
+        assert curve(history) == curve(reference)
+        assert history["global_step"] == reference["global_step"]
+    finally:
+        server.stop()

@@ -107,3 +107,39 @@ def test_remove_temporaries_removes_what_killed_saves_leave_and_nothing_else(tmp
     assert all(p.exists() for p in keep)
     assert not (tmp_path / f"cases/.case-2.tmp-{hexid}").exists() and not (tmp_path / f".manifest.json.tmp-{hexid}").exists()
     assert not (tmp_path / f"cases/.case-3.old-{hexid}").exists()
+
+
+# -- Ray Train's checkpoint storage -----------------------------------------------------------
+def test_checkpoints_on_s3_get_a_bounded_pyarrow_filesystem_at_the_configured_endpoint(monkeypatch):
+    from pyarrow import fs as arrow_fs
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    path, fs = storage.train_storage("s3://bucket/ray-results")
+    assert path == "bucket/ray-results" and isinstance(fs, arrow_fs.S3FileSystem)
+    started = time.monotonic()
+    with pytest.raises(OSError, match="NETWORK_CONNECTION"):  # nothing listens on port 9: refused, 4 attempts
+        fs.get_file_info("bucket/ray-results/x")
+    assert time.monotonic() - started < 30
+    assert storage.train_storage("/data/06_models/ray_results") == ("/data/06_models/ray_results", None)
+
+
+def test_a_checkpoint_store_that_is_down_is_named_and_any_other_training_failure_passes(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://user:pw@10.1.2.3:9000/")
+    key = "ray-results/mvl-abc/checkpoint_2026-11-30"
+    ray_text = RuntimeError(
+        f"Training failed due to worker errors:\nOSError: When getting information for key '{key}' in bucket 'b': "
+        "AWS Error NETWORK_CONNECTION during HeadObject operation: curlCode: 7, Could not connect to server"
+    )  # fmt: skip
+    error = storage.train_storage_outage("s3://b/ray-results", ray_text)
+    assert isinstance(error, StorageUnavailableError)
+    message = str(error)
+    assert message.startswith("s3 storage at http://10.1.2.3:9000 is unreachable (NETWORK_CONNECTION) while checkpointing")
+    assert f"after {S3_RETRY['total_max_attempts']} attempts" in message
+    assert key not in message and "pw" not in message
+    try:  # found in the chain too
+        raise ValueError("worker group failed") from ray_text
+    except ValueError as wrapped:
+        assert storage.train_storage_outage("s3://b/ray-results", wrapped) is not None
+    assert storage.train_storage_outage("s3://b/ray-results", RuntimeError("CUDA out of memory")) is None
+    assert storage.train_storage_outage("/local/ray_results", ray_text) is None

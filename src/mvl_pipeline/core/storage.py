@@ -124,6 +124,66 @@ def outage_guard(fs: fsspec.AbstractFileSystem, protocol: str) -> Iterator[None]
         raise StorageUnavailableError(message) from None
 
 
+
+# -- Ray Train's checkpoint storage (pyarrow filesystems) ------------------------------------------
+#: What pyarrow's S3 client reports for a store it cannot reach: the AWS SDK's network error
+#: class, curl's "could not resolve / connect" and timeouts.
+_ARROW_UNREACHABLE = re.compile(r"AWS Error NETWORK_CONNECTION|curlCode: (6|7|28)\b")
+
+
+def _s3_endpoint_from_env() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def train_storage(url: str) -> tuple[str, Any | None]:
+    """Ray Train's ``(storage_path, storage_filesystem)`` for ``url``.
+
+    For ``s3://`` a pyarrow ``S3FileSystem`` bounded like every other S3 client here: the endpoint
+    from ``AWS_ENDPOINT_URL`` (as boto3 reads it), each request attempted at most
+    ``S3_RETRY["total_max_attempts"]`` times (the AWS SDK's standard strategy: exponential backoff
+    with jitter) and :data:`S3_TIMEOUTS`. Anything else is returned as it is (Ray picks the
+    filesystem)."""
+    protocol, path = get_protocol_and_path(url)
+    if protocol not in ("s3", "s3a"):
+        return url, None
+    from pyarrow import fs as arrow_fs
+
+    options: dict[str, Any] = {
+        "retry_strategy": arrow_fs.AwsStandardS3RetryStrategy(max_attempts=int(S3_RETRY["total_max_attempts"])),
+        "connect_timeout": float(S3_TIMEOUTS["connect_timeout"]),
+        "request_timeout": float(S3_TIMEOUTS["read_timeout"]),
+    }
+    if (endpoint_url := _s3_endpoint_from_env()) is not None:
+        parts = urlsplit(endpoint_url)
+        options.update(endpoint_override=parts.netloc, scheme=parts.scheme or "https")
+    return path, arrow_fs.S3FileSystem(**options)
+
+
+def train_storage_outage(url: str, exc: BaseException) -> StorageUnavailableError | None:
+    """:class:`StorageUnavailableError` naming the endpoint when ``exc`` (Ray Train's error, which
+    quotes its workers' and controller's tracebacks as text) says the checkpoint store at ``url``
+    could not be reached; None for any other failure."""
+    protocol, _ = get_protocol_and_path(url)
+    if protocol == "file":
+        return None
+    text, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    if not any(_ARROW_UNREACHABLE.search(t) for t in text):
+        return None
+    where = _s3_endpoint_from_env() if protocol in ("s3", "s3a") else None
+    if where:
+        parts = urlsplit(where)
+        where = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    bound = str(S3_RETRY["total_max_attempts"]) if protocol in ("s3", "s3a") else "repeated"
+    return StorageUnavailableError(
+        f"{protocol} storage at {where or 'the default endpoint'} is unreachable (NETWORK_CONNECTION) while "
+        f"checkpointing, after {bound} attempts with backoff per request and fit.max_failures restarts: check "
+        "that the endpoint is up, then run the same command again (it resumes from the last checkpoint)"
+    )
+
 #: What an interrupted save leaves beside its target: ``.<name>.tmp-<uuid hex>`` (being written)
 #: and ``.<name>.old-<uuid hex>`` (the replaced version, between the two renames of a swap).
 TEMPORARY = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{32}$")

@@ -20,6 +20,7 @@ from typing import Any
 
 from mvl_pipeline.core.hashing import json_digest
 from mvl_pipeline.core.parallel import resolve_workers
+from mvl_pipeline.core.storage import train_storage, train_storage_outage
 from mvl_pipeline.formats.model_bundle import read_weights
 from mvl_pipeline.model import MedVisionLlamaConfig, build_model
 from mvl_pipeline.training.config import FitConfig
@@ -196,6 +197,7 @@ def fit(
             " + GPU" if scaling.use_gpu else "", data_version,
         )  # fmt: skip
         resources = {"CPU": scaling.cpus_per_worker} | ({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})
+        storage_path, storage_filesystem = train_storage(storage)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=config,
@@ -204,7 +206,8 @@ def fit(
             ),
             run_config=ray.train.RunConfig(
                 name=name,
-                storage_path=storage,
+                storage_path=storage_path,
+                storage_filesystem=storage_filesystem,
                 failure_config=ray.train.FailureConfig(max_failures=fit_cfg.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(
                     num_to_keep=fit_cfg.num_to_keep,
@@ -213,7 +216,13 @@ def fit(
                 ),
             ),
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except Exception as exc:
+            outage = train_storage_outage(storage, exc)
+            if outage is None:
+                raise
+            raise outage from None  # Ray's text quotes object keys: the message above says what to do
         best, best_metrics = read_best(result)
         # as_directory(): a local path as it is, a checkpoint on S3 (or any remote storage) downloaded
         with best.as_directory() as best_dir:

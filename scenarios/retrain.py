@@ -358,8 +358,7 @@ def case_records(volume: Path) -> dict[str, str]:
 
 def ingest_counts(volume: Path) -> dict[str, int]:
     manifest = read_json(volume / "02_intermediate" / "ingest_manifest.json") or {"units": {}}
-    quarantine = read_json(volume / "02_intermediate" / "quarantine.json") or []
-    n_quarantined = len(quarantine.get("entries", quarantine)) if isinstance(quarantine, dict) else len(quarantine)
+    n_quarantined = len(read_json(volume / "02_intermediate" / "quarantine.json") or [])  # a list of records
     cases = {case for unit in manifest["units"].values() for case in unit.get("cases", [])}
     return {"units": len(manifest["units"]), "cases": len(cases), "quarantined": n_quarantined}
 

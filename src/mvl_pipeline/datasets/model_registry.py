@@ -11,6 +11,8 @@ whatever tracking/registry URI is configured, e.g. by kedro-mlflow).
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import tempfile
 from dataclasses import dataclass, field
@@ -32,21 +34,30 @@ class ModelVersionView:
     registry_uri: str | None = None
 
     def load_bundle(self) -> tuple[tuple[dict[str, Any], dict[str, Any]], dict[str, Any]]:
-        """``((state_dict, config), plan)`` of the champion, downloaded from the registry."""
+        """``((state_dict, config), plan)`` of the champion, downloaded from the registry once per
+        process (a registered version never changes: `kedro run --pipeline train` asks for it in
+        fit, for ``fit.init: champion``, and again in the gate). Each call gets its own dicts."""
         import mlflow
 
-        from mvl_pipeline.formats.model_bundle import read_bundle
+        # the key names the store, the version and its run: another store's version "1" is another model
+        tracking, registry = self.tracking_uri or mlflow.get_tracking_uri(), self.registry_uri or mlflow.get_registry_uri()
+        (state, config), plan = _download_bundle(tracking, registry, self.name, self.version, self.run_id)
+        return (dict(state), copy.deepcopy(config)), copy.deepcopy(plan)
 
-        with tempfile.TemporaryDirectory(prefix="mvl-champion-") as tmp:
-            if self.tracking_uri:
-                mlflow.set_tracking_uri(self.tracking_uri)
-            if self.registry_uri:
-                mlflow.set_registry_uri(self.registry_uri)
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{self.name}/{self.version}", dst_path=tmp
-            )
-            bundle = Path(local) / "artifacts" / "model_dir"
-            return read_bundle(bundle)
+
+@functools.lru_cache(maxsize=2)
+def _download_bundle(tracking_uri: str, registry_uri: str, name: str, version: str,
+                     run_id: str | None) -> tuple[tuple[dict[str, Any], dict[str, Any]], dict[str, Any]]:  # fmt: skip
+    del run_id  # part of the cache key only
+    import mlflow
+
+    from mvl_pipeline.formats.model_bundle import read_bundle
+
+    with tempfile.TemporaryDirectory(prefix="mvl-champion-") as tmp:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(registry_uri)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp)
+        return read_bundle(Path(local) / "artifacts" / "model_dir")
 
 
 #: Version tags of a registration: the aliases it means to set (written with the version), and

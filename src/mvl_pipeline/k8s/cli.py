@@ -273,22 +273,17 @@ def submit(
         slot_time = _resolve_slot(slot)
         version, origin = _resolve_data_version(data_version, drop_url, endpoint_url)
         name = naming.rayjob_name(slot_time, version)
-        logger.info(
-            "slot %s, data version %s (%s)",
-            naming.slot_token(slot_time),
-            naming.data_version_token(version),
-            origin,
-        )
+        token = naming.data_version_token(version)
+        logger.info("slot %s, data version %s (%s)", naming.slot_token(slot_time), token, origin)
 
         runs = connection.runs()
-        earlier = runs.run_for_data_version(naming.data_version_token(version)) if skip_trained else None
+        earlier = runs.run_for_data_version(token) if skip_trained else None
         if earlier is not None and earlier.outcome is Outcome.COMPLETE:
-            logger.info("nothing new: data version %s was trained by %s; submitting nothing",
-                        naming.data_version_token(version), earlier.name)  # fmt: skip
+            logger.info("nothing new: data version %s was trained by %s; submitting nothing", token, earlier.name)
             click.echo(earlier.name)
             ctx.exit(0)
         if earlier is not None:  # still going (an earlier slot's run): follow it, start no other
-            logger.info("data version %s is being trained by %s: attaching to it", naming.data_version_token(version), earlier.name)
+            logger.info("data version %s is being trained by %s: attaching to it", token, earlier.name)
             name = earlier.name
         if overlay is not None:
             template = select_object(render_kustomization(overlay), RAYJOB_KIND)

@@ -81,16 +81,17 @@ def champion_start(registry: Any, model_cfg: MedVisionLlamaConfig, plan: Mapping
         logger.info("fit.init champion: no champion registered yet: training from scratch")
         return None
     (state, config), champion_plan = champion.load_bundle()
-    differ = sorted(k for k in {*plan_geometry(plan), *plan_geometry(champion_plan)}
-                    if plan_geometry(plan).get(k) != plan_geometry(champion_plan).get(k))  # fmt: skip
+    ours, theirs = plan_geometry(plan), plan_geometry(champion_plan)
+    differ = sorted(k for k in {*ours, *theirs} if ours.get(k) != theirs.get(k))
     if differ:
         logger.warning("fit.init champion: version %s was trained on plan %s, this run's plan %s differs in %s: "
                        "training from scratch", champion.version, champion_plan.get("plan_id"), plan.get("plan_id"),
                        ", ".join(differ))  # fmt: skip
         return None
-    logger.info("fit.init champion: starting from version %s (weights %s)", champion.version, weights_sha256(state)[:12])
+    sha256 = weights_sha256(state)
+    logger.info("fit.init champion: starting from version %s (weights %s)", champion.version, sha256[:12])
     llm = (config.get("llm_reference") or {}).get("sha256")
-    return ray_driver.InitWeights(version=str(champion.version), sha256=weights_sha256(state), state=state, llm_sha256=llm)
+    return ray_driver.InitWeights(version=str(champion.version), sha256=sha256, state=state, llm_sha256=llm)
 
 
 def decide_postprocessing(

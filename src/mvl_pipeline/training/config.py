@@ -3,7 +3,6 @@ and how Ray Train scales it. Defaults equal the YAML (tests/core/test_parameters
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from mvl_pipeline.core.config import ConfigBlock
@@ -33,8 +32,6 @@ class LoopConfig(ConfigBlock):
     val_sw_batch_size: int = 2
     torch_threads: int = 0  # 0: the worker's CPU share
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    #: Fault injection for tests only (never in the shipped YAML): ``{epoch, step, rank}``.
-    inject_failure: Mapping[str, int] | None = None
 
 
 @dataclass(frozen=True)

@@ -168,8 +168,7 @@ def run_training(config: Mapping[str, Any], session: Session) -> dict[str, Any]:
         rng = np.random.default_rng([loop.seed, rank, epoch])
         model.train()
         losses = []
-        for step in range(loop.steps_per_epoch):
-            _maybe_fail(loop.inject_failure, epoch, step, rank, config.get("failure_marker"))
+        for _ in range(loop.steps_per_epoch):
             x, y = sample_batch(
                 volumes, roi, loop.batch_size, rng,
                 foreground_fraction=loop.foreground_fraction, rare_class_prob=loop.rare_class_prob,
@@ -232,19 +231,6 @@ def run_training(config: Mapping[str, Any], session: Session) -> dict[str, Any]:
         else:
             session.report(metrics, None)
     return state
-
-
-def _maybe_fail(spec: Mapping[str, int] | None, epoch: int, step: int, rank: int, marker: str | None) -> None:
-    """Fault injection for tests: fail once at the given (epoch, step, rank)."""
-    if not spec or (epoch, step, rank) != (spec.get("epoch"), spec.get("step", 0), spec.get("rank", 0)):
-        return
-    if marker is not None:
-        path = Path(marker)
-        if path.exists():
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("failed once\n", encoding="utf-8")
-    raise RuntimeError(f"injected failure at epoch {epoch} step {step} on worker {rank}")
 
 
 def _log_mlflow(spec: Mapping[str, str] | None, metrics: Mapping[str, Any], epoch: int) -> None:

@@ -55,7 +55,6 @@ def run_name_for(data_ver: str, plan: Mapping[str, Any], model_cfg: Mapping[str,
     identity = {"loop": fit.loop.to_dict(), "workers": fit.scaling.num_workers, "gpu": fit.scaling.use_gpu}
     if init_sha256:
         identity["init"] = init_sha256
-    identity["loop"].pop("inject_failure", None)
     return f"mvl-{data_ver}-{json_digest([plan.get('plan_id', plan), model_cfg, identity], length=10)}"
 
 
@@ -183,7 +182,6 @@ def fit(
         "loaders": {c: loaders[c] for c in [*train_ids, *val_ids]},
         "llm_cache_dir": cache,
         "mlflow": mlflow_target() if fit_cfg.stream_to_mlflow else None,
-        "failure_marker": os.path.join(storage, name, ".injected_failure") if "://" not in storage else None,
         "init_weights": dict(init.state) if init is not None else None,
     }
     started_ray = connect_ray(fit_cfg)

@@ -126,7 +126,6 @@ def build_context(
     test_cases = cases_in(ingested_cases, test_split, "test")
     models = arm_models(model_params, config, plan)
     loop = fit_cfg.loop.to_dict() | asdict(config.trial)
-    loop.pop("inject_failure", None)
     identity = {
         "data_version": data_version,
         "plan": json_digest(plan, exclude=("provenance",)),

@@ -72,25 +72,6 @@ def test_champion_init_falls_back_to_scratch_without_a_champion_or_on_another_pl
     assert champion_start(same_grid, cfg, plan).version == "4"
 
 
-def test_a_worker_failure_is_recovered_from_the_last_checkpoint(tiny_training_data, ray_local, tiny_fit, tmp_path):
-    # two epochs: the failure in the last one, after epoch 0's checkpoint
-    fit = tiny_fit(epochs=2, inject_failure={"epoch": 1, "step": 2, "rank": 1})
-    fit["max_failures"] = 1
-    _, history = run_fit(tiny_training_data, fit)
-    marker = tmp_path / "ray_results" / history["run_name"] / ".injected_failure"
-    assert marker.exists()  # the failure really happened
-    assert history["resumed_after_epochs"] == [0]  # restarted from epoch 0's checkpoint
-    assert [e["epoch"] for e in history["epochs"]] == [0, 1]
-    assert history["global_step"] == 2 * 4  # epoch 1 counted once: its steps before the failure were redone
-
-
-def test_without_failure_budget_the_injected_failure_fails_the_fit(tiny_training_data, ray_local, tiny_fit):
-    fit = tiny_fit(epochs=2, inject_failure={"epoch": 0, "step": 1, "rank": 0})
-    fit["max_failures"] = 0
-    with pytest.raises(Exception, match="injected failure"):
-        run_fit(tiny_training_data, fit)
-
-
 def test_worker_sizing_follows_the_ray_cluster_and_refuses_what_a_local_ray_cannot_hold():
     from mvl_pipeline.training.config import FitConfig
     from mvl_pipeline.training.ray_driver import size_workers

@@ -259,3 +259,43 @@ def test_push_then_pull_from_s3_restores_identical_data(project, first_repro, s3
     project.dvc("pull", "-r", "s3", env=s3_env)
     assert project.digest_outputs() == before
     assert project.status() == {}
+
+
+#: DICOM attributes a hospital puts identity in (what de-identification must keep out).
+IDENTIFYING = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "InstitutionName",
+               "InstitutionAddress", "ReferringPhysicianName", "OperatorsName", "StudyID",
+               "StudyInstanceUID", "SeriesInstanceUID")  # fmt: skip
+
+
+def drop_identifiers(drop: Path) -> set[str]:
+    """Every identifying value in the drop's DICOM headers (names also by part) and every folder
+    and file name of the drop (the hospital's UIDs)."""
+    import pydicom
+
+    found: set[str] = set()
+    for path in drop.rglob("*"):
+        found.update(part for part in path.relative_to(drop).parts if len(part) >= 5)
+        if path.is_file():
+            header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            for key in IDENTIFYING:
+                value = str(header.get(key, "") or "")
+                found.update(v for v in {value, *value.split("^")} if len(v) >= 5)
+    return found
+
+
+def test_nothing_the_training_side_wrote_holds_an_identifier_of_the_drop(project, first_repro):
+    """PHI audit (issue 15) after `dvc repro` and its reruns, and a kedro-viz export with every
+    dataset preview: dvc.lock, data/02-08, the MLflow store, the run logs and the kedro-viz files
+    hold no identifying value of the drop (gzip'd files unpacked)."""
+    from scenarios.retrain import scan
+
+    drop = project.root / "data/01_raw/sample_drop"
+    identifiers = drop_identifiers(drop)
+    assert len(identifiers) > 20, sorted(identifiers)
+    assert scan([drop], identifiers), "the scan finds nothing even in the drop: it cannot find anything"
+    project.run(str(BIN / "kedro"), "viz", "build", "--include-previews")
+    written = [project.root / p for p in ("dvc.lock", "mlflow.db", "mlruns", "mlartifacts", "info.log", "logs", "build")]
+    written += [project.root / "data" / layer for layer in ("02_intermediate", "03_primary", "04_feature",
+                                                          "05_model_input", "06_models", "07_model_output", "08_reporting")]  # fmt: skip
+    assert (project.root / "build").is_dir() and (project.root / "dvc.lock").is_file()
+    assert scan([p for p in written if p.exists()], identifiers) == []

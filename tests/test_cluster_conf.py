@@ -10,6 +10,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
+import yaml
 from kedro.config import OmegaConfigLoader
 from kedro.io import DataCatalog, DatasetError
 
@@ -66,6 +67,10 @@ def test_cluster_parameters_are_the_papers_setup_on_gpu_workers(cluster_env):
     fit = FitConfig.from_params(params["fit"])
     assert fit.scaling.use_gpu and fit.scaling.num_workers >= 2 and fit.scaling.gpus_per_worker == 1
     assert fit.storage_path.startswith(cluster_env["MVL_DATA_ROOT"])
+    # scheduled retraining starts from the champion, for the share of epochs measured (bench_retrain)
+    base = FitConfig.from_params(yaml.safe_load((ROOT / "conf/base/parameters_fit.yml").read_text(encoding="utf-8"))["fit"])
+    assert fit.init == "champion" and base.init == "scratch"
+    assert fit.champion_epochs / fit.loop.epochs == base.champion_epochs / base.loop.epochs
     # soft merge: cluster overrides keys, base keeps the rest (e.g. the label map)
     assert params["ingest"]["labels"] == {"organ": 1, "lesion": 2}
     assert params["model"]["mlp_ratio"] == 4.0  # a base value the cluster does not override

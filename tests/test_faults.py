@@ -346,8 +346,10 @@ def test_sigkill_mid_preprocess_keeps_the_written_cases_and_the_rerun_computes_o
     root = clone(tmp_path_factory, prepared, "faults-preprocess", data=("01_raw", "02_intermediate"))
     done = root / MODEL_INPUT
 
-    def some_case_written() -> bool:
-        return done.is_dir() and any((d / "_COMPLETE").exists() for d in done.iterdir())
+    def some_case_written() -> bool:  # a case in place: not a temporary, complete before its rename
+        from mvl_pipeline.core.storage import TEMPORARY
+
+        return done.is_dir() and any((d / "_COMPLETE").exists() for d in done.iterdir() if not TEMPORARY.match(d.name))
 
     run = Run(root, "--pipelines", "preprocess", name="preprocess-killed")
     run_until(run, some_case_written, "the first model-input case was written", slice_s=0.003)

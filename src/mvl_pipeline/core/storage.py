@@ -88,6 +88,11 @@ def endpoint(fs: fsspec.AbstractFileSystem) -> str:
     if not url:
         client = getattr(fs, "s3", None)  # s3fs: the client, once connected
         url = getattr(getattr(client, "meta", None), "endpoint_url", None)
+    return _endpoint_of(url)
+
+
+def _endpoint_of(url: str | None) -> str:
+    """``scheme://host[:port]`` of an endpoint URL: no credentials, no path."""
     if not url:
         return "the default endpoint"
     parts = urlsplit(str(url))
@@ -122,7 +127,6 @@ def outage_guard(fs: fsspec.AbstractFileSystem, protocol: str) -> Iterator[None]
         )
         # `from None`: the client's own message quotes the object's key, which may carry identity
         raise StorageUnavailableError(message) from None
-
 
 
 # -- Ray Train's checkpoint storage (pyarrow filesystems) ------------------------------------------
@@ -173,16 +177,14 @@ def train_storage_outage(url: str, exc: BaseException) -> StorageUnavailableErro
         exc = exc.__cause__ or exc.__context__
     if not any(_ARROW_UNREACHABLE.search(t) for t in text):
         return None
-    where = _s3_endpoint_from_env() if protocol in ("s3", "s3a") else None
-    if where:
-        parts = urlsplit(where)
-        where = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    where = _endpoint_of(_s3_endpoint_from_env() if protocol in ("s3", "s3a") else None)
     bound = str(S3_RETRY["total_max_attempts"]) if protocol in ("s3", "s3a") else "repeated"
     return StorageUnavailableError(
-        f"{protocol} storage at {where or 'the default endpoint'} is unreachable (NETWORK_CONNECTION) while "
+        f"{protocol} storage at {where} is unreachable (NETWORK_CONNECTION) while "
         f"checkpointing, after {bound} attempts with backoff per request and fit.max_failures restarts: check "
         "that the endpoint is up, then run the same command again (it resumes from the last checkpoint)"
     )
+
 
 #: What an interrupted save leaves beside its target: ``.<name>.tmp-<uuid hex>`` (being written)
 #: and ``.<name>.old-<uuid hex>`` (the replaced version, between the two renames of a swap).

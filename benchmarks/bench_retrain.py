@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -33,30 +34,12 @@ from typing import Any
 
 import torch  # noqa: E402  (after _hippocampus: it puts the project root on sys.path)
 from _hippocampus import ROOT, base_params, hippocampus_workspace
-from bench_quality import cpu_flags
+from bench_quality import BudgetSession, cpu_flags, score_on_test
 
-from mvl_pipeline.evaluation.scoring import EvaluateConfig, cases_in, score_cases
-from mvl_pipeline.evaluation.summary import summarise
-from mvl_pipeline.formats.model_bundle import read_weights
-from mvl_pipeline.model import MedVisionLlamaConfig, model_from_weights
+from mvl_pipeline.model import MedVisionLlamaConfig
 from mvl_pipeline.preprocessing.plan import plan_classes
 from mvl_pipeline.training.config import LoopConfig
 from mvl_pipeline.training.loop import run_training
-from mvl_pipeline.training.session import Session
-
-
-class BestSession(Session):
-    """The plain session, keeping the weights of the epoch with the best validation Dice."""
-
-    def __init__(self) -> None:
-        self.best: tuple[float, Any] = (-1.0, None)
-        self.curve: list[float] = []
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        if "val_dice" in metrics:
-            self.curve.append(round(float(metrics["val_dice"]), 4))
-            if checkpoint_dir is not None and metrics["val_dice"] > self.best[0]:
-                self.best = (float(metrics["val_dice"]), read_weights(Path(checkpoint_dir) / "model"))
 
 
 def train(data: dict[str, Any], train_ids: list[str], epochs: int, args: argparse.Namespace, cache: str,
@@ -71,23 +54,16 @@ def train(data: dict[str, Any], train_ids: list[str], epochs: int, args: argpars
         "loaders": data["model_input_cases"], "llm_cache_dir": cache, "cpus_per_worker": os.cpu_count(),
         "init_weights": init,
     }  # fmt: skip
-    session = BestSession()
+    session = BudgetSession(math.inf)  # keeps the best validation checkpoint's weights
     started = time.perf_counter()
     run_training(config, session)
     wall = time.perf_counter() - started
-    state, model_config = session.best[1]
-    model = model_from_weights(state, model_config, llm_cache_dir=cache)
-    classes = plan_classes(plan)
-    rows, _ = score_cases(
-        model, cases_in(data["ingested_cases"], data["data_split"], "test"), plan, classes,
-        num_classes=model.cfg.num_classes, params=EvaluateConfig(),
-    )  # fmt: skip
-    summary = summarise(rows)
-    per_class = {name: round(summary[name]["dice"]["mean"], 4) for name in classes.values()}
+    dice, per_class, _ = score_on_test(session.best[1], data, cache)
     return {
-        "dice": round(sum(per_class.values()) / len(per_class), 4), "dice_per_class": per_class,
+        "dice": dice, "dice_per_class": per_class,
         "train_wall_s": round(wall, 1), "epochs": epochs, "n_train": len(train_ids),
-        "best_val_dice": round(session.best[0], 4), "val_curve": session.curve, "state": state,
+        "best_val_dice": round(session.best[0], 4), "val_curve": [p["val_dice"] for p in session.curve],
+        "state": session.best[1][0],
     }  # fmt: skip
 
 

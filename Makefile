@@ -7,7 +7,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIPELINE ?= train
 KEDRO_ENV ?= local
-PYTEST_ARGS ?= --durations=30
+# two test processes: most slow tests wait on Ray, moto or a browser, so one process leaves a core idle
+PYTEST_WORKERS ?= 2
+PYTEST_ARGS ?= -n $(PYTEST_WORKERS) --dist loadfile --durations=30
 # extra `kedro run` options for `make train`, e.g. KEDRO_ARGS='--params fit.loop.epochs=2'
 KEDRO_ARGS ?=
 MLFLOW_PORT ?= 5000

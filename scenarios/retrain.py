@@ -450,6 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     env.update(
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH="", KEDRO_DISABLE_TELEMETRY="true",
         RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
+        # the scenario's cluster is private to this machine: without this, a token left in
+        # ~/.ray/auth_token by any earlier Ray run turns token auth on and the Jobs API answers 401
+        RAY_AUTH_MODE="disabled",
         AWS_ACCESS_KEY_ID="scenario", AWS_SECRET_ACCESS_KEY="scenario", AWS_DEFAULT_REGION="us-east-1",
     )  # fmt: skip
     entry = "kedro run --pipelines train --env scenario"

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .depthwise import depthwise_conv3d
 from .patch_ops import patchify
 
 Grid = tuple[int, int, int]
@@ -70,8 +71,9 @@ class HybridAttention(nn.Module):
     """Global multi-head self-attention over all tokens plus a local depthwise 3D conv over the
     token grid, mixed per channel by a learnable gate (sigmoid, starts at 0.5), then projected."""
 
-    def __init__(self, dim: int, num_heads: int, local_kernel: int, qkv_bias: bool = True):
+    def __init__(self, dim: int, num_heads: int, local_kernel: int, qkv_bias: bool = True, tuned_cpu: bool = True):
         super().__init__()
+        self.tuned_cpu = tuned_cpu
         if dim % num_heads:
             raise ValueError(f"dim {dim} not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
@@ -94,12 +96,16 @@ class HybridAttention(nn.Module):
         return self.proj(gate * glob + (1.0 - gate) * local)
 
     def _local(self, x: torch.Tensor) -> torch.Tensor:
-        # oneDNN's bf16 depthwise conv3d backward is ~15x slower than fp32 channels_last on CPU,
-        # and this branch is a negligible share of the FLOPs: run it in fp32 there.
-        if x.device.type == "cpu":
-            with torch.autocast("cpu", enabled=False):
-                return self.local(x.float())
-        return self.local(x)
+        # On CPU in fp32 (oneDNN's bf16 depthwise conv3d backward is ~2x slower still, and this
+        # branch is a negligible share of the FLOPs), with oneDNN's own backward (``cpu_ops:
+        # reference``, the step before) or the same maths in fast ops (model/depthwise.py: its
+        # backward takes ~half the time on a grid of a few hundred tokens)
+        if x.device.type != "cpu":
+            return self.local(x)
+        with torch.autocast("cpu", enabled=False):
+            if self.tuned_cpu and torch.is_grad_enabled():
+                return depthwise_conv3d(x.float(), self.local)
+            return self.local(x.float())
 
 
 class Mlp(nn.Module):
@@ -124,10 +130,11 @@ class EncoderBlock(nn.Module):
         local_kernel: int,
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
         act_layer: Callable[[], nn.Module] = nn.GELU,
+        tuned_cpu: bool = True,
     ):
         super().__init__()
         self.norm1 = norm_layer(dim)
-        self.attn = HybridAttention(dim, num_heads, local_kernel)
+        self.attn = HybridAttention(dim, num_heads, local_kernel, tuned_cpu=tuned_cpu)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer)
 

@@ -29,6 +29,7 @@ LORA_PROJECTION_TARGETS = ("proj_in", "proj_out")
 LORA_LAYER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CPU_DTYPES = ("auto", "float32", "bfloat16")
 PATCH_OPS = ("matmul", "conv")
+CPU_OPS = ("tuned", "reference")
 PRECISIONS = ("bf16-mixed", "fp32")
 
 
@@ -157,6 +158,7 @@ class MedVisionLlamaConfig(ConfigBlock):
     token_budget: int = 256  # read by the preprocessing plan to size the training crop
     precision: str = "bf16-mixed"  # "bf16-mixed" (autocast) or "fp32"
     patch_ops: str = "matmul"  # patch embedding / decoder upsampling: matmul (GEMMs) | conv (oneDNN)
+    cpu_ops: str = "tuned"  # tuned (faster CPU paths, same maths) | reference (the step before them)
     grad_checkpointing: bool = False
     compile: bool = False
     llm: LLMConfig = field(default_factory=LLMConfig)
@@ -219,6 +221,8 @@ class MedVisionLlamaConfig(ConfigBlock):
             raise ValueError(f"model.preset must be one of {sorted(PRESETS)}; got {self.preset!r}")
         if self.patch_ops not in PATCH_OPS:
             raise ValueError(f"patch_ops must be one of {list(PATCH_OPS)}; got {self.patch_ops!r}")
+        if self.cpu_ops not in CPU_OPS:
+            raise ValueError(f"cpu_ops must be one of {list(CPU_OPS)}; got {self.cpu_ops!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}; got {self.precision!r}")
         if self.depth < 1:

@@ -64,7 +64,7 @@ class MedVisionLlama(nn.Module):
             raise ValueError("model.pos_grid is unknown: it is the plan's token grid (MedVisionLlamaConfig.for_plan)")
         self.pos_embed = PositionalEmbedding3d(E, cfg.pos_grid)
         self.blocks = nn.ModuleList(
-            EncoderBlock(E, cfg.num_heads, cfg.mlp_ratio, cfg.local_kernel, norm_layer, act_layer)
+            EncoderBlock(E, cfg.num_heads, cfg.mlp_ratio, cfg.local_kernel, norm_layer, act_layer, cfg.cpu_ops == "tuned")
             for _ in range(cfg.depth)
         )
         self.llm = (

@@ -14,7 +14,10 @@ For each: the training step (forward, Dice+CE loss, backward, AdamW) on random c
 analytic FLOPs per sample and the achieved FLOP/s as a fraction of a 2048^3 matmul's rate in the
 same dtype measured in the SAME round; per-round ratios are reported with their median and
 spread. Then sliding-window inference of Hippocampus-sized volumes (35x50x36, the plan's 40x56x40
-roi) for ``new`` and ``previous``, and the bf16/fp32 agreement of its predictions. The machine's
+roi): ``new`` predicts ``--case-batch`` cases per forward pass (``predict_many``: each fits one
+window), ``previous`` one case at a time with the previous step's model, ``new_per_case`` the
+new model one case at a time (what batching alone adds); medians of ``--infer-rounds``
+round-robin rounds; and the bf16/fp32 agreement of the new path's labels. The machine's
 matrix units (AMX / AVX-512-BF16 from the CPU flags; GPU name and compute capability) are printed
 beside the figures. Last line: one JSON object.
 
@@ -38,7 +41,7 @@ import torch
 import yaml
 from torch.profiler import ProfilerActivity, profile
 
-from mvl_pipeline.evaluation.inference import predict_probabilities
+from mvl_pipeline.evaluation.inference import predict_many, predict_probabilities
 from mvl_pipeline.model import (
     MedVisionLlamaConfig,
     build_model,
@@ -93,7 +96,7 @@ def matmul_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048, secon
 def variant_params(base: dict, name: str) -> dict:
     params = {**base, "llm": dict(base["llm"])}
     if name == "previous":
-        params |= {"patch_ops": "conv"}
+        params |= {"patch_ops": "conv", "cpu_ops": "reference"}
         params["llm"]["cpu_dtype"] = "float32"
     elif name == "fp32":
         params |= {"precision": "fp32"}
@@ -160,12 +163,22 @@ def time_shares(variant: Variant) -> dict[str, float]:
     return {k: round(v / total, 3) for k, v in sorted(groups.items())}
 
 
-def inference(model: torch.nn.Module, num_classes: int, volumes: list[np.ndarray], device: torch.device) -> tuple[float, list[np.ndarray]]:
+def inference(model: torch.nn.Module, num_classes: int, volumes: list[np.ndarray], device: torch.device,
+              case_batch: int = 1) -> tuple[float, list[np.ndarray]]:  # fmt: skip
+    """Cases/s and label maps: one case at a time (``predict_probabilities``, the previous path)
+    or ``case_batch`` cases that fit one window per forward pass (``predict_many``)."""
     start = time.perf_counter()
-    labels = [
-        predict_probabilities(model, v, roi_size=INFER_ROI, num_classes=num_classes, overlap=0.5, device=device).argmax(0)
-        for v in volumes
-    ]
+    if case_batch == 1:
+        labels = [
+            predict_probabilities(model, v, roi_size=INFER_ROI, num_classes=num_classes, overlap=0.5, device=device).argmax(0)
+            for v in volumes
+        ]
+    else:
+        labels = [
+            probs.argmax(0)
+            for _, probs in predict_many(model, volumes, lambda v: v, roi_size=INFER_ROI, num_classes=num_classes,
+                                         overlap=0.5, case_batch=case_batch, device=device)  # fmt: skip
+        ]
     return len(volumes) / (time.perf_counter() - start), labels
 
 
@@ -177,6 +190,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
     parser.add_argument("--infer-cases", type=int, default=20)
+    parser.add_argument("--infer-rounds", type=int, default=3, help="round-robin rounds of the inference runs (median)")
+    parser.add_argument("--case-batch", type=int, default=4, help="cases per forward pass of the new inference path")
     parser.add_argument("--profile", action="store_true", help="print the top operators of new and previous")
     parser.add_argument("--llm-cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "mvl_pipeline-llm-cache")
     args = parser.parse_args()
@@ -228,13 +243,20 @@ def main() -> None:
     rng = np.random.default_rng(0)
     volumes = [rng.normal(size=INFER_SHAPE).astype(np.float32) for _ in range(args.infer_cases)]
     infer = {}
-    for name in ("new", "previous", "fp32"):
-        model = variants[name].model.eval()
-        infer[name] = inference(model, variants[name].cfg.num_classes, volumes, device)
-        model.train()
+    # new: predict_many, args.case_batch cases a pass; previous: the previous step's model one case
+    # at a time; new_per_case: what batching alone adds; fp32: the new path in fp32. Round-robin.
+    runs = {"new": ("new", args.case_batch), "previous": ("previous", 1), "new_per_case": ("new", 1), "fp32": ("fp32", args.case_batch)}
+    for variant in variants.values():
+        variant.model.eval()
+    rates: dict[str, list[float]] = defaultdict(list)
+    for _ in range(args.infer_rounds):
+        for run, (name, case_batch) in runs.items():
+            rate, labels = inference(variants[name].model, variants[name].cfg.num_classes, volumes, device, case_batch)
+            rates[run].append(rate)
+            infer[run] = (statistics.median(rates[run]), labels)
     # bf16 vs fp32 agreement on the same weights (the fp32 variant's weights in the bf16 model)
     variants["new"].model.load_state_dict(variants["fp32"].model.state_dict(), strict=False)
-    _, bf16_labels = inference(variants["new"].model.eval(), variants["new"].cfg.num_classes, volumes, device)
+    _, bf16_labels = inference(variants["new"].model, variants["new"].cfg.num_classes, volumes, device, args.case_batch)
     agreement = float(np.mean([np.mean(a == b) for a, b in zip(bf16_labels, infer["fp32"][1], strict=True)]))
 
     result = {
@@ -256,7 +278,10 @@ def main() -> None:
         "time_share_new": shares["new"], "time_share_previous": shares["previous"],
         "infer_cases_per_s": round(infer["new"][0], 2),
         "infer_cases_per_s_previous": round(infer["previous"][0], 2),
+        "infer_cases_per_s_new_per_case": round(infer["new_per_case"][0], 2),
+        "infer_cases_per_s_fp32": round(infer["fp32"][0], 2),
         "infer_speedup_vs_previous": round(infer["new"][0] / infer["previous"][0], 3),
+        "infer_case_batch": args.case_batch, "infer_rounds": args.infer_rounds,
         "infer_label_agreement_bf16_fp32": round(agreement, 5),
         "variants": summary, "per_round": rounds,
         "wall_s": round(time.perf_counter() - started, 1),

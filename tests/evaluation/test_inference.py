@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from mvl_pipeline.evaluation.inference import predict_probabilities
+from mvl_pipeline.evaluation.inference import predict_many, predict_probabilities
 
 
 class VoxelwiseLogits(nn.Module):
@@ -126,3 +126,78 @@ def test_model_runs_without_autograd_and_the_caller_keeps_it():
     predict_probabilities(model, ramp((8, 8, 8)), roi_size=(8, 8, 8), num_classes=2)
     assert model.seen_grad and not any(model.seen_grad)
     assert torch.is_grad_enabled()  # the decorator does not leak no_grad to the caller
+
+
+class SmallConv(nn.Module):
+    """A seeded 3x3x3 conv: each voxel's logits depend on its neighbours, so a case padded or
+    cropped back at the wrong offset gives other probabilities near its border."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 2) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv3d(in_channels, num_classes, 3, padding=1)
+        self.batch_sizes: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batch_sizes.append(x.shape[0])
+        return self.conv(x) * 3.0
+
+
+@pytest.mark.parametrize("num_classes", [2, 1])
+def test_predict_many_gives_each_case_what_predict_probabilities_gives_in_order(num_classes):
+    roi = (8, 8, 6)
+    shapes = [(7, 8, 5), (8, 8, 6), (5, 6, 3), (12, 9, 6), (6, 7, 6), (8, 3, 2), (4, 4, 4)]  # (12, 9, 6) needs windows
+    images = [ramp(shape, seed=i) for i, shape in enumerate(shapes)]
+    model = SmallConv(num_classes=num_classes)
+    expected = [predict_probabilities(model, image, roi_size=roi, num_classes=num_classes) for image in images]
+    model.batch_sizes.clear()
+    got = list(predict_many(model, list(enumerate(images)), lambda item: item[1], roi_size=roi, num_classes=num_classes, case_batch=3))
+    assert [index for (index, _), _ in got] == list(range(len(images)))
+    for (_, image), probs in got:
+        assert probs.shape == (2, *image.shape) and probs.dtype == np.float32
+    for want, (_, probs) in zip(expected, got, strict=True):
+        np.testing.assert_allclose(probs, want, atol=1e-5)
+    # the three cases before the large one in one pass, the large one window by window (MONAI's
+    # sw_batch_size 2 at most per pass), the last three in one pass
+    assert model.batch_sizes[0] == 3 and model.batch_sizes[-1] == 3
+    assert len(model.batch_sizes) > 3 and max(model.batch_sizes[1:-1]) <= 2
+
+
+def test_predict_many_multichannel_and_case_batch_one():
+    roi = (6, 6, 6)
+    images = [ramp((2, 5, 6, 4), seed=i) for i in range(3)]
+    model = SmallConv(in_channels=2)
+    expected = [predict_probabilities(model, image, roi_size=roi, num_classes=2) for image in images]
+    for case_batch in (1, 4):
+        model.batch_sizes.clear()
+        got = [p for _, p in predict_many(model, images, lambda v: v, roi_size=roi, num_classes=2, case_batch=case_batch)]
+        for want, probs in zip(expected, got, strict=True):
+            np.testing.assert_allclose(probs, want, atol=1e-5)
+        assert model.batch_sizes == ([1, 1, 1] if case_batch == 1 else [3])
+
+
+def test_predict_many_reads_lazily_and_restores_the_mode():
+    read: list[int] = []
+
+    def images():
+        for index in range(7):
+            read.append(index)
+            yield ramp((4, 4, 4), seed=index)
+
+    model = SmallConv()
+    model.train()
+    stream = predict_many(model, images(), lambda v: v, roi_size=(4, 4, 4), num_classes=2, case_batch=3)
+    next(stream)
+    assert read == [0, 1, 2]  # one batch read, not the whole stream
+    assert len(list(stream)) == 6
+    assert model.training is True
+    with pytest.raises(ValueError, match="case_batch"):
+        list(predict_many(model, [ramp((4, 4, 4))], lambda v: v, roi_size=(4, 4, 4), num_classes=2, case_batch=0))
+
+
+def test_predict_many_restores_the_mode_when_the_model_raises():
+    model = Broken()
+    model.train()
+    with pytest.raises(RuntimeError, match="model failed"):
+        list(predict_many(model, [ramp((4, 4, 4))], lambda v: v, roi_size=(8, 8, 8), num_classes=2))
+    assert model.training is True

@@ -9,7 +9,7 @@ label at the original spacing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,7 @@ from torch import nn
 
 from mvl_pipeline.core.case import Case
 from mvl_pipeline.core.config import ConfigBlock
-from mvl_pipeline.evaluation.inference import predict_probabilities
+from mvl_pipeline.evaluation.inference import predict_many, predict_probabilities
 from mvl_pipeline.evaluation.metrics import case_metrics
 from mvl_pipeline.evaluation.postprocessing import apply_postprocessing, decide_postprocessing
 from mvl_pipeline.preprocessing.apply import preprocess_case, restore_to_original
@@ -34,6 +34,7 @@ class EvaluateConfig(ConfigBlock):
 
     overlap: float = 0.5  # sliding-window overlap (Gaussian weighting)
     sw_batch_size: int = 2
+    case_batch: int = 4  # cases that fit in one window, predicted together (evaluation/inference.py)
     nsd_tolerance_mm: float = 2.0  # surface Dice tolerance
     bootstrap_seed: int = 0
     overlay_cases: int = 3
@@ -53,6 +54,13 @@ def cases_in(
     return [(c, loaders[c]) for c in ids]
 
 
+def _restore(probs: np.ndarray, prepared: Any, postprocessing: Mapping[str, Any] | None) -> np.ndarray:
+    """Probabilities on the plan's grid -> integer labels on the case's original grid, with the
+    model's post-processing decision applied there."""
+    restored = restore_to_original(probs, prepared.record, is_label=False)
+    return apply_postprocessing(restored.argmax(axis=0).astype(np.uint8), postprocessing)
+
+
 def predict_case(
     model: nn.Module,
     case: Case,
@@ -69,8 +77,31 @@ def predict_case(
         model, prepared.image, roi_size=plan["patch_size"], num_classes=num_classes,
         overlap=params.overlap, sw_batch_size=params.sw_batch_size,
     )  # fmt: skip
-    restored = restore_to_original(probs, prepared.record, is_label=False)
-    return apply_postprocessing(restored.argmax(axis=0).astype(np.uint8), postprocessing)
+    return _restore(probs, prepared, postprocessing)
+
+
+def predict_cases(
+    model: nn.Module,
+    cases: Iterable[tuple[str, Callable[[], Case]]],
+    plan: Mapping[str, Any],
+    *,
+    num_classes: int,
+    params: EvaluateConfig,
+    postprocessing: Mapping[str, Any] | None = None,
+) -> Iterator[tuple[str, Case, np.ndarray]]:
+    """``(case id, case, label map)`` for every case, in order, as :func:`predict_case` gives
+    them, with cases that fit in one window predicted ``params.case_batch`` at a time."""
+
+    def prepared() -> Iterator[tuple[str, Case, Any]]:
+        for case_id, loader in cases:
+            case = loader()
+            yield case_id, case, preprocess_case(case.image, plan, modality=case.modality)
+
+    for (case_id, case, ready), probs in predict_many(
+        model, prepared(), lambda item: item[2].image, roi_size=plan["patch_size"], num_classes=num_classes,
+        overlap=params.overlap, sw_batch_size=params.sw_batch_size, case_batch=params.case_batch,
+    ):  # fmt: skip
+        yield case_id, case, _restore(probs, ready, postprocessing)
 
 
 def score_cases(
@@ -87,13 +118,12 @@ def score_cases(
     """Per-case, per-class metric rows, and up to ``keep_overlays`` slices for plots."""
     rows: list[dict[str, Any]] = []
     overlays: list[dict[str, Any]] = []
-    for index, (case_id, loader) in enumerate(cases):
-        case = loader()
+    predictions = predict_cases(
+        model, cases, plan, num_classes=num_classes, params=params, postprocessing=postprocessing
+    )
+    for index, (case_id, case, prediction) in enumerate(predictions):
         if case.label is None:
             raise ValueError(f"holdout case {case_id} has no label")
-        prediction = predict_case(
-            model, case, plan, num_classes=num_classes, params=params, postprocessing=postprocessing
-        )
         label = np.asarray(case.label.array)
         for row in case_metrics(
             prediction, label, classes, spacing=case.image.spacing, nsd_tolerance_mm=params.nsd_tolerance_mm
@@ -142,12 +172,11 @@ def decide_postprocessing_on(
 ) -> dict[str, Any]:
     """The post-processing decision for ``model`` from its predictions of ``cases`` (validation
     cases, on their original grid): see ``evaluation.postprocessing``."""
-    pairs = []
-    for _case_id, loader in cases:
-        case = loader()
-        if case.label is not None:
-            prediction = predict_case(model, case, plan, num_classes=model.cfg.num_classes, params=params)
-            pairs.append((prediction, np.asarray(case.label.array)))
+    pairs = [
+        (prediction, np.asarray(case.label.array))
+        for _, case, prediction in predict_cases(model, cases, plan, num_classes=model.cfg.num_classes, params=params)
+        if case.label is not None
+    ]
     decision = decide_postprocessing(pairs, sorted(classes))
     for value, scores in decision["validation_dice"].items():
         logger.info(

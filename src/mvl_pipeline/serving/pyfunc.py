@@ -36,7 +36,7 @@ class MedVisionLlamaPyfunc(mlflow.pyfunc.PythonModel):
     def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
         import torch
 
-        from mvl_pipeline.evaluation.inference import predict_probabilities
+        from mvl_pipeline.evaluation.inference import predict_many
 
         if isinstance(model_input, dict):  # a named tensor signature hands over {"image": array}
             model_input = model_input["image"]
@@ -45,9 +45,10 @@ class MedVisionLlamaPyfunc(mlflow.pyfunc.PythonModel):
             raise ValueError(f"expected (B, C, X, Y, Z) float32, got shape {batch.shape}")
         with torch.no_grad():
             outputs = [
-                predict_probabilities(
-                    self.model, volume, roi_size=self.plan["patch_size"], num_classes=self.model.cfg.num_classes
+                probs
+                for _, probs in predict_many(
+                    self.model, batch, lambda volume: volume, roi_size=self.plan["patch_size"],
+                    num_classes=self.model.cfg.num_classes,
                 )
-                for volume in batch
-            ]
+            ]  # fmt: skip
         return np.stack(outputs).astype(np.float32)

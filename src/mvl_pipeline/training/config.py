@@ -30,6 +30,7 @@ class LoopConfig(ConfigBlock):
     val_every: int = 2
     val_overlap: float = 0.25
     val_sw_batch_size: int = 2
+    val_case_batch: int = 4  # validation cases that fit one window, predicted together
     torch_threads: int = 0  # 0: the worker's CPU share
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 

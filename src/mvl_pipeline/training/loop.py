@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from mvl_pipeline.core.parallel import resolve_workers
-from mvl_pipeline.evaluation.inference import predict_probabilities
+from mvl_pipeline.evaluation.inference import predict_many
 from mvl_pipeline.evaluation.metrics import dice_per_class
 from mvl_pipeline.model import (
     MedVisionLlamaConfig,
@@ -84,15 +84,15 @@ def validate(
     overlap: float,
     sw_batch_size: int,
     device: torch.device,
+    case_batch: int = 4,
 ) -> np.ndarray:
     """Per-class Dice sums over ``ids`` and the case count: ``[sum_c1, ..., sum_cK, n]``."""
     sums = np.zeros(len(classes) + 1, dtype=np.float64)
-    for case_id in ids:
-        case = loaders[case_id]()
-        probs = predict_probabilities(
-            model, np.asarray(case.image.array), roi_size=roi_size, num_classes=num_classes,
-            overlap=overlap, sw_batch_size=sw_batch_size, device=device,
-        )  # fmt: skip
+    cases = (loaders[case_id]() for case_id in ids)
+    for case, probs in predict_many(
+        model, cases, lambda case: np.asarray(case.image.array), roi_size=roi_size, num_classes=num_classes,
+        overlap=overlap, sw_batch_size=sw_batch_size, case_batch=case_batch, device=device,
+    ):  # fmt: skip
         prediction = probs.argmax(axis=0)
         scores = dice_per_class(prediction, np.asarray(case.label.array), classes)
         sums[: len(classes)] += [scores[c] for c in classes]
@@ -202,7 +202,7 @@ def run_training(config: Mapping[str, Any], session: Session) -> dict[str, Any]:
                 validate(
                     _unwrap(model), loaders, val_ids, roi_size=roi, num_classes=model_cfg.num_classes,
                     classes=classes, overlap=loop.val_overlap, sw_batch_size=loop.val_sw_batch_size,
-                    device=device,
+                    device=device, case_batch=loop.val_case_batch,
                 )  # fmt: skip
             )
             count = max(1.0, sums[-1])

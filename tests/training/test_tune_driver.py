@@ -105,3 +105,25 @@ def test_a_trial_result_round_trips_locally_and_on_s3(tmp_path, s3_bucket):
         write_result(directory, document, **options)
         assert read_result(directory, **options) == {"arm": "none", "seed": 1, "rows": [{"dice": 0.5, "voxels_label": 7}]}
     assert join_url("s3://bucket/a/", "trials", "x") == "s3://bucket/a/trials/x"
+
+
+def test_the_tune_experiment_on_s3_uses_the_bounded_filesystem_and_is_found_again(tmp_path, s3_bucket, monkeypatch):
+    """The Tune state on S3 goes through core.storage.train_storage (the endpoint from
+    AWS_ENDPOINT_URL, bounded retries), as every Ray Train run does: a saved experiment is seen
+    there (resume), an empty prefix is not."""
+    from pyarrow import fs as arrow_fs
+    from ray import tune
+
+    from mvl_pipeline.training.tune_driver import tune_storage
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_bucket["endpoint_url"])
+    bucket = s3_bucket["bucket"]
+    storage_path, filesystem, path = tune_storage(f"s3://{bucket}/ablation/exp", "tune-abc")
+    assert (storage_path, path) == (f"{bucket}/ablation/exp", f"{bucket}/ablation/exp/tune-abc")
+    assert isinstance(filesystem, arrow_fs.S3FileSystem)
+    assert not tune.Tuner.can_restore(path, storage_filesystem=filesystem)
+    with filesystem.open_output_stream(f"{path}/tuner.pkl") as handle:  # what a started Tuner leaves
+        handle.write(b"state")
+    assert tune.Tuner.can_restore(path, storage_filesystem=filesystem)
+    local = str(tmp_path / "exp")
+    assert tune_storage(local, "tune-abc") == (local, None, f"{local}/tune-abc")

@@ -138,6 +138,7 @@ def _fit(context: TrialContext, arm: str, seed: int, child: Mapping[str, str] | 
     from ray.tune.integration.ray_train import TuneReportCallback
 
     scaling = context.scaling
+    storage_path, storage_filesystem = storage.train_storage(context.trials_dir)  # as fit's runs (S3: bounded)
     resources = {"CPU": scaling["cpus_per_worker"]} | ({"GPU": scaling["gpus_per_worker"]} if scaling["use_gpu"] else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -147,7 +148,8 @@ def _fit(context: TrialContext, arm: str, seed: int, child: Mapping[str, str] | 
         ),
         run_config=ray.train.RunConfig(
             name=context.run_names[arm][seed],
-            storage_path=context.trials_dir,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=context.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=context.num_to_keep, checkpoint_score_attribute="val_dice", checkpoint_score_order="max"

@@ -31,6 +31,7 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from mvl_pipeline.core.hashing import json_digest, set_digest
+from mvl_pipeline.core.storage import train_storage
 from mvl_pipeline.evaluation.ablation import json_safe
 from mvl_pipeline.evaluation.leakage import LeakageError
 from mvl_pipeline.evaluation.scoring import EvaluateConfig, cases_in
@@ -173,18 +174,29 @@ def _tuner(context: TrialContext, experiment: str, config: AblationConfig, *, lo
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), TRIAL_RESOURCES)
     grid = sorted(context.run_names[a][s] for a in config.arms for s in config.seeds)
     name = f"tune-{json_digest(grid, length=10)}"
-    path = join_url(experiment, name)
-    if tune.Tuner.can_restore(path):
+    storage_path, filesystem, path = tune_storage(experiment, name)
+    if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
         logger.info("ablation: restoring the Tune experiment %s (unfinished and errored trials run again)", name)
-        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(
+            path, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=filesystem
+        )
     concurrent = 1 if local else config.max_concurrent_trials
     return tune.Tuner(
         trainable,
         # seeds outer, arms inner: an interrupted grid has whole seeds of every arm done first
         param_space={"arm": tune.grid_search(list(config.arms)), "seed": tune.grid_search(list(config.seeds))},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(name=name, storage_path=experiment, verbose=1),
+        run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem, verbose=1),
     )
+
+
+def tune_storage(experiment: str, name: str) -> tuple[str, Any | None, str]:
+    """``(storage_path, storage_filesystem, experiment path)`` of the Tune experiment ``name``
+    under ``experiment``: on S3 the bounded filesystem every Ray Train run here uses
+    (``core.storage.train_storage``: endpoint from AWS_ENDPOINT_URL, retries, timeouts), with
+    the paths it takes (no scheme); elsewhere Ray's own choice."""
+    storage_path, filesystem = train_storage(experiment)
+    return storage_path, filesystem, join_url(storage_path, name)
 
 
 def run_ablation(context: TrialContext, experiment: str, fit_cfg: FitConfig, config: AblationConfig) -> list[dict[str, Any]]:

@@ -8,7 +8,9 @@ every variant's steps), so a burst of someone else's load on a shared machine hi
   stored in bf16 (``cpu_dtype: auto``);
 - ``previous``: the step before that change (``patch_ops: conv``, LLM layer in fp32, cast on
   every step), kept selectable for this side-by-side;
-- ``fp32``: the default model in fp32; ``none``: the plain ViT (``llm.mode: none``), bf16.
+- ``fp32``: the default model in fp32; ``none``: the plain ViT (``llm.mode: none``), bf16;
+- with ``--compile``: ``compiled``, ``new`` under ``model.compile: true`` (TorchInductor; its
+  first step, the compile, timed apart, with whether Inductor's on-disk cache was warm).
 
 For each: the training step (forward, Dice+CE loss, backward, AdamW) on random crops, the
 analytic FLOPs per sample and the achieved FLOP/s as a fraction of a 2048^3 matmul's rate in the
@@ -21,7 +23,7 @@ round-robin rounds; and the bf16/fp32 agreement of the new path's labels. The ma
 matrix units (AMX / AVX-512-BF16 from the CPU flags; GPU name and compute capability) are printed
 beside the figures. Last line: one JSON object.
 
-    python benchmarks/bench_model.py [--crop 64 64 32] [--batch 2] [--rounds 8] [--profile]
+    python benchmarks/bench_model.py [--crop 64 64 32] [--batch 2] [--rounds 8] [--profile] [--compile]
 """
 
 from __future__ import annotations
@@ -102,7 +104,16 @@ def variant_params(base: dict, name: str) -> dict:
         params |= {"precision": "fp32"}
     elif name == "none":
         params["llm"]["mode"] = "none"
+    elif name == "compiled":
+        params |= {"compile": True}
     return params
+
+
+def inductor_cache_dir() -> Path:
+    """Where TorchInductor keeps compiled kernels across processes (its default, or $TORCHINDUCTOR_CACHE_DIR)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return Path(cache_dir())
 
 
 class Variant:
@@ -193,6 +204,7 @@ def main() -> None:
     parser.add_argument("--infer-rounds", type=int, default=3, help="round-robin rounds of the inference runs (median)")
     parser.add_argument("--case-batch", type=int, default=4, help="cases per forward pass of the new inference path")
     parser.add_argument("--profile", action="store_true", help="print the top operators of new and previous")
+    parser.add_argument("--compile", action="store_true", help="add new + model.compile (needs a C++ compiler; minutes when cold)")
     parser.add_argument("--llm-cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "mvl_pipeline-llm-cache")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -203,6 +215,16 @@ def main() -> None:
     started = time.perf_counter()
     variants = {name: Variant(variant_params(base, name), args, device, args.llm_cache_dir)
                 for name in ("new", "previous", "fp32", "none")}  # fmt: skip
+    compiled: dict = {}
+    if args.compile:  # new + torch.compile: the first step compiles (from Inductor's cache if warm)
+        cache = inductor_cache_dir()
+        compiled["inductor_cache_warm"] = cache.is_dir() and any(cache.iterdir())
+        variants["compiled"] = Variant(variant_params(base, "compiled"), args, device, args.llm_cache_dir)
+        first = time.perf_counter()
+        variants["compiled"].step()
+        compiled["compile_first_step_s"] = round(time.perf_counter() - first, 1)
+        compiled["compiled"] = getattr(variants["compiled"].model, "_compiled_call_impl", None) is not None  # False: fell back to eager
+        print(f"compiled variant: first step {compiled['compile_first_step_s']} s (Inductor cache {'warm' if compiled['inductor_cache_warm'] else 'cold'}: {cache})", flush=True)
     for variant in variants.values():  # warm-up: allocator, oneDNN primitive caches
         variant.step()
         variant.step()
@@ -276,6 +298,10 @@ def main() -> None:
         "matmul_gflops_fp32": spread([r["matmul_gflops"]["fp32"] for r in rounds]),
         "flops_per_sample": summary["new"]["flops_per_sample"],
         "time_share_new": shares["new"], "time_share_previous": shares["previous"],
+        **({"samples_per_s_compiled": summary["compiled"]["samples_per_s"],
+            "speedup_compiled_vs_previous": round(statistics.median(r["previous"]["step_s"] / r["compiled"]["step_s"] for r in rounds), 3),
+            "roofline_fraction_bf16_compiled": summary["compiled"]["roofline_fraction"]["median"], **compiled}
+           if "compiled" in variants else {}),
         "infer_cases_per_s": round(infer["new"][0], 2),
         "infer_cases_per_s_previous": round(infer["previous"][0], 2),
         "infer_cases_per_s_new_per_case": round(infer["new_per_case"][0], 2),

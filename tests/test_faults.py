@@ -126,10 +126,17 @@ class Run:
         return self.output()
 
     def signal_group(self, sig: int) -> None:
+        """``sig`` to every process the run started: its process group and every process of its
+        session (Ray's workers and actors each lead a process group of their own)."""
         try:
             os.killpg(self.pid, sig)
         except ProcessLookupError:
             pass
+        for pid in session_pids(self.pid):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
 
     def kill(self, *, group: bool = True) -> None:
         """SIGKILL the kedro process itself (the fault), then (``group``) whatever it started."""
@@ -167,6 +174,22 @@ def _threads(pid: int) -> list[tuple[str, str]]:
     return threads
 
 
+def session_pids(sid: int) -> list[int]:
+    """The processes of session ``sid`` (a run is started as a session leader)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[3]) == sid:  # state, ppid, pgrp, session
+            pids.append(int(entry))
+    return pids
+
+
 def _frozen(pid: int) -> bool:
     """No thread of ``pid`` can run: stopped, or in vfork() waiting for a (stopped) child."""
     try:
@@ -179,7 +202,7 @@ def freeze(run: Run) -> None:
     deadline = time.monotonic() + 10
     while True:
         run.signal_group(signal.SIGSTOP)  # again: a thread started during the stop may not have it
-        if _frozen(run.pid):
+        if all(_frozen(pid) for pid in [run.pid, *session_pids(run.pid)]):
             return
         assert time.monotonic() < deadline, f"SIGSTOP did not stop the run: threads {_threads(run.pid)}"
         time.sleep(0.001)
@@ -796,9 +819,27 @@ def s3_latest_checkpoint(server: MotoServer, prefix: str) -> int | None:
     listing = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
     for item in listing:
         if item["Key"].endswith("/checkpoint_manager_snapshot.json"):
-            body = client.get_object(Bucket=BUCKET, Key=item["Key"])["Body"].read()
-            return int(json.loads(body)["latest_checkpoint_result"]["metrics"]["epoch"])
+            return snapshot_epoch(client.get_object(Bucket=BUCKET, Key=item["Key"])["Body"].read())
     return None
+
+
+def snapshot_epoch(body: bytes) -> int:
+    return int(json.loads(body)["latest_checkpoint_result"]["metrics"]["epoch"])
+
+
+def settled_objects(server: MotoServer, prefix: str, *, quiet_s: float = 1.0, timeout: float = 30) -> dict[str, bytes]:
+    """What the store holds under ``prefix`` once it has stopped changing. A frozen (SIGSTOPped)
+    client can still have a request in the kernel's socket buffers that the server completes after
+    the stop, so one listing right after the freeze may miss an object that lands a moment later."""
+    deadline = time.monotonic() + timeout
+    before = server.objects(prefix)
+    while True:
+        time.sleep(quiet_s)
+        after = server.objects(prefix)
+        if after == before:
+            return after
+        assert time.monotonic() < deadline, "the store kept changing after the run was frozen"
+        before = after
 
 
 def test_s3_outage_during_checkpointing_fails_naming_the_endpoint_and_the_rerun_resumes_with_the_same_losses(
@@ -817,8 +858,9 @@ def test_s3_outage_during_checkpointing_fails_naming_the_endpoint_and_the_rerun_
         run = Run(root, *command, env=env, name="fit-s3-outage")
         wait_for(lambda: s3_latest_checkpoint(server, "ray-results/"), run, "the first checkpoint on S3")
         freeze(run)  # the driver, its Ray and the worker: nothing moves while the store goes down
-        held = server.objects("ray-results/")  # what the store holds at the outage, and will again
-        epoch = s3_latest_checkpoint(server, "ray-results/")
+        held = settled_objects(server, "ray-results/")  # what the store holds at the outage, and will again
+        # the checkpoint the rerun must resume from: the one registered in what the store holds
+        epoch = next(snapshot_epoch(body) for key, body in held.items() if key.endswith("/checkpoint_manager_snapshot.json"))
         server.stop()
         outage = time.monotonic()
         run.signal_group(signal.SIGCONT)

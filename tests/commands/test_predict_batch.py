@@ -9,6 +9,7 @@ The plan is the real planner's, from an ingest + preprocess of three real Hippoc
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import shutil
 from argparse import Namespace
@@ -23,13 +24,14 @@ import torch
 import yaml
 from scipy import ndimage
 
-from mvl_pipeline.commands.predict import discover, predict_study, run
+from mvl_pipeline.commands.predict import discover, predict_studies, predict_study, run
 from mvl_pipeline.core.volume import Volume
 from mvl_pipeline.datasets.model_registry import MlflowRegistryDataset, RegistrationRequest
 from mvl_pipeline.dicom.assemble import assemble_series
 from mvl_pipeline.dicom.labels import read_segmentation, referenced_series_uids
 from mvl_pipeline.dicom.read import SEGMENTATION_STORAGE
 from mvl_pipeline.dicom.write import dataset_bytes, series_uids, write_image_series
+from mvl_pipeline.evaluation.scoring import EvaluateConfig
 from mvl_pipeline.formats.volumes import read_volume
 from mvl_pipeline.model import MedVisionLlamaConfig, build_model, model_weights
 from mvl_pipeline.serving.segmenter import Segmenter
@@ -78,7 +80,9 @@ def bundle(task_dir, tmp_path_factory, llm_cache_dir):
     model_params = base_block("model") | TINY
     blocks = {"ingest": base_block("ingest") | {"labels": None, "workers": 1, "progress": False},
               "preprocess": preprocess, "model": model_params}  # fmt: skip
-    plan = prepare(local_catalog(root, blocks))["preprocessing_plan"]
+    # a fixed key: the split of three patients depends on their pseudonyms, and some keys leave
+    # none of them in train (nothing to plan from)
+    plan = prepare(local_catalog(root, blocks, key_hex=hashlib.sha256(b"predict-plan").hexdigest()))["preprocessing_plan"]
     assert plan["patch_size"] == [40, 56, 40] and plan["label_names"] == {"1": "anterior", "2": "posterior"}
     torch.manual_seed(0)
     model = build_model(MedVisionLlamaConfig.from_params(model_params).for_plan(plan), llm_cache_dir=llm_cache_dir)
@@ -221,6 +225,64 @@ def test_a_dicom_study_gets_a_nifti_on_its_grid_and_a_seg_that_references_it(seg
     restored, names = read_segmentation(seg, reference)
     assert names == {1: "anterior", 2: "posterior"}
     np.testing.assert_array_equal(restored.array, prediction.array)
+
+
+class _Refusing(Segmenter):
+    """The real segmenter, except that it refuses images with ``refused_shape`` (a study whose
+    segmentation fails), shared pass or not."""
+
+    refused_shape: tuple[int, ...] = ()
+
+    def segment(self, image, modality):
+        if image.shape == self.refused_shape:
+            raise RuntimeError("this study cannot be segmented")
+        return super().segment(image, modality)
+
+    def segment_many(self, inputs):
+        inputs = list(inputs)
+        if any(image.shape == self.refused_shape for _, image, _ in inputs):
+            raise RuntimeError("one study of the shared pass cannot be segmented")
+        self.passes.append(len(inputs))
+        yield from super().segment_many(inputs)
+
+
+def test_studies_are_segmented_a_group_at_a_time_as_each_alone_and_a_failure_stays_with_its_study(
+    bundle, task_dir, tmp_path, llm_cache_dir
+):
+    weights, plan = bundle
+    names = [f"hippocampus_{n:03d}" for n in (34, 35, 36, 37, 40, 41)]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in names:
+        shutil.copyfile(task_dir / "imagesTr" / f"{name}.nii.gz", inputs / f"{name}.nii.gz")
+    whole = (inputs / f"{names[1]}.nii.gz").read_bytes()
+    (inputs / f"{names[1]}.nii.gz").write_bytes(whole[: len(whole) // 2])  # unreadable
+    studies, batch = discover(inputs)
+    assert [s.name for s in studies] == names and batch
+
+    grouped = _Refusing(weights, plan, llm_cache_dir=llm_cache_dir, config=EvaluateConfig(case_batch=3))
+    grouped.passes = []
+    grouped.refused_shape = hippocampus_volume(task_dir, names[4]).shape  # in the second group
+    assert all(hippocampus_volume(task_dir, n).shape != grouped.refused_shape for n in names if n != names[4])
+    results = list(predict_studies(grouped, studies, tmp_path / "grouped", batch=batch, uri=URI, args=ARGS))
+
+    assert [study.name for study, _, _ in results] == names  # in input order
+    outcome = {study.name: (output, getattr(exc, "reason", None) or (exc and str(exc))) for study, output, exc in results}
+    assert outcome[names[1]] == (None, "unreadable_file")
+    assert outcome[names[4]] == (None, "this study cannot be segmented")  # found when each went alone
+    ok = [n for n in names if n not in (names[1], names[4])]
+    assert all(outcome[n] == (f"{n}.nii.gz", None) for n in ok), outcome
+    assert grouped.passes == [2]  # group 1: two readable studies in one pass; group 2 failed, each alone
+
+    alone = Segmenter(weights, plan, llm_cache_dir=llm_cache_dir, config=EvaluateConfig(case_batch=1))
+    for study in studies:
+        if study.name in ok:
+            predict_study(alone, study, tmp_path / "alone", batch=batch, uri=URI, args=ARGS)
+            grouped_labels = read_volume((tmp_path / "grouped" / f"{study.name}.nii.gz").read_bytes(), "g.nii.gz")
+            alone_labels = read_volume((tmp_path / "alone" / f"{study.name}.nii.gz").read_bytes(), "a.nii.gz")
+            np.testing.assert_array_equal(grouped_labels.array, alone_labels.array, err_msg=study.name)
+            np.testing.assert_allclose(grouped_labels.affine, alone_labels.affine)
+    assert not (tmp_path / "grouped" / f"{names[4]}.nii.gz").exists()
 
 
 # -- run, end to end ---------------------------------------------------------------------------------

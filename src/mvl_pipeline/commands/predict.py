@@ -33,6 +33,7 @@ import csv
 import logging
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,11 +193,13 @@ def write_seg(prediction: Volume, datasets: list[Any], names: dict[int, str], ta
     target.write_bytes(dataset_bytes(seg))
 
 
-def predict_study(segmenter: Any, study: Study, out: Path, *, batch: bool, uri: str, args: Any) -> str:
-    """Segment one study and write its outputs; returns the output path (relative to ``out``)."""
+def write_outputs(
+    segmenter: Any, study: Study, image: Volume, datasets: list[Any], labels: np.ndarray, out: Path, *, batch: bool,
+    uri: str,
+) -> str:
+    """Write one study's prediction (NIfTI, and a DICOM SEG for a DICOM study); returns the
+    output path (relative to ``out``)."""
     plan = segmenter.plan
-    image, datasets, modality = read_input(study, plan_channels(plan), plan, args)
-    labels = segmenter.segment(image, modality)
     prediction = Volume(labels.astype(np.uint8), image.affine, {"model_uri": uri, "plan_id": plan.get("plan_id")})
     folder = out / study.name if (batch and study.kind == "dicom") else out
     folder.mkdir(parents=True, exist_ok=True)
@@ -205,6 +208,53 @@ def predict_study(segmenter: Any, study: Study, out: Path, *, batch: bool, uri: 
     if datasets:
         write_seg(prediction, datasets, dict(segmenter.classes), folder / "prediction_seg.dcm", uri)
     return str(target.relative_to(out))
+
+
+def predict_study(segmenter: Any, study: Study, out: Path, *, batch: bool, uri: str, args: Any) -> str:
+    """Segment one study and write its outputs; returns the output path (relative to ``out``)."""
+    image, datasets, modality = read_input(study, plan_channels(segmenter.plan), segmenter.plan, args)
+    labels = segmenter.segment(image, modality)
+    return write_outputs(segmenter, study, image, datasets, labels, out, batch=batch, uri=uri)
+
+
+def predict_studies(
+    segmenter: Any, studies: list[Study], out: Path, *, batch: bool, uri: str, args: Any
+) -> Iterator[tuple[Study, str | None, Exception | None]]:
+    """``(study, output path or None, error or None)`` for every study, in order. Studies are
+    read and segmented ``segmenter.config.case_batch`` at a time, so those that fit in one window
+    share a forward pass (``Segmenter.segment_many``); at most that many are held in memory. A
+    study that cannot be read, segmented or written fails alone: when a group's shared pass
+    fails, each of its studies is segmented on its own, so the error lands on the study that
+    caused it and the others are still written."""
+    plan = segmenter.plan
+    size = max(1, int(segmenter.config.case_batch))
+    for start in range(0, len(studies), size):
+        group = list(enumerate(studies[start : start + size], start=start))
+        read: dict[int, tuple[Volume, list[Any], str]] = {}
+        failed: dict[int, Exception] = {}
+        for index, study in group:
+            try:
+                read[index] = read_input(study, plan_channels(plan), plan, args)
+            except Exception as exc:  # one bad study never stops the others
+                failed[index] = exc
+        try:
+            labels = dict(segmenter.segment_many((i, image, modality) for i, (image, _, modality) in read.items()))
+        except Exception:
+            labels = {}
+            for index, (image, _, modality) in read.items():
+                try:
+                    labels[index] = segmenter.segment(image, modality)
+                except Exception as exc:
+                    failed[index] = exc
+        for index, study in group:
+            if index in failed:
+                yield study, None, failed.pop(index)
+                continue
+            image, datasets, _ = read.pop(index)
+            try:
+                yield study, write_outputs(segmenter, study, image, datasets, labels.pop(index), out, batch=batch, uri=uri), None
+            except Exception as exc:
+                yield study, None, exc
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -232,11 +282,12 @@ def run(argv: list[str] | None = None) -> int:
     logger.info("%d stud%s to segment with %s", len(studies), "y" if len(studies) == 1 else "ies", uri)
     args.output.mkdir(parents=True, exist_ok=True)
     rows, failed = [], 0
-    for index, study in enumerate(tqdm(studies, desc="predict", unit="study", disable=len(studies) < 2), start=1):
-        try:
-            output = predict_study(segmenter, study, args.output, batch=batch, uri=uri, args=args)
+    results = predict_studies(segmenter, studies, args.output, batch=batch, uri=uri, args=args)
+    progress = tqdm(results, total=len(studies), desc="predict", unit="study", disable=len(studies) < 2)
+    for index, (study, output, exc) in enumerate(progress, start=1):
+        if exc is None:
             rows.append({"input": study.source, "output": output, "status": "ok", "reason": ""})
-        except Exception as exc:  # one bad study never stops the others
+        else:  # one bad study never stops the others
             failed += 1
             reason = exc.reason if isinstance(exc, ImagingError) else type(exc).__name__
             logger.error("study %d of %d could not be segmented: %s", index, len(studies), reason)

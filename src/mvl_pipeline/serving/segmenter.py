@@ -7,7 +7,7 @@ grid, and the stored post-processing decision is applied there.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import numpy as np
 
 from mvl_pipeline.core.case import Case
 from mvl_pipeline.core.volume import Volume
-from mvl_pipeline.evaluation.scoring import EvaluateConfig, predict_case
+from mvl_pipeline.evaluation.scoring import EvaluateConfig, predict_case, predict_cases
 from mvl_pipeline.preprocessing.plan import plan_classes
 
 
@@ -42,9 +42,23 @@ class Segmenter:
         """Integer labels (uint8) on ``image``'s own grid. A model of several input channels
         takes a channel-first image ``(C, X, Y, Z)`` in the plan's channel order (predict builds
         it by the plan's channel rules); other channels than the plan's: a ``ChannelError``."""
-        volume = Volume(np.asarray(image.array, dtype=np.float32), image.affine, {"modality": modality})
-        case = Case("input", "input", volume, meta={"modality": modality})
         return predict_case(
-            self.model, case, self.plan, num_classes=self.model.cfg.num_classes, params=self.config,
-            postprocessing=self.postprocessing,
+            self.model, _as_case(image, modality), self.plan, num_classes=self.model.cfg.num_classes,
+            params=self.config, postprocessing=self.postprocessing,
         )  # fmt: skip
+
+    def segment_many(self, inputs: Iterable[tuple[Hashable, Volume, str]]) -> Iterator[tuple[Hashable, np.ndarray]]:
+        """``(key, labels)`` for every ``(key, image, modality)``, in order, each as
+        :meth:`segment` gives it; images that fit in one window are predicted
+        ``config.case_batch`` at a time (``evaluation.scoring.predict_cases``)."""
+        cases = ((key, lambda image=image, modality=modality: _as_case(image, modality)) for key, image, modality in inputs)
+        for key, _case, labels in predict_cases(
+            self.model, cases, self.plan, num_classes=self.model.cfg.num_classes, params=self.config,
+            postprocessing=self.postprocessing,
+        ):  # fmt: skip
+            yield key, labels
+
+
+def _as_case(image: Volume, modality: str) -> Case:
+    volume = Volume(np.asarray(image.array, dtype=np.float32), image.affine, {"modality": modality})
+    return Case("input", "input", volume, meta={"modality": modality})

@@ -16,7 +16,7 @@ from torch import nn
 from mvl_pipeline.core.case import Case
 from mvl_pipeline.core.volume import Volume
 from mvl_pipeline.formats.model_bundle import read_weights
-from mvl_pipeline.model import MedVisionLlamaConfig
+from mvl_pipeline.model import MedVisionLlamaConfig, build_model
 from mvl_pipeline.training.loop import run_training, validate
 from mvl_pipeline.training.session import Session
 
@@ -211,3 +211,25 @@ def test_validate_returns_per_class_dice_sums_and_the_case_count():
         NearestLabel(3), loaders, [], roi_size=(8, 8, 8), num_classes=3, classes=[1, 2],
         overlap=0.25, sw_batch_size=2, device=torch.device("cpu"),
     ).tolist() == [0.0, 0.0, 0.0]  # fmt: skip
+
+
+def test_with_deep_supervision_the_loop_trains_the_coarse_heads_too(tmp_path):
+    """The loop asks the model for its coarse logits and trains on them: the loss differs from
+    the same run without the heads, the heads move, and the checkpoint holds them."""
+    from mvl_pipeline.model import load_model
+
+    runs = {}
+    for deep in (False, True):
+        config = training_config(tmp_path, epochs=1, steps_per_epoch=3, val_every=1)
+        config["model"] = {**TINY_MODEL, "decoder": {**TINY_MODEL["decoder"], "deep_supervision": deep}}
+        session = RecordingSession(tmp_path / f"ds-{deep}")
+        (tmp_path / f"ds-{deep}").mkdir()
+        runs[deep] = (run_training(config, session), session)
+    (plain, _), (deep, session) = runs[False], runs[True]
+    assert np.isfinite(deep["history"][0]["train_loss"])
+    assert deep["history"][0]["train_loss"] != plain["history"][0]["train_loss"]
+    [checkpoint] = [path for _, path in session.reports if path is not None]
+    model = load_model(checkpoint / "model", llm_cache_dir=str(tmp_path / "llm-cache"))
+    assert model.deep_supervision == 2  # channels [8, 8]: the token grid and the level above it
+    untrained = build_model(MedVisionLlamaConfig.from_params(config["model"]), llm_cache_dir=str(tmp_path / "llm-cache"), seed=3)
+    assert not torch.equal(model.decoder.aux_heads[0].weight, untrained.decoder.aux_heads[0].weight)

@@ -122,6 +122,11 @@ class DecoderConfig(ConfigBlock):
         below full resolution; one entry per x2 upsampling stage, i.e. log2(max(patch_size)).
     stem_channels: channels of the full-resolution conv stem of the input and of the fused
         full-resolution features (the FLOP-dominant part on CPU: keep it small).
+    deep_supervision: every decoder level below full resolution, down to the token grid, gets a
+        1x1x1 class head whose output is also trained, on the label map downsampled to that
+        level (nnU-Net's deep supervision; loss weights halve per level). Training only:
+        inference uses the full-resolution head alone. The head on the token grid is the one
+        that matters: it makes the ViT tokens themselves carry which class a region is.
     """
 
     WHERE = "model.decoder"
@@ -129,6 +134,7 @@ class DecoderConfig(ConfigBlock):
     taps: tuple[int, ...] = (1, 2)
     channels: tuple[int, ...] = (64, 32, 16)
     stem_channels: int = 8
+    deep_supervision: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "taps", tuple(int(t) for t in self.taps))
@@ -137,6 +143,8 @@ class DecoderConfig(ConfigBlock):
             raise ValueError(f"decoder.taps must be distinct; got {list(self.taps)}")
         if any(c < 1 for c in self.channels) or self.stem_channels < 1:
             raise ValueError("decoder.channels and decoder.stem_channels must be positive")
+        if not isinstance(self.deep_supervision, bool):
+            raise ValueError(f"decoder.deep_supervision must be true or false; got {self.deep_supervision!r}")
 
 
 @dataclass(frozen=True)

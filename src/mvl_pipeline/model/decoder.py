@@ -101,6 +101,8 @@ class FusionDecoder(nn.Module):
         norm_layer: Callable[[int], nn.Module] = default_conv_norm,
         act_layer: Callable[[], nn.Module] = default_conv_act,
         matmul: bool = True,
+        num_classes: int = 0,
+        deep_supervision: bool = False,
     ):
         super().__init__()
         levels = len(stage_factors)
@@ -127,20 +129,32 @@ class FusionDecoder(nn.Module):
         self.stem = ConvNormAct(in_channels, stem_channels, 3, **blocks)
         self.up_full = upsample(channels[-1], stem_channels, stage_factors[-1], matmul)
         self.fuse_full = ConvNormAct(2 * stem_channels, stem_channels, 3, **blocks)
+        # deep supervision: a class head on every level below full resolution, finest first
+        if deep_supervision and num_classes < 1:
+            raise ValueError("deep supervision needs num_classes")
+        self.aux_heads = nn.ModuleList(
+            nn.Conv3d(channels[levels - 1 - i], num_classes, kernel_size=1) for i in range(levels if deep_supervision else 0)
+        )
 
     def forward(
-        self, image: torch.Tensor, bottleneck: torch.Tensor, taps: Sequence[torch.Tensor]
-    ) -> torch.Tensor:
+        self, image: torch.Tensor, bottleneck: torch.Tensor, taps: Sequence[torch.Tensor], *, aux: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """image (B, C_in, X, Y, Z); bottleneck and taps (B, E, gx, gy, gz), taps deepest first.
-        Returns (B, stem_channels, X, Y, Z)."""
+        Returns (B, stem_channels, X, Y, Z); with ``aux``, also the deep-supervision logits
+        (B, num_classes, level grid), finest level first."""
         if len(taps) != self.num_taps:
             raise ValueError(f"expected {self.num_taps} tapped maps, got {len(taps)}")
-        x = self.bottleneck(bottleneck)  # (B, c0, gx, gy, gz)
+        levels = [self.bottleneck(bottleneck)]  # (B, c0, gx, gy, gz)
+        x = levels[0]
         for s, (up, fuse) in enumerate(zip(self.ups, self.fuses, strict=True), start=1):
             x = up(x.contiguous(memory_format=torch.channels_last_3d))  # (B, c_s, level-s grid)
             if s <= self.num_taps:
                 x = torch.cat([x, self.tap_lifts[s - 1](taps[s - 1])], dim=1)  # (B, 2 c_s, ...)
             x = fuse(x)  # (B, c_s, level-s grid)
+            levels.append(x)
         x = self.up_full(x.contiguous(memory_format=torch.channels_last_3d))  # (B, c_stem, X, Y, Z)
         stem = self.stem(image)  # (B, c_stem, X, Y, Z)
-        return self.fuse_full(torch.cat([x, stem.to(x.dtype)], dim=1))  # (B, c_stem, X, Y, Z)
+        features = self.fuse_full(torch.cat([x, stem.to(x.dtype)], dim=1))  # (B, c_stem, X, Y, Z)
+        if not aux:
+            return features
+        return features, [head(levels[-1 - i]) for i, head in enumerate(self.aux_heads)]

@@ -85,6 +85,8 @@ class MedVisionLlama(nn.Module):
             conv_norm_layer,
             conv_act_layer,
             matmul=matmul,
+            num_classes=cfg.num_classes,
+            deep_supervision=cfg.decoder.deep_supervision,
         )
         self.classifier = nn.Conv3d(cfg.decoder.stem_channels, cfg.num_classes, kernel_size=1)
         for name, module in self.named_modules():
@@ -168,8 +170,22 @@ class MedVisionLlama(nn.Module):
             features = features.contiguous(memory_format=torch.channels_last_3d)  # oneDNN-friendly
             return self.classifier(features).float().contiguous()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+    @property
+    def deep_supervision(self) -> int:
+        """How many coarser decoder levels have a training head (all with
+        ``model.decoder.deep_supervision``, else none)."""
+        return len(self.decoder.aux_heads)
+
+    def forward(self, x: torch.Tensor, aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits (B, num_classes, X, Y, Z); with ``aux`` (training with deep supervision), also
+        the coarser levels' logits, finest first (float32). Through ``forward`` so that a
+        DistributedDataParallel wrapper sees the call."""
+        if not aux:
+            return self.head(self.features(x))
+        with self._autocast(x):
+            bottleneck, taps = self.encode(x)
+            features, coarse = self.decoder(x, bottleneck, taps, aux=True)
+        return self.head(features), [c.float() for c in coarse]
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Softmax over classes, or sigmoid for a single binary channel."""

@@ -23,7 +23,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
         "patch_size": [8, 8, 8],
         "llm": {"position": 0, "lora": {"rank": 4, "alpha": 8.0, "targets": ["proj_in", "proj_out"]}},
-        "decoder": {"taps": []},
+        "decoder": {"taps": [], "deep_supervision": False},
     },
     "cnn": {"llm": {"mode": "none"}},
 }

@@ -36,7 +36,7 @@ from mvl_pipeline.model import (
 )
 from mvl_pipeline.training.augmentation import augment
 from mvl_pipeline.training.config import LoopConfig
-from mvl_pipeline.training.losses import make_loss, prepare_target
+from mvl_pipeline.training.losses import make_loss, supervised_loss
 from mvl_pipeline.training.sampling import TrainingVolume, sample_batch
 from mvl_pipeline.training.session import RaySession, Session
 
@@ -153,6 +153,7 @@ def run_training(config: Mapping[str, Any], session: Session) -> dict[str, Any]:
         scheduler.load_state_dict(saved["scheduler"])
         logger.info("worker %d: resumed after epoch %d", rank, state["epoch"])
     loss_fn = make_loss(model_cfg.num_classes)
+    deep = getattr(_unwrap(model), "deep_supervision", 0)  # the CNN preset has its own head
     start_epoch = int(state["epoch"]) + 1
     if start_epoch >= loop.epochs and restored is not None:
         # A finished run re-run under the same name: nothing to train, report what it has.
@@ -175,8 +176,10 @@ def run_training(config: Mapping[str, Any], session: Session) -> dict[str, Any]:
             )  # fmt: skip
             x, y = augment(x, y, rng, loop.augment)
             x, y = x.to(device), y.to(device)
-            logits = model(x)  # the model autocasts itself (model.precision)
-            loss = loss_fn(logits.float(), prepare_target(y, model_cfg.num_classes))
+            # the model autocasts itself (model.precision); with deep supervision it also returns
+            # the coarser levels' logits (through forward, so a DDP wrapper sees the call)
+            logits, coarse = model(x, aux=True) if deep else (model(x), [])
+            loss = supervised_loss(loss_fn, logits, coarse, y, model_cfg.num_classes)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if loop.grad_clip > 0:

@@ -33,3 +33,24 @@ def prepare_target(target: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Integer labels (B, X, Y, Z) -> the loss's target layout (B, 1, X, Y, Z)."""
     target = target.unsqueeze(1)
     return (target > 0).float() if num_classes == 1 else target.long()
+
+
+def deep_supervision_weights(levels: int) -> list[float]:
+    """Loss weights of the full-resolution output and ``levels`` coarser ones (finest first):
+    halving per level, normalised to sum 1 (nnU-Net)."""
+    raw = [0.5**i for i in range(levels + 1)]
+    return [w / sum(raw) for w in raw]
+
+
+def supervised_loss(
+    loss_fn: nn.Module, logits: torch.Tensor, coarse: list[torch.Tensor], labels: torch.Tensor, num_classes: int
+) -> torch.Tensor:
+    """``loss_fn`` on the full-resolution logits and, with deep supervision, on each coarser
+    level's logits against the label map downsampled to that grid (nearest: labels stay labels),
+    weighted by :func:`deep_supervision_weights`. ``labels``: integer (B, X, Y, Z)."""
+    weights = deep_supervision_weights(len(coarse))
+    total = weights[0] * loss_fn(logits.float(), prepare_target(labels, num_classes))
+    for weight, level in zip(weights[1:], coarse, strict=True):
+        small = torch.nn.functional.interpolate(labels[:, None].float(), size=level.shape[2:], mode="nearest")[:, 0]
+        total = total + weight * loss_fn(level.float(), prepare_target(small.to(labels.dtype), num_classes))
+    return total

@@ -3,9 +3,11 @@
 60 real MR volumes of the MSD Hippocampus task (../shared/data) are segmented, end to end from
 NIfTI file to NIfTI file, by
 
-- ours: ``python -m mvl_pipeline.predict``'s own code path (``commands.predict.predict_study``
-  with a ``serving.Segmenter``): model loaded once, the plan's preprocessing, sliding window,
-  back to the image's grid, post-processing, NIfTI written;
+- ours: ``python -m mvl_pipeline.predict``'s own code path (``commands.predict.predict_studies``
+  with a ``serving.Segmenter``): model loaded once, the plan's preprocessing, sliding window
+  (studies that fit in one window ``evaluate.case_batch`` to a forward pass), back to the
+  image's grid, post-processing, NIfTI written;
+- ours per study: the same, one study a pass (``predict_study``; the command before batching);
 - MONAI: the script a MONAI user writes: LoadImaged -> EnsureChannelFirstd -> Orientationd(RAS)
   -> Spacingd(plan spacing) -> NormalizeIntensityd(nonzero) -> sliding_window_inference -> argmax
   -> Invertd back to the image's grid -> SaveImage,
@@ -13,7 +15,8 @@ NIfTI file to NIfTI file, by
 with the same network weights (the default model under the Hippocampus plan; throughput does not
 depend on what the weights learnt), the same roi and overlap, in one process, each side timed
 round-robin over several rounds (best round kept). Last line: one JSON object with
-``predict_cases_per_s``, ``monai_cases_per_s`` and their ratio, beside the CPU flags.
+``predict_cases_per_s``, ``monai_cases_per_s`` and their ratio, ``per_study_cases_per_s`` and
+``batching_speedup``, beside the CPU flags.
 
     python benchmarks/bench_predict.py [--cases 60] [--rounds 3]
 """
@@ -34,7 +37,7 @@ import torch  # noqa: E402
 from _hippocampus import ROOT, TASK, base_params, hippocampus_workspace
 from bench_quality import cpu_flags
 
-from mvl_pipeline.commands.predict import Study, predict_study  # noqa: E402
+from mvl_pipeline.commands.predict import Study, predict_studies, predict_study  # noqa: E402
 from mvl_pipeline.model import MedVisionLlamaConfig, build_model, model_weights  # noqa: E402
 from mvl_pipeline.serving.segmenter import Segmenter  # noqa: E402
 
@@ -100,30 +103,37 @@ def main() -> None:
         studies = [Study(p.name[: -len(".nii.gz")], "volume", [p], p.name) for p in images]
         options = SimpleNamespace(modality="MR", series_index=None)
         monai_run = monai_predictor(model, plan, overlap=segmenter.config.overlap)
-        best = {"ours": float("inf"), "monai": float("inf")}
+        best = {"ours": float("inf"), "per_study": float("inf"), "monai": float("inf")}
         for round_index in range(args.rounds):
-            for side in ("ours", "monai"):
+            for side in best:
                 out = root / f"{side}-{round_index}"
                 out.mkdir()
                 started = time.perf_counter()
-                for study in studies:
-                    if side == "ours":
+                if side == "ours":
+                    results = list(predict_studies(segmenter, studies, out, batch=True, uri="bench", args=options))
+                    assert all(exc is None for _, _, exc in results), results
+                for study in studies if side != "ours" else ():
+                    if side == "per_study":
                         predict_study(segmenter, study, out, batch=True, uri="bench", args=options)
                     else:
                         monai_run(study.paths[0], out)
                 best[side] = min(best[side], time.perf_counter() - started)
-            print(f"round {round_index + 1}: ours {len(studies) / best['ours']:.2f} cases/s, "
-                  f"MONAI {len(studies) / best['monai']:.2f} cases/s", flush=True)  # fmt: skip
+            print(f"round {round_index + 1}: ours {len(studies) / best['ours']:.2f} cases/s, per study "
+                  f"{len(studies) / best['per_study']:.2f}, MONAI {len(studies) / best['monai']:.2f} cases/s",
+                  flush=True)  # fmt: skip
         written = sorted((root / "ours-0").glob("*.nii.gz"))
         import nibabel as nib
 
         shapes = [int(v) for v in np.median([nib.load(p).shape for p in images], axis=0)]
         shapes_ok = len(written) == len(studies)
     ours, monai = len(studies) / best["ours"], len(studies) / best["monai"]
+    per_study = len(studies) / best["per_study"]
     print(json.dumps({
         "cases": len(studies), "volume_shape_median": shapes,
         "predict_cases_per_s": round(ours, 2), "monai_cases_per_s": round(monai, 2),
-        "ratio_vs_monai": round(ours / monai, 2), "all_written": shapes_ok,
+        "ratio_vs_monai": round(ours / monai, 2), "per_study_cases_per_s": round(per_study, 2),
+        "batching_speedup": round(ours / per_study, 2), "case_batch": segmenter.config.case_batch,
+        "all_written": shapes_ok,
         "model": {"preset": cfg.preset, "llm_mode": cfg.llm.mode, "precision": cfg.precision},
         "roi": plan["patch_size"], "cpu_flags": cpu_flags(), "threads": torch.get_num_threads(),
         "numpy": np.__version__,

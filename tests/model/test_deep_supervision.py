@@ -18,7 +18,7 @@ from mvl_pipeline.training.losses import (
 def test_the_heads_give_coarser_logits_and_leave_the_output_and_every_shared_weight_as_without(
     make_cfg, llm_cache_dir
 ):
-    plain = build_model(make_cfg(), llm_cache_dir=llm_cache_dir, seed=3)
+    plain = build_model(make_cfg(decoder={"deep_supervision": False}), llm_cache_dir=llm_cache_dir, seed=3)
     deep = build_model(make_cfg(decoder={"deep_supervision": True}), llm_cache_dir=llm_cache_dir, seed=3)
     assert plain.deep_supervision == 0 and deep.deep_supervision == 2
     shared = plain.state_dict()
@@ -72,3 +72,17 @@ def test_the_loss_without_heads_is_the_plain_loss_and_with_heads_the_weighted_su
     small = labels[:, ::2, ::2, ::2]  # nearest downsampling by 2 keeps every other voxel
     expected = (2 / 3) * plain + (1 / 3) * loss_fn(half, prepare_target(small, 3))
     torch.testing.assert_close(supervised_loss(loss_fn, logits, [half], labels, 3), expected)
+
+
+def test_weights_saved_before_the_key_existed_load_without_the_heads(make_cfg, llm_cache_dir):
+    from mvl_pipeline.model import model_from_weights, model_weights
+
+    old = build_model(make_cfg(decoder={"deep_supervision": False}), llm_cache_dir=llm_cache_dir, seed=1)
+    state, config = model_weights(old)
+    config = {**config, "model": {**config["model"], "decoder": {
+        k: v for k, v in config["model"]["decoder"].items() if k != "deep_supervision"}}}  # fmt: skip
+    loaded = model_from_weights(state, config, llm_cache_dir=llm_cache_dir)
+    assert loaded.deep_supervision == 0
+    x = torch.randn(1, 1, 16, 16, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), old.eval()(x))

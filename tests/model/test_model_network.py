@@ -31,12 +31,15 @@ CASES = {
 
 
 def loss_of(model, x: torch.Tensor) -> torch.Tensor:
-    logits = model(x)
+    """As the training loop asks: with deep supervision the coarse heads' outputs are trained too."""
+    logits, coarse = model(x, aux=True) if model.deep_supervision else (model(x), [])
     if model.cfg.num_classes == 1:
         target = (x > 0).float()
-        return F.binary_cross_entropy_with_logits(logits, target)
+        loss = F.binary_cross_entropy_with_logits(logits, target)
+        return loss + sum(F.binary_cross_entropy_with_logits(c, F.interpolate(target, size=c.shape[2:])) for c in coarse)
     target = torch.randint(0, model.cfg.num_classes, (x.shape[0], *x.shape[2:]))
-    return F.cross_entropy(logits, target)
+    small = [F.interpolate(target[:, None].float(), size=c.shape[2:])[:, 0].long() for c in coarse]
+    return F.cross_entropy(logits, target) + sum(F.cross_entropy(c, t) for c, t in zip(coarse, small, strict=True))
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -134,7 +134,7 @@ class DecoderConfig(ConfigBlock):
     taps: tuple[int, ...] = (1, 2)
     channels: tuple[int, ...] = (64, 32, 16)
     stem_channels: int = 8
-    deep_supervision: bool = False
+    deep_supervision: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "taps", tuple(int(t) for t in self.taps))

@@ -69,7 +69,11 @@ def model_from_weights(
         raise ValueError(
             f"not a MedVisionLlama config (format {config.get('format')!r} != {FORMAT!r})"
         )
-    cfg = MedVisionLlamaConfig.from_params(config["model"])
+    params = dict(config["model"])
+    decoder = dict(params.get("decoder") or {})
+    if "deep_supervision" not in decoder:  # saved before the key existed: trained without the heads
+        params["decoder"] = {**decoder, "deep_supervision": False}
+    cfg = MedVisionLlamaConfig.from_params(params)
     saved = config.get("llm_reference") or {}
     if llm_source is not None:
         cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, source=llm_source))

@@ -3,7 +3,6 @@ and a re-run of the same run name resumes instead of retraining."""
 
 from __future__ import annotations
 
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -34,13 +33,11 @@ def test_two_worker_fit_trains_and_reports_every_epoch(tiny_training_data, ray_l
     assert config["model"]["num_classes"] == 3 and state
 
     # Same data, plan and configuration -> same run name -> resumes the finished run: no step.
-    started = time.perf_counter()
     _, again = run_fit(tiny_training_data, fit)
     assert again["run_name"] == history["run_name"]
     assert again["global_step"] == history["global_step"]
     assert again["resumed_after_epochs"] == [2]
     assert [e["train_loss"] for e in again["epochs"]] == [e["train_loss"] for e in epochs]
-    assert time.perf_counter() - started < 60
 
     # fit.init champion: the registered champion's weights (here: this fit's) start a shorter run
     # of its own name, which begins where the champion ended, not where a fresh model does.

@@ -227,6 +227,7 @@ def predict_studies(
     fails, each of its studies is segmented on its own, so the error lands on the study that
     caused it and the others are still written."""
     plan = segmenter.plan
+    channels = plan_channels(plan)
     size = max(1, int(segmenter.config.case_batch))
     for start in range(0, len(studies), size):
         group = list(enumerate(studies[start : start + size], start=start))
@@ -234,7 +235,7 @@ def predict_studies(
         failed: dict[int, Exception] = {}
         for index, study in group:
             try:
-                read[index] = read_input(study, plan_channels(plan), plan, args)
+                read[index] = read_input(study, channels, plan, args)
             except Exception as exc:  # one bad study never stops the others
                 failed[index] = exc
         try:

@@ -158,11 +158,12 @@ class MedVisionLlama(nn.Module):
         taps = [tokens_to_grid(tapped[d], grid) for d in self._taps_deepest_first]
         return tokens_to_grid(tokens, grid), taps
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Full-resolution fused features (B, stem_channels, X, Y, Z)."""
+    def features(self, x: torch.Tensor, aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Full-resolution fused features (B, stem_channels, X, Y, Z); with ``aux``, also the
+        deep-supervision logits of the coarser levels, finest first."""
         with self._autocast(x):
             bottleneck, taps = self.encode(x)
-            return self.decoder(x, bottleneck, taps)
+            return self.decoder(x, bottleneck, taps, aux=aux)
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
         """Logits (B, num_classes, X, Y, Z), float32, contiguous."""
@@ -182,9 +183,7 @@ class MedVisionLlama(nn.Module):
         DistributedDataParallel wrapper sees the call."""
         if not aux:
             return self.head(self.features(x))
-        with self._autocast(x):
-            bottleneck, taps = self.encode(x)
-            features, coarse = self.decoder(x, bottleneck, taps, aux=True)
+        features, coarse = self.features(x, aux=True)
         return self.head(features), [c.float() for c in coarse]
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:

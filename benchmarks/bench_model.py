@@ -53,6 +53,7 @@ from mvl_pipeline.model import (
 from mvl_pipeline.training.losses import make_loss, prepare_target
 
 ROOT = Path(__file__).resolve().parents[1]
+FULL_RES_VARIANTS = {"full_res_conv": "conv", "full_res_s2d": "space_to_depth"}  # the default model, decoder.full_res set
 MATMUL_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 INFER_SHAPE = (35, 50, 36)  # a median Hippocampus case (1 mm)
 INFER_ROI = (40, 56, 40)  # its plan's patch
@@ -96,10 +97,13 @@ def matmul_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048, secon
 
 
 def variant_params(base: dict, name: str) -> dict:
-    params = {**base, "llm": dict(base["llm"])}
+    params = {**base, "llm": dict(base["llm"]), "decoder": dict(base["decoder"])}
     if name == "previous":
         params |= {"patch_ops": "conv", "cpu_ops": "reference"}
         params["llm"]["cpu_dtype"] = "float32"
+        params["decoder"]["full_res"] = "conv"
+    elif name in FULL_RES_VARIANTS:
+        params["decoder"]["full_res"] = FULL_RES_VARIANTS[name]
     elif name == "fp32":
         params |= {"precision": "fp32"}
     elif name == "none":

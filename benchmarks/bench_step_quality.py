@@ -12,7 +12,10 @@ difference, the previous step's seed-to-seed SD (issue target: the difference wi
 the training samples/s of each (the two sides alternate, so machine load hits both). Last line:
 one JSON object.
 
-    python benchmarks/bench_step_quality.py [--seeds 0 1 2] [--epochs 6] [--steps 50]
+With ``--variants A B`` any two of bench_model.py's variants are compared the same way (e.g.
+``full_res_s2d full_res_conv``: the decoder's full-resolution level folded or as convs).
+
+    python benchmarks/bench_step_quality.py [--seeds 0 1 2] [--epochs 6] [--steps 50] [--variants A B]
 """
 
 from __future__ import annotations
@@ -36,8 +39,6 @@ from mvl_pipeline.preprocessing.plan import plan_classes
 from mvl_pipeline.training.config import LoopConfig
 from mvl_pipeline.training.loop import run_training
 from mvl_pipeline.training.session import Session
-
-VARIANTS = ("new", "previous")
 
 
 def train(variant: str, seed: int, data: dict[str, Any], args: argparse.Namespace, cache: str) -> dict[str, Any]:
@@ -68,6 +69,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--steps", type=int, default=50, help="training steps per epoch")
     parser.add_argument("--val-cases", type=int, default=8, help="validation patients scored after the last step")
+    parser.add_argument("--variants", nargs=2, default=["new", "previous"], metavar=("A", "B"),
+                        help="the two steps compared, A - B (bench_model.py's variants: new, previous, "
+                             "full_res_conv, full_res_s2d, fp32, none)")  # fmt: skip
     args = parser.parse_args()
     if len(args.seeds) < 2:
         parser.error("at least 2 seeds: the seed-to-seed spread is the yardstick")
@@ -75,33 +79,34 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     started = time.perf_counter()
     cache = str(ROOT / "data" / "06_models" / "llm_cache")
-    runs: dict[str, dict[int, dict[str, Any]]] = {v: {} for v in VARIANTS}
+    first, second = args.variants
+    runs: dict[str, dict[int, dict[str, Any]]] = {v: {} for v in args.variants}
     with tempfile.TemporaryDirectory(prefix="bench-step-quality-") as tmp:
         data = hippocampus_workspace(Path(tmp))
         for seed in args.seeds:
-            for variant in VARIANTS:
+            for variant in args.variants:
                 runs[variant][seed] = entry = train(variant, seed, data, args, cache)
-                print(f"seed {seed} {variant:8s} last-epoch loss {entry['last_epoch_loss']:.4f}  val Dice "
+                print(f"seed {seed} {variant:13s} last-epoch loss {entry['last_epoch_loss']:.4f}  val Dice "
                       f"{entry['val_dice']:.4f}  {entry['samples_per_s']} samples/s", flush=True)  # fmt: skip
 
     def column(variant: str, key: str) -> list[float]:
         return [runs[variant][seed][key] for seed in args.seeds]
 
     out: dict[str, Any] = {"machine": machine(), "task": "Task04_Hippocampus", "seeds": args.seeds,
-                           "steps": args.epochs * args.steps}  # fmt: skip
+                           "steps": args.epochs * args.steps, "compared": [first, second]}  # fmt: skip
     for key in ("last_epoch_loss", "val_dice"):
-        new, previous = column("new", key), column("previous", key)
-        differences = [n - p for n, p in zip(new, previous, strict=True)]
-        spread = statistics.stdev(previous)
+        a, b = column(first, key), column(second, key)
+        differences = [x - y for x, y in zip(a, b, strict=True)]
+        spread = statistics.stdev(b)
         out[key] = {
-            "new": new, "previous": previous,
+            first: a, second: b,
             "mean_difference": round(statistics.mean(differences), 5),
-            "previous_seed_sd": round(spread, 5),
+            f"{second}_seed_sd": round(spread, 5),
             "difference_within_seed_sd": abs(statistics.mean(differences)) <= spread,
         }  # fmt: skip
-    new_rate, previous_rate = statistics.median(column("new", "samples_per_s")), statistics.median(column("previous", "samples_per_s"))
-    out |= {"samples_per_s_new": new_rate, "samples_per_s_previous": previous_rate,
-            "train_speedup_vs_previous": round(new_rate / previous_rate, 3),
+    rate_a, rate_b = statistics.median(column(first, "samples_per_s")), statistics.median(column(second, "samples_per_s"))
+    out |= {f"samples_per_s_{first}": rate_a, f"samples_per_s_{second}": rate_b,
+            f"train_speedup_vs_{second}": round(rate_a / rate_b, 3),
             "wall_s": round(time.perf_counter() - started, 1), "runs": runs}  # fmt: skip
     print(json.dumps(out))
 

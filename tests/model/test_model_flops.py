@@ -58,8 +58,9 @@ def measured_flops(model, spatial) -> int:
             (16, 16, 8),
         ),
         ({"patch_size": 8, "decoder": {"taps": [1, 2], "channels": [16, 8, 8]}}, (16, 16, 16)),
+        ({"decoder": {"full_res": "space_to_depth"}, "in_channels": 2}, (16, 16, 8)),
     ],
-    ids=["pretrained", "none-binary", "random-first", "lora-midway", "patch8-two-taps"],
+    ids=["pretrained", "none-binary", "random-first", "lora-midway", "patch8-two-taps", "space-to-depth"],
 )
 def test_analytic_flops_equal_measured(overrides, spatial, make_cfg, llm_cache_dir):
     # cpu_ops: reference runs the depthwise conv's backward as aten.convolution_backward, which

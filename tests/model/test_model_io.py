@@ -85,7 +85,7 @@ def test_weights_pair_roundtrip_matches_what_torch_weights_dataset_stores(make_c
     with pytest.raises(ValueError, match="not a MedVisionLlama config"):
         model_from_weights(state, config["model"], llm_cache_dir=llm_cache_dir)
     with pytest.raises(KeyError, match="missing tensors"):
-        model_from_weights({k: v for k, v in state.items() if "classifier" not in k}, config,
+        model_from_weights({k: v for k, v in state.items() if "up_full" not in k}, config,
                            llm_cache_dir=llm_cache_dir)  # fmt: skip
 
 

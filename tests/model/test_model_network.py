@@ -86,7 +86,7 @@ def test_features_and_head_compose_to_forward(make_cfg, llm_cache_dir):
     x = torch.randn(1, 1, 16, 16, 8)
     with torch.no_grad():
         features = model.features(x)
-        assert features.shape == (1, model.cfg.decoder.stem_channels, 16, 16, 8)
+        assert features.shape == (1, model.decoder.out_channels, 16, 16, 8)
         torch.testing.assert_close(model.head(features), model(x))
         probabilities = model.probabilities(model(x))
     torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(1, 16, 16, 8))

@@ -127,6 +127,11 @@ class DecoderConfig(ConfigBlock):
         level (nnU-Net's deep supervision; loss weights halve per level). Training only:
         inference uses the full-resolution head alone. The head on the token grid is the one
         that matters: it makes the ViT tokens themselves carry which class a region is.
+    full_res: how the full-resolution output is made. ``conv``: a 3x3x3 conv stem of the image
+        and a 3x3x3 fusion conv at full resolution (UNETR). ``space_to_depth``: the image folded
+        into channels at the finest decoder level, fused there, and unfolded to full
+        resolution by one transposed conv (a GEMM) straight to class logits: no conv, norm or
+        activation at full resolution, and no separate classifier (``stem_channels`` unused).
     """
 
     WHERE = "model.decoder"
@@ -135,6 +140,7 @@ class DecoderConfig(ConfigBlock):
     channels: tuple[int, ...] = (64, 32, 16)
     stem_channels: int = 8
     deep_supervision: bool = True
+    full_res: str = "space_to_depth"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "taps", tuple(int(t) for t in self.taps))
@@ -145,6 +151,8 @@ class DecoderConfig(ConfigBlock):
             raise ValueError("decoder.channels and decoder.stem_channels must be positive")
         if not isinstance(self.deep_supervision, bool):
             raise ValueError(f"decoder.deep_supervision must be true or false; got {self.deep_supervision!r}")
+        if self.full_res not in ("conv", "space_to_depth"):
+            raise ValueError(f"decoder.full_res must be conv or space_to_depth; got {self.full_res!r}")
 
 
 @dataclass(frozen=True)

@@ -111,9 +111,16 @@ def _decoder(cfg: MedVisionLlamaConfig, grid: Sequence[int]) -> int:
     for s in range(1, levels):
         flops += _conv_transpose(voxels[s - 1], ch[s - 1], ch[s], factors[s - 1])
         flops += _conv(voxels[s], ch[s] * (2 if s <= num_taps else 1), ch[s], 3)
-    flops += _conv(voxels[levels], cfg.in_channels, stem, 3, input_grad=False)  # stem on the image
-    flops += _conv_transpose(voxels[levels - 1], ch[-1], stem, factors[-1])
-    flops += _conv(voxels[levels], 2 * stem, stem, 3)  # full-resolution fusion
+    if cfg.decoder.full_res == "conv":
+        flops += _conv(voxels[levels], cfg.in_channels, stem, 3, input_grad=False)  # stem on the image
+        flops += _conv_transpose(voxels[levels - 1], ch[-1], stem, factors[-1])
+        flops += _conv(voxels[levels], 2 * stem, stem, 3)  # full-resolution fusion
+    else:  # the folded image's stem and the fusion at the finest level, then one unfolding GEMM
+        folded = cfg.in_channels * math.prod(factors[-1])
+        flops += _conv(voxels[levels - 1], folded, ch[-1], 3, input_grad=False)
+        flops += _conv(voxels[levels - 1], 2 * ch[-1], 2 * ch[-1], 3)
+        flops += _conv_transpose(voxels[levels - 1], 2 * ch[-1], cfg.num_classes, factors[-1])
+        return flops  # the unfolding GEMM yields the logits: no classifier
     flops += _conv(voxels[levels], stem, cfg.num_classes, 1)  # classifier
     return flops
 

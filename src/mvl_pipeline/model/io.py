@@ -72,7 +72,10 @@ def model_from_weights(
     params = dict(config["model"])
     decoder = dict(params.get("decoder") or {})
     if "deep_supervision" not in decoder:  # saved before the key existed: trained without the heads
-        params["decoder"] = {**decoder, "deep_supervision": False}
+        decoder["deep_supervision"] = False
+    if "full_res" not in decoder:  # saved before the key existed: the full-resolution convs
+        decoder["full_res"] = "conv"
+    params["decoder"] = decoder
     cfg = MedVisionLlamaConfig.from_params(params)
     saved = config.get("llm_reference") or {}
     if llm_source is not None:

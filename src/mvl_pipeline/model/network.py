@@ -4,8 +4,10 @@
       -> patch embedding + positional embedding            tokens (B, T, E)
       -> L hybrid-attention encoder blocks, with the frozen LLM bridge after block
          ``llm.position`` (default: after the last one); token maps tapped at ``decoder.taps``
-      -> multi-scale fusion decoder + full-resolution stem  features (B, c_stem, X, Y, Z)
-      -> 1x1x1 head                                         logits (B, num_classes, X, Y, Z)
+      -> multi-scale fusion decoder + the image folded to its finest level, unfolded by one
+         GEMM                                               logits (B, num_classes, X, Y, Z)
+         (``decoder.full_res: conv``: a full-resolution conv stem and fusion, features
+         (B, c_stem, X, Y, Z), then a 1x1x1 classifier)
 
 ``llm.mode`` picks the method (``pretrained``), the random-init frozen control (``random``) or
 the plain ViT baseline (``none``) from this one class; ``build_model`` loads and freezes the layer.
@@ -87,8 +89,11 @@ class MedVisionLlama(nn.Module):
             matmul=matmul,
             num_classes=cfg.num_classes,
             deep_supervision=cfg.decoder.deep_supervision,
+            full_res=cfg.decoder.full_res,
         )
-        self.classifier = nn.Conv3d(cfg.decoder.stem_channels, cfg.num_classes, kernel_size=1)
+        # with decoder.full_res space_to_depth the decoder's unfolding GEMM already yields logits
+        self.classifier = (nn.Conv3d(cfg.decoder.stem_channels, cfg.num_classes, kernel_size=1)
+                           if cfg.decoder.full_res == "conv" else nn.Identity())  # fmt: skip
         for name, module in self.named_modules():
             if not name.startswith(FROZEN_LLM_PREFIX.rstrip(".")):
                 self._init_weights(module)
@@ -159,7 +164,7 @@ class MedVisionLlama(nn.Module):
         return tokens_to_grid(tokens, grid), taps
 
     def features(self, x: torch.Tensor, aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Full-resolution fused features (B, stem_channels, X, Y, Z); with ``aux``, also the
+        """Full-resolution fused features (B, decoder.out_channels, X, Y, Z); with ``aux``, also the
         deep-supervision logits of the coarser levels, finest first."""
         with self._autocast(x):
             bottleneck, taps = self.encode(x)

@@ -28,6 +28,16 @@ def patchify(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p
     return F.linear(patches, weight.reshape(weight.shape[0], -1), bias)  # (B, T, E)
 
 
+def space_to_depth(x: torch.Tensor, factor: Sequence[int]) -> torch.Tensor:
+    """Fold each ``factor`` block of voxels into channels: x (B, C, X, Y, Z) ->
+    (B, C * fx * fy * fz, X/fx, Y/fy, Z/fz), channels ordered (C, fx, fy, fz) like a Conv3d
+    weight's input dimensions. Lossless: every voxel value is kept, at a coarser grid."""
+    B, C, X, Y, Z = x.shape
+    fx, fy, fz = factor
+    x = x.reshape(B, C, X // fx, fx, Y // fy, fy, Z // fz, fz).permute(0, 1, 3, 5, 7, 2, 4, 6)
+    return x.reshape(B, C * fx * fy * fz, X // fx, Y // fy, Z // fz)
+
+
 def unpatchify(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, factor: Sequence[int]) -> torch.Tensor:
     """ConvTranspose3d(kernel = stride = ``factor``) as a matmul: x (B, C_in, gx, gy, gz) ->
     (B, C_out, gx*fx, gy*fy, gz*fz) in channels_last_3d; ``weight`` (C_in, C_out, fx, fy, fz)."""

@@ -3,7 +3,8 @@
 - ``medvisionllama``: the network as configured in parameters_model.yml (nothing overridden);
 - ``paper``: as close to the paper and its reference code as they allow: the frozen LLM layer
   right after the patch embedding, 8^3 patches, LoRA rank 4 on the two dimension mappers
-  (proj_in / proj_out), no skip taps into the decoder (the reference decodes the final tokens);
+  (proj_in / proj_out), no skip taps into the decoder (the reference decodes the final tokens),
+  convolutions at full resolution;
 - ``cnn``: MONAI's DynUNet configured the nnU-Net way from the plan (``model/cnn.py``).
 
 A preset fixes the keys listed here, whatever the YAML says for them (to vary one of them, use
@@ -23,7 +24,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
         "patch_size": [8, 8, 8],
         "llm": {"position": 0, "lora": {"rank": 4, "alpha": 8.0, "targets": ["proj_in", "proj_out"]}},
-        "decoder": {"taps": [], "deep_supervision": False},
+        "decoder": {"taps": [], "deep_supervision": False, "full_res": "conv"},
     },
     "cnn": {"llm": {"mode": "none"}},
 }

@@ -9,6 +9,8 @@ every variant's steps), so a burst of someone else's load on a shared machine hi
 - ``previous``: the step before that change (``patch_ops: conv``, LLM layer in fp32, cast on
   every step), kept selectable for this side-by-side;
 - ``fp32``: the default model in fp32; ``none``: the plain ViT (``llm.mode: none``), bf16;
+- with ``--also full_res_conv`` (or ``full_res_s2d``): the default model with that
+  ``decoder.full_res``, and new's speed-up over it;
 - with ``--compile``: ``compiled``, ``new`` under ``model.compile: true`` (TorchInductor; its
   first step, the compile, timed apart, with whether Inductor's on-disk cache was warm).
 
@@ -23,7 +25,7 @@ round-robin rounds; and the bf16/fp32 agreement of the new path's labels. The ma
 matrix units (AMX / AVX-512-BF16 from the CPU flags; GPU name and compute capability) are printed
 beside the figures. Last line: one JSON object.
 
-    python benchmarks/bench_model.py [--crop 64 64 32] [--batch 2] [--rounds 8] [--profile] [--compile]
+    python benchmarks/bench_model.py [--crop 64 64 32] [--batch 2] [--rounds 8] [--profile] [--compile] [--also full_res_conv]
 """
 
 from __future__ import annotations
@@ -209,6 +211,8 @@ def main() -> None:
     parser.add_argument("--case-batch", type=int, default=4, help="cases per forward pass of the new inference path")
     parser.add_argument("--profile", action="store_true", help="print the top operators of new and previous")
     parser.add_argument("--compile", action="store_true", help="add new + model.compile (needs a C++ compiler; minutes when cold)")
+    parser.add_argument("--also", nargs="+", default=[], choices=sorted(FULL_RES_VARIANTS),
+                        help="time these variants too (the default model with decoder.full_res set), with new's speed-up over each")
     parser.add_argument("--llm-cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "mvl_pipeline-llm-cache")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -218,7 +222,7 @@ def main() -> None:
     base["pos_grid"] = [c // p for c, p in zip(args.crop, base["patch_size"], strict=True)]
     started = time.perf_counter()
     variants = {name: Variant(variant_params(base, name), args, device, args.llm_cache_dir)
-                for name in ("new", "previous", "fp32", "none")}  # fmt: skip
+                for name in ("new", "previous", "fp32", "none", *args.also)}  # fmt: skip
     compiled: dict = {}
     if args.compile:  # new + torch.compile: the first step compiles (from Inductor's cache if warm)
         cache = inductor_cache_dir()
@@ -302,6 +306,8 @@ def main() -> None:
         "matmul_gflops_fp32": spread([r["matmul_gflops"]["fp32"] for r in rounds]),
         "flops_per_sample": summary["new"]["flops_per_sample"],
         "time_share_new": shares["new"], "time_share_previous": shares["previous"],
+        **{f"speedup_vs_{name}": round(statistics.median(r[name]["step_s"] / r["new"]["step_s"] for r in rounds), 3)
+           for name in args.also},
         **({"samples_per_s_compiled": summary["compiled"]["samples_per_s"],
             "speedup_compiled_vs_previous": round(statistics.median(r["previous"]["step_s"] / r["compiled"]["step_s"] for r in rounds), 3),
             "roofline_fraction_bf16_compiled": summary["compiled"]["roofline_fraction"]["median"], **compiled}

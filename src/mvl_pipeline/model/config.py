@@ -19,6 +19,8 @@ from mvl_pipeline.core.config import ConfigBlock, build
 from .cnn import CNNConfig
 from .presets import PRESETS, apply_preset
 
+FULL_RES_MODES = ("conv", "space_to_depth")  # model.decoder.full_res (model/decoder.py)
+
 logger = logging.getLogger(__name__)
 
 LLM_MODES = ("pretrained", "shuffled", "random", "bridge_only", "none")
@@ -151,8 +153,8 @@ class DecoderConfig(ConfigBlock):
             raise ValueError("decoder.channels and decoder.stem_channels must be positive")
         if not isinstance(self.deep_supervision, bool):
             raise ValueError(f"decoder.deep_supervision must be true or false; got {self.deep_supervision!r}")
-        if self.full_res not in ("conv", "space_to_depth"):
-            raise ValueError(f"decoder.full_res must be conv or space_to_depth; got {self.full_res!r}")
+        if self.full_res not in FULL_RES_MODES:
+            raise ValueError(f"decoder.full_res must be {' or '.join(FULL_RES_MODES)}; got {self.full_res!r}")
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from .config import FULL_RES_MODES
 from .patch_ops import PatchConvTranspose3d, space_to_depth
 
 Grid = tuple[int, int, int]
-FULL_RES = ("conv", "space_to_depth")
 
 
 def _channels_last(grad: torch.Tensor) -> torch.Tensor:
@@ -120,8 +120,8 @@ class FusionDecoder(nn.Module):
         full_res: str = "conv",
     ):
         super().__init__()
-        if full_res not in FULL_RES:
-            raise ValueError(f"full_res must be one of {list(FULL_RES)}; got {full_res!r}")
+        if full_res not in FULL_RES_MODES:
+            raise ValueError(f"full_res must be one of {list(FULL_RES_MODES)}; got {full_res!r}")
         levels = len(stage_factors)
         if len(channels) != levels or num_taps > levels - 1:
             raise ValueError(

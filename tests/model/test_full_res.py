@@ -58,15 +58,19 @@ def test_the_decoder_yields_logits_with_nothing_convolved_at_full_resolution(mak
 
 
 def test_the_image_reaches_the_output_through_the_folded_stem(make_cfg, llm_cache_dir):
-    """One changed voxel changes the logits of its own 2x2x2 block (the stem sees it directly),
-    so the fine detail the full-resolution conv stem carried is still there."""
+    """A changed voxel moves the logits of its own 2x2x2 block differently when the folded stem's
+    output is silenced: the stem path carries the image's fine detail to the output. (Without
+    that comparison the check could not fail: global attention spreads any change everywhere.)"""
     model = build_model(make_cfg(decoder=S2D), llm_cache_dir=llm_cache_dir, seed=0).eval()
     x = torch.randn(1, 1, 16, 16, 8)
     y = x.clone()
     y[0, 0, 9, 5, 3] += 3.0
     with torch.no_grad():
-        change = (model(y) - model(x)).abs().sum(1)[0]  # (16, 16, 8)
-    assert change[9, 5, 3] > 0 and change[8:10, 4:6, 2:4].min() > 0
+        with_stem = (model(y) - model(x))[0, :, 8:10, 4:6, 2:4]
+        silenced = model.decoder.stem.register_forward_hook(lambda m, args, out: torch.zeros_like(out))
+        without_stem = (model(y) - model(x))[0, :, 8:10, 4:6, 2:4]
+        silenced.remove()
+    assert float((with_stem - without_stem).abs().min()) > 0
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])

@@ -365,8 +365,9 @@ def ingest_counts(volume: Path) -> dict[str, int]:
 
 # -- the PHI scan -------------------------------------------------------------------------------
 def scan(paths: list[Path], identifiers: set[str]) -> list[str]:
-    """``file: identifier`` for every planted identifier found in a file (gzip'd ones unpacked)."""
-    needles = sorted({value.encode() for value in identifiers})
+    """``file: identifier`` for every planted identifier found in a file (gzip'd ones unpacked),
+    in any letter case (a name lower-cased by a tool is still the name)."""
+    needles = sorted({value.lower().encode() for value in identifiers})
     hits = []
     for root in paths:
         for path in [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
@@ -379,6 +380,7 @@ def scan(paths: list[Path], identifiers: set[str]) -> list[str]:
                     data = gzip.decompress(data)
                 except (OSError, EOFError):
                     pass
+            data = data.lower()
             hits += [f"{path}: {needle.decode()}" for needle in needles if contains_word(data, needle)]
     return hits
 

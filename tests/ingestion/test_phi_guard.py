@@ -17,6 +17,7 @@ from mvl_pipeline.ingestion.result import (
     guard_no_identity,
     identity_found,
     identity_strings,
+    scrub,
 )
 
 HEADER = {
@@ -33,6 +34,8 @@ IDENTITY = identity_strings(HEADER)
         '"KOWALSKA^ANNA"', "Anna KOWALSKA", "kowalska ANNA", "born 19650412", "Saint Olaf General",
         '"uid": "1.2.826.0.1.3680043.8.498.1234"', "1.2.826.0.1.3680043.8.498.1234.5",  # a derived UID
         '"KOWALSKA_ANNA"', "Saint-Olaf",
+        # letter case is not identity: the same name typed by hand or lower-cased by a tool
+        "kowalska anna", "notes_Kowalska.txt", "saint olaf general", "SAINT-OLAF",
     ],
 )
 def test_a_leaked_value_is_found_wherever_it_stands_as_a_value_of_its_own(text):
@@ -73,3 +76,11 @@ def test_the_guard_quarantines_the_leaking_case_and_keeps_its_neighbour():
     guard_no_identity(result, IDENTITY)
     assert [c.case_id for c in result.cases] == ["case-fedcba9876543210"]
     assert [(q["reason"], q["case_id"]) for q in result.quarantined] == [("phi_guard", "case-0123456789abcdef")]
+
+
+def test_a_record_detail_is_scrubbed_of_the_identity_in_any_letter_case():
+    detail = "cannot read /drop/Kowalska^Anna/79440_broken.dcm of kowalska anna (ward 3)"
+    scrubbed = scrub(detail, IDENTITY)
+    assert not any(part in scrubbed.casefold() for part in ("kowalska", "anna", "79440")), scrubbed
+    assert not identity_found(scrubbed, IDENTITY), scrubbed
+    assert "ward 3" in scrubbed and "broken.dcm" in scrubbed  # only the identity goes

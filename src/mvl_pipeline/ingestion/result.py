@@ -51,7 +51,7 @@ class UnitResult:
 def scrub(text: str, raw: Sequence[str] = ()) -> str:
     """Remove UIDs and any given raw strings (paths, names) from a message."""
     for value in sorted((r for r in raw if r), key=len, reverse=True):
-        text = text.replace(value, "<redacted>")
+        text = re.sub(re.escape(value), "<redacted>", text, flags=re.IGNORECASE)
     return _UID.sub("<uid>", text)[:300]
 
 
@@ -97,15 +97,18 @@ def identity_found(text: str, identity: Sequence[str]) -> bool:
     are long digit runs that depend on the pseudonymisation key, and a 5-digit ID or a birth date
     turns up inside one of them about once in a few hundred studies. Matching those by substring
     quarantined good cases at random; as a token, the ID still matches wherever it is written
-    as a value of its own ("12345", "MRN 12345", "A^12345").
+    as a value of its own ("12345", "MRN 12345", "A^12345"). Letter case is ignored: a name
+    written "Kowalska" or "kowalska" in a file name or a free-text field is the same name.
     """
+    folded = text.casefold()
     for value in identity:
         if not value:
             continue
+        needle = value.casefold()
         if "." in value or "/" in value:
-            if value in text:
+            if needle in folded:
                 return True
-        elif re.search(rf"(?<![A-Za-z0-9])(?<![0-9]\.){re.escape(value)}(?![A-Za-z0-9])(?!\.[0-9])", text):
+        elif re.search(rf"(?<![a-z0-9])(?<![0-9]\.){re.escape(needle)}(?![a-z0-9])(?!\.[0-9])", folded):
             return True
     return False
 

@@ -30,7 +30,9 @@ from monai.metrics import (
 )
 from monai.metrics.confusion_matrix import compute_confusion_matrix_metric
 
-METRICS = ("dice", "jaccard", "precision", "recall", "specificity", "accuracy", "hd95_mm", "nsd")
+from mvl_pipeline.evaluation.metric_names import METRICS
+
+__all__ = ["METRICS", "case_metrics", "class_metrics", "dice", "dice_per_class"]
 
 
 def _one_hot(mask: np.ndarray) -> torch.Tensor:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from mvl_pipeline.evaluation.metrics import METRICS
+from mvl_pipeline.evaluation.metric_names import METRICS
 
 MIN_PATIENTS_FOR_CI = 3
 

@@ -11,11 +11,10 @@ import pandas as pd
 
 from mvl_pipeline.evaluation import ablation
 from mvl_pipeline.evaluation.ablation_report import forest_plot, learning_curves, render_report
-from mvl_pipeline.evaluation.scoring import EvaluateConfig
 from mvl_pipeline.ingestion.manifest import data_version
-from mvl_pipeline.training import tune_driver
 from mvl_pipeline.training.ablation_config import AblationConfig
-from mvl_pipeline.training.config import FitConfig
+
+# torch, MONAI and Ray are imported by the node that runs, not here (see pipelines/fit/nodes.py)
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +37,10 @@ def run_ablation(
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Train and score the grid (resuming an interrupted one); return one row per (arm, seed,
     case, class) and the trials' histories with the design they ran under."""
+    from mvl_pipeline.evaluation.scoring import EvaluateConfig
+    from mvl_pipeline.training import tune_driver
+    from mvl_pipeline.training.config import FitConfig
+
     config = AblationConfig.from_params(ablation_params)
     fit_cfg = FitConfig.from_params(fit_params)
     context, experiment = tune_driver.build_context(

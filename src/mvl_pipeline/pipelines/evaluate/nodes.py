@@ -11,13 +11,12 @@ import pandas as pd
 
 from mvl_pipeline.core.hashing import set_digest
 from mvl_pipeline.evaluation.leakage import check_no_leakage
-from mvl_pipeline.evaluation.metrics import METRICS
+from mvl_pipeline.evaluation.metric_names import METRICS
 from mvl_pipeline.evaluation.plots import plot_learning_curves, plot_overlays, plot_per_case
-from mvl_pipeline.evaluation.scoring import EvaluateConfig, cases_in, score_cases
-from mvl_pipeline.evaluation.summary import summarise
 from mvl_pipeline.formats.model_bundle import weights_sha256
-from mvl_pipeline.model import model_from_weights
 from mvl_pipeline.preprocessing.plan import plan_classes
+
+# torch and MONAI are imported by the node that runs, not here (see pipelines/fit/nodes.py)
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +33,10 @@ def evaluate_holdout(
     params: Mapping[str, Any],
 ) -> tuple[pd.DataFrame, dict[str, Any], list[dict[str, Any]]]:
     """Per-case metrics, their summary, and a few slices for overlay plots."""
+    from mvl_pipeline.evaluation.scoring import EvaluateConfig, cases_in, score_cases
+    from mvl_pipeline.evaluation.summary import summarise
+    from mvl_pipeline.model import model_from_weights
+
     config = EvaluateConfig.from_params(params)
     state, model_config = trained_model
     check_no_leakage(

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mvl_pipeline.evaluation.leakage import RECORD_KEY, development_record
-from mvl_pipeline.evaluation.scoring import EvaluateConfig, cases_in, decide_postprocessing_on
 from mvl_pipeline.formats.model_bundle import weights_sha256
 from mvl_pipeline.ingestion.manifest import data_version
-from mvl_pipeline.model import MedVisionLlamaConfig, model_from_weights
 from mvl_pipeline.preprocessing.plan import plan_classes
-from mvl_pipeline.training import ray_driver
-from mvl_pipeline.training.config import FitConfig
+
+# torch, MONAI and Ray are imported by the node that runs, not here: Kedro imports every
+# pipeline's nodes to build its registry, and `kedro run --pipelines ingest` (or `kedro viz`)
+# need none of them (~10 s of imports on 2 cores; tests/test_pipeline_imports.py)
+if TYPE_CHECKING:
+    from mvl_pipeline.model import MedVisionLlamaConfig
+    from mvl_pipeline.training.ray_driver import InitWeights
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +31,10 @@ def fit_model(
     fit_params: Mapping[str, Any],
 ) -> tuple[tuple[dict[str, Any], dict[str, Any]], dict[str, Any]]:
     """Train on Ray; return the best model (weights + config) and the training history."""
+    from mvl_pipeline.model import MedVisionLlamaConfig
+    from mvl_pipeline.training import ray_driver
+    from mvl_pipeline.training.config import FitConfig
+
     names = plan_classes(preprocessing_plan)
     classes = sorted(names)
     model_cfg = MedVisionLlamaConfig.from_params(model_params).for_plan(preprocessing_plan)
@@ -73,7 +80,7 @@ def plan_geometry(plan: Mapping[str, Any]) -> dict[str, Any]:
     return geometry
 
 
-def champion_start(registry: Any, model_cfg: MedVisionLlamaConfig, plan: Mapping[str, Any]) -> ray_driver.InitWeights | None:
+def champion_start(registry: Any, model_cfg: MedVisionLlamaConfig, plan: Mapping[str, Any]) -> InitWeights | None:
     """The champion's weights to start from, or None (scratch) with the reason logged: no
     champion, or a plan of another geometry (``ray_driver.fit`` checks the architecture)."""
     champion = getattr(registry, "champion", None)
@@ -91,7 +98,9 @@ def champion_start(registry: Any, model_cfg: MedVisionLlamaConfig, plan: Mapping
     sha256 = weights_sha256(state)
     logger.info("fit.init champion: starting from version %s (weights %s)", champion.version, sha256[:12])
     llm = (config.get("llm_reference") or {}).get("sha256")
-    return ray_driver.InitWeights(version=str(champion.version), sha256=sha256, state=state, llm_sha256=llm)
+    from mvl_pipeline.training.ray_driver import InitWeights
+
+    return InitWeights(version=str(champion.version), sha256=sha256, state=state, llm_sha256=llm)
 
 
 def decide_postprocessing(
@@ -104,6 +113,9 @@ def decide_postprocessing(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The trained model with its post-processing decision (nnU-Net: keep the largest component
     of a class only where that raised validation Dice), decided on the validation cases."""
+    from mvl_pipeline.evaluation.scoring import EvaluateConfig, cases_in, decide_postprocessing_on
+    from mvl_pipeline.model import model_from_weights
+
     state, config = fitted_model
     model = model_from_weights(state, config, llm_cache_dir=llm_cache_dir)
     decision = decide_postprocessing_on(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mvl_pipeline.core.hashing import set_digest
 from mvl_pipeline.datasets.model_registry import (
@@ -20,12 +20,13 @@ from mvl_pipeline.datasets.model_registry import (
     RegistrationRequest,
     RegistryView,
 )
-from mvl_pipeline.evaluation.gate import RegisterConfig, decide, per_case
 from mvl_pipeline.evaluation.leakage import check_no_leakage
-from mvl_pipeline.evaluation.scoring import EvaluateConfig, cases_in, score_cases
 from mvl_pipeline.formats.model_bundle import weights_sha256
-from mvl_pipeline.model import model_from_weights
 from mvl_pipeline.preprocessing.plan import plan_classes
+
+# torch and MONAI are imported by the node that runs, not here (see pipelines/fit/nodes.py)
+if TYPE_CHECKING:
+    from mvl_pipeline.evaluation.scoring import EvaluateConfig
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,9 @@ REPORTED = ("dice", "dice_label_present", "hd95_mm", "nsd")
 
 def _score(weights: tuple[dict[str, Any], dict[str, Any]], plan: Mapping[str, Any], cases: list, llm_cache_dir: str,
            evaluate: EvaluateConfig) -> list[dict[str, Any]]:  # fmt: skip
+    from mvl_pipeline.evaluation.scoring import score_cases
+    from mvl_pipeline.model import model_from_weights
+
     state, config = weights
     model = model_from_weights(state, config, llm_cache_dir=llm_cache_dir)
     rows, _ = score_cases(
@@ -57,6 +61,9 @@ def decide_registration(
 ) -> tuple[RegistrationRequest | AlreadyRegistered, dict[str, Any]]:
     """The gate's decision on this run's model, and what to register (:class:`AlreadyRegistered`:
     nothing new)."""
+    from mvl_pipeline.evaluation.gate import RegisterConfig, decide, per_case
+    from mvl_pipeline.evaluation.scoring import EvaluateConfig, cases_in
+
     config = RegisterConfig.from_params(params)
     evaluate = EvaluateConfig.from_params(evaluate_params)
     state, model_config = trained_model

@@ -145,13 +145,33 @@ def project(project_copy) -> Project:
     return project
 
 
+def readme_blocks() -> list[str]:
+    """The README blocks this file runs as written (marked ``run-by tests/test_dvc_repro.py``;
+    tests/test_readme.py checks the marker and this list agree)."""
+    from tests.test_readme import SHELL
+
+    return [b.source for b in SHELL if b.marker == ("run-by", "tests/test_dvc_repro.py")]
+
+
 @pytest.fixture(scope="module")
-def first_repro(project) -> list[str]:
-    return project.repro()
+def first_repro(project) -> dict:
+    """The README's `make repro` block as written, in a shell with nothing activated: `make repro`
+    (every stage, in order), `dvc repro` again (nothing), `dvc status`, one stage, the dvc.lock
+    commit, `dvc metrics show/diff`, `dvc plots show`. The git commit the runs were tagged with
+    is the one before the block's own commit of dvc.lock."""
+    (block,) = readme_blocks()
+    head = project.head()
+    identity = {"GIT_AUTHOR_NAME": "README reader", "GIT_AUTHOR_EMAIL": "reader@example.org",
+                "GIT_COMMITTER_NAME": "README reader", "GIT_COMMITTER_EMAIL": "reader@example.org"}  # fmt: skip
+    output = project.run("bash", "-e", "-o", "pipefail", "-c", block, env=identity)
+    assert "KedroDeprecationWarning" not in output, output[-6000:]
+    return {"ran": re.findall(r"Running stage '([^']+)'", output), "head": head, "output": output}
 
 
 def test_repro_runs_every_stage_in_order_then_none(project, first_repro):
-    assert first_repro == STAGES
+    # the block's later `dvc repro` and `dvc repro evaluate` ran nothing: each stage ran once
+    assert first_repro["ran"] == STAGES, first_repro["output"][-3000:]
+    assert project.run("git", "log", "-1", "--format=%s").strip() == "data + model version"
     lock = project.lock()
     assert list(lock["stages"]) == STAGES
     for out in project.out_paths():
@@ -177,7 +197,7 @@ def test_mlflow_runs_and_model_version_carry_code_and_data_version(project, firs
     client = MlflowClient(tracking_uri=f"sqlite:///{project.root / 'mlflow.db'}", registry_uri=f"sqlite:///{project.root / 'mlflow.db'}")
     (cases_out,) = [o for o in project.lock()["stages"]["ingest"]["outs"] if o["path"] == "data/02_intermediate/cases"]
     data_version = cases_out["md5"]
-    head = project.head()
+    head = first_repro["head"]
     runs = {}
     for run in client.search_runs([e.experiment_id for e in client.search_experiments()], order_by=["start_time ASC"]):
         runs.setdefault(run.info.run_name, run.data.tags)  # the first repro's run of each stage

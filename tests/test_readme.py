@@ -32,6 +32,10 @@ Markers: an HTML comment right before a block, ``<!-- readme-test: KIND [ARGS] -
 ``smoke NAME=VALUE ...``
     Long even on the tiny project (``make test`` runs the whole suite): run as written, with these
     variables, which the Makefile honours (e.g. ``PYTEST_ARGS``), in its environment.
+``run-by tests/FILE.py``
+    Run as written by that test file, as the first step of what it checks (``make repro``: the
+    DVC test's first repro), not a second time here; that file's ``readme_blocks()`` must return
+    this block's source (checked here, so the two cannot drift apart).
 
 Every other bash block is executed as written.
 """
@@ -61,7 +65,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "k8s/README.md", "k8s/schemas/README.md")
 LANGUAGES = {"bash", "yaml", "text"}
 NEEDS = {"needs-cluster", "needs-bucket", "needs-docker", "needs-gpu-host", "needs-network"}
-KINDS = NEEDS | {"serves", "smoke"}
+KINDS = NEEDS | {"serves", "smoke", "run-by"}
 SERVE_TIMEOUT = 120  # seconds for a server block to answer (kedro-viz: about 5 s here)
 BLOCK_TIMEOUT = 840  # below pytest-timeout's 900 s, so a hung block fails with its output
 CALLER_ONLY = ("AWS_", "MLFLOW_", "RAY_", "KEDRO_", "DVC_", "HF_", "MVL_", "VIRTUAL_ENV", "PYTHON", "CONDA")
@@ -148,6 +152,9 @@ def _check_marker(block: Block) -> list[str]:
         return [f"{where}: serves takes one URL on http://127.0.0.1:PORT/"]
     if kind == "smoke" and (not args or not all("=" in a and a.split("=")[0].isidentifier() for a in args)):
         return [f"{where}: smoke takes NAME=VALUE assignments"]
+    if kind == "run-by" and (len(args) != 1 or not re.fullmatch(r"tests/[\w/]+\.py", args[0])
+                             or not (PROJECT_ROOT / args[0]).is_file()):  # fmt: skip
+        return [f"{where}: run-by takes the path of one test file (tests/....py)"]
     return []
 
 
@@ -161,7 +168,8 @@ SHELL = [b for b in BLOCKS if b.language == "bash"]
 YAML = [b for b in BLOCKS if b.language == "yaml"]
 OFFLINE = [b for b in SHELL if b.offline]
 # a block whose marker is wrong (a typo of needs-cluster ...) is never run: the static test fails
-EXECUTED = [b for b in SHELL if not b.offline and not _check_marker(b)]
+EXECUTED = [b for b in SHELL if not b.offline and b.kind != "run-by" and not _check_marker(b)]
+RUN_BY = [b for b in SHELL if b.kind == "run-by" and not _check_marker(b)]
 
 
 def _ids(blocks: list[Block]) -> list[str]:
@@ -186,6 +194,12 @@ def test_blocks_have_known_languages_and_markers():
 def test_bash_block_is_valid_bash(block: Block):
     done = subprocess.run(["bash", "-n"], input=block.source, capture_output=True, text=True, check=False)
     assert done.returncode == 0, f"{block.id}: bash -n:\n{done.stderr}"
+
+
+@pytest.mark.parametrize("block", RUN_BY, ids=_ids(RUN_BY))
+def test_block_run_by_another_test_file_is_the_block_that_file_runs(block: Block):
+    module = importlib.import_module(block.marker[1].removesuffix(".py").replace("/", "."))
+    assert block.source in module.readme_blocks(), f"{block.id}: {block.marker[1]} does not run this block as written"
 
 
 @pytest.mark.parametrize("block", YAML, ids=_ids(YAML))

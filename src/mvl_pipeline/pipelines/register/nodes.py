@@ -20,6 +20,7 @@ from mvl_pipeline.datasets.model_registry import (
     RegistrationRequest,
     RegistryView,
 )
+from mvl_pipeline.evaluation.gate import RegisterConfig, decide, per_case
 from mvl_pipeline.evaluation.leakage import check_no_leakage
 from mvl_pipeline.formats.model_bundle import weights_sha256
 from mvl_pipeline.preprocessing.plan import plan_classes
@@ -61,7 +62,6 @@ def decide_registration(
 ) -> tuple[RegistrationRequest | AlreadyRegistered, dict[str, Any]]:
     """The gate's decision on this run's model, and what to register (:class:`AlreadyRegistered`:
     nothing new)."""
-    from mvl_pipeline.evaluation.gate import RegisterConfig, decide, per_case
     from mvl_pipeline.evaluation.scoring import EvaluateConfig, cases_in
 
     config = RegisterConfig.from_params(params)

@@ -598,8 +598,13 @@ class RayNode:
     """One ``ray start ... --block`` as its own process group: a node of the test's cluster."""
 
     def __init__(self, name: str, argv: list[str], temp_dir: Path, env: dict[str, str]) -> None:
-        self.name, self.log = name, temp_dir.parent / f"{name}.log"
+        self.name, self.log, self.starts = name, temp_dir.parent / f"{name}.log", 0
+        self.argv, self.temp_dir, self.env = argv, temp_dir, env
         temp_dir.mkdir(parents=True)
+        self.start()
+
+    def start(self) -> None:
+        self.starts += 1
         ports = [
             x
             for flag in (
@@ -612,11 +617,11 @@ class RayNode:
             )
             for x in (flag, str(free_port()))
         ]  # fmt: skip  (two nodes share this host: own ports each)
-        with self.log.open("wb") as out:
+        with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [str(Path(sys.executable).parent / "ray"), "start", *argv, "--temp-dir", str(temp_dir), *ports,
-                 "--node-ip-address", "127.0.0.1", "--disable-usage-stats", "--block"],
-                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                [str(Path(sys.executable).parent / "ray"), "start", *self.argv, "--temp-dir", str(self.temp_dir),
+                 *ports, "--node-ip-address", "127.0.0.1", "--disable-usage-stats", "--block"],
+                env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
 
     def kill(self) -> None:
@@ -660,6 +665,13 @@ class RayCluster:
                     return
             except Exception:  # noqa: BLE001 - the head is still starting
                 pass
+            for node in self.nodes.values():
+                # `ray start` gives its raylet a fixed 30 s to register with the GCS and exits when
+                # that passes; on 2 busy cores it does now and then: start that node once more
+                if node.proc.poll() is not None and node.starts < 3:
+                    node.kill()
+                    node.start()
+                    deadline = max(deadline, time.monotonic() + 60)
             if time.monotonic() > deadline:
                 logs = {
                     name: node.log.read_text(errors="replace")[-1500:]

@@ -236,7 +236,14 @@ def test_a_change_reruns_exactly_the_stages_that_depend_on_it(project, first_rep
     status = project.status()
     assert set(status) == {"fit", "evaluate", "register"}
     assert "conf/base/parameters_evaluate.yml" in json.dumps(status["evaluate"])
+    history = project.root / "data/08_reporting/fit_history.json"
+    trained = json.loads(history.read_text(encoding="utf-8"))
     assert project.repro() == ["fit", "evaluate", "register"]
+    # the rerun fit resumed the finished training (the same run, no new epoch) and only decided
+    # the post-processing again, as the README says
+    again = json.loads(history.read_text(encoding="utf-8"))
+    assert again["run_name"] == trained["run_name"] and again["epochs"] == trained["epochs"]
+    assert again["global_step"] == trained["global_step"]
     assert project.lock()["stages"]["evaluate"]["params"]["conf/base/parameters_evaluate.yml"]["evaluate"][
         "nsd_tolerance_mm"
     ] == 3.0

@@ -3,6 +3,8 @@ input, so that every output voxel has an exact expected probability."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -201,3 +203,19 @@ def test_predict_many_restores_the_mode_when_the_model_raises():
     with pytest.raises(RuntimeError, match="model failed"):
         list(predict_many(model, [ramp((4, 4, 4))], lambda v: v, roi_size=(8, 8, 8), num_classes=2))
     assert model.training is True
+
+
+def test_predict_many_reads_memory_mapped_cases_without_a_warning(tmp_path):
+    # model-input cases are memory-mapped read-only; torch.from_numpy on one warned ("The given
+    # NumPy array is not writable") in every evaluate, gate and predict log
+    roi = (8, 8, 6)
+    image = ramp((7, 8, 5), seed=3)
+    np.save(tmp_path / "case.npy", image)
+    mapped = np.load(tmp_path / "case.npy", mmap_mode="r")
+    assert not mapped.flags.writeable
+    model = SmallConv()
+    expected = predict_probabilities(model, image, roi_size=roi, num_classes=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ((_, probs),) = predict_many(model, [mapped], lambda v: v, roi_size=roi, num_classes=2)
+    np.testing.assert_allclose(probs, expected, atol=1e-5)

@@ -20,7 +20,6 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from torch import nn
 
@@ -97,9 +96,9 @@ def _pad_to_window(array: np.ndarray, roi_size: Sequence[int]) -> tuple[torch.Te
         diff = int(roi) - int(size)
         pad.append((diff // 2, diff - diff // 2))
         crop.append(slice(diff // 2, diff // 2 + int(size)))
-    flat = [p for pair in reversed(pad) for p in pair]  # F.pad: last axis first
-    padded = F.pad(torch.from_numpy(array), flat, mode="constant", value=float(array.min()))
-    return padded, tuple(crop)
+    # np.pad copies, so a read-only (memory-mapped) case never reaches torch.from_numpy
+    padded = np.pad(array, [(0, 0), *pad], mode="constant", constant_values=array.min())
+    return torch.from_numpy(padded), tuple(crop)
 
 
 def _one_window_batch(

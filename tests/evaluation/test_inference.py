@@ -205,7 +205,7 @@ def test_predict_many_restores_the_mode_when_the_model_raises():
     assert model.training is True
 
 
-def test_predict_many_reads_memory_mapped_cases_without_a_warning(tmp_path):
+def test_memory_mapped_cases_are_predicted_without_a_warning(tmp_path):
     # model-input cases are memory-mapped read-only; torch.from_numpy on one warned ("The given
     # NumPy array is not writable") in every evaluate, gate and predict log
     roi = (8, 8, 6)
@@ -218,4 +218,6 @@ def test_predict_many_reads_memory_mapped_cases_without_a_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ((_, probs),) = predict_many(model, [mapped], lambda v: v, roi_size=roi, num_classes=2)
+        windowed = predict_probabilities(model, mapped, roi_size=roi, num_classes=2)  # the other path
     np.testing.assert_allclose(probs, expected, atol=1e-5)
+    np.testing.assert_array_equal(windowed, expected)

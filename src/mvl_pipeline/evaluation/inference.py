@@ -27,9 +27,10 @@ T = TypeVar("T")
 
 
 def _as_channels_first(image: np.ndarray) -> np.ndarray:
-    """(X, Y, Z) or (C_in, X, Y, Z) -> contiguous float32 (C_in, X, Y, Z)."""
-    array = image if image.ndim == 4 else image[None]
-    return np.ascontiguousarray(array, dtype=np.float32)
+    """(X, Y, Z) or (C_in, X, Y, Z) -> contiguous, writable float32 (C_in, X, Y, Z) (a read-only
+    memory-mapped case is copied: torch warns on a tensor over read-only memory)."""
+    array = np.ascontiguousarray(image if image.ndim == 4 else image[None], dtype=np.float32)
+    return array if array.flags.writeable else array.copy()
 
 
 def _probabilities(logits: torch.Tensor, num_classes: int) -> np.ndarray:

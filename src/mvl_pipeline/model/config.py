@@ -177,6 +177,7 @@ class MedVisionLlamaConfig(ConfigBlock):
     precision: str = "bf16-mixed"  # "bf16-mixed" (autocast) or "fp32"
     patch_ops: str = "matmul"  # patch embedding / decoder upsampling: matmul (GEMMs) | conv (oneDNN)
     cpu_ops: str = "tuned"  # tuned (faster CPU paths, same maths) | reference (the step before them)
+    cpu_math_attention_tokens: int = 192  # tuned: SDPA's math backend on CPU up to this many tokens
     grad_checkpointing: bool = False
     compile: bool = False
     llm: LLMConfig = field(default_factory=LLMConfig)
@@ -241,6 +242,8 @@ class MedVisionLlamaConfig(ConfigBlock):
             raise ValueError(f"patch_ops must be one of {list(PATCH_OPS)}; got {self.patch_ops!r}")
         if self.cpu_ops not in CPU_OPS:
             raise ValueError(f"cpu_ops must be one of {list(CPU_OPS)}; got {self.cpu_ops!r}")
+        if self.cpu_math_attention_tokens < 0:
+            raise ValueError(f"cpu_math_attention_tokens must be >= 0 (0: never); got {self.cpu_math_attention_tokens}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}; got {self.precision!r}")
         if self.depth < 1:

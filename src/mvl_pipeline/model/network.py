@@ -65,12 +65,14 @@ class MedVisionLlama(nn.Module):
         if cfg.pos_grid is None:
             raise ValueError("model.pos_grid is unknown: it is the plan's token grid (MedVisionLlamaConfig.for_plan)")
         self.pos_embed = PositionalEmbedding3d(E, cfg.pos_grid)
+        tuned = cfg.cpu_ops == "tuned"
+        math_tokens = cfg.cpu_math_attention_tokens if tuned else 0
         self.blocks = nn.ModuleList(
-            EncoderBlock(E, cfg.num_heads, cfg.mlp_ratio, cfg.local_kernel, norm_layer, act_layer, cfg.cpu_ops == "tuned")
+            EncoderBlock(E, cfg.num_heads, cfg.mlp_ratio, cfg.local_kernel, norm_layer, act_layer, tuned, math_tokens)
             for _ in range(cfg.depth)
         )
         self.llm = (
-            LLMBridge(E, llm.layer, llm.dims.hidden_size, llm.dims.head_dim)
+            LLMBridge(E, llm.layer, llm.dims.hidden_size, llm.dims.head_dim, math_attention_tokens=math_tokens)
             if llm is not None
             else None
         )

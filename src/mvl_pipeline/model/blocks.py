@@ -25,11 +25,12 @@ Grid = tuple[int, int, int]
 def attention_backend(tokens: int, device: torch.device, math_up_to: int) -> AbstractContextManager:
     """SDPA's math backend for attention over at most ``math_up_to`` tokens on CPU (the model's
     ``cpu_math_attention_tokens`` under ``cpu_ops: tuned``, else 0); otherwise PyTorch's own
-    choice (its flash kernel on CPU). The same attention either way, up to rounding. Whole bf16
-    train steps of the default model, round-robin on a 2-core Xeon with AMX (2026-12-01): the math
-    backend 1.10x faster at 64 tokens, 1.05-1.09x at 175 (the Hippocampus crop), 0.97x at 256,
-    0.84x at 384 and 512: the flash kernel's backward has a cost per call that its tiling repays
-    only on longer sequences."""
+    choice (its flash kernel on CPU). The same attention either way, up to rounding. Isolated
+    bf16 train steps of the default model on random crops, round-robin on a 2-core Xeon with AMX
+    (2026-12-01): the math backend 1.10x faster at 64 tokens, 1.05-1.09x at 175 (the Hippocampus
+    crop), 0.97x at 256, 0.84x at 384 and 512. But in the training loop on the Hippocampus task
+    the same threshold (192) trained at 0.79x the samples/s (3 seeds), not understood yet: off
+    by default (0)."""
     if device.type == "cpu" and tokens <= math_up_to:
         return sdpa_kernel([SDPBackend.MATH])
     return nullcontext()

@@ -3,6 +3,7 @@ ingested and preprocessed with the project's own pipelines and defaults, in a te
 
     data = hippocampus_workspace(tmp, n_cases=None)   # ingest + preprocess (about 15 s for 200)
     data["model_input_cases"], data["ingested_cases"], data["data_split"], data["preprocessing_plan"]
+    data = open_workspace(tmp)                        # the same, read back in another process
 """
 
 from __future__ import annotations
@@ -42,10 +43,22 @@ def task_drop(target: Path, n_cases: int | None = None) -> Path:
     return target
 
 
+def _params(model: dict[str, Any] | None) -> dict[str, Any]:
+    ingest = base_params("ingest") | {"labels": None, "label_aliases": {}, "progress": False}
+    return {"ingest": ingest, "preprocess": base_params("preprocess"), "model": model or base_params("model")}
+
+
 def hippocampus_workspace(root: Path, n_cases: int | None = None, model: dict[str, Any] | None = None) -> dict[str, Any]:
     from tests.support.workspace import local_catalog, prepare
 
     task_drop(root / "drop", n_cases)
-    ingest = base_params("ingest") | {"labels": None, "label_aliases": {}, "progress": False}
-    params = {"ingest": ingest, "preprocess": base_params("preprocess"), "model": model or base_params("model")}
-    return prepare(local_catalog(root, params))
+    return prepare(local_catalog(root, _params(model)))
+
+
+def open_workspace(root: Path) -> dict[str, Any]:
+    """What ``hippocampus_workspace(root)`` returned, read back from ``root`` (another process)."""
+    from tests.support.workspace import local_catalog
+
+    catalog = local_catalog(root, _params(None))
+    names = ("model_input_cases", "ingested_cases", "data_split", "preprocessing_plan", "ingest_manifest")
+    return {name: catalog.load(name) for name in names}

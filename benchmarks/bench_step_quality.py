@@ -13,7 +13,10 @@ the training samples/s of each (the two sides alternate, so machine load hits bo
 one JSON object.
 
 With ``--variants A B`` any two of bench_model.py's variants are compared the same way (e.g.
-``full_res_s2d full_res_conv``: the decoder's full-resolution level folded or as convs).
+``full_res_s2d full_res_conv``: the decoder's full-resolution level folded or as convs). A
+variant with ``+ftz`` appended trains with ``fit.loop.flush_denormal: true`` (e.g. ``new+ftz
+new``). Every training runs in a fresh process, as in a Ray worker: the flush-to-zero setting is
+per thread and reaches torch's threads only when they start after it.
 
     python benchmarks/bench_step_quality.py [--seeds 0 1 2] [--epochs 6] [--steps 50] [--variants A B]
 """
@@ -23,15 +26,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import os
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch  # noqa: E402  (after _hippocampus: it puts the project root on sys.path)
-from _hippocampus import ROOT, base_params, hippocampus_workspace
+from _hippocampus import ROOT, base_params, hippocampus_workspace, open_workspace
 from bench_model import machine, variant_params
 
 from mvl_pipeline.model import MedVisionLlamaConfig
@@ -40,12 +45,18 @@ from mvl_pipeline.training.config import LoopConfig
 from mvl_pipeline.training.loop import run_training
 from mvl_pipeline.training.session import Session
 
+FTZ = "+ftz"
 
-def train(variant: str, seed: int, data: dict[str, Any], args: argparse.Namespace, cache: str) -> dict[str, Any]:
+
+def train(variant: str, seed: int, workspace: str, args: argparse.Namespace, cache: str) -> dict[str, Any]:
+    """One training, in this (fresh) process."""
+    logging.basicConfig(level=logging.WARNING)
+    data = open_workspace(Path(workspace))
     plan = data["preprocessing_plan"]
-    cfg = MedVisionLlamaConfig.from_params(variant_params(base_params("model"), variant)).for_plan(plan)
+    model_variant = variant.removesuffix(FTZ)
+    cfg = MedVisionLlamaConfig.from_params(variant_params(base_params("model"), model_variant)).for_plan(plan)
     loop = base_params("fit")["loop"] | {"epochs": args.epochs, "steps_per_epoch": args.steps, "seed": seed,
-                                         "val_every": args.epochs}  # fmt: skip
+                                         "val_every": args.epochs, "flush_denormal": variant.endswith(FTZ)}  # fmt: skip
     split = data["data_split"]
     config = {
         "loop": LoopConfig.from_params(loop).to_dict(), "model": cfg.to_dict(), "plan": plan,
@@ -71,7 +82,8 @@ def main() -> None:
     parser.add_argument("--val-cases", type=int, default=8, help="validation patients scored after the last step")
     parser.add_argument("--variants", nargs=2, default=["new", "previous"], metavar=("A", "B"),
                         help="the two steps compared, A - B (bench_model.py's variants: new, previous, "
-                             "full_res_conv, full_res_s2d, attention_math, fp32, none)")  # fmt: skip
+                             "full_res_conv, full_res_s2d, attention_math, fp32, none; +ftz appended: "
+                             "with fit.loop.flush_denormal)")  # fmt: skip
     args = parser.parse_args()
     if len(args.seeds) < 2:
         parser.error("at least 2 seeds: the seed-to-seed spread is the yardstick")
@@ -81,11 +93,14 @@ def main() -> None:
     cache = str(ROOT / "data" / "06_models" / "llm_cache")
     first, second = args.variants
     runs: dict[str, dict[int, dict[str, Any]]] = {v: {} for v in args.variants}
+    spawn = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="bench-step-quality-") as tmp:
-        data = hippocampus_workspace(Path(tmp))
+        hippocampus_workspace(Path(tmp))
         for seed in args.seeds:
             for variant in args.variants:
-                runs[variant][seed] = entry = train(variant, seed, data, args, cache)
+                with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as fresh:
+                    entry = fresh.submit(train, variant, seed, tmp, args, cache).result()
+                runs[variant][seed] = entry
                 print(f"seed {seed} {variant:13s} last-epoch loss {entry['last_epoch_loss']:.4f}  val Dice "
                       f"{entry['val_dice']:.4f}  {entry['samples_per_s']} samples/s", flush=True)  # fmt: skip
 

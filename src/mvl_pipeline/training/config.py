@@ -32,6 +32,7 @@ class LoopConfig(ConfigBlock):
     val_sw_batch_size: int = 2
     val_case_batch: int = 4  # validation cases that fit one window, predicted together
     torch_threads: int = 0  # 0: the worker's CPU share
+    flush_denormal: bool = False  # CPU: treat denormal floats as zero while the loop runs
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 

@@ -11,12 +11,13 @@ behind the small ``Session`` interface of ``training.session``, so that a plain 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,9 +113,59 @@ def _save_checkpoint(
     (Path(directory) / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
 
 
+def denormals_flushed() -> float:
+    """The share of torch's intra-op threads that flush denormal floats to zero now (0.0 to 1.0).
+
+    An elementwise product over a tensor of denormals (written as bits: converting 5.9e-39 from a
+    Python float would itself be flushed), large enough to be split over every thread: each
+    thread's chunk comes out zero exactly when that thread flushes.
+    """
+    bits = torch.full((max(1, torch.get_num_threads()) * 65536,), 0x00400000, dtype=torch.int32)
+    return float((bits.view(torch.float32) * 1.5 == 0).float().mean())
+
+
+@contextlib.contextmanager
+def flush_denormal(enabled: bool) -> Iterator[None]:
+    """While the block runs, the CPU treats denormal floats as zero (x86's FTZ and DAZ).
+
+    Arithmetic on denormals (|x| < 1.2e-38 in fp32 and bf16) takes a slow path on x86 CPUs.
+    ``torch.set_flush_denormal`` sets the calling thread's control register; torch's intra-op
+    threads copy it when they start, which is at the first parallel operation of the process. So
+    it reaches every thread only when nothing ran in parallel before (a Ray Train worker is such a
+    fresh process); otherwise it holds for part of them, which is logged. Afterwards the calling
+    thread flushes no more; threads that started inside the block keep flushing (torch offers no
+    way to reach them), which ends with the worker process. A CPU that cannot flush runs as
+    before, with a warning.
+    """
+    if not enabled:
+        yield
+        return
+    if not torch.set_flush_denormal(True):
+        logger.warning("this CPU cannot flush denormal floats to zero: loop.flush_denormal has no effect")
+        yield
+        return
+    share = denormals_flushed()
+    if share < 1.0:
+        logger.warning(
+            "flush-to-zero reaches %.0f%% of torch's threads: its thread pool started before the loop "
+            "(run the loop in a fresh process for all of them)", 100 * share,
+        )  # fmt: skip
+    else:
+        logger.info("flush-to-zero on: denormal floats are read and written as zero")
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def run_training(config: Mapping[str, Any], session: Session) -> dict[str, Any]:
     """Train as configured; returns the final trainer state (history included)."""
     loop = LoopConfig.from_params(config["loop"])
+    with flush_denormal(loop.flush_denormal and session.device().type == "cpu"):
+        return _run_training(config, session, loop)
+
+
+def _run_training(config: Mapping[str, Any], session: Session, loop: LoopConfig) -> dict[str, Any]:
     model_cfg = MedVisionLlamaConfig.from_params(config["model"])
     plan = config["plan"]
     roi = [int(v) for v in plan["patch_size"]]

@@ -3,7 +3,7 @@ ingested and preprocessed with the project's own pipelines and defaults, in a te
 
     data = hippocampus_workspace(tmp, n_cases=None)   # ingest + preprocess (about 15 s for 200)
     data["model_input_cases"], data["ingested_cases"], data["data_split"], data["preprocessing_plan"]
-    data = open_workspace(tmp)                        # the same, read back in another process
+    data = open_workspace(tmp)                        # cases, split and plan, read back in another process
 """
 
 from __future__ import annotations
@@ -56,9 +56,9 @@ def hippocampus_workspace(root: Path, n_cases: int | None = None, model: dict[st
 
 
 def open_workspace(root: Path) -> dict[str, Any]:
-    """What ``hippocampus_workspace(root)`` returned, read back from ``root`` (another process)."""
+    """What training needs of ``hippocampus_workspace(root)``, read back from ``root`` (another process)."""
     from tests.support.workspace import local_catalog
 
     catalog = local_catalog(root, _params(None))
-    names = ("model_input_cases", "ingested_cases", "data_split", "preprocessing_plan", "ingest_manifest")
+    names = ("model_input_cases", "data_split", "preprocessing_plan")
     return {name: catalog.load(name) for name in names}

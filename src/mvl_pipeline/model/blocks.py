@@ -29,8 +29,9 @@ def attention_backend(tokens: int, device: torch.device, math_up_to: int) -> Abs
     bf16 train steps of the default model on random crops, round-robin on a 2-core Xeon with AMX
     (2026-12-01): the math backend 1.10x faster at 64 tokens, 1.05-1.09x at 175 (the Hippocampus
     crop), 0.97x at 256, 0.84x at 384 and 512. But in the training loop on the Hippocampus task
-    the same threshold (192) trained at 0.79x the samples/s (3 seeds); with flush-to-zero of
-    denormals it trained 1.14x faster instead (README): off by default (0) until that is built."""
+    the same threshold (192) trained at 0.79x the samples/s (3 seeds); with ``fit.loop.
+    flush_denormal`` on every thread, 1.07x the default's mean rate over 6 seed pairs (0.79-1.42x
+    per seed; README), too noisy to confirm: off by default (0)."""
     if device.type == "cpu" and tokens <= math_up_to:
         return sdpa_kernel([SDPBackend.MATH])
     return nullcontext()

@@ -200,10 +200,38 @@ def tune_storage(experiment: str, name: str) -> tuple[str, Any | None, str]:
 
 
 def run_ablation(context: TrialContext, experiment: str, fit_cfg: FitConfig, config: AblationConfig) -> list[dict[str, Any]]:
-    """Run (or resume) the grid; return every trial's stored result, in grid order (seed, arm)."""
+    """Run (or resume) the grid; return every trial's stored result, in grid order (seed, arm).
+    A grid whose every trial already stored its result (scored as this run would) trains nothing
+    and starts no Ray: the results are read back as they are."""
+    started_at = time.time()
+    if all(_stored_result(context, arm, seed) is not None for seed in config.seeds for arm in config.arms):
+        logger.info("ablation: every trial was finished by an earlier run of the ablation: nothing to train")
+    else:
+        _run_grid(context, experiment, fit_cfg, config)
+    trials = []
+    for seed in config.seeds:
+        for arm in config.arms:
+            document = _stored_result(context, arm, seed)
+            if document is None:
+                raise RuntimeError(f"ablation trial {arm}/seed {seed} left no result in {trial_dir(context, arm, seed)}")
+            trials.append(document)
+    ablation_tracking.adopt_earlier_trials(context.mlflow, trials, context.tags)
+    earlier = sum(float(t.get("finished_unix", 0.0)) < started_at for t in trials)
+    logger.info("ablation: %d trials, %d of them finished by an earlier run of the ablation", len(trials), earlier)
+    return trials
+
+
+def _stored_result(context: TrialContext, arm: str, seed: int) -> dict[str, Any] | None:
+    """The trial's stored result when it was scored as this run scores (same test cases and
+    metrics: ``scoring_id``), else None."""
+    document = read_result(trial_dir(context, arm, seed))
+    return document if document is not None and document.get("scoring_id") == context.scoring_id else None
+
+
+def _run_grid(context: TrialContext, experiment: str, fit_cfg: FitConfig, config: AblationConfig) -> None:
+    """The Tune grid on Ray (started here when no cluster is named), new or restored."""
     import ray
 
-    started_at = time.time()
     for arm, model in context.model_configs.items():
         # build each arm once before Ray starts: a configuration error fails here, and the frozen
         # LLM layer is converted into the cache once instead of by every trial
@@ -227,17 +255,6 @@ def run_ablation(context: TrialContext, experiment: str, fit_cfg: FitConfig, con
     finally:
         if started:
             ray.shutdown()
-    trials = []
-    for seed in config.seeds:
-        for arm in config.arms:
-            document = read_result(trial_dir(context, arm, seed))
-            if document is None or document.get("scoring_id") != context.scoring_id:
-                raise RuntimeError(f"ablation trial {arm}/seed {seed} left no result in {trial_dir(context, arm, seed)}")
-            trials.append(document)
-    ablation_tracking.adopt_earlier_trials(context.mlflow, trials, context.tags)
-    earlier = sum(float(t.get("finished_unix", 0.0)) < started_at for t in trials)
-    logger.info("ablation: %d trials, %d of them finished by an earlier run of the ablation", len(trials), earlier)
-    return trials
 
 
 def results_rows(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:

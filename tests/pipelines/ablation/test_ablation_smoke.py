@@ -149,10 +149,10 @@ def smoke(project_copy, shared_data, llm_cache_dir, tmp_path_factory):
 
     # 3. and again, finished: nothing trains, a new version of the results is written beside
     started = time.monotonic()
-    _run(root, "ablation", logs / "again.log")
+    finished_log = _run(root, "ablation", logs / "again.log")
     timings["finished_run"] = time.monotonic() - started
     return {"root": root, "first": first[0], "first_bytes": first_bytes, "resumed_log": resumed_log,
-            "resumed_results": resumed_results, "timings": timings}  # fmt: skip
+            "finished_log": finished_log, "resumed_results": resumed_results, "timings": timings}  # fmt: skip
 
 
 def _ablation_parents(root: Path) -> list:
@@ -183,9 +183,12 @@ def test_an_interrupted_ablation_resumes_only_its_unfinished_trials(smoke):
     resumed_children = _children(root, resumed.info.run_id)
     assert len(trained(resumed_children)) == len(ARMS) * len(SEEDS) - 1
     assert first_trial not in trained(resumed_children) and adopted(resumed_children) == [first_trial]
-    # a finished ablation run again trains nothing
+    # a finished ablation run again trains nothing, and starts no Ray to find that out
     finished_children = _children(root, finished.info.run_id)
     assert trained(finished_children) == [] and len(adopted(finished_children)) == len(ARMS) * len(SEEDS)
+    assert "(RayTrainWorker pid=" in smoke["resumed_log"] and f"{len(ARMS)} arms x {len(SEEDS)} seeds = " in smoke["resumed_log"]
+    assert "(RayTrainWorker pid=" not in smoke["finished_log"] and "seeds = " not in smoke["finished_log"]
+    assert "every trial was finished by an earlier run of the ablation: nothing to train" in smoke["finished_log"]
     # the child of the trial killed mid-run is closed, not left RUNNING
     statuses = {r.info.status for r in _children(root, killed.info.run_id)}
     assert "RUNNING" not in statuses, statuses

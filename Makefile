@@ -8,10 +8,9 @@ STAMP := $(VENV)/.installed
 PIPELINE ?= train
 KEDRO_ENV ?= local
 # two test processes: most slow tests wait on Ray, moto or a browser, so one process leaves a core idle;
-# PYTEST_WORKERS=0: every test in this one process (pytest-xdist's -n 0), as before xdist.
-# --no-loadscope-reorder: files in tests/conftest.py's order (most slow tests first), not xdist's
+# PYTEST_WORKERS=0: every test in this one process (pytest-xdist's -n 0), as before xdist
 PYTEST_WORKERS ?= 2
-PYTEST_ARGS ?= -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=30
+PYTEST_ARGS ?= -n $(PYTEST_WORKERS) --dist loadfile --durations=30
 # extra `kedro run` options for `make train`, e.g. KEDRO_ARGS='--params fit.loop.epochs=2'
 KEDRO_ARGS ?=
 MLFLOW_PORT ?= 5000

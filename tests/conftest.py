@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,18 +17,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Test files with the most ``slow`` tests first, each file's tests kept together and in their
-    order. `make test` runs two processes that take one file at a time in this order (pytest-xdist
-    ``--dist loadfile --no-loadscope-reorder``): the files of minutes start first and the many
-    short ones fill the end. xdist's own order (files with the most tests first) left the
-    end-to-end files, which have few tests each, for last, so one process could still be in a
-    minutes-long file while the other had nothing left to take."""
-    slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
-    first_seen = {path: index for index, path in enumerate(dict.fromkeys(item.path for item in items))}
-    items.sort(key=lambda item: (-slow[item.path], first_seen[item.path]))
 
 
 @pytest.fixture(scope="session")

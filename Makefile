@@ -24,11 +24,11 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup train test lint sample-data key viz bench clean-venv browser data-msd repro mlflow-ui scenario
 
-# The lock is installed by uv (pinned here, from PyPI): 72 s against pip's 337 s into a fresh venv
-# on the 2-core machine (uv's cache empty; both byte-compile, as pip does by default). uv does not read pip's
-# configuration, so the find-links and index pip is configured with (environment or pip.conf: a
-# local wheel such as torch's CPU build, a hospital's mirror) are passed on; where uv cannot install
-# the lock at all, pip installs it as before.
+# The lock is installed by uv (pinned here, from PyPI): 72 s against pip's 337 s into a fresh
+# venv on the 2-core machine (uv's cache empty; both byte-compile, as pip does by default). uv does
+# not read pip's configuration, so the find-links and index pip is configured with (environment or
+# pip.conf: a local wheel such as torch's CPU build, a hospital's mirror) are passed on; where uv
+# cannot install the lock at all, pip installs it as before.
 UV_VERSION := 0.13.9
 PIP_FIND = $(sort $(PIP_FIND_LINKS) $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 PIP_INDEX = $(or $(PIP_INDEX_URL),$(shell $(PYTHON) -m pip config get global.index-url 2>/dev/null))

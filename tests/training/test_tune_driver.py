@@ -12,6 +12,7 @@ import yaml
 from mvl_pipeline.evaluation.leakage import LeakageError
 from mvl_pipeline.training import tune_driver
 from mvl_pipeline.training.ablation_config import AblationConfig
+from mvl_pipeline.training.config import FitConfig
 from tests.pipelines.conftest import ROOT
 
 PLAN = {"patch_size": [40, 56, 40], "embed_patch_size": [8, 8, 8], "label_values": [0, 1, 2],
@@ -86,11 +87,28 @@ def test_a_test_patient_among_the_development_patients_is_refused():
         ({"trial": {"epochs": 0}}, "ablation.trial"),
         ({"crop_size": [1, 2]}, "needs 3 values"),
         ({"arms": ["pretrained", "a/b"], "arm_models": {"pretrained": {}, "a/b": {}}}, "letters, digits"),
+        ({"local_concurrent_trials": 0}, "local_concurrent_trials must be >= 1"),
     ],
 )
 def test_the_ablation_block_refuses_a_grid_it_cannot_run(params, message):
     with pytest.raises(ValueError, match=message):
         AblationConfig.from_params(params)
+
+
+@pytest.mark.parametrize(
+    ("asked", "scaling", "cpus", "at_once"),
+    [
+        (2, {}, 2, 2),  # the default on 2 cores: two trials of 1 core each
+        (2, {}, 16, 2),
+        (2, {}, 1, 1),  # one core: one trial at a time
+        (4, {"num_workers": 2}, 4, 2),  # every worker of every trial gets a core
+        (2, {"cpus_per_worker": 2}, 3, 1),  # as many cores a worker as asked for
+        (1, {}, 16, 1),
+    ],
+)
+def test_a_local_ray_runs_as_many_trials_at_once_as_its_cores_hold(asked, scaling, cpus, at_once):
+    fit = FitConfig.from_params({"scaling": scaling})
+    assert tune_driver.local_trials(AblationConfig.from_params({"local_concurrent_trials": asked}), fit, cpus) == at_once
 
 
 def test_a_trial_result_round_trips_locally_and_on_s3(tmp_path, s3_bucket):

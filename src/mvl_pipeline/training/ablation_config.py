@@ -29,7 +29,7 @@ class TrialBudget(ConfigBlock):
 
     WHERE = "ablation.trial"
 
-    epochs: int = 18
+    epochs: int = 27
     steps_per_epoch: int = 35
     val_every: int = 2
 
@@ -51,6 +51,7 @@ class AblationConfig(ConfigBlock):
     trial: TrialBudget = field(default_factory=TrialBudget)
     crop_size: tuple[int, int, int] | None = None
     max_concurrent_trials: int = 4
+    local_concurrent_trials: int = 2
     storage_path: str = "data/06_models/ablation"
     name: str = "auto"
     statistics: StatisticsPlan = field(default_factory=StatisticsPlan)
@@ -72,5 +73,7 @@ class AblationConfig(ConfigBlock):
             raise ValueError(f"ablation.seeds must be distinct and not empty; got {list(self.seeds)}")
         if self.max_concurrent_trials < 1:
             raise ValueError("ablation.max_concurrent_trials must be >= 1")
+        if self.local_concurrent_trials < 1:
+            raise ValueError("ablation.local_concurrent_trials must be >= 1")
         if self.crop_size is not None and (len(self.crop_size) != 3 or min(self.crop_size) < 1):
             raise ValueError(f"ablation.crop_size must be null or 3 positive ints; got {self.crop_size}")

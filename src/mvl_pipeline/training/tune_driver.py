@@ -15,9 +15,11 @@ unfinished and errored trials run again, and each of those resumes its Ray Train
 last checkpoint. A trial whose result file exists is never trained again, even in a new Tune
 experiment (another grid over the same runs: an extra seed or arm reuses the others).
 
-A local Ray runs one trial at a time (the trial takes every core); on a cluster (``RAY_ADDRESS``)
-up to ``ablation.max_concurrent_trials`` run at once. A trial reserves no CPU itself (its Ray
-Train workers and its scoring task hold the resources), only 64 MiB of memory.
+A local Ray runs up to ``ablation.local_concurrent_trials`` trials at once and shares the
+machine's cores out between them (:func:`local_trials`; at batch 2 a training step uses two cores
+poorly, so two 1-core trials train more samples a second than one 2-core trial); on a cluster
+(``RAY_ADDRESS``) up to ``ablation.max_concurrent_trials`` run at once. A trial reserves no CPU
+itself (its Ray Train workers and its scoring task hold the resources), only 64 MiB of memory.
 """
 
 from __future__ import annotations
@@ -167,20 +169,28 @@ def build_context(
     return context, experiment
 
 
-def _tuner(context: TrialContext, experiment: str, config: AblationConfig, *, local: bool) -> Any:
-    """A new Tuner over the grid, or the one of an earlier run of the same grid, restored."""
+def local_trials(config: AblationConfig, fit_cfg: FitConfig, cpus: int) -> int:
+    """How many trials a local Ray of ``cpus`` CPUs runs at once: ``local_concurrent_trials``,
+    fewer where the cores do not give every worker of every trial at least one (or the
+    ``cpus_per_worker`` asked for)."""
+    per_trial = fit_cfg.scaling.num_workers * max(1, fit_cfg.scaling.cpus_per_worker)
+    return max(1, min(config.local_concurrent_trials, cpus // per_trial))
+
+
+def _tuner(context: TrialContext, experiment: str, config: AblationConfig, *, concurrent: int) -> Any:
+    """A new Tuner over the grid, or the one of an earlier run of the same grid (and the same
+    number of trials at once, which Tune keeps in its state), restored."""
     from ray import tune
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), TRIAL_RESOURCES)
     grid = sorted(context.run_names[a][s] for a in config.arms for s in config.seeds)
-    name = f"tune-{json_digest(grid, length=10)}"
+    name = f"tune-{json_digest([grid, concurrent], length=10)}"
     storage_path, filesystem, path = tune_storage(experiment, name)
     if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
         logger.info("ablation: restoring the Tune experiment %s (unfinished and errored trials run again)", name)
         return tune.Tuner.restore(
             path, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=filesystem
         )
-    concurrent = 1 if local else config.max_concurrent_trials
     return tune.Tuner(
         trainable,
         # seeds outer, arms inner: an interrupted grid has whole seeds of every arm done first
@@ -240,15 +250,21 @@ def _run_grid(context: TrialContext, experiment: str, fit_cfg: FitConfig, config
     started = connect_ray(fit_cfg)
     local = not os.environ.get("RAY_ADDRESS")
     try:
-        sized = size_workers(fit_cfg, ray.cluster_resources(), local=local)
+        resources = dict(ray.cluster_resources())
+        if local:  # the cores shared out between the trials that run at once
+            concurrent = local_trials(config, fit_cfg, int(resources.get("CPU", 0)))
+            resources["CPU"] = int(resources.get("CPU", 0)) // concurrent
+        else:
+            concurrent = config.max_concurrent_trials
+        sized = size_workers(fit_cfg, resources, local=local)
         context = replace(context, scaling=asdict(sized.scaling))
         total = len(config.arms) * len(config.seeds)
         logger.info(
             "ablation %s: %d arms x %d seeds = %d trials, %d at a time, %d worker(s) x %d CPU each, %d test cases",
-            experiment, len(config.arms), len(config.seeds), total, 1 if local else config.max_concurrent_trials,
+            experiment, len(config.arms), len(config.seeds), total, concurrent,
             sized.scaling.num_workers, sized.scaling.cpus_per_worker, len(context.test_cases),
         )  # fmt: skip
-        grid = _tuner(context, experiment, config, local=local).fit()
+        grid = _tuner(context, experiment, config, concurrent=concurrent).fit()
         failed = [f"{r.config.get('arm')}/seed {r.config.get('seed')}: {type(r.error).__name__}: {r.error}" for r in grid if r.error]
         if failed:
             raise RuntimeError("ablation trials failed (run the ablation again to resume them):\n" + "\n".join(failed))

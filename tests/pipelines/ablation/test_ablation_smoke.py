@@ -1,15 +1,17 @@
 """The CI smoke grid of the ablation, as a user runs it: `kedro run --pipelines ablation` on a copy
-of the project (2 arms x 1 seed, a few steps, 16 Hippocampus cases from ../shared), with Ray
-Tune, a REAL interruption (SIGKILL of the run's process group once the first trial has stored
-its result), a resume that runs only the unfinished trial (counted: MLflow child runs that
-trained vs. adopted), MLflow nesting and tags, the per-case results table (a new version per run,
-none overwritten) and the report files. Minutes: marked slow (CI runs it).
+of the project (2 arms x 2 seeds, a few steps, 16 Hippocampus cases from ../shared), with Ray
+Tune running trials side by side on the local Ray (``ablation.local_concurrent_trials``: 2 at
+once on 2 cores, 1 core each), a REAL interruption (SIGKILL of the run's process group once the
+first trial has stored its result), a resume that runs only the unfinished trials (counted:
+MLflow child runs that trained vs. adopted), MLflow nesting and tags, the per-case results table
+(a new version per run, none overwritten) and the report files. Minutes: marked slow (CI runs it).
 
-One seed: the smallest grid with a finished and an unfinished trial at the kill and a comparison
-with the reference (each trial costs ~40 s of Ray start-up on 2 cores, whatever its budget). How
-the seeds of an arm are pooled (per-patient means over seeds, the seed spread) is tested on
-constructed results (tests/evaluation/test_ablation_statistics.py), the run names per seed in
-tests/training/test_tune_driver.py."""
+Four trials, two at a time: at the kill one or both of the first pair have finished and the
+second pair has not (it starts only when a trial of the first pair ends), so the resume always
+has finished and unfinished trials (each trial costs ~40 s of Ray start-up on 2 cores, whatever
+its budget). How the seeds of an arm are pooled (per-patient means over seeds, the seed spread)
+is tested on constructed results (tests/evaluation/test_ablation_statistics.py), the run names
+per seed in tests/training/test_tune_driver.py."""
 
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 CASES = 16
-ARMS, SEEDS = ["pretrained", "none"], [0]
+ARMS, SEEDS = ["pretrained", "none"], [0, 1]
 ENV = "smoke"
 DATA = "data/smoke"
 
@@ -137,8 +139,8 @@ def smoke(project_copy, shared_data, llm_cache_dir, tmp_path_factory):
         time.sleep(0.5)
     timings["killed_run"] = time.monotonic() - started
     first = _results(root)
-    assert len(first) == 1, first
-    first_bytes = first[0].read_bytes()
+    assert 1 <= len(first) < len(ARMS) * len(SEEDS), first
+    first_bytes = {path: path.read_bytes() for path in first}
     time.sleep(2)
 
     # 2. run it again: the Tuner is restored, the finished trial is kept, the others run
@@ -151,7 +153,7 @@ def smoke(project_copy, shared_data, llm_cache_dir, tmp_path_factory):
     started = time.monotonic()
     finished_log = _run(root, "ablation", logs / "again.log")
     timings["finished_run"] = time.monotonic() - started
-    return {"root": root, "first": first[0], "first_bytes": first_bytes, "resumed_log": resumed_log,
+    return {"root": root, "first": first, "first_bytes": first_bytes, "resumed_log": resumed_log,
             "finished_log": finished_log, "resumed_results": resumed_results, "timings": timings}  # fmt: skip
 
 
@@ -168,21 +170,21 @@ def test_an_interrupted_ablation_resumes_only_its_unfinished_trials(smoke):
     root = smoke["root"]
     assert "restoring the Tune experiment" in smoke["resumed_log"]
     assert len(list((root / DATA / "06_models" / "ablation").glob("*/tune-*"))) == 1  # restored, not a new one
-    assert smoke["first"].read_bytes() == smoke["first_bytes"]  # the finished trial was not redone
+    assert all(path.read_bytes() == data for path, data in smoke["first_bytes"].items())  # finished trials not redone
     assert len(_results(root)) == len(ARMS) * len(SEEDS)
     parents = _ablation_parents(root)
     assert len(parents) == 3, [p.info.run_id for p in parents]  # killed, resumed, finished
     killed, resumed, finished = parents
     trained = lambda runs: sorted((r.data.tags["arm"], r.data.tags["seed"]) for r in runs if "resumed_from_run" not in r.data.tags)  # noqa: E731
     adopted = lambda runs: sorted((r.data.tags["arm"], r.data.tags["seed"]) for r in runs if "resumed_from_run" in r.data.tags)  # noqa: E731
-    stored = json.loads(smoke["first"].read_text())
-    first_trial = (stored["arm"], str(stored["seed"]))
-    # the killed run trained the first trial (and had started the second when it died)
-    assert first_trial in trained(_children(root, killed.info.run_id))
-    # the resumed run trained exactly the unfinished trials and adopted the finished one
+    stored = [json.loads(path.read_text()) for path in smoke["first"]]
+    first_trials = sorted((d["arm"], str(d["seed"])) for d in stored)
+    # the killed run trained the finished trials (and had started others when it died)
+    assert set(first_trials) <= set(trained(_children(root, killed.info.run_id)))
+    # the resumed run trained exactly the unfinished trials and adopted the finished ones
     resumed_children = _children(root, resumed.info.run_id)
-    assert len(trained(resumed_children)) == len(ARMS) * len(SEEDS) - 1
-    assert first_trial not in trained(resumed_children) and adopted(resumed_children) == [first_trial]
+    assert len(trained(resumed_children)) == len(ARMS) * len(SEEDS) - len(first_trials)
+    assert not set(first_trials) & set(trained(resumed_children)) and adopted(resumed_children) == first_trials
     # a finished ablation run again trains nothing, and starts no Ray to find that out
     finished_children = _children(root, finished.info.run_id)
     assert trained(finished_children) == [] and len(adopted(finished_children)) == len(ARMS) * len(SEEDS)
@@ -253,3 +255,17 @@ def test_the_report_summary_and_plots_are_written_and_logged_to_the_parent_run(s
                    cwd=root, check=True, capture_output=True)  # fmt: skip
     assert "old" not in readme.read_text() and "`none`" in readme.read_text()
 
+
+
+def test_a_local_ray_runs_trials_side_by_side_with_the_cores_shared_out(smoke):
+    cores = os.cpu_count() or 1
+    at_once = min(2, cores)  # ablation.local_concurrent_trials: 2 (default), 1 worker a trial
+    assert f"seeds = {len(ARMS) * len(SEEDS)} trials, {at_once} at a time, 1 worker(s) x {cores // at_once} CPU each" in smoke["resumed_log"]
+    if at_once < 2:
+        pytest.fail(f"this machine has {cores} core(s): trials side by side need 2")
+    # the trials the resumed run trained (2 or 3): the first two of them trained at the same time
+    stored = [json.loads(path.read_text()) for path in _results(smoke["root"])]
+    resumed = sorted((d["finished_unix"] - d["wall_s"], d["finished_unix"]) for d in stored
+                     if d["finished_unix"] > max(json.loads(b)["finished_unix"] for b in smoke["first_bytes"].values()))  # fmt: skip
+    assert len(resumed) >= 2, resumed
+    assert resumed[1][0] < resumed[0][1], f"the resumed trials ran one after the other: {resumed}"

@@ -145,3 +145,9 @@ def test_the_tune_experiment_on_s3_uses_the_bounded_filesystem_and_is_found_agai
     assert tune.Tuner.can_restore(path, storage_filesystem=filesystem)
     local = str(tmp_path / "exp")
     assert tune_storage(local, "tune-abc") == (local, None, f"{local}/tune-abc")
+
+
+def test_the_grid_starts_the_cnn_arms_first_and_keeps_the_others_in_order():
+    models = tune_driver.arm_models(MODEL, AblationConfig(), PLAN)
+    assert tune_driver.grid_order(models, list(models)) == ["cnn", "pretrained", "shuffled", "random", "bridge_only", "none"]
+    assert tune_driver.grid_order(models, ["none", "pretrained"]) == ["none", "pretrained"]

@@ -28,7 +28,7 @@ import copy
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -177,6 +177,15 @@ def local_trials(config: AblationConfig, fit_cfg: FitConfig, cpus: int) -> int:
     return max(1, min(config.local_concurrent_trials, cpus // per_trial))
 
 
+def grid_order(models: Mapping[str, Mapping[str, Any]], arms: Sequence[str]) -> list[str]:
+    """The order the grid starts the arms in, within each seed: CNN arms first, the others as
+    listed. With trials side by side the longest first keeps the grid from ending on one long
+    trial with the other cores idle: on 2 cores a CNN trial took 14-16 min, a ViT trial 5.6-8.0
+    (the default grid, 2026-12-02); list-scheduled in this order those trial times end the grid
+    3 min sooner (77 vs 80 min)."""
+    return sorted(arms, key=lambda arm: models[arm].get("preset") != "cnn")
+
+
 def _tuner(context: TrialContext, experiment: str, config: AblationConfig, *, concurrent: int) -> Any:
     """A new Tuner over the grid, or the one of an earlier run of the same grid (and the same
     number of trials at once, which Tune keeps in its state), restored."""
@@ -194,7 +203,8 @@ def _tuner(context: TrialContext, experiment: str, config: AblationConfig, *, co
     return tune.Tuner(
         trainable,
         # seeds outer, arms inner: an interrupted grid has whole seeds of every arm done first
-        param_space={"arm": tune.grid_search(list(config.arms)), "seed": tune.grid_search(list(config.seeds))},
+        param_space={"arm": tune.grid_search(grid_order(context.model_configs, config.arms)),
+                     "seed": tune.grid_search(list(config.seeds))},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
         run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem, verbose=1),
     )

@@ -256,7 +256,6 @@ def test_the_report_summary_and_plots_are_written_and_logged_to_the_parent_run(s
     assert "old" not in readme.read_text() and "`none`" in readme.read_text()
 
 
-
 def test_a_local_ray_runs_trials_side_by_side_with_the_cores_shared_out(smoke):
     cores = os.cpu_count() or 1
     at_once = min(2, cores)  # ablation.local_concurrent_trials: 2 (default), 1 worker a trial

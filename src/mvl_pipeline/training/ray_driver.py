@@ -62,6 +62,9 @@ def absolute(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
+LOCAL_RAY_ATTEMPTS = 3  # starts of a local Ray before its start-up timeout is raised
+
+
 def connect_ray(fit: FitConfig) -> bool:
     """Use the cluster in RAY_ADDRESS (``--env cluster``), else start a local Ray sized to the
     machine. Returns True if this call started Ray (and should stop it)."""
@@ -83,8 +86,19 @@ def connect_ray(fit: FitConfig) -> bool:
     os.environ.setdefault("RAY_worker_niceness", "0")
     # address="local": always a new Ray of our own. Without it ray.init() attaches to any Ray
     # already running on the machine (another run's, a notebook's), whose CPUs may be taken.
-    ray.init(address="local", num_cpus=resolve_workers(fit.ray_num_cpus), log_to_driver=True,
-             configure_logging=False)  # fmt: skip
+    # Ray gives its raylet a fixed 30 s to register (ray/_private/node.py); on a loaded machine
+    # that can pass (seen once in CI, just after another run's Ray was SIGKILLed): start again.
+    for attempt in range(1, LOCAL_RAY_ATTEMPTS + 1):
+        try:
+            ray.init(address="local", num_cpus=resolve_workers(fit.ray_num_cpus), log_to_driver=True,
+                     configure_logging=False)  # fmt: skip
+            return True
+        except Exception as error:
+            if "timed out during startup" not in str(error) or attempt == LOCAL_RAY_ATTEMPTS:
+                raise
+            logger.warning("the local Ray did not start in Ray's 30 s (%s): starting it again, attempt %d of %d",
+                           error, attempt + 1, LOCAL_RAY_ATTEMPTS)  # fmt: skip
+            ray.shutdown()
     return True
 
 

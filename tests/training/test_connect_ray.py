@@ -1,0 +1,65 @@
+"""connect_ray starts a local Ray again when Ray's fixed 30 s raylet registration runs out (seen
+once in CI on a loaded machine, right after another run's Ray was SIGKILLed), and raises anything
+else at once. The timeout itself cannot be produced on demand, so ray.init is replaced here by a
+stand-in that raises Ray's own message; the start of a real local Ray is exercised by every fit
+test."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import ray
+
+from mvl_pipeline.training import ray_driver
+from mvl_pipeline.training.config import FitConfig
+
+TIMEOUT = ("The current node timed out during startup. This could happen because some of the raylet failed "
+           "to startup or the GCS has become overloaded.")  # fmt: skip
+
+
+@pytest.fixture
+def fake_ray(monkeypatch):
+    calls = {"init": 0, "shutdown": 0}
+    outcomes: list[Exception | None] = []
+
+    def init(**kwargs):
+        calls["init"] += 1
+        assert kwargs["address"] == "local"
+        error = outcomes.pop(0)
+        if error is not None:
+            raise error
+
+    def shutdown():
+        calls["shutdown"] += 1
+
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # connect_ray's setdefaults stay in this test
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", shutdown)
+    return calls, outcomes
+
+
+def test_a_local_ray_that_timed_out_at_start_is_started_again(fake_ray, caplog):
+    calls, outcomes = fake_ray
+    outcomes += [Exception(TIMEOUT), None]
+    assert ray_driver.connect_ray(FitConfig()) is True
+    assert calls == {"init": 2, "shutdown": 1}
+    assert "starting it again, attempt 2 of 3" in caplog.text
+
+
+def test_the_start_up_timeout_is_raised_after_the_last_attempt(fake_ray):
+    calls, outcomes = fake_ray
+    outcomes += [Exception(TIMEOUT)] * ray_driver.LOCAL_RAY_ATTEMPTS
+    with pytest.raises(Exception, match="timed out during startup"):
+        ray_driver.connect_ray(FitConfig())
+    assert calls["init"] == ray_driver.LOCAL_RAY_ATTEMPTS
+
+
+def test_any_other_error_of_ray_init_is_raised_at_once(fake_ray):
+    calls, outcomes = fake_ray
+    outcomes += [ValueError("num_cpus must be positive")]
+    with pytest.raises(ValueError, match="num_cpus"):
+        ray_driver.connect_ray(FitConfig())
+    assert calls == {"init": 1, "shutdown": 0}

@@ -92,7 +92,7 @@ def connect_ray(fit: FitConfig) -> bool:
         try:
             ray.init(address="local", num_cpus=resolve_workers(fit.ray_num_cpus), log_to_driver=True,
                      configure_logging=False)  # fmt: skip
-            return True
+            break
         except Exception as error:
             if "timed out during startup" not in str(error) or attempt == LOCAL_RAY_ATTEMPTS:
                 raise

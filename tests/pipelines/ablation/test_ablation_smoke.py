@@ -264,7 +264,7 @@ def test_a_local_ray_runs_trials_side_by_side_with_the_cores_shared_out(smoke):
         pytest.fail(f"this machine has {cores} core(s): trials side by side need 2")
     # the trials the resumed run trained (2 or 3): the first two of them trained at the same time
     stored = [json.loads(path.read_text()) for path in _results(smoke["root"])]
-    resumed = sorted((d["finished_unix"] - d["wall_s"], d["finished_unix"]) for d in stored
-                     if d["finished_unix"] > max(json.loads(b)["finished_unix"] for b in smoke["first_bytes"].values()))  # fmt: skip
+    killed_run_ended = max(json.loads(data)["finished_unix"] for data in smoke["first_bytes"].values())
+    resumed = sorted((d["finished_unix"] - d["wall_s"], d["finished_unix"]) for d in stored if d["finished_unix"] > killed_run_ended)
     assert len(resumed) >= 2, resumed
     assert resumed[1][0] < resumed[0][1], f"the resumed trials ran one after the other: {resumed}"

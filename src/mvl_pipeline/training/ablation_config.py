@@ -29,7 +29,7 @@ class TrialBudget(ConfigBlock):
 
     WHERE = "ablation.trial"
 
-    epochs: int = 27
+    epochs: int = 28
     steps_per_epoch: int = 35
     val_every: int = 2
 

@@ -96,12 +96,20 @@ def _log(client: Any, run_id: str, metrics: Mapping[str, float], history: Sequen
         client.log_batch(run_id, metrics=batch[start : start + 900])
 
 
-def finish_child(parent: Mapping[str, str] | None, run_id: str | None, metrics: Mapping[str, float]) -> None:
-    """Log the trial's final figures and close its child run (FINISHED)."""
+def finish_child(
+    parent: Mapping[str, str] | None, run_id: str | None, metrics: Mapping[str, float],
+    history: Sequence[Mapping[str, Any]] = (),
+) -> None:
+    """Log the trial's final figures and close its child run (FINISHED). The epochs of
+    ``history`` this run was not streamed (trained by an interrupted invocation before this one
+    resumed from their checkpoint, possibly every epoch) are logged too, so each child holds the
+    trial's whole curve."""
     if not parent or not run_id:
         return
     client = _client(parent)
-    _log(client, run_id, metrics, [])
+    streamed = {m.step for m in client.get_metric_history(run_id, "fit.train_loss")}
+    missing = [entry for entry in history if int(entry.get("epoch", 0)) not in streamed]
+    _log(client, run_id, metrics, missing)
     client.set_terminated(run_id, status="FINISHED")
 
 

@@ -233,7 +233,7 @@ def run_trial(config: Mapping[str, Any], context: TrialContext) -> None:
         "finished_unix": time.time(),
     }
     write_result(directory, document)
-    ablation_tracking.finish_child(context.mlflow, child_id, metrics)
+    ablation_tracking.finish_child(context.mlflow, child_id, metrics, state["history"])
     logger.info("ablation trial %s seed %d: test Dice %.4f (pid %d)", arm, seed, metrics.get("test.dice", float("nan")), os.getpid())
     ray.tune.report({"arm": arm, "seed": seed, **metrics, "reused": 0})
 

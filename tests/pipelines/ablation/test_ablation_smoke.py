@@ -144,8 +144,9 @@ def smoke(project_copy, shared_data, llm_cache_dir, tmp_path_factory):
     first, settled = _results(root), time.monotonic()
     while time.monotonic() - settled < 5:
         time.sleep(0.5)
-        if _results(root) != first:
-            first, settled = _results(root), time.monotonic()
+        now = _results(root)
+        if now != first:
+            first, settled = now, time.monotonic()
     assert 1 <= len(first) < len(ARMS) * len(SEEDS), first
     first_bytes = {path: path.read_bytes() for path in first}
 

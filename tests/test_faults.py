@@ -625,7 +625,16 @@ class RayNode:
             )  # fmt: skip
 
     def kill(self) -> None:
-        """SIGKILL of the whole node: `ray start`, its raylet, object store, agents and workers."""
+        """SIGKILL of the whole node at once: every process below `ray start` (raylet, object
+        store, agents, the Ray Train worker) and its process group. Ray gives each worker a process
+        group of its own, so killing the group alone left the worker training until it noticed
+        its raylet was gone (a fast machine finished the fit in that time: nothing left to fail
+        over)."""
+        for pid in descendants(self.proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:

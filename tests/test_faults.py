@@ -444,8 +444,14 @@ class MotoServer:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGCONT)  # a frozen server dies too
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)
+
+    def freeze(self, frozen: bool = True) -> None:
+        """SIGSTOP (or SIGCONT) the server: it keeps its port, the kernel still accepts
+        connections, and nothing answers: a hung store, not a refused one."""
+        os.killpg(self.proc.pid, signal.SIGSTOP if frozen else signal.SIGCONT)
 
 
 def test_s3_outage_mid_ingest_fails_naming_the_endpoint_after_bounded_retries_and_the_rerun_completes(
@@ -494,6 +500,56 @@ def test_s3_outage_mid_ingest_fails_naming_the_endpoint_after_bounded_retries_an
         assert assert_store_consistent(root, INGESTED, "nifti", expected=final) == final
         assert stamps(root, INGESTED, listed) == kept
         assert json.loads((root / "data/02_intermediate/quarantine.json").read_text()) == []
+    finally:
+        server.stop()
+
+
+def test_a_frozen_s3_store_mid_ingest_fails_after_the_read_timeouts_and_the_rerun_completes(tmp_path_factory, prepared):
+    """The store hangs (SIGSTOP: connections accepted, no answer) instead of refusing: each
+    request fails after its read timeout, at most ``S3_RETRY`` times, then the run stops naming
+    the endpoint. The site's catalog shortens the timeouts (``fs_args.config_kwargs``, as a site
+    would set them) so that the bound is seconds here, not the default minutes."""
+    from mvl_pipeline.core.storage import S3_RETRY
+
+    drop = prepared / "data/01_raw/sample_drop"
+    server = MotoServer(free_port())
+    server.start(drop)
+    read_timeout = 2
+    try:
+        root = clone(tmp_path_factory, prepared, "faults-s3-frozen")
+        (root / "conf/local/globals.yml").write_text(f"drop_url: s3://{BUCKET}/drop\n", encoding="utf-8")
+        (root / "conf/local/catalog_drop.yml").write_text(yaml.safe_dump({"hospital_drop": {
+            "type": "mvl_pipeline.datasets.drop.DropFolderDataset", "filepath": "${globals:drop_url}",
+            "fs_args": {"config_kwargs": {"read_timeout": read_timeout, "connect_timeout": read_timeout}},
+        }}), encoding="utf-8")  # fmt: skip
+        env = clean_env(AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET, AWS_ENDPOINT_URL=server.endpoint,
+                        AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+        run = Run(root, "--pipelines", "ingest", env=env, name="ingest-s3-frozen")
+        run_until(run, (root / MANIFEST).exists, "the first batch was saved")
+        server.freeze()  # the hang, while the run is stopped mid-ingest
+        frozen = time.monotonic()
+        run.signal_group(signal.SIGCONT)
+        assert run.wait(timeout=300) != 0
+        failed_after = time.monotonic() - frozen
+        output = run.output()
+        attempts = S3_RETRY["total_max_attempts"]
+        found = re.search(rf"StorageUnavailableError: s3 storage at {re.escape(server.endpoint)} is unreachable "
+                          rf"\((\w+)\) after {attempts} attempts", output)  # fmt: skip
+        assert found and "Timeout" in found.group(1), output[-4000:]
+        # each attempt waits its read timeout, the backoff adds at most 1 + 2 + 4 s
+        assert failed_after < attempts * read_timeout + 7 + 30, f"failed {failed_after:.0f} s after the hang"
+        assert S3_SECRET not in output and S3_KEY not in output
+        saved = manifest_cases(root)
+        assert 0 < len(saved) < N_STUDIES
+        listed = {case for cases in saved.values() for case in cases}
+        assert_store_consistent(root, INGESTED, "nifti", expected=listed)
+        kept = stamps(root, INGESTED, listed)
+
+        server.freeze(False)  # the store answers again, with what it held
+        output = Run(root, "--pipelines", "ingest", env=env, name="ingest-s3-thawed").succeeded()
+        assert f"{N_STUDIES - len(saved)} new or changed to process, {len(saved)} unchanged" in output
+        assert len(manifest_cases(root)) == N_STUDIES
+        assert stamps(root, INGESTED, listed) == kept
     finally:
         server.stop()
 

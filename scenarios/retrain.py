@@ -35,6 +35,7 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import pickletools
 import re
@@ -458,8 +459,9 @@ def textual(path: Path, data: bytes) -> bytes:
         size, width = (int.from_bytes(data[8:10], "little"), 10) if data[6] == 1 else (int.from_bytes(data[8:12], "little"), 12)
         return data[: width + size]
     if len(data) >= 352 and data[344:347] in (b"n+1", b"ni1"):  # NIfTI-1: header and extensions
-        offset = int(struct.unpack("<f" if data[:4] == (348).to_bytes(4, "little") else ">f", data[108:112])[0])
-        return data[: max(352, offset)]
+        (offset,) = struct.unpack("<f" if data[:4] == (348).to_bytes(4, "little") else ">f", data[108:112])
+        if math.isfinite(offset) and 352 <= offset <= len(data):
+            return data[: int(offset)]
     return data
 
 

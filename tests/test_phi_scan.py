@@ -79,7 +79,10 @@ def test_a_compressed_zip_member_is_read_unpacked(tmp_path):
     assert scan([archive], {ID, "doe"}) == [f"{archive}: {ID}", f"{archive}: doe"]
 
 
-@pytest.mark.parametrize("payload", [b"PK\x03\x04 not really a zip " + ID.encode() + b" .", b"\x93NUMPY"])
+NOT_NIFTI = bytes(108) + b"\xff\xff\xff\x7f" + bytes(232) + b"n+1\x00" + bytes(4)  # NIfTI's magic, a NaN vox_offset
+
+
+@pytest.mark.parametrize("payload", [b"PK\x03\x04 not really a zip " + ID.encode() + b" .", b"\x93NUMPY", NOT_NIFTI])
 def test_a_file_that_only_looks_like_a_format_is_scanned_whole(tmp_path, payload):
     path = tmp_path / "odd.bin"
     path.write_bytes(payload + b" " + ID.encode() + b" ")

@@ -454,6 +454,27 @@ class MotoServer:
         os.killpg(self.proc.pid, signal.SIGSTOP if frozen else signal.SIGCONT)
 
 
+def s3_drop_project(tmp_path_factory, prepared: Path, name: str, server: MotoServer) -> tuple[Path, dict[str, str]]:
+    """A clone of the prepared project whose drop is ``s3://BUCKET/drop`` on ``server``, and a
+    user's environment that reaches it."""
+    root = clone(tmp_path_factory, prepared, name)
+    (root / "conf/local/globals.yml").write_text(f"drop_url: s3://{BUCKET}/drop\n", encoding="utf-8")
+    env = clean_env(AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET, AWS_ENDPOINT_URL=server.endpoint,
+                    AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+    return root, env
+
+
+def fails_mid_ingest(run: Run, root: Path, fault: Callable[[], None]) -> tuple[str, float]:
+    """Stop ``run`` right after it saved its first batch, apply ``fault``, let it go on; it must
+    fail. Its output, and the seconds from the fault to its end."""
+    run_until(run, (root / MANIFEST).exists, "the first batch was saved")
+    fault()  # while the run is stopped mid-ingest
+    started = time.monotonic()
+    run.signal_group(signal.SIGCONT)
+    assert run.wait(timeout=300) != 0
+    return run.output(), time.monotonic() - started
+
+
 def test_s3_outage_mid_ingest_fails_naming_the_endpoint_after_bounded_retries_and_the_rerun_completes(
     tmp_path_factory, prepared
 ):
@@ -461,18 +482,9 @@ def test_s3_outage_mid_ingest_fails_naming_the_endpoint_after_bounded_retries_an
     server = MotoServer(free_port())
     server.start(drop)
     try:
-        root = clone(tmp_path_factory, prepared, "faults-s3")
-        (root / "conf/local/globals.yml").write_text(f"drop_url: s3://{BUCKET}/drop\n", encoding="utf-8")
-        env = clean_env(AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET, AWS_ENDPOINT_URL=server.endpoint,
-                        AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+        root, env = s3_drop_project(tmp_path_factory, prepared, "faults-s3", server)
         run = Run(root, "--pipelines", "ingest", env=env, name="ingest-s3-outage")
-        run_until(run, (root / MANIFEST).exists, "the first batch was saved")
-        server.stop()  # the outage, while the run is stopped mid-ingest
-        outage = time.monotonic()
-        run.signal_group(signal.SIGCONT)
-        assert run.wait(timeout=300) != 0
-        failed_after = time.monotonic() - outage
-        output = run.output()
+        output, failed_after = fails_mid_ingest(run, root, server.stop)  # the outage
         from mvl_pipeline.core.storage import S3_RETRY
 
         attempts = S3_RETRY["total_max_attempts"]
@@ -516,22 +528,13 @@ def test_a_frozen_s3_store_mid_ingest_fails_after_the_read_timeouts_and_the_reru
     server.start(drop)
     read_timeout = 2
     try:
-        root = clone(tmp_path_factory, prepared, "faults-s3-frozen")
-        (root / "conf/local/globals.yml").write_text(f"drop_url: s3://{BUCKET}/drop\n", encoding="utf-8")
+        root, env = s3_drop_project(tmp_path_factory, prepared, "faults-s3-frozen", server)
         (root / "conf/local/catalog_drop.yml").write_text(yaml.safe_dump({"hospital_drop": {
             "type": "mvl_pipeline.datasets.drop.DropFolderDataset", "filepath": "${globals:drop_url}",
             "fs_args": {"config_kwargs": {"read_timeout": read_timeout, "connect_timeout": read_timeout}},
         }}), encoding="utf-8")  # fmt: skip
-        env = clean_env(AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET, AWS_ENDPOINT_URL=server.endpoint,
-                        AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
         run = Run(root, "--pipelines", "ingest", env=env, name="ingest-s3-frozen")
-        run_until(run, (root / MANIFEST).exists, "the first batch was saved")
-        server.freeze()  # the hang, while the run is stopped mid-ingest
-        frozen = time.monotonic()
-        run.signal_group(signal.SIGCONT)
-        assert run.wait(timeout=300) != 0
-        failed_after = time.monotonic() - frozen
-        output = run.output()
+        output, failed_after = fails_mid_ingest(run, root, server.freeze)  # the hang
         attempts = S3_RETRY["total_max_attempts"]
         found = re.search(rf"StorageUnavailableError: s3 storage at {re.escape(server.endpoint)} is unreachable "
                           rf"\((\w+)\) after {attempts} attempts", output)  # fmt: skip

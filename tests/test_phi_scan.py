@@ -6,6 +6,7 @@ failed on a planted 5-digit StudyID found among an ``optimizer.pt``'s float byte
 from __future__ import annotations
 
 import gzip
+import pickle
 import zipfile
 from pathlib import Path
 
@@ -96,8 +97,6 @@ def test_a_plain_text_file_still_finds_names_in_any_case(tmp_path):
 
 
 def test_a_pickle_file_is_scanned_as_bytes_and_as_its_strings(tmp_path):
-    import pickle
-
     path = tmp_path / "state.pkl"
     path.write_bytes(pickle.dumps({"trial": f"case_{ID}"}, protocol=2))
     assert scan([path], {ID}) == [f"{path}: {ID}"]

@@ -10,14 +10,6 @@ process, then makes the real call, which fails on the dead socket."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
-
 import pytest
 import torch
 from kedro.io import DataCatalog, DatasetError, MemoryDataset
@@ -32,44 +24,12 @@ from mvl_pipeline.datasets.model_registry import (
 )
 from mvl_pipeline.formats.model_bundle import weights_sha256
 from mvl_pipeline.pipelines.register import create_pipeline
-from tests.support.net import free_port
+from tests.support.mlflow_server import Server
 
 pytestmark = pytest.mark.slow
 
 NAME = "tiny-fault"
 WEIGHTS = ({"head.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3)}, {"model": {"num_classes": 2}})
-BIN = Path(sys.executable).parent
-
-
-class Server:
-    """``mlflow server`` on a sqlite backend and a local artifact store, as a real process."""
-
-    def __init__(self, root: Path) -> None:
-        self.root, self.port = root, free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--artifacts-destination", str(self.root / "artifacts")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-        raise AssertionError("mlflow server did not answer /health within 120 s")
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)  # the server and its workers
-            self.process.wait(timeout=30)
 
 
 @pytest.fixture

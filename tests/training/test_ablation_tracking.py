@@ -6,7 +6,7 @@ from __future__ import annotations
 from mlflow.tracking import MlflowClient
 
 from mvl_pipeline.training import ablation_tracking
-from mvl_pipeline.training.loop import _log_mlflow
+from mvl_pipeline.training.metric_stream import MetricStream
 
 
 def _parent(tmp_path) -> dict[str, str]:
@@ -27,8 +27,10 @@ def _steps(parent, run_id: str) -> list[int]:
 def test_a_resumed_trial_child_gets_the_epochs_trained_before_the_resume_once_each(tmp_path):
     parent = _parent(tmp_path)
     run_id = ablation_tracking.start_child(parent, {"arm": "none", "seed": 0}, str(tmp_path / "trial"))
+    stream = MetricStream({**parent, "run_id": run_id})
     for entry in _history(range(3, 5)):  # this invocation trained epochs 3-4, streamed as it went
-        _log_mlflow({**parent, "run_id": run_id}, entry, entry["epoch"])
+        stream.put(entry, entry["epoch"])
+    assert stream.close() == {"queued": 2, "logged": 2, "not_logged": 0}
     ablation_tracking.finish_child(parent, run_id, {"test.dice": 0.8}, _history(range(5)))
     assert _steps(parent, run_id) == [0, 1, 2, 3, 4]
     run = MlflowClient(tracking_uri=parent["tracking_uri"]).get_run(run_id)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from mvl_pipeline.evaluation.gate import per_case
+from mvl_pipeline.training.metric_stream import epoch_metrics, log_metrics, log_missing_epochs
 
 logger = logging.getLogger(__name__)
 
@@ -88,12 +89,7 @@ def _log(client: Any, run_id: str, metrics: Mapping[str, float], history: Sequen
 
     stamp = int(time.time() * 1000)
     batch = [Metric(k, float(v), stamp, 0) for k, v in metrics.items()]
-    for entry in history:
-        step = int(entry.get("epoch", 0))
-        batch += [Metric(f"fit.{k}", float(v), stamp, step) for k, v in entry.items()
-                  if k != "epoch" and isinstance(v, int | float) and np.isfinite(v)]  # fmt: skip
-    for start in range(0, len(batch), 900):  # MLflow takes at most 1000 metrics per batch
-        client.log_batch(run_id, metrics=batch[start : start + 900])
+    log_metrics(client, run_id, batch + [m for entry in history for m in epoch_metrics(entry, stamp)])
 
 
 def finish_child(
@@ -101,15 +97,14 @@ def finish_child(
     history: Sequence[Mapping[str, Any]] = (),
 ) -> None:
     """Log the trial's final figures and close its child run (FINISHED). The epochs of
-    ``history`` this run was not streamed (trained by an interrupted invocation before this one
-    resumed from their checkpoint, possibly every epoch) are logged too, so each child holds the
-    trial's whole curve."""
+    ``history`` the run does not hold yet (trained by an interrupted invocation before this one
+    resumed from their checkpoint, possibly every epoch, or not streamed while MLflow did not
+    answer) are logged too, so each child holds the trial's whole curve."""
     if not parent or not run_id:
         return
     client = _client(parent)
-    streamed = {m.step for m in client.get_metric_history(run_id, "fit.train_loss")}
-    missing = [entry for entry in history if int(entry.get("epoch", 0)) not in streamed]
-    _log(client, run_id, metrics, missing)
+    _log(client, run_id, metrics, [])
+    log_missing_epochs(client, run_id, history)
     client.set_terminated(run_id, status="FINISHED")
 
 

@@ -38,6 +38,7 @@ from mvl_pipeline.model import (
 from mvl_pipeline.training.augmentation import augment
 from mvl_pipeline.training.config import LoopConfig
 from mvl_pipeline.training.losses import make_loss, supervised_loss
+from mvl_pipeline.training.metric_stream import MetricStream
 from mvl_pipeline.training.sampling import TrainingVolume, sample_batch
 from mvl_pipeline.training.session import RaySession, Session
 
@@ -161,11 +162,15 @@ def flush_denormal(enabled: bool) -> Iterator[None]:
 def run_training(config: Mapping[str, Any], session: Session) -> dict[str, Any]:
     """Train as configured; returns the final trainer state (history included)."""
     loop = LoopConfig.from_params(config["loop"])
-    with flush_denormal(loop.flush_denormal and session.device().type == "cpu"):
-        return _run_training(config, session, loop)
+    stream = MetricStream(config.get("mlflow") if session.world_rank == 0 else None)
+    try:
+        with flush_denormal(loop.flush_denormal and session.device().type == "cpu"):
+            return _run_training(config, session, loop, stream)
+    finally:
+        stream.close()
 
 
-def _run_training(config: Mapping[str, Any], session: Session, loop: LoopConfig) -> dict[str, Any]:
+def _run_training(config: Mapping[str, Any], session: Session, loop: LoopConfig, stream: MetricStream) -> dict[str, Any]:
     model_cfg = MedVisionLlamaConfig.from_params(config["model"])
     plan = config["plan"]
     roi = [int(v) for v in plan["patch_size"]]
@@ -275,7 +280,7 @@ def _run_training(config: Mapping[str, Any], session: Session, loop: LoopConfig)
                 epoch + 1, loop.epochs, metrics["train_loss"],
                 f"{metrics['val_dice']:.3f}" if validated else "-", metrics["samples_per_s"], remaining,
             )  # fmt: skip
-            _log_mlflow(config.get("mlflow"), metrics, epoch)
+            stream.put(metrics, epoch)  # to MLflow in the background: never waits for the server
         # Checkpoints only after a validation: each carries the Dice it is ranked by, and a
         # resumed run restarts after the last validated epoch.
         if rank == 0 and validated:
@@ -285,25 +290,6 @@ def _run_training(config: Mapping[str, Any], session: Session, loop: LoopConfig)
         else:
             session.report(metrics, None)
     return state
-
-
-def _log_mlflow(spec: Mapping[str, str] | None, metrics: Mapping[str, Any], epoch: int) -> None:
-    """Stream epoch metrics to the MLflow run the driver opened (rank 0 only)."""
-    if not spec or not spec.get("run_id"):
-        return
-    try:
-        from mlflow.entities import Metric
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=spec["tracking_uri"])
-        stamp = int(time.time() * 1000)
-
-        client.log_batch(
-            spec["run_id"],
-            metrics=[Metric(f"fit.{k}", float(v), stamp, epoch) for k, v in metrics.items() if k != "epoch"],
-        )
-    except Exception as exc:  # tracking must never stop training
-        logger.warning("could not stream metrics to MLflow: %s", exc)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

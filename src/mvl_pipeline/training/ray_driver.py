@@ -23,6 +23,7 @@ from mvl_pipeline.core.parallel import resolve_workers
 from mvl_pipeline.core.storage import train_storage, train_storage_outage
 from mvl_pipeline.formats.model_bundle import read_weights
 from mvl_pipeline.model import MedVisionLlamaConfig, build_model
+from mvl_pipeline.training import metric_stream
 from mvl_pipeline.training.config import FitConfig
 from mvl_pipeline.training.loop import MODEL_DIR, STATE_FILE, train_loop_per_worker
 
@@ -138,6 +139,20 @@ def mlflow_target() -> dict[str, str] | None:
     return {"run_id": run.info.run_id, "tracking_uri": uri}
 
 
+def _log_missing_epochs(target: Mapping[str, str] | None, history: Sequence[Mapping[str, Any]]) -> None:
+    """Give the driver's MLflow run the epochs the workers' stream did not log (MLflow did not
+    answer while they trained, or an interrupted invocation trained them)."""
+    if not target:
+        return
+    try:
+        added = metric_stream.log_missing_epochs(metric_stream.mlflow_client(target["tracking_uri"]), target["run_id"], history)
+    except Exception as exc:  # noqa: BLE001 - the model is trained: tracking must not lose it
+        logger.warning("could not log the training curve to MLflow (%s)", type(exc).__name__)
+        return
+    if added:
+        logger.info("fit: %d epoch(s) the stream had not logged were logged to MLflow from the history", added)
+
+
 def read_best(result: Any) -> tuple[Any, dict[str, Any]]:
     """The checkpoint with the best validation Dice, and its metrics."""
     candidates = [(ckpt, metrics) for ckpt, metrics in (result.best_checkpoints or []) if metrics]
@@ -244,6 +259,7 @@ def fit(
     finally:
         if started_ray:
             ray.shutdown()
+    _log_missing_epochs(config["mlflow"], state.get("history", []))
     state.update(
         run_name=name,
         best_epoch=int(best_metrics.get("epoch", -1)),

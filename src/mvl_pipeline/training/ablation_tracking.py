@@ -22,18 +22,17 @@ from typing import Any
 import numpy as np
 
 from mvl_pipeline.evaluation.gate import per_case
-from mvl_pipeline.training.metric_stream import epoch_metrics, log_metrics, log_missing_epochs
+from mvl_pipeline.training.metric_stream import (
+    epoch_metrics,
+    log_metrics,
+    log_missing_epochs,
+    mlflow_client,
+)
 
 logger = logging.getLogger(__name__)
 
 CHILD_MARKER = "mlflow_child.json"
 RESUMED_TAG = "resumed_from_run"
-
-
-def _client(target: Mapping[str, str]) -> Any:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=target["tracking_uri"])
 
 
 def trial_metrics(rows: Sequence[Mapping[str, Any]], class_names: Mapping[int, str]) -> dict[str, float]:
@@ -70,7 +69,7 @@ def start_child(parent: Mapping[str, str] | None, tags: Mapping[str, Any], marke
     """Open the trial's child run under ``parent``; its id (None without a parent run)."""
     if not parent:
         return None
-    client = _client(parent)
+    client = mlflow_client(parent["tracking_uri"])
     marker = Path(marker_dir) / CHILD_MARKER if marker_dir and "://" not in marker_dir else None
     if marker is not None and marker.is_file():
         _close_stale_child(client, marker)
@@ -102,7 +101,7 @@ def finish_child(
     answer) are logged too, so each child holds the trial's whole curve."""
     if not parent or not run_id:
         return
-    client = _client(parent)
+    client = mlflow_client(parent["tracking_uri"])
     _log(client, run_id, metrics, [])
     log_missing_epochs(client, run_id, history)
     client.set_terminated(run_id, status="FINISHED")
@@ -113,7 +112,7 @@ def adopt_earlier_trials(parent: Mapping[str, str] | None, trials: Sequence[Mapp
     metrics and epoch history), tagged ``resumed_from_run``; returns how many were added."""
     if not parent:
         return 0
-    client = _client(parent)
+    client = mlflow_client(parent["tracking_uri"])
     experiment = client.get_run(parent["run_id"]).info.experiment_id
     added = 0
     for trial in trials:

@@ -34,6 +34,25 @@ def _channels_last(grad: torch.Tensor) -> torch.Tensor:
     return grad.contiguous(memory_format=torch.channels_last_3d)
 
 
+def _bf16_conv_unsafe(x: torch.Tensor, conv: nn.Module) -> bool:
+    """True where oneDNN's bf16 Conv3d backward is known to return a NaN weight gradient.
+
+    torch 2.13 (CPU, oneDNN) gives a NaN weight gradient from finite inputs, at random (it reads
+    memory it did not write), for a 3x3x3 convolution whose input is 2 voxels deep, at any width
+    and height tried (2x4x4 to 2x32x32, 16-64 channels; not 1, 3 or more deep, not fp32, not
+    with oneDNN off). Such grids arise on small crops or thin planned axes (a token grid of 2).
+    Where it applies the block convolves in fp32 instead: tiny maps, so the cost is nil.
+    """
+    return (
+        x.device.type == "cpu"
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        and isinstance(conv, nn.Conv3d)
+        and max(conv.kernel_size) > 1
+        and 2 in x.shape[2:]  # measured on the first spatial axis; the others are kept safe too
+    )
+
+
 def default_conv_norm(channels: int) -> nn.Module:
     return nn.InstanceNorm3d(channels, affine=True)
 
@@ -67,7 +86,12 @@ class ConvNormAct(nn.Module):
         self.act = act_layer()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x.contiguous(memory_format=torch.channels_last_3d))  # (B, C_out, X, Y, Z)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        if _bf16_conv_unsafe(x, self.conv):
+            with torch.autocast("cpu", enabled=False):
+                x = self.conv(x.float()).to(torch.bfloat16)  # (B, C_out, X, Y, Z)
+        else:
+            x = self.conv(x)
         x = self.norm(x.contiguous()).contiguous(memory_format=torch.channels_last_3d)
         x = self.act(x)
         if x.requires_grad:  # the activation's backward is ~20x slower when its gradient arrives

@@ -43,6 +43,7 @@ def test_a_null_result_is_no_detectable_difference_with_the_detectable_differenc
     for title in ("## Primary endpoint: Dice", "## Secondary endpoint: HD95 (mm) (lower is better)", "## Secondary endpoint: NSD"):
         assert title in report
     assert "scored better" not in report and "scored worse" not in report
+    assert "No trial skipped a step for a non-finite gradient" in report
 
 
 def test_a_real_difference_is_named_with_its_direction_and_figures():
@@ -61,6 +62,7 @@ def test_the_summary_follows_the_design_and_feeds_mlflow_and_the_figures():
     assert list(summary["arms"]) == ["pretrained", "shuffled", "none"]
     assert list(summary["training"]) == ["pretrained", "shuffled", "none"]
     assert summary["training"]["none"]["0"]["plateau"]["validations"] == 6
+    assert summary["training"]["none"]["1"]["skipped_steps"] == 0
     assert summary["design"]["n_test_patients"] == 30 and summary["design"]["statistics"]["test"] == "wilcoxon"
     metrics = ablation_metrics(summary)
     assert metrics["none.dice.mean_difference"]["value"] == pytest.approx(summary["comparisons"]["dice"]["none"]["mean_difference"])
@@ -71,6 +73,20 @@ def test_the_summary_follows_the_design_and_feeds_mlflow_and_the_figures():
     curves = learning_curves(histories(["pretrained", "shuffled", "none"], [0, 1, 2]))
     assert [ax.get_title() for ax in curves.axes[:3]] == ["pretrained", "shuffled", "none"]
     assert len(curves.axes[0].get_lines()) == 3  # one curve per seed
+
+
+def test_the_report_names_every_trial_that_skipped_steps_for_a_non_finite_gradient():
+    arms = ["pretrained", "none"]
+    trials = histories(arms, [0, 1, 2])
+    trials["arms"]["none"]["1"]["history"][2]["skipped_steps"] = 2
+    trials["arms"]["none"]["1"]["history"][4]["skipped_steps"] = 1
+    params = PARAMS | {"arms": arms, "seeds": [0, 1, 2], "reference": "pretrained"}
+    summary = summarise_ablation(results({"pretrained": 0.0, "none": 0.0}), trials, params)
+    assert summary["training"]["none"]["1"]["skipped_steps"] == 3 and summary["training"]["none"]["0"]["skipped_steps"] == 0
+    report = render_report(summary)
+    assert "Steps skipped for a non-finite gradient" in report and "took fewer optimiser steps" in report
+    assert report.count("seed 1: 3") == 1 and "`none` seed 1: 3." in report
+    assert "No trial skipped a step" not in report
 
 
 def test_the_summary_node_refuses_results_of_another_design():

@@ -98,6 +98,7 @@ def test_history_has_one_entry_per_epoch_with_loss_and_validation_dice(tmp_path)
     assert state["epoch"] == 2 and state["global_step"] == 3 * 2
     for entry in history:
         assert np.isfinite(entry["train_loss"])
+        assert entry["skipped_steps"] == 0
         assert 0.0 <= entry["val_dice"] <= 1.0
         assert entry["val_dice"] == entry["val_dice_1"]  # one class: the mean is that class
     assert state["best_val_dice"] == max(h["val_dice"] for h in history)
@@ -167,6 +168,34 @@ def test_same_seed_gives_identical_losses_and_another_seed_does_not(tmp_path):
     assert losses == [h["train_loss"] for h in second["history"]]
     assert first["history"][-1]["val_dice"] == second["history"][-1]["val_dice"]
     assert losses != [h["train_loss"] for h in other["history"]]
+
+
+def overflowing(case_id: str) -> Case:
+    """Finite voxels so large (1e30) that the fp32 forward overflows: the loss and gradients of
+    every step that samples this case are NaN, as a numerically failing step is."""
+    case = CASES[case_id]
+    return Case(case_id, case.patient_id, Volume(case.image.array * 1e30, case.image.affine), case.label)
+
+
+def test_a_step_with_a_non_finite_gradient_is_skipped_and_the_weights_stay_finite(tmp_path):
+    config = training_config(tmp_path, epochs=3, steps_per_epoch=4, val_every=3)
+    config["loaders"] = {**config["loaders"], "case-1": lambda: overflowing("case-1")}
+    session = RecordingSession(tmp_path)
+    state = run_training(config, session)
+    skipped = [h["skipped_steps"] for h in state["history"]]
+    assert 0 < sum(skipped) < 3 * 4, skipped  # batches without case-1 still train
+    assert state["skipped_steps"] == sum(skipped) and state["global_step"] == 3 * 4  # the schedule kept its pace
+    assert all(np.isfinite(h["train_loss"]) for h in state["history"])  # the mean of the steps taken
+    weights, _ = read_weights(session.reports[-1][1] / "model")
+    assert all(torch.isfinite(w).all() for w in weights.values())  # without the guard: NaN everywhere
+    assert 0.0 <= state["history"][-1]["val_dice"] <= 1.0
+
+
+def test_an_epoch_in_which_every_step_is_non_finite_stops_the_run_with_a_clear_error(tmp_path):
+    config = training_config(tmp_path)
+    config["loaders"] = {case_id: (lambda case_id=case_id: overflowing(case_id)) for case_id in CASES}
+    with pytest.raises(FloatingPointError, match="epoch 1: every one of its 2 steps had a non-finite gradient"):
+        run_training(config, RecordingSession(tmp_path))
 
 
 def test_a_training_case_without_label_is_refused(tmp_path):

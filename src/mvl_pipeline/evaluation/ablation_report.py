@@ -160,6 +160,11 @@ def render_report(summary: Mapping[str, Any]) -> str:
     for arm, seeds in summary["training"].items():
         cells = [f"{_num(seeds[str(s)]['best_val_dice'], 'dice')} ({_plateau(seeds[str(s)]['plateau'])})" for s in design["seeds"]]
         out.append(f"| `{arm}` | " + " | ".join(cells) + " |")
+    skipped = [f"`{arm}` seed {s}: {n}" for arm, seeds in summary["training"].items() for s, entry in seeds.items()
+               if (n := int(entry.get("skipped_steps", 0)))]  # fmt: skip
+    out += ["", "Steps skipped for a non-finite gradient (the loop skips such a step rather than let NaN into the "
+            "weights, so these trials took fewer optimiser steps than the others): " + ", ".join(skipped) + "."
+            if skipped else "No trial skipped a step for a non-finite gradient: every trial took every optimiser step."]
     out += ["", "Figures: `forest.png` (difference and interval per arm), `learning_curves.png` (per arm and seed).", ""]
     return "\n".join(out)
 

@@ -63,6 +63,22 @@ def _lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float) -> Callabl
     return schedule
 
 
+def _gradients_finite(model: nn.Module, grad_clip: float) -> bool:
+    """Clip the trainable gradients to ``grad_clip`` (0: no clipping); False when their norm is not
+    finite. The step is then skipped, as AMP's GradScaler does: one inf/NaN gradient would
+    otherwise turn every weight into NaN through the clip and AdamW. Under DDP every rank holds
+    the same all-reduced gradients, so every rank decides the same."""
+    params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+    if not params:
+        return True
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if not torch.isfinite(norm):
+        return False
+    if grad_clip > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
+    return True
+
+
 def _load_volumes(loaders: Mapping[str, Callable[[], Any]], ids: Sequence[str], seed: int) -> list[TrainingVolume]:
     volumes = []
     for index, case_id in enumerate(ids):
@@ -224,7 +240,7 @@ def _run_training(config: Mapping[str, Any], session: Session, loop: LoopConfig,
         started = time.perf_counter()
         rng = np.random.default_rng([loop.seed, rank, epoch])
         model.train()
-        losses = []
+        losses, skipped = [], 0
         for _ in range(loop.steps_per_epoch):
             x, y = sample_batch(
                 volumes, roi, loop.batch_size, rng,
@@ -238,14 +254,24 @@ def _run_training(config: Mapping[str, Any], session: Session, loop: LoopConfig,
             loss = supervised_loss(loss_fn, logits, coarse, y, model_cfg.num_classes)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if loop.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(
-                    [p for p in model.parameters() if p.requires_grad], loop.grad_clip
-                )
-            optimizer.step()
-            scheduler.step()
-            losses.append(float(loss.detach()))
+            if _gradients_finite(model, loop.grad_clip):
+                optimizer.step()
+                losses.append(float(loss.detach()))
+            else:
+                skipped += 1
+            scheduler.step()  # a skipped step keeps its place in the schedule (same for every arm)
             state["global_step"] = int(state["global_step"]) + 1
+        if skipped:
+            state["skipped_steps"] = int(state.get("skipped_steps", 0)) + skipped
+            logger.warning(
+                "worker %d, epoch %d: %d of %d steps skipped (non-finite gradient)",
+                rank, epoch + 1, skipped, loop.steps_per_epoch,
+            )  # fmt: skip
+        if not losses:
+            raise FloatingPointError(
+                f"epoch {epoch + 1}: every one of its {loop.steps_per_epoch} steps had a non-finite gradient, "
+                "so the model did not train (look for inf/NaN in the input patches, or try precision fp32)"
+            )
         train_time = time.perf_counter() - started
         loss_sum = session.all_reduce_sum(np.array([sum(losses), len(losses)], dtype=np.float64))
         metrics: dict[str, Any] = {
@@ -253,6 +279,7 @@ def _run_training(config: Mapping[str, Any], session: Session, loop: LoopConfig,
             "train_loss": float(loss_sum[0] / max(1.0, loss_sum[1])),
             "lr": float(scheduler.get_last_lr()[0]),
             "samples_per_s": float(loop.steps_per_epoch * loop.batch_size * world / max(train_time, 1e-9)),
+            "skipped_steps": skipped,
         }
         is_last = epoch == loop.epochs - 1
         validated = (epoch + 1) % loop.val_every == 0 or is_last

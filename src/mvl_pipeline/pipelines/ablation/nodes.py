@@ -85,7 +85,10 @@ def summarise_ablation(
     trials = ablation_histories["arms"]
     training = {
         arm: {str(seed): {"best_val_dice": trials[arm][str(seed)]["best_val_dice"],
-                          "plateau": ablation.plateau(trials[arm][str(seed)]["history"])} for seed in config.seeds}
+                          "plateau": ablation.plateau(trials[arm][str(seed)]["history"]),
+                          # steps the loop skipped for a non-finite gradient (then arms differ in steps)
+                          "skipped_steps": sum(int(h.get("skipped_steps", 0)) for h in trials[arm][str(seed)]["history"])}
+              for seed in config.seeds}
         for arm in config.arms
     }  # fmt: skip
     summary = ablation.json_safe({"design": design, **stats, "training": training})

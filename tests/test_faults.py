@@ -22,6 +22,7 @@ ingested and preprocessed data) to stay within minutes on 2 cores.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -868,9 +869,26 @@ def test_sigkill_of_the_kedro_driver_mid_fit_then_the_same_command_resumes_from_
     command = ("--pipelines", "fit")  # with its own local Ray, as on a laptop
     run = Run(root, *command, name="fit-driver-killed")
     wait_for(lambda: latest_checkpoint(root) is not None, run, "the first checkpoint")
-    training = [p for p in descendants(run.pid) if re.match(r"ray::(RayTrainWorker|TrainController)", cmdline(p))]
+    below = descendants(run.pid)
+    training = [p for p in below if re.match(r"ray::(RayTrainWorker|TrainController)", cmdline(p))]
     assert training, "no Ray Train process found under the driver"
+    ray_core = [p for p in below if re.search(r"\b(raylet|gcs_server)\b", cmdline(p).split(" ", 1)[0])]
+    assert ray_core, "no raylet or GCS process found under the driver"
+    # Ray's fate sharing takes a few seconds to reach the worker, and a 0.5 s epoch can finish the
+    # whole fit in them (seen in CI: nothing left to resume). So the training processes are held
+    # (SIGSTOP) while the driver dies and Ray's own processes go with it; then let go, they must
+    # find their Ray gone and exit before training another step.
+    for pid in training:
+        os.kill(pid, signal.SIGSTOP)
     run.kill(group=False)  # the driver alone, as the OOM killer or a closed laptop would
+    deadline = time.monotonic() + 60
+    while [p for p in ray_core if process_alive(p)] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in ray_core if process_alive(p)], "Ray's raylet/GCS outlived the driver that started them"
+    epoch_held = latest_checkpoint(root)
+    for pid in training:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
     # the training processes die with the driver that started them (Ray's fate sharing), within
     # seconds: none trains on and writes into the run's folder behind the rerun's back
     deadline = time.monotonic() + 60
@@ -878,8 +896,8 @@ def test_sigkill_of_the_kedro_driver_mid_fit_then_the_same_command_resumes_from_
         time.sleep(0.5)
     assert not [p for p in training if process_alive(p)], "Ray Train processes outlived their driver"
     run.signal_group(signal.SIGKILL)  # clean-up: Ray's idle agents linger in the group for a while
-    # the last checkpoint Ray registered (one may have completed in those seconds)
-    epoch = latest_checkpoint(root)
+    epoch = latest_checkpoint(root)  # the last checkpoint Ray registered
+    assert epoch == epoch_held, f"a checkpoint (epoch {epoch}) was registered after Ray was gone"
     assert epoch is not None and epoch < EPOCHS - 1, f"nothing left to resume after epoch {epoch}"
     assert not (root / "data/08_reporting/fit_history.json").exists()
     assert not list((root / "data/06_models").glob("medvisionllama/*/*/_COMPLETE"))

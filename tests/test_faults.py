@@ -986,3 +986,59 @@ def test_s3_outage_during_checkpointing_fails_naming_the_endpoint_and_the_rerun_
         assert history["global_step"] == reference["global_step"]
     finally:
         server.stop()
+
+
+def test_a_frozen_s3_store_during_checkpointing_fails_after_the_storage_timeouts_and_the_rerun_resumes(
+    tmp_path_factory, prepared, reference
+):
+    """The checkpoint store hangs (moto_server SIGSTOPped: connections accepted, never answered)
+    instead of refusing. Every request of Ray Train's client then fails after
+    ``fit.storage_timeouts`` (2 s here, as a site would shorten them; 60 s by default), at most 4
+    attempts, and the run stops naming the endpoint and the timeout. When the store answers again
+    it also serves the requests the failed run left queued in it; the rerun resumes from the
+    checkpoint the store then has registered, with the losses of an undisturbed run."""
+    server = MotoServer(free_port())
+    server.start()
+    read_timeout = 2
+    try:
+        root = clone(tmp_path_factory, prepared, "faults-s3-frozen-checkpoints", data=ALL_DATA)
+        params = yaml.safe_load((root / "conf/local/parameters.yml").read_text(encoding="utf-8"))
+        params["fit"]["storage_path"] = f"s3://{BUCKET}/ray-results"
+        params["fit"]["storage_timeouts"] = {"connect_timeout": read_timeout, "read_timeout": read_timeout}
+        (root / "conf/local/parameters.yml").write_text(yaml.safe_dump(params), encoding="utf-8")
+        env = clean_env(AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET, AWS_ENDPOINT_URL=server.endpoint,
+                        AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+        command = ("--pipelines", "fit")
+        run = Run(root, *command, env=env, name="fit-s3-frozen")
+        wait_for(lambda: s3_latest_checkpoint(server, "ray-results/"), run, "the first checkpoint on S3")
+        freeze(run)  # nothing moves while the store starts to hang
+        held = settled_objects(server, "ray-results/")
+        epoch = next(snapshot_epoch(body) for key, body in held.items() if key.endswith("/checkpoint_manager_snapshot.json"))
+        assert epoch < EPOCHS - 1, f"nothing left to checkpoint after epoch {epoch}"
+        server.freeze()
+        hang = time.monotonic()
+        run.signal_group(signal.SIGCONT)
+        assert run.wait(timeout=600) != 0
+        failed_after = time.monotonic() - hang
+        output = run.output()
+        expected = f"StorageUnavailableError: s3 storage at {server.endpoint} is unreachable (Timeout: no answer within fit.storage_timeouts)"
+        assert expected in output, output[-5000:]
+        assert S3_SECRET not in output and S3_KEY not in output
+        # bounded by the timeouts: 4 attempts x 2 s + backoff per request, per worker-group start
+        # (fit.max_failures + 1 = 2) and the controller's own writes; minutes at the 60 s default
+        assert failed_after < 240, f"failed {failed_after:.0f} s after the store hung"
+        assert not (root / "data/08_reporting/fit_history.json").exists()
+        assert not list((root / "data/06_models").glob("medvisionllama/*/*/_COMPLETE"))
+
+        server.freeze(False)  # the store answers again, late requests of the failed run included
+        settled = settled_objects(server, "ray-results/")
+        registered = next(snapshot_epoch(body) for key, body in settled.items()
+                          if key.endswith("/checkpoint_manager_snapshot.json"))  # fmt: skip
+        assert epoch <= registered < EPOCHS - 1
+        output = Run(root, *command, env=env, name="fit-s3-frozen-rerun").succeeded()
+        history = fit_history(root)
+        assert history["resumed_after_epochs"] == [registered], output[-3000:]
+        assert curve(history) == curve(reference)
+        assert history["global_step"] == reference["global_step"]
+    finally:
+        server.stop()

@@ -124,6 +124,35 @@ def test_checkpoints_on_s3_get_a_bounded_pyarrow_filesystem_at_the_configured_en
     assert storage.train_storage("/data/06_models/ray_results") == ("/data/06_models/ray_results", None)
 
 
+def test_a_checkpoint_store_that_hangs_fails_each_request_after_fit_storage_timeouts(monkeypatch):
+    """A server that accepts connections and never answers (the kernel's backlog of a socket no
+    one reads): each of the 4 attempts waits ``read_timeout`` (from ``fit.storage_timeouts``),
+    then the request fails with the error ``train_storage_outage`` names as an outage."""
+    from mvl_pipeline.training.config import FitConfig
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        timeouts = FitConfig.from_params({"storage_timeouts": {"connect_timeout": 1, "read_timeout": 1}}).storage_timeouts
+        _, fs = storage.train_storage("s3://bucket/ray-results", timeouts.to_dict())
+        started = time.monotonic()
+        with pytest.raises(OSError, match="curlCode: 28, Timeout was reached") as failure:
+            fs.get_file_info("bucket/ray-results/x")
+        waited = time.monotonic() - started
+        assert 4 * 1.0 <= waited < 4 * 1.0 + 7 + 10  # 4 attempts of 1 s, backoff at most 1 + 2 + 4 s
+        named = storage.train_storage_outage("s3://bucket/ray-results", RuntimeError(str(failure.value)))
+        assert named is not None and "is unreachable (Timeout: no answer within fit.storage_timeouts)" in str(named)
+    finally:
+        server.close()
+    defaults = FitConfig.from_params({}).storage_timeouts.to_dict()
+    assert defaults == {"connect_timeout": 10.0, "read_timeout": 60.0}  # the same as every other S3 client
+    with pytest.raises(ValueError, match="fit.storage_timeouts must be > 0 s"):
+        FitConfig.from_params({"storage_timeouts": {"read_timeout": 0}})
+
+
 def test_a_checkpoint_store_that_is_down_is_named_and_any_other_training_failure_passes(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://user:pw@10.1.2.3:9000/")
     key = "ray-results/mvl-abc/checkpoint_2026-11-30"

@@ -25,7 +25,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
@@ -139,23 +139,24 @@ def _s3_endpoint_from_env() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
-def train_storage(url: str) -> tuple[str, Any | None]:
+def train_storage(url: str, timeouts: Mapping[str, float] | None = None) -> tuple[str, Any | None]:
     """Ray Train's ``(storage_path, storage_filesystem)`` for ``url``.
 
     For ``s3://`` a pyarrow ``S3FileSystem`` bounded like every other S3 client here: the endpoint
     from ``AWS_ENDPOINT_URL`` (as boto3 reads it), each request attempted at most
     ``S3_RETRY["total_max_attempts"]`` times (the AWS SDK's standard strategy: exponential backoff
-    with jitter) and :data:`S3_TIMEOUTS`. Anything else is returned as it is (Ray picks the
-    filesystem)."""
+    with jitter) and :data:`S3_TIMEOUTS`, or ``timeouts`` (the same keys: ``fit.storage_timeouts``).
+    Anything else is returned as it is (Ray picks the filesystem)."""
     protocol, path = get_protocol_and_path(url)
     if protocol not in ("s3", "s3a"):
         return url, None
     from pyarrow import fs as arrow_fs
 
+    bounds = {**S3_TIMEOUTS, **(timeouts or {})}
     options: dict[str, Any] = {
         "retry_strategy": arrow_fs.AwsStandardS3RetryStrategy(max_attempts=int(S3_RETRY["total_max_attempts"])),
-        "connect_timeout": float(S3_TIMEOUTS["connect_timeout"]),
-        "request_timeout": float(S3_TIMEOUTS["read_timeout"]),
+        "connect_timeout": float(bounds["connect_timeout"]),
+        "request_timeout": float(bounds["read_timeout"]),
     }
     if (endpoint_url := _s3_endpoint_from_env()) is not None:
         parts = urlsplit(endpoint_url)
@@ -179,8 +180,10 @@ def train_storage_outage(url: str, exc: BaseException) -> StorageUnavailableErro
         return None
     where = _endpoint_of(_s3_endpoint_from_env() if protocol in ("s3", "s3a") else None)
     bound = str(S3_RETRY["total_max_attempts"]) if protocol in ("s3", "s3a") else "repeated"
+    # curl's 28: connected (or not) but no answer in time: a hung store, bounded by fit.storage_timeouts
+    kind = "Timeout: no answer within fit.storage_timeouts" if any("curlCode: 28" in t for t in text) else "NETWORK_CONNECTION"
     return StorageUnavailableError(
-        f"{protocol} storage at {where} is unreachable (NETWORK_CONNECTION) while "
+        f"{protocol} storage at {where} is unreachable ({kind}) while "
         f"checkpointing, after {bound} attempts with backoff per request and fit.max_failures restarts: check "
         "that the endpoint is up, then run the same command again (it resumes from the last checkpoint)"
     )

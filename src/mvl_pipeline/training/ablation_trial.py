@@ -52,6 +52,7 @@ class TrialContext:
     scaling: Mapping[str, Any]  # fit.scaling, sized
     max_failures: int
     num_to_keep: int
+    storage_timeouts: Mapping[str, float]  # fit.storage_timeouts (checkpoints and Tune state on S3)
     evaluate: Mapping[str, Any]
     scoring_id: str  # test cases + evaluate settings: a stored result scored otherwise is redone
     mlflow: Mapping[str, str] | None  # the parent run
@@ -138,7 +139,7 @@ def _fit(context: TrialContext, arm: str, seed: int, child: Mapping[str, str] | 
     from ray.tune.integration.ray_train import TuneReportCallback
 
     scaling = context.scaling
-    storage_path, storage_filesystem = storage.train_storage(context.trials_dir)  # as fit's runs (S3: bounded)
+    storage_path, storage_filesystem = storage.train_storage(context.trials_dir, context.storage_timeouts)  # as fit's
     resources = {"CPU": scaling["cpus_per_worker"]} | ({"GPU": scaling["gpus_per_worker"]} if scaling["use_gpu"] else {})
     trainer = TorchTrainer(
         train_loop_per_worker,

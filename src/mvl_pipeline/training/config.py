@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mvl_pipeline.core.config import ConfigBlock
+from mvl_pipeline.core.storage import S3_TIMEOUTS
 from mvl_pipeline.training.augmentation import AugmentConfig
 
 
@@ -49,6 +50,23 @@ class ScalingConfig(ConfigBlock):
 
 
 @dataclass(frozen=True)
+class StorageTimeouts(ConfigBlock):
+    """``fit.storage_timeouts``: seconds Ray Train's S3 client (checkpoints on ``s3://``) waits
+    for a connection / for an answer before an attempt fails (each request: at most
+    ``core.storage.S3_RETRY`` attempts). A store that hangs costs at most about 4 x ``read_timeout``
+    per request and worker-group start; a site lowers it to fail sooner."""
+
+    WHERE = "fit.storage_timeouts"
+
+    connect_timeout: float = float(S3_TIMEOUTS["connect_timeout"])
+    read_timeout: float = float(S3_TIMEOUTS["read_timeout"])
+
+    def __post_init__(self) -> None:
+        if not (self.connect_timeout > 0 and self.read_timeout > 0):
+            raise ValueError(f"fit.storage_timeouts must be > 0 s, got {self.to_dict()}")
+
+
+@dataclass(frozen=True)
 class FitConfig(ConfigBlock):
     """The ``fit`` block."""
 
@@ -58,6 +76,7 @@ class FitConfig(ConfigBlock):
     ray_num_cpus: int | None = None  # local Ray only: None = every core of the machine
     run_name: str = "auto"
     storage_path: str = "data/06_models/ray_results"
+    storage_timeouts: StorageTimeouts = field(default_factory=StorageTimeouts)
     llm_cache_dir: str = "data/06_models/llm_cache"
     max_failures: int = 1
     num_to_keep: int = 2

@@ -224,7 +224,7 @@ def fit(
             " + GPU" if scaling.use_gpu else "", data_version,
         )  # fmt: skip
         resources = {"CPU": scaling.cpus_per_worker} | ({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})
-        storage_path, storage_filesystem = train_storage(storage)
+        storage_path, storage_filesystem = train_storage(storage, fit_cfg.storage_timeouts.to_dict())
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=config,

@@ -154,6 +154,7 @@ def build_context(
         scaling=asdict(fit_cfg.scaling),
         max_failures=fit_cfg.max_failures,
         num_to_keep=fit_cfg.num_to_keep,
+        storage_timeouts=fit_cfg.storage_timeouts.to_dict(),
         evaluate=evaluate_cfg.to_dict(),
         scoring_id=json_digest([set_digest(c for c, _ in test_cases), evaluate_cfg.to_dict(), classes]),
         mlflow=mlflow_target(),
@@ -194,7 +195,7 @@ def _tuner(context: TrialContext, experiment: str, config: AblationConfig, *, co
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), TRIAL_RESOURCES)
     grid = sorted(context.run_names[a][s] for a in config.arms for s in config.seeds)
     name = f"tune-{json_digest([grid, concurrent], length=10)}"
-    storage_path, filesystem, path = tune_storage(experiment, name)
+    storage_path, filesystem, path = tune_storage(experiment, name, context.storage_timeouts)
     if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
         logger.info("ablation: restoring the Tune experiment %s (unfinished and errored trials run again)", name)
         return tune.Tuner.restore(
@@ -210,12 +211,12 @@ def _tuner(context: TrialContext, experiment: str, config: AblationConfig, *, co
     )
 
 
-def tune_storage(experiment: str, name: str) -> tuple[str, Any | None, str]:
+def tune_storage(experiment: str, name: str, timeouts: Mapping[str, float] | None = None) -> tuple[str, Any | None, str]:
     """``(storage_path, storage_filesystem, experiment path)`` of the Tune experiment ``name``
     under ``experiment``: on S3 the bounded filesystem every Ray Train run here uses
     (``core.storage.train_storage``: endpoint from AWS_ENDPOINT_URL, retries, timeouts), with
     the paths it takes (no scheme); elsewhere Ray's own choice."""
-    storage_path, filesystem = train_storage(experiment)
+    storage_path, filesystem = train_storage(experiment, timeouts)
     return storage_path, filesystem, join_url(storage_path, name)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,16 @@ def test_a_step_with_a_non_finite_gradient_is_skipped_and_the_weights_stay_finit
     weights, _ = read_weights(session.reports[-1][1] / "model")
     assert all(torch.isfinite(w).all() for w in weights.values())  # without the guard: NaN everywhere
     assert 0.0 <= state["history"][-1]["val_dice"] <= 1.0
+
+
+def test_a_skipped_first_step_does_not_warn_of_a_wrong_scheduler_call_order(tmp_path):
+    config = training_config(tmp_path, epochs=1)
+    config["loaders"] = {case_id: (lambda case_id=case_id: overflowing(case_id)) for case_id in CASES}
+    with warnings.catch_warnings(record=True) as caught:  # every step skipped, the first one too
+        warnings.simplefilter("always")
+        with pytest.raises(FloatingPointError):
+            run_training(config, RecordingSession(tmp_path))
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
 
 
 def test_an_epoch_in_which_every_step_is_non_finite_stops_the_run_with_a_clear_error(tmp_path):

@@ -17,6 +17,7 @@ import logging
 import math
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -257,9 +258,12 @@ def _run_training(config: Mapping[str, Any], session: Session, loop: LoopConfig,
             if _gradients_finite(model, loop.grad_clip):
                 optimizer.step()
                 losses.append(float(loss.detach()))
+                scheduler.step()
             else:
                 skipped += 1
-            scheduler.step()  # a skipped step keeps its place in the schedule (same for every arm)
+                with warnings.catch_warnings():  # torch warns of a wrong call order if no step was taken yet
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+                    scheduler.step()  # a skipped step keeps its place in the schedule (same for every arm)
             state["global_step"] = int(state["global_step"]) + 1
         if skipped:
             state["skipped_steps"] = int(state.get("skipped_steps", 0)) + skipped

@@ -45,7 +45,7 @@ from tests.support.net import free_port
 pytestmark = pytest.mark.slow
 
 N_STUDIES = 16
-EPOCHS = 4
+EPOCHS = 6  # with 50 steps: ~1 s epochs, so a fault after the first checkpoint leaves epochs to resume
 TINY = {
     "sample_data": {
         "n_patients": N_STUDIES, "followup_fraction": 0.0, "image_size": 32, "pixel_spacing_mm": [9.0, 9.0],
@@ -60,7 +60,7 @@ TINY = {
     "fit": {
         "scaling": {"num_workers": 1, "cpus_per_worker": 1}, "ray_num_cpus": 2, "max_failures": 1,
         "stream_to_mlflow": False,
-        "loop": {"epochs": EPOCHS, "steps_per_epoch": 25, "batch_size": 1, "val_every": 1, "warmup_epochs": 0,
+        "loop": {"epochs": EPOCHS, "steps_per_epoch": 50, "batch_size": 1, "val_every": 1, "warmup_epochs": 0,
                  "torch_threads": 1},
     },
 }  # fmt: skip
@@ -874,10 +874,11 @@ def test_sigkill_of_the_kedro_driver_mid_fit_then_the_same_command_resumes_from_
     assert training, "no Ray Train process found under the driver"
     ray_core = [p for p in below if re.search(r"\b(raylet|gcs_server)\b", cmdline(p).split(" ", 1)[0])]
     assert ray_core, "no raylet or GCS process found under the driver"
-    # Ray's fate sharing takes a few seconds to reach the worker, and a 0.5 s epoch can finish the
-    # whole fit in them (seen in CI: nothing left to resume). So the training processes are held
-    # (SIGSTOP) while the driver dies and Ray's own processes go with it; then let go, they must
-    # find their Ray gone and exit before training another step.
+    # Ray's fate sharing takes a few seconds to reach the worker, and 0.5 s epochs (4 of them, as
+    # this file had) finished the whole fit in them (seen in CI: nothing left to resume). So the
+    # training processes are held (SIGSTOP) while the driver dies and Ray's own processes go with
+    # it; let go, they still train until they notice that their raylet is gone (the train loop
+    # needs no raylet: seen in CI, 3 more epochs), which the longer fit of this file covers.
     for pid in training:
         os.kill(pid, signal.SIGSTOP)
     deadline = time.monotonic() + 10

@@ -894,7 +894,7 @@ def test_sigkill_of_the_kedro_driver_mid_fit_then_the_same_command_resumes_from_
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
     # the training processes die with the driver that started them (Ray's fate sharing), within
-    # seconds: none trains on and writes into the run's folder behind the rerun's back
+    # seconds; the rerun starts only after that, so none writes into the run's folder behind its back
     deadline = time.monotonic() + 60
     while [p for p in training if process_alive(p)] and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -930,6 +930,24 @@ def snapshot_epoch(body: bytes) -> int:
     return int(json.loads(body)["latest_checkpoint_result"]["metrics"]["epoch"])
 
 
+def registered_epoch(objects: dict[str, bytes]) -> int:
+    """Epoch of the checkpoint registered in ``objects`` (a listing of the store, by key)."""
+    return next(snapshot_epoch(body) for key, body in objects.items() if key.endswith("/checkpoint_manager_snapshot.json"))
+
+
+def s3_checkpoint_project(tmp_path_factory, prepared: Path, name: str, server: MotoServer,
+                          **fit: Any) -> tuple[Path, dict[str, str]]:  # fmt: skip
+    """A clone of the prepared project whose Ray Train checkpoints go to ``s3://BUCKET/ray-results``
+    on ``server`` (plus the ``fit`` overrides given), and a user's environment that reaches it."""
+    root = clone(tmp_path_factory, prepared, name, data=ALL_DATA)
+    params = yaml.safe_load((root / "conf/local/parameters.yml").read_text(encoding="utf-8"))
+    params["fit"] |= {"storage_path": f"s3://{BUCKET}/ray-results", **fit}
+    (root / "conf/local/parameters.yml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    env = clean_env(AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET, AWS_ENDPOINT_URL=server.endpoint,
+                    AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+    return root, env
+
+
 def settled_objects(server: MotoServer, prefix: str, *, quiet_s: float = 1.0, timeout: float = 30) -> dict[str, bytes]:
     """What the store holds under ``prefix`` once it has stopped changing. A frozen (SIGSTOPped)
     client can still have a request in the kernel's socket buffers that the server completes after
@@ -951,19 +969,14 @@ def test_s3_outage_during_checkpointing_fails_naming_the_endpoint_and_the_rerun_
     server = MotoServer(free_port())
     server.start()
     try:
-        root = clone(tmp_path_factory, prepared, "faults-s3-checkpoints", data=ALL_DATA)
-        params = yaml.safe_load((root / "conf/local/parameters.yml").read_text(encoding="utf-8"))
-        params["fit"]["storage_path"] = f"s3://{BUCKET}/ray-results"
-        (root / "conf/local/parameters.yml").write_text(yaml.safe_dump(params), encoding="utf-8")
-        env = clean_env(AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET, AWS_ENDPOINT_URL=server.endpoint,
-                        AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+        root, env = s3_checkpoint_project(tmp_path_factory, prepared, "faults-s3-checkpoints", server)
         command = ("--pipelines", "fit")  # its own local Ray, checkpoints on S3
         run = Run(root, *command, env=env, name="fit-s3-outage")
         wait_for(lambda: s3_latest_checkpoint(server, "ray-results/"), run, "the first checkpoint on S3")
         freeze(run)  # the driver, its Ray and the worker: nothing moves while the store goes down
         held = settled_objects(server, "ray-results/")  # what the store holds at the outage, and will again
         # the checkpoint the rerun must resume from: the one registered in what the store holds
-        epoch = next(snapshot_epoch(body) for key, body in held.items() if key.endswith("/checkpoint_manager_snapshot.json"))
+        epoch = registered_epoch(held)
         server.stop()
         outage = time.monotonic()
         run.signal_group(signal.SIGCONT)
@@ -1002,19 +1015,16 @@ def test_a_frozen_s3_store_during_checkpointing_fails_after_the_storage_timeouts
     server.start()
     read_timeout = 2
     try:
-        root = clone(tmp_path_factory, prepared, "faults-s3-frozen-checkpoints", data=ALL_DATA)
-        params = yaml.safe_load((root / "conf/local/parameters.yml").read_text(encoding="utf-8"))
-        params["fit"]["storage_path"] = f"s3://{BUCKET}/ray-results"
-        params["fit"]["storage_timeouts"] = {"connect_timeout": read_timeout, "read_timeout": read_timeout}
-        (root / "conf/local/parameters.yml").write_text(yaml.safe_dump(params), encoding="utf-8")
-        env = clean_env(AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET, AWS_ENDPOINT_URL=server.endpoint,
-                        AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+        root, env = s3_checkpoint_project(
+            tmp_path_factory, prepared, "faults-s3-frozen-checkpoints", server,
+            storage_timeouts={"connect_timeout": read_timeout, "read_timeout": read_timeout},
+        )  # fmt: skip
         command = ("--pipelines", "fit")
         run = Run(root, *command, env=env, name="fit-s3-frozen")
         wait_for(lambda: s3_latest_checkpoint(server, "ray-results/"), run, "the first checkpoint on S3")
         freeze(run)  # nothing moves while the store starts to hang
         held = settled_objects(server, "ray-results/")
-        epoch = next(snapshot_epoch(body) for key, body in held.items() if key.endswith("/checkpoint_manager_snapshot.json"))
+        epoch = registered_epoch(held)
         assert epoch < EPOCHS - 1, f"nothing left to checkpoint after epoch {epoch}"
         server.freeze()
         hang = time.monotonic()
@@ -1032,9 +1042,7 @@ def test_a_frozen_s3_store_during_checkpointing_fails_after_the_storage_timeouts
         assert not list((root / "data/06_models").glob("medvisionllama/*/*/_COMPLETE"))
 
         server.freeze(False)  # the store answers again, late requests of the failed run included
-        settled = settled_objects(server, "ray-results/")
-        registered = next(snapshot_epoch(body) for key, body in settled.items()
-                          if key.endswith("/checkpoint_manager_snapshot.json"))  # fmt: skip
+        registered = registered_epoch(settled_objects(server, "ray-results/"))
         assert epoch <= registered < EPOCHS - 1
         output = Run(root, *command, env=env, name="fit-s3-frozen-rerun").succeeded()
         history = fit_history(root)

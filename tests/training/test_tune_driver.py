@@ -45,6 +45,16 @@ def test_each_arm_changes_only_what_its_entry_names():
     assert models["pretrained"]["pos_grid"] == [5, 7, 5] and models["pretrained"]["num_classes"] == 3
 
 
+def test_a_trial_trains_with_the_budget_and_peak_lr_of_ablation_trial_and_the_rest_of_fit_loop():
+    params = yaml.safe_load((ROOT / "conf/base/parameters_fit.yml").read_text())["fit"]
+    fit_cfg = FitConfig.from_params(params)
+    loop = tune_driver.trial_loop(fit_cfg, AblationConfig.from_params({"trial": {"epochs": 3, "lr": 0.01}}))
+    assert (loop["epochs"], loop["steps_per_epoch"], loop["val_every"], loop["lr"]) == (3, 35, 2, 0.01)
+    assert loop["lr"] != params["loop"]["lr"] and loop["min_lr_ratio"] == params["loop"]["min_lr_ratio"]
+    assert {k: v for k, v in loop.items() if k not in ("epochs", "steps_per_epoch", "val_every", "lr")} == {
+        k: v for k, v in fit_cfg.loop.to_dict().items() if k not in ("epochs", "steps_per_epoch", "val_every", "lr")}
+
+
 def test_run_names_follow_the_arms_model_so_a_rerun_finds_its_runs():
     config = AblationConfig()
     models = tune_driver.arm_models(MODEL, config, PLAN)
@@ -85,6 +95,7 @@ def test_a_test_patient_among_the_development_patients_is_refused():
         ({"reference": "cnn", "arms": ["pretrained", "none"]}, "ablation.reference 'cnn' is not one of"),
         ({"seeds": [1, 1]}, "distinct"),
         ({"trial": {"epochs": 0}}, "ablation.trial"),
+        ({"trial": {"lr": 0}}, r"ablation.trial.lr must be > 0"),
         ({"crop_size": [1, 2]}, "needs 3 values"),
         ({"arms": ["pretrained", "a/b"], "arm_models": {"pretrained": {}, "a/b": {}}}, "letters, digits"),
         ({"local_concurrent_trials": 0}, "local_concurrent_trials must be >= 1"),

@@ -131,7 +131,8 @@ def render_report(summary: Mapping[str, Any]) -> str:
         f"git commit `{design['git_commit']}`. Arms {', '.join(f'`{a}`' for a in design['arms'])}; reference "
         f"`{reference}`; seeds {design['seeds']}; {design['n_test_cases']} test cases of {design['n_test_patients']} "
         f"patients (never used for training, checkpoint choice or post-processing); per trial {design['trial']['epochs']} "
-        f"epochs x {design['trial']['steps_per_epoch']} steps, validation every {design['trial']['val_every']}.", "",
+        f"epochs x {design['trial']['steps_per_epoch']} steps{_peak_lr(design['trial'])}, validation every "
+        f"{design['trial']['val_every']}.", "",
         "Statistics fixed in advance (`conf/base/parameters_ablation.yml`, `ablation.statistics`): a case's endpoint is the "
         "mean over the foreground classes its label holds, averaged over the seeds of its arm, then per patient; per arm "
         f"against `{reference}`: the mean paired difference with a {plan['confidence_level']:.0%} BCa bootstrap interval "
@@ -167,6 +168,11 @@ def render_report(summary: Mapping[str, Any]) -> str:
             if skipped else "No trial skipped a step for a non-finite gradient: every trial took every optimiser step."]
     out += ["", "Figures: `forest.png` (difference and interval per arm), `learning_curves.png` (per arm and seed).", ""]
     return "\n".join(out)
+
+
+def _peak_lr(trial: Mapping[str, Any]) -> str:
+    """", peak learning rate L" where the design names it (grids before ``ablation.trial.lr`` do not)."""
+    return f", peak learning rate {trial['lr']:g}" if trial.get("lr") is not None else ""
 
 
 def _plateau(entry: Mapping[str, Any]) -> str:

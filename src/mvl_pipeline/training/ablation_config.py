@@ -32,10 +32,13 @@ class TrialBudget(ConfigBlock):
     epochs: int = 28
     steps_per_epoch: int = 35
     val_every: int = 2
+    lr: float = 0.004  # peak learning rate (fit.loop's schedule: warm-up, then cosine decay)
 
     def __post_init__(self) -> None:
         if min(self.epochs, self.steps_per_epoch, self.val_every) < 1:
             raise ValueError("ablation.trial: epochs, steps_per_epoch and val_every must be >= 1")
+        if not self.lr > 0:
+            raise ValueError(f"ablation.trial.lr must be > 0, got {self.lr}")
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,12 @@ def arm_models(model_params: Mapping[str, Any], config: AblationConfig, plan: Ma
     return models
 
 
+def trial_loop(fit_cfg: FitConfig, config: AblationConfig) -> dict[str, Any]:
+    """The ``fit.loop`` every trial trains with: ``ablation.trial`` (budget, peak learning rate)
+    over ``fit.loop`` (everything else: schedule shape, batch, augmentation, ...)."""
+    return fit_cfg.loop.to_dict() | asdict(config.trial)
+
+
 def experiment_name(identity: Mapping[str, Any], config: AblationConfig) -> str:
     if config.name != "auto":
         return config.name
@@ -128,7 +134,7 @@ def build_context(
         raise ValueError(f"{len(train_ids)} training / {len(val_ids)} validation cases: too few for the ablation")
     test_cases = cases_in(ingested_cases, test_split, "test")
     models = arm_models(model_params, config, plan)
-    loop = fit_cfg.loop.to_dict() | asdict(config.trial)
+    loop = trial_loop(fit_cfg, config)
     identity = {
         "data_version": data_version,
         "plan": json_digest(plan, exclude=("provenance",)),

@@ -2,7 +2,7 @@
 once in CI on a loaded machine, right after another run's Ray was SIGKILLed), and raises anything
 else at once. The timeout itself cannot be produced on demand, so ray.init is replaced here by a
 stand-in that raises Ray's own message; the start of a real local Ray is exercised by every fit
-test."""
+test, and its dashboard (off unless ``fit.ray_dashboard``) by the last test here."""
 
 from __future__ import annotations
 
@@ -63,3 +63,61 @@ def test_any_other_error_of_ray_init_is_raised_at_once(fake_ray):
     with pytest.raises(ValueError, match="num_cpus"):
         ray_driver.connect_ray(FitConfig())
     assert calls == {"init": 1, "shutdown": 0}
+
+
+# The dashboard of a real local Ray, started by connect_ray in a process of its own (this test
+# process may hold the session's Ray already): which of Ray's processes run below that driver,
+# and the dashboard URL Ray reports.
+PROBE = r"""
+import json, os, sys
+import ray
+from mvl_pipeline.training.config import FitConfig
+from mvl_pipeline.training.ray_driver import connect_ray
+
+assert connect_ray(FitConfig.from_params(json.loads(sys.argv[1])))
+def children(pid):
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+        except FileNotFoundError:
+            pass
+    return found
+below, todo = [], [os.getpid()]
+while todo:
+    kids = children(todo.pop())
+    below += kids
+    todo += kids
+names = []
+for pid in below:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            names.append(cmdline.read().split(b"\0")[0].decode(errors="replace"))
+    except FileNotFoundError:
+        pass
+print(json.dumps({"url": ray._private.worker.global_worker.node.address_info.get("webui_url"), "processes": names}))
+ray.shutdown()
+"""
+
+
+def _local_ray(fit: dict) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(fit)], capture_output=True, text=True, timeout=300,
+                          env=env, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_local_ray_starts_without_its_dashboard_unless_asked():
+    default = _local_ray({})
+    heads = lambda ray_: [p for p in ray_["processes"] if p.startswith("ray-dashboard-")]  # noqa: E731
+    assert any("raylet" in p for p in default["processes"]), default  # the probe sees the Ray it started
+    assert heads(default) == [] and not default["url"], default
+    asked = _local_ray({"ray_dashboard": True})
+    assert len(heads(asked)) >= 5 and asked["url"], asked  # the dashboard's head modules, its URL

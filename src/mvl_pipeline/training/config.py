@@ -74,6 +74,7 @@ class FitConfig(ConfigBlock):
 
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     ray_num_cpus: int | None = None  # local Ray only: None = every core of the machine
+    ray_dashboard: bool = False  # local Ray only: start Ray's dashboard (127.0.0.1:8265)
     run_name: str = "auto"
     storage_path: str = "data/06_models/ray_results"
     storage_timeouts: StorageTimeouts = field(default_factory=StorageTimeouts)

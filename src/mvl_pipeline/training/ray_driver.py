@@ -92,7 +92,7 @@ def connect_ray(fit: FitConfig) -> bool:
     for attempt in range(1, LOCAL_RAY_ATTEMPTS + 1):
         try:
             ray.init(address="local", num_cpus=resolve_workers(fit.ray_num_cpus), log_to_driver=True,
-                     configure_logging=False)  # fmt: skip
+                     configure_logging=False, include_dashboard=fit.ray_dashboard)  # fmt: skip
             break
         except Exception as error:
             if "timed out during startup" not in str(error) or attempt == LOCAL_RAY_ATTEMPTS:

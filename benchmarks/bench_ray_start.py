@@ -31,6 +31,7 @@ import json, os, sys, time
 import ray
 from mvl_pipeline.training.config import FitConfig
 from mvl_pipeline.training.ray_driver import connect_ray
+from tests.support.procs import descendants  # the project root is the cwd
 
 dashboard, settle = sys.argv[1] == "1", float(sys.argv[2])
 started = time.monotonic()
@@ -38,19 +39,7 @@ assert connect_ray(FitConfig.from_params({"ray_dashboard": dashboard}))
 ray.get(ray.remote(lambda: 1).remote())
 ready = time.monotonic() - started
 time.sleep(settle)
-parent = {}
-for entry in filter(str.isdigit, os.listdir("/proc")):
-    try:
-        with open(f"/proc/{entry}/stat") as stat:
-            parent[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
-    except FileNotFoundError:
-        pass
-below, todo = [], [os.getpid()]
-while todo:
-    above = todo.pop()
-    kids = [pid for pid, ppid in parent.items() if ppid == above]
-    below += kids
-    todo += kids
+below = descendants(os.getpid())
 rss_kib = 0
 for pid in below:
     try:

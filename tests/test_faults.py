@@ -40,6 +40,7 @@ import pytest
 import yaml
 
 from tests.support.net import free_port
+from tests.support.procs import cmdline, descendants
 
 pytestmark = pytest.mark.slow
 
@@ -234,24 +235,6 @@ def run_until(run: Run, point: Callable[[], bool], what: str, *, slice_s: float 
             pytest.fail(f"{what} not reached within {timeout} s:\n{run.output()[-4000:]}")
         run.signal_group(signal.SIGCONT)
         time.sleep(slice_s)
-
-
-def descendants(pid: int) -> list[int]:
-    """PIDs of every process below ``pid`` (from /proc), e.g. the Ray processes a driver started."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", encoding="ascii") as stat:
-                    children.setdefault(int(stat.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-            except FileNotFoundError:
-                pass
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 # -- project copies -------------------------------------------------------------------------
@@ -635,14 +618,6 @@ def assert_fit_outputs_whole(root: Path) -> None:
     model = TorchWeightsDataset(filepath=str(root / "data/06_models/medvisionllama"), version=Version(None, None))
     state, config = model.load()
     assert state and config
-
-
-def cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return handle.read().replace(b"\0", b" ").decode(errors="replace")
-    except FileNotFoundError:
-        return ""
 
 
 def process_alive(pid: int) -> bool:

@@ -7,6 +7,7 @@ test, and its dashboard (off unless ``fit.ray_dashboard``) by the last test here
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import ray
@@ -73,33 +74,14 @@ import json, os, sys
 import ray
 from mvl_pipeline.training.config import FitConfig
 from mvl_pipeline.training.ray_driver import connect_ray
+from tests.support.procs import cmdline, descendants
 
 assert connect_ray(FitConfig.from_params(json.loads(sys.argv[1])))
-def children(pid):
-    found = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry))
-        except FileNotFoundError:
-            pass
-    return found
-below, todo = [], [os.getpid()]
-while todo:
-    kids = children(todo.pop())
-    below += kids
-    todo += kids
-names = []
-for pid in below:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            names.append(cmdline.read().split(b"\0")[0].decode(errors="replace"))
-    except FileNotFoundError:
-        pass
+names = [cmdline(pid).split(" ", 1)[0] for pid in descendants(os.getpid())]
 print(json.dumps({"url": ray._private.worker.global_worker.node.address_info.get("webui_url"), "processes": names}))
 ray.shutdown()
 """
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _local_ray(fit: dict) -> dict:
@@ -109,7 +91,7 @@ def _local_ray(fit: dict) -> dict:
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(fit)], capture_output=True, text=True, timeout=300,
-                          env=env, check=False)  # fmt: skip
+                          cwd=ROOT, env=env, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 

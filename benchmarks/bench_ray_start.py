@@ -1,6 +1,7 @@
 """A local Ray as `kedro run` starts it (``training.ray_driver.connect_ray``): without its dashboard
-(``fit.ray_dashboard: false``, the default) against with it (Ray's own default, what every local
-run started before), in alternating rounds of fresh processes in one run.
+(``fit.ray_dashboard: false``) against with it (the default, as Ray's own: the dashboard head
+serves the state API that Ray Train's placement-group cleaner polls), in alternating rounds of
+fresh processes in one run: what turning the dashboard off saves.
 
     .venv/bin/python benchmarks/bench_ray_start.py [--rounds 3] [--settle 8]
 

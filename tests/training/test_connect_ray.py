@@ -2,7 +2,8 @@
 once in CI on a loaded machine, right after another run's Ray was SIGKILLed), and raises anything
 else at once. The timeout itself cannot be produced on demand, so ray.init is replaced here by a
 stand-in that raises Ray's own message; the start of a real local Ray is exercised by every fit
-test, and its dashboard (off unless ``fit.ray_dashboard``) by the last test here."""
+test, and its dashboard (on unless ``fit.ray_dashboard`` is false: it serves the state API Ray
+Train's placement-group cleaner polls) by the last test here."""
 
 from __future__ import annotations
 
@@ -68,17 +69,28 @@ def test_any_other_error_of_ray_init_is_raised_at_once(fake_ray):
 
 # The dashboard of a real local Ray, started by connect_ray in a process of its own (this test
 # process may hold the session's Ray already): which of Ray's processes run below that driver,
-# and the dashboard URL Ray reports.
+# the dashboard URL Ray reports, and whether Ray's state API answers, asked as Ray Train's
+# placement-group cleaner asks it (ray.util.state.get_actor; here for an actor of this Ray, by its
+# GCS address: other Rays may run on the machine).
 PROBE = r"""
 import json, os, sys
 import ray
+from ray.util.state import get_actor
 from mvl_pipeline.training.config import FitConfig
 from mvl_pipeline.training.ray_driver import connect_ray
 from tests.support.procs import cmdline, descendants
 
 assert connect_ray(FitConfig.from_params(json.loads(sys.argv[1])))
 names = [cmdline(pid).split(" ", 1)[0] for pid in descendants(os.getpid())]
-print(json.dumps({"url": ray._private.worker.global_worker.node.address_info.get("webui_url"), "processes": names}))
+actor = ray.remote(num_cpus=0)(type("Probe", (), {"ping": lambda self: 1})).remote()
+assert ray.get(actor.ping.remote()) == 1
+try:
+    state = get_actor(actor._actor_id.hex(), address=ray.get_runtime_context().gcs_address, timeout=20)
+    answer = state.state if state else "no such actor"
+except Exception as error:
+    answer = f"{type(error).__name__}: {error}"[:300]
+print(json.dumps({"url": ray._private.worker.global_worker.node.address_info.get("webui_url"), "processes": names,
+                  "state_api": answer}))
 ray.shutdown()
 """
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,10 +108,14 @@ def _local_ray(fit: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_a_local_ray_starts_without_its_dashboard_unless_asked():
-    default = _local_ray({})
+def test_a_local_ray_starts_the_state_api_ray_train_polls_unless_its_dashboard_is_turned_off():
     heads = lambda ray_: [p for p in ray_["processes"] if p.startswith("ray-dashboard-")]  # noqa: E731
+    default = _local_ray({})
     assert any("raylet" in p for p in default["processes"]), default  # the probe sees the Ray it started
-    assert heads(default) == [] and not default["url"], default
-    asked = _local_ray({"ray_dashboard": True})
-    assert len(heads(asked)) >= 5 and asked["url"], asked  # the dashboard's head modules, its URL
+    assert len(heads(default)) >= 5 and default["url"], default  # the dashboard's head modules, its URL
+    assert default["state_api"] == "ALIVE", default  # Ray Train's placement-group cleaner sees its controller
+    off = _local_ray({"ray_dashboard": False})
+    assert heads(off) == [] and not off["url"], off
+    # what that cleaner gets every second of a run: no answer (ServerUnavailable), or, with another
+    # Ray's dashboard on the default port, an answer from that Ray, which knows no such actor
+    assert off["state_api"] != "ALIVE", off

@@ -74,7 +74,7 @@ class FitConfig(ConfigBlock):
 
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     ray_num_cpus: int | None = None  # local Ray only: None = every core of the machine
-    ray_dashboard: bool = False  # local Ray only: start Ray's dashboard (127.0.0.1:8265)
+    ray_dashboard: bool = True  # local Ray only: Ray's dashboard head, which serves the state API Ray Train polls
     run_name: str = "auto"
     storage_path: str = "data/06_models/ray_results"
     storage_timeouts: StorageTimeouts = field(default_factory=StorageTimeouts)

@@ -7,7 +7,11 @@ Train's placement-group cleaner polls) by the last test here."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,38 +73,42 @@ def test_any_other_error_of_ray_init_is_raised_at_once(fake_ray):
 
 # The dashboard of a real local Ray, started by connect_ray in a process of its own (this test
 # process may hold the session's Ray already): which of Ray's processes run below that driver,
-# the dashboard URL Ray reports, and whether Ray's state API answers, asked as Ray Train's
-# placement-group cleaner asks it (ray.util.state.get_actor; here for an actor of this Ray, by its
-# GCS address: other Rays may run on the machine).
+# the dashboard URL Ray reports, and whether Ray's state API answers when a process of that Ray
+# asks it as Ray Train's placement-group cleaner does (ray.util.state.get_actor, no address given)
+# whether an actor of that Ray lives.
 PROBE = r"""
 import json, os, sys
 import ray
-from ray.util.state import get_actor
 from mvl_pipeline.training.config import FitConfig
 from mvl_pipeline.training.ray_driver import connect_ray
 from tests.support.procs import cmdline, descendants
 
 assert connect_ray(FitConfig.from_params(json.loads(sys.argv[1])))
 names = [cmdline(pid).split(" ", 1)[0] for pid in descendants(os.getpid())]
+
+
+@ray.remote(num_cpus=0)
+def ask(actor_id):
+    from ray.util.state import get_actor
+
+    try:
+        state = get_actor(actor_id, timeout=20)
+        return state.state if state else "no such actor"
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"[:300]
+
+
 actor = ray.remote(num_cpus=0)(type("Probe", (), {"ping": lambda self: 1})).remote()
 assert ray.get(actor.ping.remote()) == 1
-try:
-    state = get_actor(actor._actor_id.hex(), address=ray.get_runtime_context().gcs_address, timeout=20)
-    answer = state.state if state else "no such actor"
-except Exception as error:
-    answer = f"{type(error).__name__}: {error}"[:300]
+answer = ray.get(ask.remote(actor._actor_id.hex()))
 print(json.dumps({"url": ray._private.worker.global_worker.node.address_info.get("webui_url"), "processes": names,
-                  "state_api": answer}))
+                  "state_api": answer, "api_server_env": os.environ.get("RAY_API_SERVER_ADDRESS")}))
 ray.shutdown()
 """
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _local_ray(fit: dict) -> dict:
-    import json
-    import subprocess
-    import sys
-
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(fit)], capture_output=True, text=True, timeout=300,
                           cwd=ROOT, env=env, check=False)  # fmt: skip
@@ -108,14 +116,31 @@ def _local_ray(fit: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_a_local_ray_starts_the_state_api_ray_train_polls_unless_its_dashboard_is_turned_off():
+@pytest.fixture
+def another_ray():
+    """Another Ray on this machine, with its dashboard on Ray's default port if that is free (as a
+    `ray start` or another run would leave it)."""
+    script = "import ray, signal; ray.init(address='local', num_cpus=1); print('up', flush=True); signal.pause()"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    other = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env,
+                             start_new_session=True)  # fmt: skip
+    try:
+        assert other.stdout.readline().strip() == "up", "the other Ray did not start"
+        yield other
+    finally:
+        os.killpg(other.pid, signal.SIGKILL)
+        other.wait(timeout=30)
+
+
+def test_a_local_ray_serves_its_processes_its_own_state_api_unless_its_dashboard_is_turned_off(another_ray):
     heads = lambda ray_: [p for p in ray_["processes"] if p.startswith("ray-dashboard-")]  # noqa: E731
     default = _local_ray({})
     assert any("raylet" in p for p in default["processes"]), default  # the probe sees the Ray it started
     assert len(heads(default)) >= 5 and default["url"], default  # the dashboard's head modules, its URL
-    assert default["state_api"] == "ALIVE", default  # Ray Train's placement-group cleaner sees its controller
+    # Ray Train's placement-group cleaner sees its controller, with another Ray on the machine
+    assert default["state_api"] == "ALIVE", default
+    assert default["api_server_env"] is None, default  # the driver's own environment is left as it was
     off = _local_ray({"ray_dashboard": False})
     assert heads(off) == [] and not off["url"], off
-    # what that cleaner gets every second of a run: no answer (ServerUnavailable), or, with another
-    # Ray's dashboard on the default port, an answer from that Ray, which knows no such actor
+    # what that cleaner gets every second of a run: no answer, or an answer from the other Ray
     assert off["state_api"] != "ALIVE", off

@@ -10,10 +10,12 @@ model kept is the checkpoint with the best validation Dice, never the lowest tra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+import socket
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,35 @@ def absolute(path: str) -> str:
 
 
 LOCAL_RAY_ATTEMPTS = 3  # starts of a local Ray before its start-up timeout is raised
+DASHBOARD_PORTS = range(8265, 8315)  # Ray's own search for a local dashboard's port: 8265 and the 49 after it
+
+
+def free_dashboard_port(host: str = "127.0.0.1") -> int:
+    """The first port of :data:`DASHBOARD_PORTS` that ``host`` can bind now (as Ray searches)."""
+    for port in DASHBOARD_PORTS:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port for Ray's dashboard in {DASHBOARD_PORTS.start}-{DASHBOARD_PORTS.stop - 1}")
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """``values`` in os.environ inside the block only (processes started in it inherit them)."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def connect_ray(fit: FitConfig) -> bool:
@@ -89,15 +120,25 @@ def connect_ray(fit: FitConfig) -> bool:
     # already running on the machine (another run's, a notebook's), whose CPUs may be taken.
     # Ray gives its raylet a fixed 30 s to register (ray/_private/node.py); on a loaded machine
     # that can pass (seen once in CI, just after another run's Ray was SIGKILLed): start again.
+    # Ray's processes ask Ray's state API for their own Ray without saying which: Ray Train's
+    # placement-group cleaner every second, whether the run's controller lives. With another Ray on
+    # the machine (a `ray start`, another run's) that question goes to the other Ray, or fails on
+    # "multiple active Ray instances", and the cleaner gives up. So the dashboard (which serves the
+    # state API) gets its port here, and every process of this Ray inherits its address
+    # (RAY_API_SERVER_ADDRESS, read first by Ray's state API client); this process keeps its own.
     for attempt in range(1, LOCAL_RAY_ATTEMPTS + 1):
+        port = free_dashboard_port() if fit.ray_dashboard else None
+        api_server = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"} if port else {}
         try:
-            ray.init(address="local", num_cpus=resolve_workers(fit.ray_num_cpus), log_to_driver=True,
-                     configure_logging=False, include_dashboard=fit.ray_dashboard)  # fmt: skip
+            with _environment(**api_server):
+                ray.init(address="local", num_cpus=resolve_workers(fit.ray_num_cpus), log_to_driver=True,
+                         configure_logging=False, include_dashboard=fit.ray_dashboard, dashboard_port=port)  # fmt: skip
             break
         except Exception as error:
-            if "timed out during startup" not in str(error) or attempt == LOCAL_RAY_ATTEMPTS:
+            taken = port is not None and "already occupied" in str(error)  # taken since free_dashboard_port
+            if not (taken or "timed out during startup" in str(error)) or attempt == LOCAL_RAY_ATTEMPTS:
                 raise
-            logger.warning("the local Ray did not start in Ray's 30 s (%s): starting it again, attempt %d of %d",
+            logger.warning("the local Ray did not start (%s): starting it again, attempt %d of %d",
                            error, attempt + 1, LOCAL_RAY_ATTEMPTS)  # fmt: skip
             ray.shutdown()
     return True

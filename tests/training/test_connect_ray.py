@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,14 +28,16 @@ TIMEOUT = ("The current node timed out during startup. This could happen because
 @pytest.fixture
 def fake_ray(monkeypatch):
     calls = {"init": 0, "shutdown": 0}
-    outcomes: list[Exception | None] = []
+    outcomes: list = []  # per ray.init: None (it starts), an exception it raises, or a stand-in for it
 
     def init(**kwargs):
         calls["init"] += 1
         assert kwargs["address"] == "local"
-        error = outcomes.pop(0)
-        if error is not None:
-            raise error
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        if outcome is not None:  # a stand-in for what Ray does at that start
+            outcome(kwargs)
 
     def shutdown():
         calls["shutdown"] += 1
@@ -61,6 +64,36 @@ def test_the_start_up_timeout_is_raised_after_the_last_attempt(fake_ray):
     with pytest.raises(Exception, match="timed out during startup"):
         ray_driver.connect_ray(FitConfig())
     assert calls["init"] == ray_driver.LOCAL_RAY_ATTEMPTS
+
+
+def test_the_state_api_address_is_the_dashboard_port_given_to_ray_and_set_only_while_ray_starts(fake_ray):
+    calls, outcomes = fake_ray
+    seen = []
+    outcomes += [lambda kwargs: seen.append((kwargs["dashboard_port"], os.environ.get("RAY_API_SERVER_ADDRESS")))]
+    assert ray_driver.connect_ray(FitConfig()) is True
+    ((port, address),) = seen
+    assert port in ray_driver.DASHBOARD_PORTS and address == f"http://127.0.0.1:{port}"
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ  # the driver's own state API calls are its own
+    outcomes += [lambda kwargs: seen.append((kwargs["dashboard_port"], os.environ.get("RAY_API_SERVER_ADDRESS")))]
+    ray_driver.connect_ray(FitConfig(ray_dashboard=False))
+    assert seen[1] == (None, None)  # no dashboard, no state API to point at
+
+
+def test_a_dashboard_port_taken_by_another_process_while_ray_starts_is_searched_again(fake_ray):
+    calls, outcomes = fake_ray
+    ports = []
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as other:
+
+        def taken_meanwhile(kwargs):  # another run's dashboard binds the port first: ours fails to start
+            ports.append(kwargs["dashboard_port"])
+            other.bind(("127.0.0.1", kwargs["dashboard_port"]))
+            other.listen()
+            raise Exception("Failed to start a dashboard.")
+
+        outcomes += [taken_meanwhile, lambda kwargs: ports.append(kwargs["dashboard_port"])]
+        assert ray_driver.connect_ray(FitConfig()) is True
+    assert calls == {"init": 2, "shutdown": 1}
+    assert ports[0] != ports[1] and all(p in ray_driver.DASHBOARD_PORTS for p in ports)
 
 
 def test_any_other_error_of_ray_init_is_raised_at_once(fake_ray):

@@ -69,17 +69,22 @@ LOCAL_RAY_ATTEMPTS = 3  # starts of a local Ray before its start-up timeout is r
 DASHBOARD_PORTS = range(8265, 8315)  # Ray's own search for a local dashboard's port: 8265 and the 49 after it
 
 
-def free_dashboard_port(host: str = "127.0.0.1") -> int:
-    """The first port of :data:`DASHBOARD_PORTS` that ``host`` can bind now (as Ray searches)."""
-    for port in DASHBOARD_PORTS:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((host, port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port for Ray's dashboard in {DASHBOARD_PORTS.start}-{DASHBOARD_PORTS.stop - 1}")
+def _bindable(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def free_dashboard_port() -> int:
+    """The first port of :data:`DASHBOARD_PORTS` free now (as Ray searches)."""
+    port = next((p for p in DASHBOARD_PORTS if _bindable(p)), None)
+    if port is None:
+        raise RuntimeError(f"no free port for Ray's dashboard in {DASHBOARD_PORTS.start}-{DASHBOARD_PORTS.stop - 1}")
+    return port
 
 
 @contextlib.contextmanager
@@ -126,6 +131,8 @@ def connect_ray(fit: FitConfig) -> bool:
     # "multiple active Ray instances", and the cleaner gives up. So the dashboard (which serves the
     # state API) gets its port here, and every process of this Ray inherits its address
     # (RAY_API_SERVER_ADDRESS, read first by Ray's state API client); this process keeps its own.
+    # Ray's own search would move on to the next port if another process bound this one first
+    # (two runs starting at once); with the port given, that start fails, and is made again.
     for attempt in range(1, LOCAL_RAY_ATTEMPTS + 1):
         port = free_dashboard_port() if fit.ray_dashboard else None
         api_server = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"} if port else {}
@@ -135,7 +142,7 @@ def connect_ray(fit: FitConfig) -> bool:
                          configure_logging=False, include_dashboard=fit.ray_dashboard, dashboard_port=port)  # fmt: skip
             break
         except Exception as error:
-            taken = port is not None and "already occupied" in str(error)  # taken since free_dashboard_port
+            taken = port is not None and not _bindable(port)  # by another process since free_dashboard_port
             if not (taken or "timed out during startup" in str(error)) or attempt == LOCAL_RAY_ATTEMPTS:
                 raise
             logger.warning("the local Ray did not start (%s): starting it again, attempt %d of %d",

@@ -66,13 +66,15 @@ def test_the_start_up_timeout_is_raised_after_the_last_attempt(fake_ray):
     assert calls["init"] == ray_driver.LOCAL_RAY_ATTEMPTS
 
 
-def test_the_state_api_address_is_the_dashboard_port_given_to_ray_and_set_only_while_ray_starts(fake_ray):
+def test_the_state_api_address_is_the_dashboard_port_given_to_ray_and_set_only_while_ray_starts(fake_ray, caplog):
     calls, outcomes = fake_ray
     seen = []
     outcomes += [lambda kwargs: seen.append((kwargs["dashboard_port"], os.environ.get("RAY_API_SERVER_ADDRESS")))]
-    assert ray_driver.connect_ray(FitConfig()) is True
+    with caplog.at_level("INFO", logger=ray_driver.__name__):
+        assert ray_driver.connect_ray(FitConfig()) is True
     ((port, address),) = seen
     assert port in ray_driver.DASHBOARD_PORTS and address == f"http://127.0.0.1:{port}"
+    assert f"its dashboard at {address} " in caplog.text  # where a user finds it (8265 may be taken)
     assert "RAY_API_SERVER_ADDRESS" not in os.environ  # the driver's own state API calls are its own
     outcomes += [lambda kwargs: seen.append((kwargs["dashboard_port"], os.environ.get("RAY_API_SERVER_ADDRESS")))]
     ray_driver.connect_ray(FitConfig(ray_dashboard=False))

@@ -148,6 +148,8 @@ def connect_ray(fit: FitConfig) -> bool:
             logger.warning("the local Ray did not start (%s): starting it again, attempt %d of %d",
                            error, attempt + 1, LOCAL_RAY_ATTEMPTS)  # fmt: skip
             ray.shutdown()
+    if port:
+        logger.info("local Ray started: its dashboard at http://127.0.0.1:%d while this run lasts", port)
     return True
 
 

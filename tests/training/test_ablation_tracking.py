@@ -42,3 +42,25 @@ def test_a_trial_resumed_after_its_last_epoch_still_has_its_curve(tmp_path):
     run_id = ablation_tracking.start_child(parent, {"arm": "none", "seed": 1}, str(tmp_path / "trial"))
     ablation_tracking.finish_child(parent, run_id, {"test.dice": 0.7}, _history(range(2)))  # nothing left to train
     assert _steps(parent, run_id) == [0, 1]
+
+
+def test_the_child_of_a_trial_killed_between_storing_its_result_and_closing_its_run_is_completed_on_adoption(tmp_path):
+    killed = _parent(tmp_path)
+    client = MlflowClient(tracking_uri=killed["tracking_uri"])
+    run_id = ablation_tracking.start_child(killed, {"arm": "none", "seed": 0}, str(tmp_path / "trial"))
+    stream = MetricStream({**killed, "run_id": run_id})
+    for entry in _history(range(2)):  # streamed while it trained; the process died before finish_child
+        stream.put(entry, entry["epoch"])
+    assert stream.close()["logged"] == 2
+    stored = {"arm": "none", "seed": 0, "parent_run_id": killed["run_id"], "child_run_id": run_id,
+              "test_metrics": {"test.dice": 0.75, "best_val_dice": 0.7}, "history": _history(range(3))}  # fmt: skip
+    experiment = client.get_run(killed["run_id"]).info.experiment_id
+    for _ in range(2):  # the resumed run, then a later one: the cut run is completed once
+        resumed = {**killed, "run_id": client.create_run(experiment).info.run_id}
+        assert ablation_tracking.adopt_earlier_trials(resumed, [stored], {"ablation": "a"}) == 1
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.metrics["test.dice"] == 0.75
+        assert _steps(killed, run_id) == [0, 1, 2]
+        assert len(client.get_metric_history(run_id, "test.dice")) == 1
+        adopted = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{resumed['run_id']}'")
+        assert [r.data.tags["resumed_from_run"] for r in adopted] == [run_id]

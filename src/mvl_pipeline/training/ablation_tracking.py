@@ -6,7 +6,9 @@ streams its epoch metrics (``fit.*``) into it and the trial logs its test metric
 trial that finished in an earlier, interrupted invocation of the ablation is not trained again:
 the new parent gets a child carrying that trial's stored metrics, tagged ``resumed_from_run``
 with the run that did the work, so every parent run holds the whole grid. A child left RUNNING
-by a killed trial is marked KILLED when its trial starts again. Tags and metrics hold arm names,
+by a killed trial is marked KILLED when its trial starts again; the child of a trial killed after
+it stored its result but before its run was closed is completed (metrics, curve, FINISHED) when a
+later invocation adopts that result. Tags and metrics hold arm names,
 seeds, hashes and figures only: no case or patient identifier (no PHI) reaches MLflow.
 """
 
@@ -107,9 +109,30 @@ def finish_child(
     client.set_terminated(run_id, status="FINISHED")
 
 
+def _complete_cut_child(client: Any, trial: Mapping[str, Any]) -> None:
+    """Close the child run of a trial that stored its result but was killed before its run was
+    closed (left RUNNING): the figures it lacks are logged and it is marked FINISHED, since the
+    trial itself finished."""
+    run_id = trial.get("child_run_id")
+    if not run_id:
+        return
+    try:
+        run = client.get_run(run_id)
+        if run.info.status != "RUNNING":
+            return
+        missing = {k: v for k, v in trial["test_metrics"].items() if k not in run.data.metrics}
+        _log(client, run_id, missing, [])
+        log_missing_epochs(client, run_id, trial["history"])
+        client.set_terminated(run_id, status="FINISHED")
+        logger.info("MLflow run %s of a trial stopped after storing its result: completed", run_id)
+    except Exception as exc:  # noqa: BLE001 - bookkeeping must never stop the ablation
+        logger.warning("could not close the MLflow run of an earlier trial: %s", type(exc).__name__)
+
+
 def adopt_earlier_trials(parent: Mapping[str, str] | None, trials: Sequence[Mapping[str, Any]], tags: Mapping[str, Any]) -> int:
     """Give ``parent`` a child for each trial that a previous invocation ran (its stored test
-    metrics and epoch history), tagged ``resumed_from_run``; returns how many were added."""
+    metrics and epoch history), tagged ``resumed_from_run``; returns how many were added. That
+    invocation's own child of the trial is completed first if it was left RUNNING."""
     if not parent:
         return 0
     client = mlflow_client(parent["tracking_uri"])
@@ -118,6 +141,7 @@ def adopt_earlier_trials(parent: Mapping[str, str] | None, trials: Sequence[Mapp
     for trial in trials:
         if trial.get("parent_run_id") == parent["run_id"]:
             continue
+        _complete_cut_child(client, trial)
         run_tags = {str(k): str(v) for k, v in tags.items()} | {
             "arm": trial["arm"], "seed": str(trial["seed"]), RESUMED_TAG: str(trial.get("child_run_id")),
             "mlflow.parentRunId": parent["run_id"], "mlflow.runName": f"{trial['arm']}-seed{trial['seed']}",

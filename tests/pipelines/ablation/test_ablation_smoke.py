@@ -198,7 +198,9 @@ def test_an_interrupted_ablation_resumes_only_its_unfinished_trials(smoke):
     assert "(RayTrainWorker pid=" in smoke["resumed_log"] and f"{len(ARMS)} arms x {len(SEEDS)} seeds = " in smoke["resumed_log"]
     assert "(RayTrainWorker pid=" not in smoke["finished_log"] and "seeds = " not in smoke["finished_log"]
     assert "every trial was finished by an earlier run of the ablation: nothing to train" in smoke["finished_log"]
-    # the child of the trial killed mid-run is closed, not left RUNNING
+    # no child of the killed run is left RUNNING: a trial killed mid-training is marked KILLED when
+    # it trains again, one killed after storing its result (the kill comes as the first result
+    # appears) is completed when the resumed run adopts that result
     statuses = {r.info.status for r in _children(root, killed.info.run_id)}
     assert "RUNNING" not in statuses, statuses
 

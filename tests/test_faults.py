@@ -317,8 +317,18 @@ def temporaries(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in (root / "data").rglob("*") if TEMPORARY.match(p.name))
 
 
-def assert_rerun_recovered_lock(output: str, killed_pid: int) -> None:
+def assert_rerun_recovered_lock(output: str, killed_pid: int, root: Path) -> None:
+    """The rerun reported the lock the killed run left, and closed that run's MLflow run (KILLED):
+    nothing in the project's MLflow is left RUNNING."""
+    from mlflow.tracking import MlflowClient
+
     assert re.search(rf"recovered the run lock left by PID {killed_pid} on host ", output), output[-3000:]
+    closed = re.findall(r"MLflow run (\w+) of the run that died holding the run lock marked KILLED", output)
+    assert len(closed) == 1, output[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], order_by=["attributes.start_time ASC"])
+    assert [r.info.status for r in runs][-2:] == ["KILLED", "FINISHED"] and runs[-2].info.run_id == closed[0]
+    assert "RUNNING" not in {r.info.status for r in runs}
 
 
 # -- SIGKILL mid-ingest and mid-preprocess ------------------------------------------------------
@@ -335,7 +345,7 @@ def test_sigkill_mid_ingest_keeps_the_saved_batches_and_the_rerun_ingests_only_t
     kept = stamps(root, INGESTED, listed)
 
     output = Run(root, "--pipelines", "ingest", name="ingest-rerun").succeeded()
-    assert_rerun_recovered_lock(output, run.pid)
+    assert_rerun_recovered_lock(output, run.pid, root)
     # the units the manifest recorded are not processed again; cases saved after the manifest's
     # last save (the batch being written at the kill) are redone
     assert f"{N_STUDIES - len(saved)} new or changed to process, {len(saved)} unchanged" in output
@@ -367,7 +377,7 @@ def test_sigkill_mid_preprocess_keeps_the_written_cases_and_the_rerun_computes_o
     kept = stamps(root, MODEL_INPUT, written)
 
     output = Run(root, "--pipelines", "preprocess", name="preprocess-rerun").succeeded()
-    assert_rerun_recovered_lock(output, run.pid)
+    assert_rerun_recovered_lock(output, run.pid, root)
     # the cases written before the kill are kept, not recomputed
     assert f"{planned - len(written)} to compute, {len(written)} up to date" in output, output[-3000:]
     ingested = {case for cases in manifest_cases(root).values() for case in cases}
@@ -873,7 +883,7 @@ def test_sigkill_of_the_kedro_driver_mid_fit_then_the_same_command_resumes_from_
     assert not list((root / "data/06_models").glob("medvisionllama/*/*/_COMPLETE"))
 
     output = Run(root, *command, name="fit-driver-rerun").succeeded()
-    assert_rerun_recovered_lock(output, run.pid)
+    assert_rerun_recovered_lock(output, run.pid, root)
     history = fit_history(root)
     assert history["resumed_after_epochs"] == [epoch], output[-3000:]
     assert curve(history) == curve(reference)

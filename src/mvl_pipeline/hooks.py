@@ -5,7 +5,9 @@ kedro-mlflow run is tagged with where it comes from, code and data versions (``L
 pipeline that writes data, before kedro-mlflow opens its run (``tryfirst``), and releases it when
 the run ends or fails; ``params:run`` says whether a second run waits or refuses. Taking over
 from a run that died holding it, it first removes that run's unfinished temporaries
-(``core.storage.remove_temporaries``).
+(``core.storage.remove_temporaries``). ``KilledRunHook`` writes the id of the MLflow run that
+kedro-mlflow opens into the lock's record, and marks the run of a dead holder KILLED: a run killed
+by SIGKILL or the OOM killer ends no MLflow run itself, so it would stay RUNNING for ever.
 
 kedro-mlflow 2.0.3 starts its run in its own ``before_pipeline_run``; this hook runs after it
 (``trylast``) and sets, on that active run, the tags ``git_commit``, ``git_dirty``,
@@ -84,10 +86,44 @@ class RunLockHook:
     def on_pipeline_error(self) -> None:
         self._release()
 
+    @property
+    def lock(self) -> RunLock | None:
+        """The run lock this run holds (None outside a run that writes data)."""
+        return self._lock
+
     def _release(self) -> None:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+
+class KilledRunHook:
+    """After kedro-mlflow has opened this run's MLflow run (``trylast``): note its id in the run
+    lock's record, and close the MLflow run of the run that died holding the lock (KILLED), if the
+    record names one that is still RUNNING on this tracking server."""
+
+    def __init__(self, locks: RunLockHook) -> None:
+        self._locks = locks
+
+    @hook_impl(trylast=True)
+    def before_pipeline_run(self) -> None:
+        import mlflow
+
+        lock, run = self._locks.lock, mlflow.active_run()
+        if lock is None or run is None:
+            return
+        lock.note(mlflow_run_id=run.info.run_id)
+        dead = (lock.left_behind or {}).get("mlflow_run_id")
+        if not dead or dead == run.info.run_id:
+            return
+        try:
+            client = mlflow.MlflowClient()
+            if client.get_run(dead).info.status == "RUNNING":
+                client.set_terminated(dead, status="KILLED")
+                logger.info("MLflow run %s of the run that died holding the run lock marked KILLED", dead)
+        except Exception as error:  # noqa: BLE001 - bookkeeping must never stop a run
+            logger.warning("the MLflow run %s of the run that died holding the run lock was not closed (%s)",
+                           dead, type(error).__name__)  # fmt: skip
 
 
 def lineage_tags(lineage: dict[str, Any], *, produces_data: bool) -> dict[str, str]:

@@ -3,7 +3,7 @@
 from kedro.config import OmegaConfigLoader
 from omegaconf.resolvers import oc
 
-from mvl_pipeline.hooks import LineageTagsHook, RunLockHook
+from mvl_pipeline.hooks import KilledRunHook, LineageTagsHook, RunLockHook
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
@@ -22,5 +22,7 @@ CONFIG_LOADER_ARGS = {
 }
 
 # kedro-mlflow registers its own hook through its entry point; ours take the run lock of the data
-# root before it starts its run, and tag the run it starts.
-HOOKS = (RunLockHook(), LineageTagsHook())
+# root before it starts its run, note that run in the lock (and close the run of a killed holder),
+# and tag the run it starts.
+_RUN_LOCK = RunLockHook()
+HOOKS = (_RUN_LOCK, KilledRunHook(_RUN_LOCK), LineageTagsHook())

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,13 +21,15 @@ from kedro.pipeline import Pipeline, node
 
 from mvl_pipeline.core.run_lock import RunConfig, RunLock, RunLockedError, lock_path
 from mvl_pipeline.datasets.json_file import AtomicJSONDataset
-from mvl_pipeline.hooks import RunLockHook, writes_data
+from mvl_pipeline.hooks import KilledRunHook, RunLockHook, writes_data
 
 HOLDER = """
 import sys, time
 from mvl_pipeline.core.run_lock import RunConfig, RunLock
 lock = RunLock(sys.argv[1], RunConfig(), pipeline="train")
 lock.acquire()
+for note in sys.argv[3:]:  # as KilledRunHook notes the MLflow run id (a longer one first)
+    lock.note(mlflow_run_id=note)
 print("held", flush=True)
 time.sleep(float(sys.argv[2]))
 lock.release()
@@ -38,8 +41,8 @@ def holder(tmp_path):
     """``holder(seconds)``: another process that takes the lock at tmp_path/.run.lock."""
     started = []
 
-    def start(seconds: float) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / ".run.lock"), str(seconds)],
+    def start(seconds: float, *notes: str) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / ".run.lock"), str(seconds), *notes],
                                 stdout=subprocess.PIPE, text=True)  # fmt: skip
         started.append(proc)
         assert proc.stdout.readline().strip() == "held"
@@ -116,14 +119,29 @@ def test_a_holder_killed_with_sigkill_releases_the_lock_and_leaves_its_record(tm
     lock.release()
 
 
+def test_a_holder_killed_after_noting_its_mlflow_run_leaves_a_whole_record_naming_it(tmp_path, holder):
+    other = holder(60, "a-longer-id-noted-first", "run-a")
+    other.send_signal(signal.SIGKILL)
+    other.wait()
+    lock = lock_at(tmp_path, lock="refuse")
+    lock.acquire()
+    assert (lock.left_behind["pid"], lock.left_behind["mlflow_run_id"]) == (other.pid, "run-a")
+    lock.note(mlflow_run_id="run-b")
+    assert json.loads((tmp_path / ".run.lock").read_text()) | {"started": None} == {
+        "pid": os.getpid(), "host": socket.gethostname(), "pipeline": "ingest", "started": None, "mlflow_run_id": "run-b"}
+    lock.release()
+    lock.note(mlflow_run_id="run-c")  # not held: nothing written
+    assert (tmp_path / ".run.lock").read_text() == ""
+
+
 def _pipeline(output: str) -> Pipeline:
     return Pipeline([node(lambda: {"a": 1}, inputs=None, outputs=output, name="make_node")])
 
 
 class _Context:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, data_root: str = "data") -> None:
         self.project_path = root
-        self.config_loader = {"globals": {"data_root": "data"}}
+        self.config_loader = {"globals": {"data_root": data_root}}
 
 
 def test_the_hook_locks_only_runs_that_write_data_and_releases_on_success_and_failure(tmp_path):
@@ -152,3 +170,46 @@ def test_the_hook_locks_only_runs_that_write_data_and_releases_on_success_and_fa
     hook.before_pipeline_run(params, _pipeline("doc"), catalog)
     hook.after_pipeline_run()
     assert (tmp_path / "data" / ".run.lock").read_text() == ""
+
+
+@pytest.fixture
+def tracking(tmp_path):
+    """A sqlite MLflow as kedro-mlflow sets it up (the global tracking URI), restored after."""
+    import mlflow
+
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    yield mlflow.MlflowClient()
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(before)
+
+
+def test_the_mlflow_run_of_a_holder_killed_with_sigkill_is_marked_killed_by_the_next_run(tmp_path, holder, tracking, caplog):
+    import mlflow
+
+    experiment = tracking.create_experiment("runs")
+    dead, finished = (tracking.create_run(experiment).info.run_id for _ in range(2))
+    tracking.set_terminated(finished, status="FINISHED")
+    catalog = DataCatalog({"doc": AtomicJSONDataset(filepath=str(tmp_path / "data" / "doc.json"))})
+    params = {"pipeline_names": ["fit"], "project_path": str(tmp_path)}
+    for left, expected in ((dead, "KILLED"), (finished, "FINISHED"), ("not-on-this-server", None)):
+        other = holder(60, left)  # a run that had opened its MLflow run, then was killed
+        other.send_signal(signal.SIGKILL)
+        other.wait()
+        locks = RunLockHook()
+        locks.after_context_created(_Context(tmp_path, data_root=str(tmp_path)))  # the holder's lock
+        locks.before_pipeline_run(params, _pipeline("doc"), catalog)
+        assert locks.lock.left_behind["mlflow_run_id"] == left
+        with mlflow.start_run(experiment_id=experiment) as run, caplog.at_level(logging.INFO, logger="mvl_pipeline.hooks"):
+            caplog.clear()
+            KilledRunHook(locks).before_pipeline_run()
+            assert json.loads((tmp_path / ".run.lock").read_text())["mlflow_run_id"] == run.info.run_id
+            assert tracking.get_run(run.info.run_id).info.status == "RUNNING"  # its own run is left to kedro-mlflow
+        locks.after_pipeline_run()
+        messages = " ".join(r.getMessage() for r in caplog.records)
+        if expected is None:  # another tracking server's run: said, and the run goes on
+            assert f"the MLflow run {left} of the run that died holding the run lock was not closed" in messages
+        else:
+            assert tracking.get_run(left).info.status == expected
+            assert (f"MLflow run {left} of the run that died holding the run lock marked KILLED" in messages) == (expected == "KILLED")

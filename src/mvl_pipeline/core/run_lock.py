@@ -9,7 +9,9 @@ run. So a run that writes data (``hooks.RunLockHook``) first takes an exclusive 
   ends for any reason, SIGKILL and OOM kill included, so a dead run never blocks the next one.
   What a killed run leaves is its holder record in the file; the next run reports it ("recovered
   the run lock of PID ..."). Its outputs are whole or absent (every save is atomic, see
-  ``core.storage``) and the rerun redoes what it left undone.
+  ``core.storage``) and the rerun redoes what it left undone. The record also holds the dead
+  run's MLflow run id once it had one (``note``), so the next run marks that run KILLED instead
+  of leaving it RUNNING for ever (``hooks.KilledRunHook``).
 - **A second run waits or refuses**, as ``run.lock`` says (``conf/base/parameters_run.yml``):
   ``wait`` logs whom it waits for and waits up to ``run.lock_timeout_s``; ``refuse`` fails at
   once. Either way the message names the holder by PID, host, pipeline and start time, never by a
@@ -114,6 +116,8 @@ class RunLock:
         self.config = config
         self.pipeline = pipeline
         self.left_behind: dict[str, Any] | None = None  # the record of a run that died holding it
+        self._record: dict[str, Any] = {}
+        self._written = 0
         self._lock = FileLock(
             self.path,
             thread_local=False,
@@ -132,9 +136,26 @@ class RunLock:
         # Runs with the flock held: a record still in the file is that of a run that ended
         # without releasing (release() clears it).
         self.left_behind = _parse(os.pread(fd, 1 << 16, 0))
-        record = json.dumps(holder_record(self.pipeline)).encode()
+        self._record = holder_record(self.pipeline)
+        record = json.dumps(self._record).encode()
         os.ftruncate(fd, 0)
-        os.pwrite(fd, record, 0)
+        self._written = os.pwrite(fd, record, 0)
+
+    def note(self, **fields: str) -> None:
+        """Add ``fields`` (ids, no PHI) to this run's record while it holds the lock: what the run
+        that recovers the lock learns if this one dies. The record is rewritten in one write,
+        never truncated first (padded with blanks, which JSON ignores, to cover a longer one), so a
+        kill at any moment leaves a whole record."""
+        if not self._lock.is_locked:
+            return
+        self._record.update(fields)
+        record = json.dumps(self._record).encode()
+        record += b" " * max(0, self._written - len(record))
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            self._written = os.pwrite(fd, record, 0)
+        finally:
+            os.close(fd)
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -203,6 +203,8 @@ def test_an_interrupted_ablation_resumes_only_its_unfinished_trials(smoke):
     # appears) is completed when the resumed run adopts that result
     statuses = {r.info.status for r in _children(root, killed.info.run_id)}
     assert "RUNNING" not in statuses, statuses
+    # and the killed run itself is marked KILLED by the run that recovered its run lock
+    assert (killed.info.status, resumed.info.status, finished.info.status) == ("KILLED", "FINISHED", "FINISHED")
 
 
 def test_trials_are_child_runs_with_their_tags_and_metrics(smoke):

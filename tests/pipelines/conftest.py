@@ -105,7 +105,8 @@ def ray_local():
         with pytest.MonkeyPatch.context() as env:  # read by Ray's processes when they start
             env.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
             env.setenv("RAY_worker_niceness", "0")
-            ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)
+            # a Ray of its own, never one found on the machine (a user's `ray start`)
+            ray.init(address="local", num_cpus=2, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

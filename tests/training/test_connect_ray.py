@@ -98,6 +98,23 @@ def test_a_dashboard_port_taken_by_another_process_while_ray_starts_is_searched_
     assert ports[0] != ports[1] and all(p in ray_driver.DASHBOARD_PORTS for p in ports)
 
 
+def test_a_dashboard_port_taken_and_let_go_again_before_ray_gave_up_is_searched_again(fake_ray):
+    calls, outcomes = fake_ray
+    ports = []
+
+    def lost_the_race(kwargs):  # as seen with two runs starting at once: the other run had ended since
+        ports.append(kwargs["dashboard_port"])
+        raise RuntimeError(
+            "\n\nThe last 20 lines of /tmp/ray/session_x/logs/dashboard.log (it contains the error message from the "
+            "dashboard): \nWARNING http_server_head.py:480 -- Try to use port 8266: [Errno 98] error while attempting "
+            f"to bind on address ('127.0.0.1', {kwargs['dashboard_port']}): address already in use\n"
+        )
+
+    outcomes += [lost_the_race, lambda kwargs: ports.append(kwargs["dashboard_port"])]
+    assert ray_driver.connect_ray(FitConfig()) is True
+    assert calls == {"init": 2, "shutdown": 1} and len(ports) == 2
+
+
 def test_any_other_error_of_ray_init_is_raised_at_once(fake_ray):
     calls, outcomes = fake_ray
     outcomes += [ValueError("num_cpus must be positive")]

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -66,6 +67,9 @@ def absolute(path: str) -> str:
 
 
 LOCAL_RAY_ATTEMPTS = 3  # starts of a local Ray before its start-up timeout is raised
+#: How Ray reports that its dashboard could not bind its port (the tail of dashboard.log in the
+#: error of ray.init, or Ray's own check before it starts).
+PORT_IN_USE = re.compile(r"address already in use|already occupied|errno 98", re.IGNORECASE)
 DASHBOARD_PORTS = range(8265, 8315)  # Ray's own search for a local dashboard's port: 8265 and the 49 after it
 
 
@@ -142,7 +146,9 @@ def connect_ray(fit: FitConfig) -> bool:
                          configure_logging=False, include_dashboard=fit.ray_dashboard, dashboard_port=port)  # fmt: skip
             break
         except Exception as error:
-            taken = port is not None and not _bindable(port)  # by another process since free_dashboard_port
+            # bound by another process since free_dashboard_port: it may hold it still, or have let
+            # it go again by the time Ray gives up waiting for its dashboard (about a minute)
+            taken = port is not None and (not _bindable(port) or PORT_IN_USE.search(str(error)) is not None)
             if not (taken or "timed out during startup" in str(error)) or attempt == LOCAL_RAY_ATTEMPTS:
                 raise
             logger.warning("the local Ray did not start (%s): starting it again, attempt %d of %d",

@@ -1,6 +1,7 @@
 """Evaluation metrics on hand-built prediction/label pairs with known values."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -24,6 +25,17 @@ def test_dice_and_jaccard_of_half_overlapping_boxes():
     assert row["precision"] == pytest.approx(0.5)
     assert row["recall"] == pytest.approx(0.5)
     assert row["status"] == "ok"
+
+
+def test_monai_s_deprecation_of_an_argument_its_own_code_passes_is_not_shown_to_users():
+    label = box((20, 20, 20), (0, 0, 0), (10, 10, 10))
+    pred = box((20, 20, 20), (0, 0, 5), (10, 10, 15))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        row = class_metrics(pred, label, 1, spacing=(1, 1, 1), nsd_tolerance_mm=1.0)
+        warnings.warn("a warning of the caller's own", UserWarning, stacklevel=1)  # others still pass
+    assert row["hd95_mm"] > 0 and 0 < row["nsd"] < 1
+    assert [str(w.message) for w in caught] == ["a warning of the caller's own"]
 
 
 def test_hd95_is_in_millimetres_with_anisotropic_spacing():

@@ -16,6 +16,7 @@ Distances use the voxel spacing of the grid the arrays live on (anisotropic spac
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -100,20 +101,22 @@ def class_metrics(
         )
         return row
     spacing_list = [float(s) for s in spacing]
+    with warnings.catch_warnings():
+        # MONAI 1.6 deprecates an argument that its own surface-distance code still passes
+        # (get_mask_edges' always_return_as_numpy): nothing a caller can change, so not shown
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
+        hd95 = compute_hausdorff_distance(y_pred, y, include_background=False, percentile=95, spacing=spacing_list)
+        nsd = compute_surface_dice(
+            y_pred, y, class_thresholds=[float(nsd_tolerance_mm)], include_background=False, spacing=spacing_list
+        )
     row.update(
         status="ok",
         dice=dice(pred, true),
         jaccard=float(compute_iou(y_pred, y, include_background=False).item()),
         precision=float(compute_confusion_matrix_metric("precision", confusion).item()),
         recall=float(compute_confusion_matrix_metric("sensitivity", confusion).item()),
-        hd95_mm=float(
-            compute_hausdorff_distance(y_pred, y, include_background=False, percentile=95, spacing=spacing_list).item()
-        ),
-        nsd=float(
-            compute_surface_dice(
-                y_pred, y, class_thresholds=[float(nsd_tolerance_mm)], include_background=False, spacing=spacing_list
-            ).item()
-        ),
+        hd95_mm=float(hd95.item()),
+        nsd=float(nsd.item()),
     )
     return row
 

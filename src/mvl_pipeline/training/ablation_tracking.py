@@ -8,8 +8,8 @@ the new parent gets a child carrying that trial's stored metrics, tagged ``resum
 with the run that did the work, so every parent run holds the whole grid. A child left RUNNING
 by a killed trial is marked KILLED when its trial starts again; the child of a trial killed after
 it stored its result but before its run was closed is completed (metrics, curve, FINISHED) when a
-later invocation adopts that result. Tags and metrics hold arm names,
-seeds, hashes and figures only: no case or patient identifier (no PHI) reaches MLflow.
+later invocation adopts that result. Tags and metrics hold arm names, seeds, hashes and figures
+only: no case or patient identifier (no PHI) reaches MLflow.
 """
 
 from __future__ import annotations
@@ -103,7 +103,11 @@ def finish_child(
     answer) are logged too, so each child holds the trial's whole curve."""
     if not parent or not run_id:
         return
-    client = mlflow_client(parent["tracking_uri"])
+    _close(mlflow_client(parent["tracking_uri"]), run_id, metrics, history)
+
+
+def _close(client: Any, run_id: str, metrics: Mapping[str, float], history: Sequence[Mapping[str, Any]]) -> None:
+    """Log ``metrics`` and the epochs of ``history`` the run lacks, then mark it FINISHED."""
     _log(client, run_id, metrics, [])
     log_missing_epochs(client, run_id, history)
     client.set_terminated(run_id, status="FINISHED")
@@ -121,9 +125,7 @@ def _complete_cut_child(client: Any, trial: Mapping[str, Any]) -> None:
         if run.info.status != "RUNNING":
             return
         missing = {k: v for k, v in trial["test_metrics"].items() if k not in run.data.metrics}
-        _log(client, run_id, missing, [])
-        log_missing_epochs(client, run_id, trial["history"])
-        client.set_terminated(run_id, status="FINISHED")
+        _close(client, run_id, missing, trial["history"])
         logger.info("MLflow run %s of a trial stopped after storing its result: completed", run_id)
     except Exception as exc:  # noqa: BLE001 - bookkeeping must never stop the ablation
         logger.warning("could not close the MLflow run of an earlier trial: %s", type(exc).__name__)

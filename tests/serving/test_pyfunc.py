@@ -123,3 +123,25 @@ def test_a_bundle_without_its_plan_is_refused(tmp_path):
     write_bundle(tmp_path / "no_plan", num_classes=3, plan=None)
     with pytest.raises(BundleError, match="plan.json missing"):
         loaded(tmp_path / "no_plan", {"llm_cache_dir": str(tmp_path / "llm-cache")})
+
+
+def test_predict_declares_its_input_type_so_mlflow_has_nothing_to_warn_about():
+    # settings.py hides MLflow's "Add type hints to the `predict` method" for kedro-mlflow's class
+    # only because ours is not concerned: MLflow warns when the input argument has no type hint
+    from typing import get_type_hints
+
+    assert get_type_hints(MedVisionLlamaPyfunc.predict)["model_input"] is np.ndarray
+
+
+def test_the_model_code_file_builds_this_pyfunc(monkeypatch):
+    # what MLflow runs when it loads a registered model ("models from code"): set_model(our class)
+    import runpy
+
+    import mlflow.models
+
+    models = []
+    monkeypatch.setattr(mlflow.models, "set_model", models.append)
+    from mvl_pipeline.serving.pyfunc import MODEL_CODE
+
+    runpy.run_path(str(MODEL_CODE))
+    assert len(models) == 1 and type(models[0]) is MedVisionLlamaPyfunc

@@ -188,7 +188,7 @@ class MlflowRegistryDataset(AbstractDataset[RegistrationRequest | AlreadyRegiste
         from mlflow.types import Schema, TensorSpec
 
         from mvl_pipeline.formats.model_bundle import write_weights
-        from mvl_pipeline.serving.pyfunc import MedVisionLlamaPyfunc
+        from mvl_pipeline.serving.pyfunc import MODEL_CODE
 
         if self._tracking_uri:
             mlflow.set_tracking_uri(self._tracking_uri)
@@ -206,7 +206,8 @@ class MlflowRegistryDataset(AbstractDataset[RegistrationRequest | AlreadyRegiste
                 write_weights(bundle, data.weights, plan=data.plan)
                 info = mlflow.pyfunc.log_model(
                     name="model",
-                    python_model=MedVisionLlamaPyfunc(),
+                    # the model's code file (models from code), not a pickled object
+                    python_model=str(MODEL_CODE),
                     artifacts={"model_dir": str(bundle)},
                     signature=signature,
                     pip_requirements=["mvl_pipeline", "torch", "transformers", "safetensors", "monai"],

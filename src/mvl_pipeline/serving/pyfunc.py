@@ -18,6 +18,10 @@ import numpy as np
 
 from mvl_pipeline.formats.model_bundle import read_bundle
 
+# What the registry logs as the model (MLflow "models from code"): a file that builds this class,
+# so that loading the model unpickles nothing.
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
+
 
 class MedVisionLlamaPyfunc(mlflow.pyfunc.PythonModel):
     """Loads the bundle; the frozen LLM layer is rebuilt from its source and hash-checked."""

@@ -261,12 +261,17 @@ def test_a_re_split_that_puts_champion_training_patients_into_the_gate_is_refuse
     assert versions(client) == [1] and champion_version(client) == "1"  # nothing registered
 
 
-def test_registered_model_loads_as_pyfunc_and_predicts_probabilities(tiny_training_data, tiny_models, registry):
+def test_registered_model_loads_as_pyfunc_and_predicts_probabilities(tiny_training_data, tiny_models, registry,
+                                                                     monkeypatch, caplog):  # fmt: skip
     import numpy as np
 
     dataset, _ = registry
     data = tiny_training_data
-    register(dataset, data, tiny_models["short"], FIRST_ANYWAY)
+    with caplog.at_level("WARNING", logger="mlflow"):
+        register(dataset, data, tiny_models["short"], FIRST_ANYWAY)
+    assert "CloudPickle" not in caplog.text  # the model is logged as its code file, not pickled
+    # a site that forbids unpickling models (MLflow's switch) still loads it: nothing is unpickled
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     patch = data["preprocessing_plan"]["patch_size"]
     out = model.predict(np.zeros((1, 1, *patch), np.float32))

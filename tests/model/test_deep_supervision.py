@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mvl_pipeline.model import build_model
+from mvl_pipeline.model.decoder import PointwiseConv3d
 from mvl_pipeline.training.losses import (
     deep_supervision_weights,
     make_loss,
@@ -47,6 +48,51 @@ def test_the_heads_learn_through_the_loss(make_cfg, llm_cache_dir):
     supervised_loss(make_loss(3), logits, coarse, labels, 3).backward()
     for head in deep.decoder.aux_heads:
         assert head.weight.grad is not None and float(head.weight.grad.abs().sum()) > 0
+
+
+def test_a_class_head_is_the_1x1x1_convolution_with_its_gradient_in_the_parameters_layout():
+    torch.manual_seed(0)
+    head = PointwiseConv3d(6, 3)
+    conv = torch.nn.Conv3d(6, 3, kernel_size=1)
+    conv.load_state_dict(head.state_dict())  # same parameters, same state_dict keys and shapes
+    x = torch.randn(2, 6, 4, 5, 3).contiguous(memory_format=torch.channels_last_3d)  # as the decoder's levels
+    grad = torch.randn(2, 3, 4, 5, 3)
+    for module in (head, conv):
+        module(x).backward(grad)
+    torch.testing.assert_close(head(x), conv(x), rtol=0, atol=0)
+    torch.testing.assert_close(head.weight.grad, conv.weight.grad, rtol=0, atol=0)
+    assert head.weight.grad.stride() == head.weight.stride()
+
+
+@pytest.mark.parametrize("decoder", [{"deep_supervision": True}, {"deep_supervision": True, "full_res": "conv"}])
+def test_distributed_data_parallel_takes_the_heads_gradients_without_copying_them(
+    make_cfg, llm_cache_dir, tmp_path, decoder
+):
+    """A real gloo process group (world size 1) and DDP as ``prepare_model`` wraps the model: the
+    heads' (and with ``full_res: conv`` the classifier's) gradients match their bucket views, so
+    DDP neither warns about strides nor copies them."""
+    import warnings
+
+    import torch.distributed as dist
+
+    deep = build_model(make_cfg(decoder=decoder), llm_cache_dir=llm_cache_dir).train()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(deep, find_unused_parameters=False)
+        x = torch.randn(2, 1, 16, 16, 8)
+        labels = torch.randint(0, 3, (2, 16, 16, 8))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                logits, coarse = model(x, aux=True)
+                supervised_loss(make_loss(3), logits, coarse, labels, 3).backward()
+    finally:
+        dist.destroy_process_group()
+    assert not [w for w in caught if "strides" in str(w.message)], [str(w.message)[:120] for w in caught]
+    for name, param in deep.named_parameters():
+        if param.grad is not None:
+            assert param.grad.stride() == param.stride(), name
+    assert all(float(head.weight.grad.abs().sum()) > 0 for head in deep.decoder.aux_heads)
 
 
 def test_a_level_count_is_refused(make_cfg):

@@ -115,6 +115,22 @@ class UpNormAct(ConvNormAct):
         self.conv = PatchConvTranspose3d(in_channels, out_channels, factor, bias=False, matmul=matmul)
 
 
+class PointwiseConv3d(nn.Conv3d):
+    """``Conv3d(kernel_size=1)`` (a class head) whose weight gradient keeps the parameter's layout.
+
+    On a channels_last_3d input oneDNN (and cuDNN) return the (C_out, C_in, 1, 1, 1) weight's
+    gradient with channels_last strides, which differ from the parameter's; DistributedDataParallel
+    then warned "Grad strides do not match bucket view strides" and copied it every step. The
+    convolution here takes the weight through a reshape, whose backward hands the gradient back
+    as a view in the parameter's own strides: same values, same kernel, no copy."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight.flatten(1).reshape(self.weight.shape), self.bias)
+
+
 def upsample(in_channels: int, out_channels: int, factor: Grid, matmul: bool = True) -> nn.ConvTranspose3d:
     """Plain learned upsampling (UNETR's decoder step): a fusion conv block follows it."""
     return PatchConvTranspose3d(in_channels, out_channels, factor, matmul=matmul)
@@ -186,7 +202,8 @@ class FusionDecoder(nn.Module):
         if deep_supervision and num_classes < 1:
             raise ValueError("deep supervision needs num_classes")
         self.aux_heads = nn.ModuleList(
-            nn.Conv3d(channels[levels - 1 - i], num_classes, kernel_size=1) for i in range(levels if deep_supervision else 0)
+            PointwiseConv3d(channels[levels - 1 - i], num_classes)
+            for i in range(levels if deep_supervision else 0)
         )
 
     def forward(

@@ -35,7 +35,7 @@ from .blocks import (
     tokens_to_grid,
 )
 from .config import LORA_LAYER_TARGETS, LORA_PROJECTION_TARGETS, MedVisionLlamaConfig
-from .decoder import FusionDecoder, default_conv_act, default_conv_norm
+from .decoder import FusionDecoder, PointwiseConv3d, default_conv_act, default_conv_norm
 from .init import init_parameters
 from .llm_layer import LLMDims, LLMReference, LoadedLLMLayer, load_llm_layer
 
@@ -94,7 +94,7 @@ class MedVisionLlama(nn.Module):
             full_res=cfg.decoder.full_res,
         )
         # with decoder.full_res space_to_depth the decoder's unfolding GEMM already yields logits
-        self.classifier = (nn.Conv3d(cfg.decoder.stem_channels, cfg.num_classes, kernel_size=1)
+        self.classifier = (PointwiseConv3d(cfg.decoder.stem_channels, cfg.num_classes)
                            if cfg.decoder.full_res == "conv" else nn.Identity())  # fmt: skip
         for name, module in self.named_modules():
             if not name.startswith(FROZEN_LLM_PREFIX.rstrip(".")):

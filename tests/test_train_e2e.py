@@ -90,8 +90,14 @@ def test_make_train_flow_leaves_a_champion_and_a_report(project):
     with sqlite3.connect(project / "mlflow.db") as db:
         aliases = db.execute("select name, alias, version from registered_model_aliases").fetchall()
         run_tags = dict(db.execute("select key, value from tags").fetchall())
+        runs = db.execute("select r.status, t.value from runs r left join tags t on t.run_uuid = r.run_uuid "
+                          "and t.key = 'mvl.heartbeat_unix' order by r.start_time").fetchall()  # fmt: skip
     assert ("medvisionllama", "champion", 1) in aliases
     assert "mlflow.runName" in run_tags
+    # every run beat (core.run_heartbeat), the refused one without a key too, and train's ended
+    # FINISHED: its heartbeat thread held nothing up
+    assert [status for status, _ in runs] == ["FAILED", "FINISHED"], runs
+    assert all(beat and beat.isdigit() for _, beat in runs), runs
     history = json.loads((reporting / "fit_history.json").read_text())
     assert len(history["epochs"]) == 2
 

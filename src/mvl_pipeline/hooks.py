@@ -7,7 +7,9 @@ the run ends or fails; ``params:run`` says whether a second run waits or refuses
 from a run that died holding it, it first removes that run's unfinished temporaries
 (``core.storage.remove_temporaries``). ``KilledRunHook`` writes the id of the MLflow run that
 kedro-mlflow opens into the lock's record, and marks the run of a dead holder KILLED: a run killed
-by SIGKILL or the OOM killer ends no MLflow run itself, so it would stay RUNNING for ever.
+by SIGKILL or the OOM killer ends no MLflow run itself, so it would stay RUNNING for ever. It also
+starts the run's heartbeat and closes the experiment's runs that fell silent, for runs killed
+where no lock proves it (``core.run_heartbeat``).
 
 kedro-mlflow 2.0.3 starts its run in its own ``before_pipeline_run``; this hook runs after it
 (``trylast``) and sets, on that active run, the tags ``git_commit``, ``git_dirty``,
@@ -26,6 +28,7 @@ from kedro.framework.hooks import hook_impl
 from kedro.io import MemoryDataset
 
 from mvl_pipeline.core import storage
+from mvl_pipeline.core.run_heartbeat import Heartbeat, close_silent_runs
 from mvl_pipeline.core.run_lock import RunConfig, RunLock, local_root, lock_path
 from mvl_pipeline.datasets.lineage import LineageDataset
 
@@ -98,32 +101,53 @@ class RunLockHook:
 
 
 class KilledRunHook:
-    """After kedro-mlflow has opened this run's MLflow run (``trylast``): note its id in the run
-    lock's record, and close the MLflow run of the run that died holding the lock (KILLED), if the
-    record names one that is still RUNNING on this tracking server."""
+    """After kedro-mlflow has opened this run's MLflow run (``trylast``): start its heartbeat and
+    mark KILLED the experiment's runs silent for ``run.stale_after_s`` (``core.run_heartbeat``);
+    note its id in the run lock's record, and close the MLflow run of the run that died holding
+    the lock (KILLED), if the record names one that is still RUNNING on this tracking server."""
 
     def __init__(self, locks: RunLockHook) -> None:
         self._locks = locks
+        self._heartbeat: Heartbeat | None = None
 
     @hook_impl(trylast=True)
-    def before_pipeline_run(self) -> None:
+    def before_pipeline_run(self, catalog: Any) -> None:
         import mlflow
 
-        lock, run = self._locks.lock, mlflow.active_run()
-        if lock is None or run is None:
+        run = mlflow.active_run()
+        if run is None:  # MLflow disabled for this pipeline (sample_data)
+            return
+        config = RunConfig.from_params(catalog.load(RUN_PARAMS) if RUN_PARAMS in catalog else {})
+        client = mlflow.MlflowClient()
+        self._heartbeat = Heartbeat(client, run.info.run_id, config.heartbeat_s).start()
+        close_silent_runs(client, run.info.experiment_id, stale_after_s=config.stale_after_s, exclude=run.info.run_id)
+        lock = self._locks.lock
+        if lock is None:
             return
         lock.note(mlflow_run_id=run.info.run_id)
         dead = (lock.left_behind or {}).get("mlflow_run_id")
         if not dead or dead == run.info.run_id:
             return
         try:
-            client = mlflow.MlflowClient()
             if client.get_run(dead).info.status == "RUNNING":
                 client.set_terminated(dead, status="KILLED")
                 logger.info("MLflow run %s of the run that died holding the run lock marked KILLED", dead)
         except Exception as error:  # noqa: BLE001 - bookkeeping must never stop a run
             logger.warning("the MLflow run %s of the run that died holding the run lock was not closed (%s)",
                            dead, type(error).__name__)  # fmt: skip
+
+    @hook_impl(tryfirst=True)  # before kedro-mlflow ends the run: no beat after it
+    def after_pipeline_run(self) -> None:
+        self._stop()
+
+    @hook_impl(tryfirst=True)
+    def on_pipeline_error(self) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
 
 
 def lineage_tags(lineage: dict[str, Any], *, produces_data: bool) -> dict[str, str]:

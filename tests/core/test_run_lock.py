@@ -203,9 +203,11 @@ def test_the_mlflow_run_of_a_holder_killed_with_sigkill_is_marked_killed_by_the_
         assert locks.lock.left_behind["mlflow_run_id"] == left
         with mlflow.start_run(experiment_id=experiment) as run, caplog.at_level(logging.INFO, logger="mvl_pipeline.hooks"):
             caplog.clear()
-            KilledRunHook(locks).before_pipeline_run()
+            killed = KilledRunHook(locks)
+            killed.before_pipeline_run(catalog)
             assert json.loads((tmp_path / ".run.lock").read_text())["mlflow_run_id"] == run.info.run_id
             assert tracking.get_run(run.info.run_id).info.status == "RUNNING"  # its own run is left to kedro-mlflow
+            killed.after_pipeline_run()  # its heartbeat stops
         locks.after_pipeline_run()
         messages = " ".join(r.getMessage() for r in caplog.records)
         if expected is None:  # another tracking server's run: said, and the run goes on

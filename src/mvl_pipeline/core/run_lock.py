@@ -49,18 +49,26 @@ REMIND_EVERY_S = 60.0
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig(ConfigBlock):
-    """The ``run`` block: what a run does when another run holds the data root."""
+    """The ``run`` block: what a run does when another run holds the data root, and how its MLflow
+    run shows it is alive (``core.run_heartbeat``)."""
 
     WHERE: ClassVar[str] = "run"
 
     lock: str = "wait"
     lock_timeout_s: float = 3600.0
+    heartbeat_s: float = 60.0
+    stale_after_s: float = 900.0
 
     def __post_init__(self) -> None:
         if self.lock not in LOCK_MODES:
             raise ValueError(f"run.lock must be one of {LOCK_MODES}, got {self.lock!r}")
         if not self.lock_timeout_s > 0:
             raise ValueError(f"run.lock_timeout_s must be > 0, got {self.lock_timeout_s}")
+        if not self.heartbeat_s > 0:
+            raise ValueError(f"run.heartbeat_s must be > 0, got {self.heartbeat_s}")
+        if not self.stale_after_s >= 3 * self.heartbeat_s:
+            raise ValueError(f"run.stale_after_s must be at least 3 heartbeats ({3 * self.heartbeat_s:.0f} s), "
+                             f"got {self.stale_after_s}")  # fmt: skip
 
 
 class RunLockedError(RuntimeError):

@@ -387,6 +387,33 @@ def test_sigkill_mid_preprocess_keeps_the_written_cases_and_the_rerun_computes_o
     assert temporaries(root) == []
 
 
+def test_a_run_killed_where_no_lock_record_survives_is_closed_by_the_next_run_once_silent(tmp_path_factory, prepared):
+    """A RayJob's pod, or a run on an s3:// data root: the next run finds no lock record of the
+    killed one (here removed, as a new pod has none), so only the heartbeat can show it died."""
+    from mlflow.tracking import MlflowClient
+
+    root = clone(tmp_path_factory, prepared, "faults-silent", data=("01_raw", "02_intermediate"))
+    run = Run(root, "--pipelines", "preprocess", name="preprocess-killed")
+    run_until(run, lambda: (root / MODEL_INPUT).is_dir() and any((root / MODEL_INPUT).iterdir()), "preprocess writes")
+    run.kill()
+    (root / "data" / ".run.lock").unlink()
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    (killed,) = client.search_runs(experiments, filter_string="attributes.status = 'RUNNING'")
+    assert killed.data.tags["mvl.heartbeat_unix"].isdigit()
+    while time.time() - int(killed.data.tags["mvl.heartbeat_unix"]) <= 3:  # silent longer than stale_after_s
+        time.sleep(0.2)
+
+    output = Run(root, "--pipelines", "preprocess", "--params", "run.heartbeat_s=1,run.stale_after_s=3",
+                 name="preprocess-rerun").succeeded()  # fmt: skip
+    assert "recovered the run lock" not in output  # nothing but the heartbeat told
+    assert re.search(rf"MLflow run {killed.info.run_id}: no heartbeat for \d+ s \(run.stale_after_s 3 s\), marked KILLED",
+                     output), output[-3000:]  # fmt: skip
+    runs = client.search_runs(experiments, order_by=["attributes.start_time ASC"])
+    assert [r.info.status for r in runs][-2:] == ["KILLED", "FINISHED"] and runs[-2].info.run_id == killed.info.run_id
+    assert "RUNNING" not in {r.info.status for r in runs}
+
+
 # -- S3 outage during ingest -------------------------------------------------------------------
 S3_KEY, S3_SECRET = "AKIAFAULTTESTKEY0001", "fault-test-secret-never-logged"
 BUCKET = "hospital-drop"

@@ -84,8 +84,12 @@ def close_silent_runs(client: Any, experiment_id: str, *, stale_after_s: float, 
             if silent > stale_after_s:
                 client.set_terminated(run.info.run_id, status="KILLED")
                 closed.append(run.info.run_id)
-                logger.info("MLflow run %s: no heartbeat for %.0f min (run.stale_after_s %.0f s), marked KILLED",
-                            run.info.run_id, silent / 60, stale_after_s)  # fmt: skip
+                logger.info("MLflow run %s: no heartbeat for %s (run.stale_after_s %.0f s), marked KILLED",
+                            run.info.run_id, _duration(silent), stale_after_s)  # fmt: skip
     except Exception as error:  # noqa: BLE001 - bookkeeping must never stop a run
         logger.warning("the silent runs of MLflow experiment %s were not checked (%s)", experiment_id, type(error).__name__)
     return closed
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"

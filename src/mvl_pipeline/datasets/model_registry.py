@@ -15,6 +15,7 @@ import copy
 import functools
 import logging
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,15 +205,20 @@ class MlflowRegistryDataset(AbstractDataset[RegistrationRequest | AlreadyRegiste
             with tempfile.TemporaryDirectory(prefix="mvl-register-") as tmp:
                 bundle = Path(tmp) / "model_dir"
                 write_weights(bundle, data.weights, plan=data.plan)
-                info = mlflow.pyfunc.log_model(
-                    name="model",
-                    # the model's code file (models from code), not a pickled object
-                    python_model=str(MODEL_CODE),
-                    artifacts={"model_dir": str(bundle)},
-                    signature=signature,
-                    pip_requirements=["mvl_pipeline", "torch", "transformers", "safetensors", "monai"],
-                    model_config={"llm_cache_dir": self._llm_cache_dir} if self._llm_cache_dir else None,
-                )
+                with warnings.catch_warnings():
+                    # No input example, on purpose: the signature above says what goes in, and an
+                    # example volume would be megabytes that MLflow runs the model on at every
+                    # registration. So its advice to give one is noise at every `register`.
+                    warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
+                    info = mlflow.pyfunc.log_model(
+                        name="model",
+                        # the model's code file (models from code), not a pickled object
+                        python_model=str(MODEL_CODE),
+                        artifacts={"model_dir": str(bundle)},
+                        signature=signature,
+                        pip_requirements=["mvl_pipeline", "torch", "transformers", "safetensors", "monai"],
+                        model_config={"llm_cache_dir": self._llm_cache_dir} if self._llm_cache_dir else None,
+                    )
                 for name, document in data.extra.items():  # e.g. the test summary of these weights
                     mlflow.log_dict(document, f"{name}.json")
             client = self._client()

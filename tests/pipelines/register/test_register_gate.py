@@ -9,6 +9,7 @@ on its own training patients after a re-split.
 from __future__ import annotations
 
 import json
+import warnings
 
 import mlflow
 import pytest
@@ -267,9 +268,12 @@ def test_registered_model_loads_as_pyfunc_and_predicts_probabilities(tiny_traini
 
     dataset, _ = registry
     data = tiny_training_data
-    with caplog.at_level("WARNING", logger="mlflow"):
+    with caplog.at_level("WARNING", logger="mlflow"), warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
         register(dataset, data, tiny_models["short"], FIRST_ANYWAY)
     assert "CloudPickle" not in caplog.text  # the model is logged as its code file, not pickled
+    # nor advised to carry an input example (the signature says what goes in: model_registry.py)
+    assert not [w for w in shown if "input example" in str(w.message)], [str(w.message)[:100] for w in shown]
     # a site that forbids unpickling models (MLflow's switch) still loads it: nothing is unpickled
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")

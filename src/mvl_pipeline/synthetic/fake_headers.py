@@ -94,7 +94,9 @@ def study_header(
         "SeriesDate": when.strftime("%Y%m%d"),
         "SeriesTime": when.strftime("%H%M%S"),
         "AccessionNumber": f"RA{when.strftime('%y')}{int(rng.integers(0, 10**6)):06d}",
-        "StudyID": f"{int(rng.integers(1000, 10**5))}",
+        # 8 digits: never a PID (at most 7: pid_max 4194304) or a port, so a PHI scan of logs full
+        # of those (Ray's gcs_server.out) finds it only where it leaked
+        "StudyID": f"{int(rng.integers(10**7, 10**8))}",
         "InstitutionName": institution,
         "InstitutionAddress": address,
         "StationName": _STATIONS[int(rng.integers(len(_STATIONS)))],

@@ -60,6 +60,7 @@ class RunLockHook:
         self._project_path: Path | None = None
         self._data_root = "data"
         self._lock: RunLock | None = None
+        self._config = RunConfig()
 
     @hook_impl
     def after_context_created(self, context: Any) -> None:
@@ -68,9 +69,9 @@ class RunLockHook:
 
     @hook_impl(tryfirst=True)  # before kedro-mlflow opens a run that a refused run would leave open
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        self._config = config = RunConfig.from_params(catalog.load(RUN_PARAMS) if RUN_PARAMS in catalog else {})
         if not writes_data(pipeline, catalog):
             return
-        config = RunConfig.from_params(catalog.load(RUN_PARAMS) if RUN_PARAMS in catalog else {})
         project = self._project_path or Path(run_params.get("project_path") or ".")
         name = ",".join(run_params.get("pipeline_names") or ["__default__"])
         self._lock = RunLock(lock_path(self._data_root, project), config, pipeline=name)
@@ -88,6 +89,11 @@ class RunLockHook:
     @hook_impl(trylast=True)
     def on_pipeline_error(self) -> None:
         self._release()
+
+    @property
+    def config(self) -> RunConfig:
+        """This run's ``run`` block (read once, for every run: the heartbeat needs it too)."""
+        return self._config
 
     @property
     def lock(self) -> RunLock | None:
@@ -111,13 +117,13 @@ class KilledRunHook:
         self._heartbeat: Heartbeat | None = None
 
     @hook_impl(trylast=True)
-    def before_pipeline_run(self, catalog: Any) -> None:
+    def before_pipeline_run(self) -> None:
         import mlflow
 
         run = mlflow.active_run()
         if run is None:  # MLflow disabled for this pipeline (sample_data)
             return
-        config = RunConfig.from_params(catalog.load(RUN_PARAMS) if RUN_PARAMS in catalog else {})
+        config = self._locks.config
         client = mlflow.MlflowClient()
         self._heartbeat = Heartbeat(client, run.info.run_id, config.heartbeat_s).start()
         close_silent_runs(client, run.info.experiment_id, stale_after_s=config.stale_after_s, exclude=run.info.run_id)

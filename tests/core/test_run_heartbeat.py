@@ -13,6 +13,7 @@ import time
 
 import pytest
 from kedro.io import DataCatalog, MemoryDataset
+from kedro.pipeline import Pipeline, node
 
 from mvl_pipeline.core.run_heartbeat import HEARTBEAT_TAG, Heartbeat, close_silent_runs
 from mvl_pipeline.core.run_lock import RunConfig
@@ -129,9 +130,12 @@ def test_the_hook_beats_for_the_active_run_closes_silent_ones_and_stops_at_the_e
     silent = client.create_run(experiment).info.run_id
     client.set_tag(silent, HEARTBEAT_TAG, str(int(time.time()) - 3600))  # died an hour ago
     catalog = DataCatalog({"params:run": MemoryDataset({"heartbeat_s": 0.2, "stale_after_s": 600})})
-    hook = KilledRunHook(RunLockHook())  # a run that writes nothing: no lock, still a heartbeat
+    locks = RunLockHook()  # reads the run block, as kedro calls it first (tryfirst)
+    locks.before_pipeline_run({"pipeline_names": ["report"]}, Pipeline([node(lambda: 1, None, "shown")]), catalog)
+    assert locks.lock is None and locks.config.heartbeat_s == 0.2  # writes nothing: no lock, still a heartbeat
+    hook = KilledRunHook(locks)
     with mlflow.start_run(experiment_id=experiment) as run:
-        hook.before_pipeline_run(catalog)
+        hook.before_pipeline_run()
         _until(lambda: _beat_of(client, run.info.run_id) is not None, "the first heartbeat", timeout_s=10)
         assert client.get_run(silent).info.status == "KILLED"
         hook.after_pipeline_run()

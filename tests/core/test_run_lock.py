@@ -204,7 +204,7 @@ def test_the_mlflow_run_of_a_holder_killed_with_sigkill_is_marked_killed_by_the_
         with mlflow.start_run(experiment_id=experiment) as run, caplog.at_level(logging.INFO, logger="mvl_pipeline.hooks"):
             caplog.clear()
             killed = KilledRunHook(locks)
-            killed.before_pipeline_run(catalog)
+            killed.before_pipeline_run()
             assert json.loads((tmp_path / ".run.lock").read_text())["mlflow_run_id"] == run.info.run_id
             assert tracking.get_run(run.info.run_id).info.status == "RUNNING"  # its own run is left to kedro-mlflow
             killed.after_pipeline_run()  # its heartbeat stops

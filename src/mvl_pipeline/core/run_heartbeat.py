@@ -45,7 +45,7 @@ class Heartbeat:
         self._thread.start()
         return self
 
-    def beat(self) -> bool:
+    def beat(self) -> None:
         try:
             self._client.set_tag(self._run_id, HEARTBEAT_TAG, str(int(time.time())))
         except Exception as error:  # noqa: BLE001 - a heartbeat must never stop a run
@@ -53,8 +53,6 @@ class Heartbeat:
                 logger.warning("the heartbeat of MLflow run %s was not recorded (%s); retrying every %.0f s",
                                self._run_id, type(error).__name__, self._interval)  # fmt: skip
                 self._warned = True
-            return False
-        return True
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -68,11 +66,10 @@ class Heartbeat:
             self._thread.join(timeout_s)
 
 
-def close_silent_runs(client: Any, experiment_id: str, *, stale_after_s: float, exclude: str = "",
-                      now: float | None = None) -> list[str]:  # fmt: skip
+def close_silent_runs(client: Any, experiment_id: str, *, stale_after_s: float, exclude: str = "") -> list[str]:
     """Mark KILLED every RUNNING run of the experiment whose heartbeat is older than
     ``stale_after_s``; the ids so marked (never ``exclude``, this run's own)."""
-    now = time.time() if now is None else now
+    now = time.time()
     closed: list[str] = []
     try:
         running = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)

@@ -15,6 +15,16 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# `make test` runs two test processes on the machine's cores (pytest-xdist). Each would otherwise
+# give torch every core, in itself and in the runs it starts, and two processes of 2 threads each
+# on 2 cores ran a model's training steps 5x slower than two of 1 thread (OpenMP's threads spin
+# while they wait for each other). So each test process, and everything it starts (kedro runs,
+# Ray workers: Ray keeps an OMP_NUM_THREADS set before it), gets its share of the cores, unless
+# OMP_NUM_THREADS was set already. Set here, before torch is imported in this process.
+XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+if XDIST_WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // XDIST_WORKERS)))
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 

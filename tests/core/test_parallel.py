@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import pytest
 
-from mvl_pipeline.core.parallel import LazyResults, parallel_map
+from mvl_pipeline.core.parallel import LazyResults, parallel_map, torch_threads
 
 
 @pytest.mark.parametrize("workers", [1, 2, 4])
@@ -47,3 +48,30 @@ def test_lazy_results_propagate_errors_to_the_caller():
     with pytest.raises(RuntimeError, match="boom"):
         callables[2]()
     assert callables[3]() == 3
+
+
+@pytest.mark.parametrize(
+    ("explicit", "share", "omp", "expected"),
+    [
+        (0, 4, None, 4),  # the worker's CPU share
+        (0, 4, "1", 1),  # at most OMP_NUM_THREADS
+        (0, 2, "8", 2),  # which never raises the share
+        (3, 4, "1", 3),  # an explicit loop.torch_threads wins
+        (0, 4, "2,1", 2),  # a nested list: its first level
+        (0, 4, "0", 4),  # not a positive number: ignored
+        (0, 4, "many", 4),
+    ],
+)
+def test_torch_threads_is_the_share_capped_by_omp_num_threads(monkeypatch, explicit, share, omp, expected):
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    assert torch_threads(explicit, share) == expected
+
+
+def test_share_zero_is_every_core_capped_by_omp_num_threads(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert torch_threads(0, 0) == (os.cpu_count() or 1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert torch_threads(0, 0) == 1

@@ -34,6 +34,29 @@ def resolve_workers(workers: int | None, *, cap: int | None = None) -> int:
     return min(cores, cap) if cap else cores
 
 
+def omp_threads() -> int | None:
+    """``OMP_NUM_THREADS`` when it is set to a positive number (its first, for a nested list such
+    as ``4,2``), else None."""
+    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def torch_threads(explicit: int, share: int) -> int:
+    """The threads torch may use in this process: ``explicit`` when > 0; otherwise ``share`` (the
+    CPUs this worker was given, 0 = every core of the machine), at most ``OMP_NUM_THREADS`` when
+    that is set. Ray sets ``OMP_NUM_THREADS`` to the CPUs it gave a worker unless it was set
+    before, so inside Ray it is the share; set by whoever shares the machine between several
+    runs (a job script, a CI running two test processes), it keeps them from oversubscribing the
+    cores. That costs more than it seems: OpenMP's threads spin while they wait for each other,
+    and two processes of 2 threads each on 2 cores ran the same model's training steps 5x slower
+    than two of 1 thread each (54 s against 10.5 s, AMD, 2026-12-04)."""
+    if explicit > 0:
+        return int(explicit)
+    threads = resolve_workers(share)
+    cap = omp_threads()
+    return min(threads, cap) if cap else threads
+
+
 class _Progress:
     def __init__(self, what: str, total: int, every: int) -> None:
         self.what, self.total, self.every = what, total, max(1, every)

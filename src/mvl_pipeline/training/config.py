@@ -32,7 +32,7 @@ class LoopConfig(ConfigBlock):
     val_overlap: float = 0.25
     val_sw_batch_size: int = 2
     val_case_batch: int = 4  # validation cases that fit one window, predicted together
-    torch_threads: int = 0  # 0: the worker's CPU share
+    torch_threads: int = 0  # 0: the worker's CPU share, at most OMP_NUM_THREADS when set
     flush_denormal: bool = False  # CPU: treat denormal floats as zero while the loop runs
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mvl_pipeline.core.parallel import resolve_workers
+from mvl_pipeline.core.parallel import torch_threads
 from mvl_pipeline.evaluation.inference import predict_many
 from mvl_pipeline.evaluation.metrics import dice_per_class
 from mvl_pipeline.model import (
@@ -195,7 +195,7 @@ def _run_training(config: Mapping[str, Any], session: Session, loop: LoopConfig,
     loaders = config["loaders"]
     rank, world = session.world_rank, session.world_size
     device = session.device()
-    torch.set_num_threads(resolve_workers(loop.torch_threads or int(config.get("cpus_per_worker", 0))))
+    torch.set_num_threads(torch_threads(loop.torch_threads, int(config.get("cpus_per_worker", 0))))
     torch.manual_seed(loop.seed + 1000 * rank)
 
     train_ids = sorted(config["train_ids"])[rank::world]

@@ -200,12 +200,23 @@ def _frozen(pid: int) -> bool:
 
 
 def freeze(run: Run) -> None:
-    deadline = time.monotonic() + 10
+    """Stop every process of ``run`` (SIGSTOP to its group) and wait until none can run.
+
+    A stop can hang: a process whose main thread is in vfork() waits for its child to exec, the
+    child is stopped with the group before it does, and the SIGSTOP meant for the parent stays
+    pending on that main thread while another thread sleeps on a futex, never stopping (seen in
+    CI, ingest, 2026-12-04: [('D', 'kernel_clone'), ('S', 'futex_do_wait')] for 10 s). So when a
+    stop has not taken within a second, the group is continued for a moment and stopped again."""
+    deadline, retry = time.monotonic() + 30, time.monotonic() + 1
     while True:
         run.signal_group(signal.SIGSTOP)  # again: a thread started during the stop may not have it
         if all(_frozen(pid) for pid in [run.pid, *session_pids(run.pid)]):
             return
         assert time.monotonic() < deadline, f"SIGSTOP did not stop the run: threads {_threads(run.pid)}"
+        if time.monotonic() > retry:
+            run.signal_group(signal.SIGCONT)
+            time.sleep(0.01)
+            retry = time.monotonic() + 1
         time.sleep(0.001)
 
 

@@ -101,9 +101,10 @@ viz: setup
 repro: setup key
 	$(BIN)/dvc repro
 
-# MLflow UI on the project's own store (conf/base/mlflow.yml: sqlite:///mlflow.db), this machine only
+# MLflow UI on the project's own store (conf/base/mlflow.yml: sqlite:///mlflow.db), this machine only;
+# without the job runner and Huey consumers MLflow starts for its GenAI jobs (8 processes we never use)
 mlflow-ui: setup
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 # Three nights of scheduled retraining on real processes: moto S3 drop, 2-node Ray cluster, Job
 # Submission API, mlflow server (scenarios/retrain.py). SCENARIO_ARGS=--smoke: the CI size.

@@ -30,6 +30,7 @@ class Server:
              "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
              "--artifacts-destination", str(self.root / "artifacts")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # as scenarios/retrain.py
         )  # fmt: skip
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

@@ -11,6 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from scenarios.retrain import NO_SERVER_JOBS
 from tests.support.net import free_port
 
 BIN = Path(sys.executable).parent
@@ -30,7 +31,7 @@ class Server:
              "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
              "--artifacts-destination", str(self.root / "artifacts")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # as scenarios/retrain.py
+            env={**os.environ, **NO_SERVER_JOBS},
         )  # fmt: skip
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

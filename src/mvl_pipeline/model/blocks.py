@@ -121,7 +121,14 @@ class HybridAttention(nn.Module):
         # reference``, the step before) or the same maths in fast ops (model/depthwise.py: its
         # backward takes ~half the time on a grid of a few hundred tokens)
         if x.device.type != "cpu":
-            return self.local(x)
+            # On a GPU in fp32 too, with cuDNN's own backward. In bf16 on this channels-last token
+            # layout cuDNN's weight gradient runs a per-channel engine (768 launches a step): 84% of
+            # an H200 train step; in fp32 it is one implicit GEMM (README, "GPU"). ``cpu_ops:
+            # reference`` keeps the step before (autocast dtype) for the side-by-side benchmark.
+            if not self.tuned_cpu:
+                return self.local(x)
+            with torch.autocast(x.device.type, enabled=False):
+                return self.local(x.float())
         with torch.autocast("cpu", enabled=False):
             if self.tuned_cpu and torch.is_grad_enabled():
                 return depthwise_conv3d(x.float(), self.local)

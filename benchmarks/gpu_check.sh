@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU checks for a lent GPU machine, under 5 minutes: the bf16 training step and its fraction of
+# GPU checks for a lent GPU machine, under 5 minutes: the depthwise conv of the local branch
+# every way the model can run it (benchmarks/bench_depthwise.py), the bf16 training step and its fraction of
 # the GPU's own in-process bf16 matmul rate (target >= 0.40), new vs previous step, and
 # sliding-window inference throughput with the bf16/fp32 agreement. Same JSON as on CPU
 # (benchmarks/bench_model.py); the GPU name and compute capability are in its "machine" key.
@@ -26,6 +27,8 @@ if not torch.cuda.is_available():
 print(f"gpu_check: {torch.cuda.get_device_name()} (capability "
       f"{'.'.join(map(str, torch.cuda.get_device_capability()))}), torch {torch.__version__}", flush=True)
 PY
+# The local branch's depthwise conv alone, every way the model can run it (seconds)
+"$PYTHON" benchmarks/bench_depthwise.py --batch 8 64
 # Larger batch than the CPU default: a GPU step at batch 2 measures launch latency, not the units.
 exec timeout "${GPU_CHECK_TIMEOUT_S:-280}" "$PYTHON" benchmarks/bench_model.py \
   --batch "${GPU_CHECK_BATCH:-8}" --rounds "${GPU_CHECK_ROUNDS:-6}" --steps 3 --infer-cases 40 "$@"

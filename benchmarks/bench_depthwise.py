@@ -25,6 +25,7 @@ import statistics
 import time
 
 import torch
+from bench_model import machine  # CPU flags, GPU name and capability
 
 from mvl_pipeline.model.depthwise import depthwise_conv3d
 
@@ -75,20 +76,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=30)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    flags = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = {w for line in f if line.startswith("flags") for w in line.split(":", 1)[1].split()}
-    except OSError:
-        pass
-    machine = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "amx_bf16": "amx_bf16" in flags,
-        "avx512_bf16": "avx512_bf16" in flags,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    }
-    result: dict = {"machine": machine}
+    result: dict = {"machine": machine() | {"device": device.type, "torch": torch.__version__}}
     for batch in args.batch:
         ms = {way: time_way(way, batch, device, args.iters) for way in WAYS}
         print(f"batch {batch}: " + ", ".join(f"{w} {t} ms" for w, t in ms.items()), flush=True)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# GPU checks for a lent GPU machine, under 5 minutes: the depthwise conv of the local branch
-# every way the model can run it (benchmarks/bench_depthwise.py), the bf16 training step and its fraction of
-# the GPU's own in-process bf16 matmul rate (target >= 0.40), new vs previous step, and
-# sliding-window inference throughput with the bf16/fp32 agreement. Same JSON as on CPU
+# GPU checks for a lent GPU machine, under 5 minutes: the local branch's depthwise conv every
+# way the model can run it (benchmarks/bench_depthwise.py), the bf16 training step and its
+# fraction of the GPU's own in-process bf16 matmul rate (target >= 0.40), new vs previous step,
+# and sliding-window inference throughput with the bf16/fp32 agreement. Same JSON as on CPU
 # (benchmarks/bench_model.py); the GPU name and compute capability are in its "machine" key.
 #
 #   bash benchmarks/gpu_check.sh            # uses .venv/bin/python, else python3

@@ -13,7 +13,8 @@ every variant's steps), so a burst of someone else's load on a shared machine hi
   ``decoder.full_res``, and new's speed-up over it; ``--also attention_math``: the default model
   with ``cpu_math_attention_tokens: 192`` (attention over <= 192 tokens on SDPA's math backend);
 - with ``--compile``: ``compiled``, ``new`` under ``model.compile: true`` (TorchInductor; its
-  first step, the compile, timed apart, with whether Inductor's on-disk cache was warm).
+  first step, the compile, timed apart, with whether Inductor's on-disk cache was warm), in
+  ``--compile-mode`` (``reduce-overhead``: CUDA graphs on a GPU).
 
 For each: the training step (forward, Dice+CE loss, backward, AdamW) on random crops, the
 analytic FLOPs per sample and the achieved FLOP/s as a fraction of a 2048^3 matmul's rate in the
@@ -226,6 +227,7 @@ def main() -> None:
     parser.add_argument("--case-batch", type=int, default=4, help="cases per forward pass of the new inference path")
     parser.add_argument("--profile", action="store_true", help="print the top operators of new and previous")
     parser.add_argument("--compile", action="store_true", help="add new + model.compile (needs a C++ compiler; minutes when cold)")
+    parser.add_argument("--compile-mode", default="default", help="model.compile_mode of the compiled variant (reduce-overhead: CUDA graphs)")
     parser.add_argument("--also", nargs="+", default=[], choices=ALSO,
                         help="time these variants too (the default model with decoder.full_res set, or with attention over "
                              "<= 192 tokens on SDPA's math backend), with new's speed-up over each")  # fmt: skip
@@ -243,7 +245,8 @@ def main() -> None:
     if args.compile:  # new + torch.compile: the first step compiles (from Inductor's cache if warm)
         cache = inductor_cache_dir()
         compiled["inductor_cache_warm"] = cache.is_dir() and any(cache.iterdir())
-        variants["compiled"] = Variant(variant_params(base, "compiled"), args, device, args.llm_cache_dir)
+        compiled["compile_mode"] = args.compile_mode
+        variants["compiled"] = Variant(variant_params(base, "compiled") | {"compile_mode": args.compile_mode}, args, device, args.llm_cache_dir)
         first = time.perf_counter()
         variants["compiled"].step()
         compiled["compile_first_step_s"] = round(time.perf_counter() - first, 1)

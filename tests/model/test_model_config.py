@@ -47,6 +47,7 @@ def test_anisotropic_patch_stages_multiply_to_the_patch():
         ({"llm": {"position": 5}}, "llm.position"),
         ({"precision": "fp16"}, "precision must be one of"),
         ({"llm": {"cpu_dtype": "float16"}}, "cpu_dtype"),
+        ({"compile_mode": "cudagraphs"}, "compile_mode must be one of"),
     ],
 )
 def test_bad_values_raise_value_error(params, message):

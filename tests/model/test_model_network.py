@@ -163,6 +163,21 @@ def test_compile_switch_returns_the_same_model_class(make_cfg, llm_cache_dir):
     assert model._compiled_call_impl is not None  # nn.Module.compile() in place
 
 
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compile_mode_reaches_torch_compile(make_cfg, llm_cache_dir, monkeypatch, mode):
+    # compile is lazy: the mode is only seen by torch.compile, so record what it is given
+    seen = []
+    real = torch.compile
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("mode"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording)
+    model = build_model(make_cfg(compile=True, compile_mode=mode, llm={"mode": "none"}), llm_cache_dir=llm_cache_dir)
+    assert seen == [mode] and model._compiled_call_impl is not None
+
+
 def test_compile_without_a_cpp_compiler_runs_the_model_uncompiled_and_says_why(make_cfg, llm_cache_dir, tmp_path, monkeypatch, caplog):
     # TorchInductor needs a C++ compiler on CPU; without one, compiling would fail at the first
     # step, minutes into a run. A PATH holding no compiler stands for such a machine.

@@ -32,6 +32,8 @@ LORA_LAYER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_p
 CPU_DTYPES = ("auto", "float32", "bfloat16")
 PATCH_OPS = ("matmul", "conv")
 CPU_OPS = ("tuned", "reference")
+# torch.compile's modes (reduce-overhead: CUDA graphs on a GPU; on CPU the same as default)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PRECISIONS = ("bf16-mixed", "fp32")
 
 
@@ -180,6 +182,7 @@ class MedVisionLlamaConfig(ConfigBlock):
     cpu_math_attention_tokens: int = 0  # tuned: SDPA's math backend on CPU up to this many tokens (0: never)
     grad_checkpointing: bool = False
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode when compile is on (COMPILE_MODES)
     llm: LLMConfig = field(default_factory=LLMConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     cnn: CNNConfig = field(default_factory=CNNConfig)
@@ -242,6 +245,8 @@ class MedVisionLlamaConfig(ConfigBlock):
             raise ValueError(f"patch_ops must be one of {list(PATCH_OPS)}; got {self.patch_ops!r}")
         if self.cpu_ops not in CPU_OPS:
             raise ValueError(f"cpu_ops must be one of {list(CPU_OPS)}; got {self.cpu_ops!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {list(COMPILE_MODES)}; got {self.compile_mode!r}")
         if self.cpu_math_attention_tokens < 0:
             raise ValueError(f"cpu_math_attention_tokens must be >= 0 (0: never); got {self.cpu_math_attention_tokens}")
         if self.precision not in PRECISIONS:

@@ -237,7 +237,7 @@ def build_model(
         torch.manual_seed(seed)  # MONAI's own initialisation, seeded
         model: nn.Module = CNNSegmenter(cfg).to(device)
         if cfg.compile:
-            compile_in_place(model, device)
+            compile_in_place(model, device, cfg.compile_mode)
         return model
     llm = None
     if cfg.llm.mode != "none":
@@ -255,7 +255,7 @@ def build_model(
     init_parameters(model, seed)
     model = model.to(device)
     if cfg.compile:
-        compile_in_place(model, device)
+        compile_in_place(model, device, cfg.compile_mode)
     return model
 
 
@@ -270,15 +270,15 @@ def c_compiler() -> str | None:
     return None
 
 
-def compile_in_place(model: nn.Module, device: torch.device) -> bool:
-    """``model.compile()`` (``model.compile: true``) where it can work; False, with a warning
-    and the eager model unchanged, where it cannot: TorchInductor generates C++ for CPU and
-    fails at the first step (minutes into a run) without a compiler."""
+def compile_in_place(model: nn.Module, device: torch.device, mode: str = "default") -> bool:
+    """``model.compile(mode=mode)`` (``model.compile: true``, ``model.compile_mode``) where it
+    can work; False, with a warning and the eager model unchanged, where it cannot: TorchInductor
+    generates C++ for CPU and fails at the first step (minutes into a run) without a compiler."""
     if device.type == "cpu" and c_compiler() is None:
         logger.warning(
             "model.compile: true, but no C++ compiler ($CXX, g++, c++, clang++) is on PATH: "
             "running the model uncompiled (install one, e.g. Debian's g++, to compile)"
         )
         return False
-    model.compile()
+    model.compile(mode=mode)
     return True

@@ -86,6 +86,10 @@ def test_distributed_data_parallel_takes_the_heads_gradients_without_copying_the
             for _ in range(2):
                 logits, coarse = model(x, aux=True)
                 supervised_loss(make_loss(3), logits, coarse, labels, 3).backward()
+        # DDP goes before the group. Its Reducer holds the gloo group: were it the last holder, the
+        # group's destructor would run under the GIL and join gloo's threads, one of which may
+        # still need the GIL to free its last work item. That deadlock hung a CI run.
+        del model
     finally:
         dist.destroy_process_group()
     assert not [w for w in caught if "strides" in str(w.message)], [str(w.message)[:120] for w in caught]

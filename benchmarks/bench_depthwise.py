@@ -25,7 +25,7 @@ import statistics
 import time
 
 import torch
-from bench_model import machine  # CPU flags, GPU name and capability
+from bench_model import machine, synchronize  # CPU flags, GPU name and capability; CUDA sync
 
 from mvl_pipeline.model.depthwise import depthwise_conv3d
 
@@ -57,8 +57,7 @@ def time_way(way: str, batch: int, device: torch.device, iters: int) -> float:
 
     def once() -> None:
         forward(way, conv, x).float().square().mean().backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
 
     for _ in range(5):
         once()

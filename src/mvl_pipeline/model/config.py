@@ -32,7 +32,7 @@ LORA_LAYER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_p
 CPU_DTYPES = ("auto", "float32", "bfloat16")
 PATCH_OPS = ("matmul", "conv")
 CPU_OPS = ("tuned", "reference")
-# torch.compile's modes (reduce-overhead: CUDA graphs on a GPU; on CPU the same as default)
+# torch.compile's modes (reduce-overhead: CUDA graphs, which only a GPU has)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PRECISIONS = ("bf16-mixed", "fp32")
 

@@ -46,7 +46,8 @@ def test_no_channels_keep_the_settings_id_and_declared_ones_change_it():
     declared = IngestConfig.from_params({"labels": {"organ": 1}, "channels": {"t1": {}}})
     assert declared.settings_id() != plain.settings_id()
     legacy = {k: v for k, v in plain.to_dict().items() if k not in ("workers", "batch_size", "progress",
-                                                                       "channels", "channel_min_overlap")}  # fmt: skip
+                                                                       "channels", "channel_min_overlap",
+                                                                       "spacing_range_mm")}  # fmt: skip
     from mvl_pipeline.core.hashing import json_digest
 
     assert plain.settings_id() == json_digest(legacy)  # what a project ingested before channels existed
@@ -81,3 +82,25 @@ def test_predict_takes_a_4d_images_channels_where_training_found_them():
     np.testing.assert_array_equal(picked.array, image.array[[2, 1]])
     with pytest.raises(MissingChannelError, match=r"channel 't2' is missing: the image holds 1 volume\(s\), the model takes the channels \['t2', 't1'\]"):
         recorded_volume_channels(image.channel(1), channels)
+
+
+def test_spacing_outside_the_plausible_range_is_refused_with_the_range_and_validated():
+    """A header in metres (0.001 mm voxels) became a 1x1x1 model input with its label gone; one
+    with 40 mm voxels blew preprocessing up (an audit, 2026-12-04)."""
+    import numpy as np
+
+    from mvl_pipeline.core.errors import ImplausibleGeometryError
+    from mvl_pipeline.core.volume import Volume, affine_from_geometry
+    from mvl_pipeline.ingestion.result import validate_image
+
+    config = IngestConfig.from_params({})
+    array = np.random.default_rng(0).normal(size=(10, 10, 10)).astype(np.float32)
+    validate_image(Volume(array, affine_from_geometry((0.5, 0.5, 3.0))), config)
+    for spacing in ((0.001, 0.001, 0.001), (40.0, 40.0, 40.0), (1.0, 1.0, 25.0)):
+        with pytest.raises(ImplausibleGeometryError, match=r"outside ingest.spacing_range_mm \[0.01, 20.0\]"):
+            validate_image(Volume(array, affine_from_geometry(spacing)), config)
+    wide = IngestConfig.from_params({"spacing_range_mm": [0.0001, 50]})
+    validate_image(Volume(array, affine_from_geometry((40.0, 40.0, 40.0))), wide)
+    assert wide.settings_id() != config.settings_id()  # a changed range re-ingests
+    with pytest.raises(ValueError, match="spacing_range_mm must be"):
+        IngestConfig.from_params({"spacing_range_mm": [5, 1]})

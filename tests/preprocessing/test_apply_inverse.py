@@ -203,3 +203,18 @@ def test_real_lung_ct_round_trip(shared_data):
     assert 0.2 < inside.mean() < 1.0
     hu = np.clip(image.array, -200, 300).astype(np.float32)
     assert np.corrcoef(restored_hu[inside], hu[inside])[0, 1] > 0.95
+
+
+def test_a_case_that_resampling_would_blow_up_is_refused_before_any_allocation():
+    """A header with 40 mm voxels (a real Hippocampus case rescaled, in an audit of 2026-12-04)
+    went through ingest and made preprocess allocate 15 GiB, a MemoryError or an OOM kill that
+    named no case. Refused now, with the spacings, before anything that size is allocated (ingest
+    quarantines such spacings first: ingest.spacing_range_mm)."""
+    from mvl_pipeline.core.errors import ImplausibleGeometryError
+    from mvl_pipeline.preprocessing.apply import MAX_RESAMPLED_VOXELS
+
+    image, label = _scan(_custom_affine((40.0, 40.0, 40.0)), (40, 52, 30))
+    with pytest.raises(ImplausibleGeometryError, match=r"would make \[\d+, \d+, \d+\] voxels .* other units") as error:
+        preprocess_case(image, _plan((0.1, 0.1, 0.1)), label=label)
+    assert error.value.reason == "implausible_geometry"
+    assert MAX_RESAMPLED_VOXELS == 2**28

@@ -103,6 +103,13 @@ class NonFiniteValuesError(ImagingError):
     reason = "non_finite_values"
 
 
+class ImplausibleGeometryError(ImagingError):
+    """Voxel spacing no scanner makes (e.g. a header in metres), or a case that resampling to the
+    plan's spacing would blow up beyond memory."""
+
+    reason = "implausible_geometry"
+
+
 class NotAVolumeError(UnreadableFileError):
     """A volume file that holds something other than one 3-D volume (e.g. a 4-D image of several
     channels or time points)."""

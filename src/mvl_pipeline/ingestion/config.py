@@ -14,6 +14,7 @@ from mvl_pipeline.core.parallel import resolve_workers
 
 #: Settings that do not change what a unit ingests into (so a change re-ingests nothing).
 _NOT_SHAPING = ("workers", "batch_size", "progress")
+DEFAULT_SPACING_RANGE_MM = (0.01, 20.0)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class IngestConfig(ConfigBlock):
     workers: int = 0
     batch_size: int = 8
     min_slices: int = 8
+    #: the plausible voxel spacing in mm, every axis: outside it a header is taken to be wrong
+    #: (e.g. in metres) and the case is quarantined as implausible_geometry
+    spacing_range_mm: tuple[float, float] = DEFAULT_SPACING_RANGE_MM
     spacing_tolerance: float = 0.05
     retain_longitudinal_temporal: bool = False
     quarantine_burned_in: bool = True
@@ -46,6 +50,10 @@ class IngestConfig(ConfigBlock):
         object.__setattr__(self, "labels", dict(self.labels or {}))
         object.__setattr__(self, "channels", {str(k): dict(v or {}) for k, v in (self.channels or {}).items()})
         rules_from_params(self.channels)  # names and regular expressions are valid
+        low, high = (float(v) for v in self.spacing_range_mm)
+        if not 0 < low < high:
+            raise ValueError(f"ingest.spacing_range_mm must be [low, high] with 0 < low < high; got {list(self.spacing_range_mm)}")
+        object.__setattr__(self, "spacing_range_mm", (low, high))
         if not 0.0 <= self.channel_min_overlap <= 1.0:
             raise ValueError("ingest.channel_min_overlap must be in [0, 1]")
         bad = {name: value for name, value in self.labels.items() if not 0 < int(value) < 256}
@@ -73,6 +81,8 @@ class IngestConfig(ConfigBlock):
         if not self.channels:  # single channel: the same id as before channels existed
             shaping.pop("channels")
             shaping.pop("channel_min_overlap")
+        if tuple(self.spacing_range_mm) == DEFAULT_SPACING_RANGE_MM:  # the same id as before it existed
+            shaping.pop("spacing_range_mm")
         return json_digest(shaping)
 
     def n_workers(self) -> int:

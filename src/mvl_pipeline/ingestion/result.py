@@ -18,7 +18,12 @@ from typing import Any
 import numpy as np
 
 from mvl_pipeline.core.case import Case
-from mvl_pipeline.core.errors import EmptyImageError, NonFiniteValuesError, TooFewSlicesError
+from mvl_pipeline.core.errors import (
+    EmptyImageError,
+    ImplausibleGeometryError,
+    NonFiniteValuesError,
+    TooFewSlicesError,
+)
 from mvl_pipeline.core.volume import Volume
 from mvl_pipeline.ingestion.config import IngestConfig
 
@@ -62,6 +67,12 @@ def validate_image(image: Volume, config: IngestConfig, channels: Sequence[str] 
         raise NonFiniteValuesError("image holds NaN or Inf values")
     if min(image.shape) < 1 or image.shape[2] < config.min_slices:
         raise TooFewSlicesError(f"{image.shape[2]} slices, at least {config.min_slices} needed")
+    low, high = config.spacing_range_mm
+    if not all(low <= s <= high for s in image.spacing):
+        raise ImplausibleGeometryError(
+            f"voxel spacing {[round(float(s), 4) for s in image.spacing]} mm is outside ingest.spacing_range_mm "
+            f"[{low}, {high}]: a header in other units (metres, microns)?"
+        )
     for index in range(image.n_channels):
         values = image.channel(index).array
         if float(values.max()) == float(values.min()):

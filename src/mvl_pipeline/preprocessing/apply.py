@@ -36,6 +36,7 @@ import numpy as np
 from mvl_pipeline.core.channels import plan_channels
 from mvl_pipeline.core.errors import (
     ChannelError,
+    ImplausibleGeometryError,
     LabelGridMismatchError,
     MissingChannelError,
     NonFiniteValuesError,
@@ -71,6 +72,10 @@ class PreprocessedCase(NamedTuple):
     label: np.ndarray | None  # uint8 (X, Y, Z), model grid
     record: dict[str, Any]  # what was done; input of restore_to_original
 
+
+#: The most voxels a preprocessed case may have (1 GiB per channel in float32): more means a
+#: spacing far from the plan's, e.g. a header in other units, not a bigger patient.
+MAX_RESAMPLED_VOXELS = 2**28
 
 def normalization_for(plan: Mapping[str, Any], modality: str) -> Normalization:
     """The plan's normalisation for ``modality`` (its default for modalities it has not seen)."""
@@ -151,6 +156,12 @@ def preprocess_case(
     target = tuple(float(v) for v in plan["target_spacing"])
     same = _same_spacing(spacing, target)
     out_shape = box_shape(box) if same else resampled_shape(box_shape(box), spacing, target)
+    if int(np.prod(out_shape, dtype=np.int64)) > MAX_RESAMPLED_VOXELS:  # refused before any allocation
+        raise ImplausibleGeometryError(
+            f"resampling to the plan's spacing {list(target)} mm would make {list(out_shape)} voxels "
+            f"(more than {MAX_RESAMPLED_VOXELS:,}) from a spacing of {[round(s, 4) for s in spacing]} mm: "
+            "is the header's spacing in other units?"
+        )
     scale = (1.0, 1.0, 1.0) if same else spacing_scale(spacing, target)
     outputs, applied = [], []
     for array, threshold, normalization in zip(arrays, thresholds, normalizations, strict=True):

@@ -127,3 +127,43 @@ def test_a_multi_channel_case_round_trips_channel_first(tmp_path, fmt):
         stored = nib.load(tmp_path / "cases" / "case-mc" / "image.nii.gz")
         assert stored.shape == (12, 10, 6, 2)
         np.testing.assert_array_equal(np.asarray(stored.dataobj)[..., 1], case.image.array[1])
+
+
+_KILLED_MID_DELETE = r"""
+import os, signal, sys
+from mvl_pipeline.datasets.case_store import CaseStoreDataset
+unlink = os.unlink
+def unlink_then_die(path, *args, **kwargs):  # SIGKILL right after the deletion's first file
+    unlink(path, *args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+os.unlink = unlink_then_die
+CaseStoreDataset(path=sys.argv[1]).save({"case-a": None})
+"""
+
+
+def test_a_process_killed_while_deleting_a_case_leaves_no_listed_half_case(tmp_path):
+    """SIGKILL in the middle of a case's removal (ingest removes a stale case, preprocess a held-out
+    one): removing the files in place left ``_COMPLETE`` behind with a volume gone, a case that
+    the next run listed and could not load (an audit, 2026-12-04, 6 of 6 tries). The folder is now
+    renamed away first: the killed removal leaves a hidden temporary, which loaders skip and
+    ``remove_temporaries`` clears."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "cases"
+    store = CaseStoreDataset(path=str(root))
+    store.save({"case-a": make_case("case-a"), "case-b": make_case("case-b", 1)})
+    done = subprocess.run([sys.executable, "-c", _KILLED_MID_DELETE, str(root)], capture_output=True, timeout=120, check=False)
+    assert done.returncode == -9, done.stderr.decode()[-2000:]
+    assert [p.name for p in root.iterdir() if p.name.startswith(".case-a.old-")]  # killed half-way
+    assert sorted(CaseStoreDataset(path=str(root)).load()) == ["case-b"]
+    assert storage.remove_temporaries(str(root)) == 1
+    assert sorted(p.name for p in root.iterdir()) == ["case-b"]
+
+
+def test_removing_a_case_on_s3_takes_its_completion_marker_first(s3_bucket):
+    store = CaseStoreDataset(path=f"s3://{s3_bucket['bucket']}/gone", credentials=s3_bucket["credentials"])
+    store.save({"case-a": make_case("case-a"), "case-b": make_case("case-b", 1)})
+    store.save({"case-a": None})
+    assert sorted(store.load()) == ["case-b"]
+    assert not store._fs.exists(f"{s3_bucket['bucket']}/gone/case-a")

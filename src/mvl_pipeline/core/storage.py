@@ -246,6 +246,24 @@ def is_complete(fs: fsspec.AbstractFileSystem, protocol: str, path: str) -> bool
     return fs.exists(join(path, COMPLETE_MARKER))
 
 
+def remove_directory(fs: fsspec.AbstractFileSystem, protocol: str, path: str) -> None:
+    """Remove a folder written by :func:`atomic_directory` so that no reader ever sees it
+    half-removed as complete: locally it is first renamed to a temporary name (which loaders
+    skip and :func:`remove_temporaries` clears), on an object store its ``_COMPLETE`` marker
+    goes first."""
+    if protocol == "file":
+        parent, base = os.path.dirname(path.rstrip("/")) or ".", os.path.basename(path.rstrip("/"))
+        doomed = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex}")
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        return
+    marker = join(path, COMPLETE_MARKER)
+    if fs.exists(marker):
+        fs.rm_file(marker)
+    fs.rm(path, recursive=True)
+    fs.invalidate_cache(path)
+
+
 @contextlib.contextmanager
 def atomic_directory(fs: fsspec.AbstractFileSystem, protocol: str, path: str) -> Iterator[str]:
     """Yield a folder to write into; on success it becomes ``path`` in one step.

@@ -158,7 +158,7 @@ class CaseStoreDataset(AbstractDataset[dict[str, Callable[[], Case]], dict[str, 
             folder = storage.join(self._root, case_id)
             if value is None:
                 if self._fs.exists(folder):
-                    self._fs.rm(folder, recursive=True)
+                    storage.remove_directory(self._fs, self._protocol, folder)
                     logger.info("removed case %s", case_id)
                 continue
             case = value() if callable(value) else value

@@ -172,3 +172,26 @@ def test_describe_never_shows_credentials(s3_bucket):
     dataset = DropFolderDataset(filepath=f"s3://{s3_bucket['bucket']}/d", credentials=credentials)
     assert "very-secret-value" not in repr(dataset)
     assert isinstance(DropFile("a", 1, "x"), DropFile)
+
+
+def test_entries_that_cannot_be_read_are_listed_with_their_problem(tmp_path):
+    """A dangling or looping link, a link to a folder, a pipe and a name with a backslash (a zip
+    made on Windows) are listed with their problem, for ingest to quarantine each on its own: the
+    listing never fails, nothing follows the folder link, and no error quotes a path."""
+    drop = tmp_path / "drop"
+    (drop / "sub").mkdir(parents=True)
+    (drop / "ok.dcm").write_bytes(b"fine")
+    (drop / "Doe^Jane gone.dcm").symlink_to(drop / "nowhere")
+    (drop / "loop.dcm").symlink_to(drop / "loop.dcm")
+    (drop / "folder_link").symlink_to(drop)
+    (drop / "sub" / "to_ok.dcm").symlink_to(drop / "ok.dcm")
+    os.mkfifo(drop / "pipe.dcm")
+    (drop / "Doe\\Jane.dcm").write_bytes(b"x")
+    listing = {f.relpath: f.problem for f in DropFolderDataset(filepath=str(drop)).load().files}
+    assert listing == {
+        "ok.dcm": None, "sub/to_ok.dcm": None, "Doe^Jane gone.dcm": "broken_link", "loop.dcm": "broken_link",
+        "folder_link": "link_to_folder", "pipe.dcm": "not_a_regular_file", "Doe\\Jane.dcm": "invalid_path",
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="a backslash in the path") as error:
+        DropFolderDataset(filepath=str(drop)).load().read_bytes("Doe\\Jane.dcm")
+    assert "Doe" not in str(error.value)

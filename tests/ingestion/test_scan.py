@@ -217,3 +217,24 @@ def test_failed_internally_looks_only_for_internal_error_records():
     assert not failed_internally({"quarantined": [{"reason": "not_dicom"}]})
     assert not failed_internally({"quarantined": [], "skipped": [{"reason": "internal_error"}]})
     assert not failed_internally({})
+
+
+def test_a_value_pydicom_cannot_decode_and_entries_that_are_not_files_are_bad_file_units(drop):
+    """pydicom decodes a value when it is first read, after its reader returned: a Study Instance
+    UID written with a wrong VR raised out of the scan and stopped the whole ingest (an audit,
+    2026-12-04). Now that file, a dangling link and a name with a backslash are each a bad_file
+    unit, the rest of the drop is scanned as before, and a second scan keeps them as they are."""
+    from pydicom.data import get_testdata_file
+
+    data = bytearray(Path(get_testdata_file("CT_small.dcm")).read_bytes())
+    at = data.find(b"\x20\x00\x0d\x00UI")  # (0020,000D) in explicit VR little endian
+    data[at + 4 : at + 6] = b"FD"  # 44 bytes are no whole number of 8-byte floats
+    (drop / "wrong_vr.dcm").write_bytes(bytes(data))
+    (drop / "gone.dcm").symlink_to(drop / "nowhere")
+    (drop / "a\\b.dcm").write_bytes(b"x")
+    first = scan(drop)
+    bad = {unit.files: unit.error_reason for unit, _, _ in first.todo if unit.kind == "bad_file"}
+    assert bad == {("wrong_vr.dcm",): "unreadable_file", ("gone.dcm",): "broken_link",
+                   ("a\\b.dcm",): "invalid_path", (JUNK,): "not_dicom"}  # fmt: skip
+    assert sorted(u.kind for u, _, _ in first.todo) == ["bad_file"] * 4 + ["dicom", "volume"]
+    assert scan(drop, manifest_after(first)).todo == []

@@ -182,3 +182,16 @@ def test_a_task_patients_csv_groups_follow_ups_under_one_patient_and_is_part_of_
     assert units["T/imagesTr/c3.nii.gz"].patient_hint == "c3"  # not listed: its own patient
     assert all("T/patients.csv" in u.files for u in units.values())  # a changed mapping re-ingests
     assert not is_ignored("T/patients.csv") and is_ignored("T/notes.csv")
+
+
+@pytest.mark.parametrize("patients", ["c1,Pétra-7\n".encode("latin-1"), b"\xff\xfe\x00\x01binary\n"], ids=["latin-1", "binary"])
+def test_a_patients_csv_that_is_not_utf8_text_holds_back_its_task_and_stops_nothing(patients):
+    """It stopped the whole ingest with a bare UnicodeDecodeError (an audit, 2026-12-04). Without
+    its patients the split could put one patient's cases on both sides, so the task's cases wait
+    for a readable file; the unit is one bad_file, the scan goes on."""
+    spec = {"labels": {"0": "background", "1": "A"}, "modality": {"0": "MRI"},
+            "training": [{"image": "./imagesTr/c1.nii.gz", "label": "./labelsTr/c1.nii.gz"}]}  # fmt: skip
+    files = {"T/imagesTr/c1.nii.gz", "T/labelsTr/c1.nii.gz", "T/patients.csv"}
+    (unit,) = msd_units("T/dataset.json", json.dumps(spec).encode(), files, patients)
+    assert (unit.kind, unit.files, unit.error_reason) == ("bad_file", ("T/patients.csv",), "invalid_patients_file")
+    assert "not UTF-8" in unit.error_detail

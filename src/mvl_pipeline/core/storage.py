@@ -46,6 +46,20 @@ S3FS_RETRIES = 1
 S3_TIMEOUTS = {"connect_timeout": 10, "read_timeout": 60}
 
 
+def path_problem(relpath: str) -> str | None:
+    """What keeps ``relpath`` from being a plain relative POSIX path inside its folder (a
+    backslash, an empty, `.` or `..` part, a hidden part), or None. Never the path itself: a
+    hospital drop's paths may carry names."""
+    if "\\" in relpath:
+        return "a backslash in the path"
+    parts = relpath.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        return "an empty, '.' or '..' part in the path"
+    if any(part.startswith(".") for part in parts):
+        return "a hidden part in the path"
+    return None
+
+
 class StorageUnavailableError(RuntimeError):
     """The object store did not answer within the bounded retries: an outage, not bad data.
 

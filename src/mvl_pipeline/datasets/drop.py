@@ -24,6 +24,7 @@ from collections.abc import Iterator, Mapping
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from stat import S_ISDIR, S_ISREG
 from typing import IO, Any
 
 from kedro.io import AbstractDataset, DatasetError
@@ -31,6 +32,7 @@ from kedro.io.core import get_protocol_and_path
 
 from mvl_pipeline.core import storage
 from mvl_pipeline.core.errors import EmptySeriesError, UnreadableFileError
+from mvl_pipeline.core.storage import path_problem
 
 _CHUNK = 1 << 20
 
@@ -52,13 +54,16 @@ class DropFile:
     relpath: str  # POSIX path relative to the drop folder's root
     size: int  # bytes
     fingerprint: str  # "mtime_ns:size" (local) or "etag:<ETag>" (object store)
+    # why the entry cannot be read as a file (listed, never read): invalid_path, broken_link,
+    # link_to_folder or not_a_regular_file (ingest quarantines it: ingestion.units.ENTRY_PROBLEMS)
+    problem: str | None = None
 
 
 def check_relpath(relpath: str) -> str:
-    """``relpath`` if it is a plain relative POSIX path inside the folder, else ``ValueError``."""
-    parts = relpath.split("/")
-    if "\\" in relpath or any(part in ("", ".", "..") or part.startswith(".") for part in parts):
-        raise ValueError(f"not a plain relative path inside the drop folder: {relpath!r}")
+    """``relpath`` if it is a plain relative POSIX path inside the folder, else ``ValueError``
+    (which does not quote the path: a drop's paths may carry names)."""
+    if (problem := path_problem(relpath)) is not None:
+        raise ValueError(f"not a plain relative path inside the drop folder: {problem}")
     return relpath
 
 
@@ -160,15 +165,28 @@ def list_drop_files(fs: Any, protocol: str, root: str) -> tuple[DropFile, ...]:
         if _is_hidden(relpath):
             continue
         size = int(info.get("size") or 0)
-        if protocol == "file":
-            stat = os.stat(name)
-            fingerprint = f"{stat.st_mtime_ns}:{stat.st_size}"
-            size = int(stat.st_size)
+        if path_problem(relpath) is not None:
+            problem: str | None = "invalid_path"
+            fingerprint = f"size:{size}"
+        elif protocol == "file":
+            problem, fingerprint, size = _local_entry(name)
         else:
             etag = info.get("ETag") or info.get("etag") or info.get("md5")
             fingerprint = f"etag:{str(etag).strip(chr(34))}" if etag else f"size:{size}"
-        files.append(DropFile(relpath=relpath, size=size, fingerprint=fingerprint))
+            problem = None
+        files.append(DropFile(relpath=relpath, size=size, fingerprint=fingerprint, problem=problem))
     return tuple(sorted(files))
+
+
+def _local_entry(name: str) -> tuple[str | None, str, int]:
+    """``(problem, fingerprint, size)`` of a local entry; a link counts as what it points to."""
+    try:
+        stat = os.stat(name)
+    except OSError:  # a dangling link, or one that loops
+        return "broken_link", "broken", 0
+    if not S_ISREG(stat.st_mode):
+        return ("link_to_folder" if S_ISDIR(stat.st_mode) else "not_a_regular_file"), f"{stat.st_mode:o}", 0
+    return None, f"{stat.st_mtime_ns}:{stat.st_size}", int(stat.st_size)
 
 
 def encode_file(data: Any) -> bytes:

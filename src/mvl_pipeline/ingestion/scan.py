@@ -22,9 +22,11 @@ from typing import Any
 
 from mvl_pipeline.core import pseudonyms
 from mvl_pipeline.core.errors import ImagingError
+from mvl_pipeline.core.storage import StorageUnavailableError
 from mvl_pipeline.dicom.read import read_header
 from mvl_pipeline.formats.volumes import volume_suffix
 from mvl_pipeline.ingestion.units import (
+    ENTRY_PROBLEMS,
     PATIENTS_FILE,
     Unit,
     is_ignored,
@@ -56,9 +58,13 @@ def _dicom_study_of(drop: Any, relpath: str) -> tuple[str, str | None, str | Non
     """Return ``(relpath, StudyInstanceUID or None, error reason)`` (runs in workers)."""
     try:
         header = read_header(io.BytesIO(drop.read_bytes(relpath)))
+        study = str(header.get("StudyInstanceUID", "") or "")
     except ImagingError as exc:
         return relpath, None, exc.reason
-    study = str(header.get("StudyInstanceUID", "") or "")
+    except StorageUnavailableError:  # an outage is no verdict on the file: it stops the run
+        raise
+    except Exception:  # pydicom decodes a value when it is first read: a corrupt one raises here
+        return relpath, None, "unreadable_file"
     if not study:
         return relpath, None, "missing_study_uid"
     return relpath, study, None
@@ -80,6 +86,7 @@ def scan_drop(
     dirty: set[str] = set()
     fkeys: dict[str, str] = {}
     listing = sorted(drop.files, key=lambda f: f.relpath)
+    problems: dict[str, str] = {}  # entries that cannot be read as files: each its own bad_file unit
     for entry in listing:
         relpath = entry.relpath
         if is_ignored(relpath):
@@ -88,6 +95,13 @@ def scan_drop(
         fkeys[relpath] = fkey
         old = old_files.get(fkey)
         fingerprint = str(entry.fingerprint)
+        if getattr(entry, "problem", None):
+            problems[relpath] = entry.problem
+            unchanged = old is not None and old.get("fingerprint") == fingerprint
+            files[fkey] = dict(old) if unchanged else {"fingerprint": fingerprint, "content": "", "unit": None}
+            if not unchanged:
+                dirty.add(relpath)
+            continue
         if old is not None and old.get("fingerprint") == fingerprint:
             files[fkey] = dict(old)
             continue
@@ -99,7 +113,11 @@ def scan_drop(
         dirty.add(relpath)
 
     # Volumes and MSD tasks: pairing is by name, cheap, and recomputed over the whole drop.
-    units: list[Unit] = []
+    units: list[Unit] = [
+        Unit("bad_file", relpath, (relpath,), error_reason=problem, error_detail=ENTRY_PROBLEMS[problem])
+        for relpath, problem in sorted(problems.items())
+    ]
+    listing = [e for e in listing if e.relpath not in problems]
     descriptors = [e.relpath for e in listing if is_msd_descriptor(e.relpath)]
     available = {e.relpath for e in listing}
     msd_files: set[str] = set()
@@ -113,14 +131,14 @@ def scan_drop(
         msd_files.update(f for u in task_units for f in u.files)
         msd_files.add(descriptor)
         fkeys.setdefault(descriptor, pseudonyms.file_key(key, descriptor))
-    volume_paths = [p for p in fkeys if volume_suffix(p)]
+    volume_paths = [p for p in fkeys if volume_suffix(p) and p not in problems]
     units.extend(
         pair_volumes(volume_paths, label_suffixes=config.label_suffixes,
                      image_suffixes=config.image_suffixes, exclude=msd_files)  # fmt: skip
     )
 
     # DICOM: unchanged files keep their unit; new ones are grouped by StudyInstanceUID.
-    dicom_paths = [p for p in fkeys if not volume_suffix(p) and not is_task_file(p)]
+    dicom_paths = [p for p in fkeys if not volume_suffix(p) and not is_task_file(p) and p not in problems]
     members: dict[str, list[str]] = defaultdict(list)
     for relpath in dicom_paths:
         ukey = files[fkeys[relpath]].get("unit")

@@ -11,6 +11,8 @@ Only raw paths and raw UIDs are handled here, in memory: what leaves is keyed (s
 
 from __future__ import annotations
 
+import csv
+import io
 import posixpath
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -25,6 +27,15 @@ IGNORED_SUFFIXES = (
 )  # fmt: skip
 PATIENTS_FILE = "patients.csv"
 IGNORED_NAMES = ("dicomdir", "thumbs.db", "license", "readme", "_complete")
+#: Why an entry of a drop cannot be read as a file (``DropFile.problem``, datasets/drop.py): the
+#: detail of its quarantine record.
+ENTRY_PROBLEMS = {
+    "invalid_path": "the file's path is not a plain relative path (a backslash, or an empty, '.' or '..' "
+                    "part): rename it",
+    "broken_link": "a link whose target is missing or loops back on itself",
+    "link_to_folder": "a link to a folder: links to folders are not followed",
+    "not_a_regular_file": "neither a file nor a link to one (a pipe, socket or device)",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -132,9 +143,6 @@ def read_patients(data: bytes) -> dict[str, str]:
     """``patients.csv`` of a task folder: ``case_id,patient_id`` rows (a header row is allowed):
     the case's image file name without its suffix -> the patient it belongs to, so that the
     follow-ups of one patient stay together in the split."""
-    import csv
-    import io
-
     rows = list(csv.reader(io.StringIO(data.decode("utf-8-sig"))))
     if rows and [c.strip().lower() for c in rows[0][:2]] == ["case_id", "patient_id"]:
         rows = rows[1:]
@@ -151,8 +159,15 @@ def msd_units(
     """Units of a Medical Segmentation Decathlon task from its ``dataset.json`` (and the task's
     optional ``patients.csv``: without it every case is its own patient)."""
     root = posixpath.dirname(descriptor_path)
-    patient_of = read_patients(patients) if patients else {}
     patients_file = posixpath.join(root, PATIENTS_FILE) if patients else None
+    try:
+        patient_of = read_patients(patients) if patients else {}
+    except (UnicodeDecodeError, csv.Error):
+        # without its patients the split could put one patient's cases on both sides: the task
+        # waits for a readable file (cases ingested from it earlier are kept)
+        return [Unit("bad_file", patients_file, (patients_file,), error_reason="invalid_patients_file",
+                     error_detail="the task's patients.csv is not UTF-8 CSV text: its cases are ingested "
+                                  "once it is")]  # fmt: skip
     try:
         task = read_task(descriptor)
     except MsdDescriptorError as exc:

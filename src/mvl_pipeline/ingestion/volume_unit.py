@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import posixpath
 from typing import Any
 
 import numpy as np
@@ -10,7 +11,9 @@ import numpy as np
 from mvl_pipeline.core import pseudonyms
 from mvl_pipeline.core.case import Case
 from mvl_pipeline.core.errors import ImagingError, LabelGridMismatchError, UnknownLabelValueError
+from mvl_pipeline.core.storage import path_problem
 from mvl_pipeline.core.volume import Volume, guess_modality
+from mvl_pipeline.formats.codec import VolumeFileError
 from mvl_pipeline.formats.volumes import read_volume
 from mvl_pipeline.ingestion.channels import rules_for_unit, volume_channels
 from mvl_pipeline.ingestion.config import IngestConfig
@@ -36,9 +39,14 @@ _VOLUME_NAME = "<drop volume>"
 def read_drop_volume(drop: Any, relpath: str, *, channels: bool = False) -> Volume:
     """A NIfTI / NRRD file of the drop as a Volume (a detached .nhdr reads its data file too);
     with ``channels``, a 4-D NIfTI as a channel-first multi-channel volume."""
-    return read_volume(
-        drop.read_bytes(relpath), relpath, read_sibling=drop.read_bytes, name=_VOLUME_NAME, channels=channels
-    )
+
+    def read_data_file(path: str) -> bytes:  # the header names it: it must be a file of the drop
+        normalised = posixpath.normpath(path)
+        if path.startswith("/") or path_problem(normalised) is not None:
+            raise VolumeFileError("the detached header's data file is not a file inside the drop folder")
+        return drop.read_bytes(normalised)
+
+    return read_volume(drop.read_bytes(relpath), relpath, read_sibling=read_data_file, name=_VOLUME_NAME, channels=channels)
 
 
 def process_volume_unit(drop: Any, unit: Unit, key: bytes, config: IngestConfig) -> UnitResult:

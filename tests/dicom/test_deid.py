@@ -243,3 +243,25 @@ def test_label_objects_keep_pointing_at_their_deidentified_series() -> None:
         (original,) = referenced_series_uids(ds)
         assert referenced_series_uids(clean) == [map_uid(KEY, original)]
         assert original.encode() not in dataset_bytes(clean)
+
+
+def test_patient_module_attributes_outside_the_tables_are_removed() -> None:
+    """The dicom-anonymizer 2026c tables lack Patient's Birth Date / Death Date in Alternative
+    Calendar and Patient's Alternative Calendar (0010,0033-0035; found by an audit, 2026-12-04):
+    every Patient-module attribute they do not list goes, except Anatomical Orientation Type,
+    and in sequences too."""
+    ds = planted()
+    ds.PatientBirthDateInAlternativeCalendar = "1341-09-19 AH"
+    ds.PatientDeathDateInAlternativeCalendar = "1400-01-02"
+    ds.PatientAlternativeCalendar = "ISLAMIC"
+    ds.AnatomicalOrientationType = "BIPED"
+    item = Dataset()
+    item.PatientBirthDateInAlternativeCalendar = "1341-09-19 AH"
+    item.CodeValue = "X1"
+    ds.ProcedureCodeSequence = [item]  # an attribute the tables let through, with an item
+    clean, report = deidentify(ds, KEY)
+    assert not [e.keyword for e in clean.iterall() if e.tag in (0x00100033, 0x00100034, 0x00100035)]
+    assert b"1341-09-19" not in dataset_bytes(clean)
+    assert clean.AnatomicalOrientationType == "BIPED"
+    assert report.counts["patient_group_outside_tables"] == 4
+    assert clean.PatientID == report.patient_pseudonym  # the tables' own patient attributes as before

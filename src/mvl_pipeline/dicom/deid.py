@@ -11,6 +11,9 @@ Table E.1-1); the actions themselves are implemented here:
   without the key; well-known DICOM UIDs (``1.2.840.10008.*``) are kept;
 - PatientID and PatientName become the patient pseudonym (:func:`pseudonym`);
 - every private element is removed; sequences are processed recursively;
+- the Patient module's attributes (group 0010) that the tables do not list are removed (the
+  tables lag the standard: Patient's Birth Date in Alternative Calendar (0010,0033) is not in
+  them), except Anatomical Orientation Type;
 - Retain Longitudinal Temporal Information (Full Dates) is off by default: dates and times are
   emptied / replaced; with ``retain_longitudinal_temporal=True`` they are kept (except the
   birth date and time) and code 113106 is recorded;
@@ -44,12 +47,17 @@ from mvl_pipeline.dicom.write import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VE
 log = logging.getLogger(__name__)
 
 ACTION_DATABASE = "dicomfields_2026c"
-METHOD_VERSION = "mvl_pipeline deid 1"
+METHOD_VERSION = "mvl_pipeline deid 2"  # 2: the Patient module outside the tables removed
+#: What an ingest manifest records: a change re-ingests every study still in the drop.
+DEID_METHOD = f"{METHOD_VERSION}; action tables {ACTION_DATABASE}"
 _BASIC_PROFILE = ("113100", "Basic Application Confidentiality Profile")
 _RETAIN_FULL_DATES = ("113106", "Retain Longitudinal Temporal Information Full Dates Option")
 _TEMPORAL_VRS = frozenset({"DA", "DT", "TM"})
 _NOT_RETAINED_TEMPORAL = frozenset({0x00100030, 0x00100032})  # Patient's Birth Date / Time
 _PATIENT_NAME, _PATIENT_ID = 0x00100010, 0x00100020
+_PATIENT_GROUP = 0x0010
+#: Patient-module attributes the tables do not list that are kept: not about who the patient is.
+_KEPT_PATIENT_ELEMENTS = frozenset({0x00102210})  # Anatomical Orientation Type
 _BURNED_IN_MODALITIES = frozenset({"US", "XC", "ES", "GM", "SC", "OT", "DOC", "IVUS"})
 _SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 _ULTRASOUND_PREFIXES = ("1.2.840.10008.5.1.4.1.1.6.", "1.2.840.10008.5.1.4.1.1.3.")
@@ -212,6 +220,12 @@ class _Cleaner:
             ):
                 self.counts["kept_temporal"] += 1
                 continue
+            if action is None and tag.group == _PATIENT_GROUP and int(tag) not in _KEPT_PATIENT_ELEMENTS:
+                # the Patient module outside the tables (e.g. Patient's Birth Date in Alternative
+                # Calendar (0010,0033), newer than the tables' source): removed, never kept
+                self.counts["patient_group_outside_tables"] += 1
+                del ds[tag]
+                continue
             if action is None:
                 if element.VR == "SQ":
                     for item in element.value:
@@ -309,7 +323,7 @@ def deidentify(
     method = (
         "DICOM PS3.15 E.1 Basic Application Confidentiality Profile",
         f"Retain Longitudinal Temporal Full Dates: {'yes' if retain_longitudinal_temporal else 'no'}",
-        f"{METHOD_VERSION}; action tables {ACTION_DATABASE}",
+        DEID_METHOD,
     )
     out.PatientIdentityRemoved = "YES"
     out.DeidentificationMethod = list(method)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import io
+import logging
 import os
 import struct
 from collections.abc import Mapping
@@ -146,8 +147,19 @@ def source_bytes(source: Source) -> tuple[str, bytes]:
         raise UnreadableFileError(f"cannot read file: {exc}", path=name) from exc
 
 
+def quiet_pydicom() -> None:
+    """No validation of values while pydicom reads: its messages quote the value, in its log and
+    as a Python warning ("Invalid value for VR IS: 'Kowalczyk'"), and a header value may be a
+    name. What a value must be is checked where it is used (geometry, pixel module). Its logger
+    keeps errors only: a value that fails to convert is logged at WARNING with the value, and a
+    worker process has no logging configuration to hold that back."""
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+
+
 def _parse_dataset(name: str, data: bytes, *, stop_before_pixels: bool) -> Dataset:
     """pydicom's reader with the project's checks: DICOM at all, meta, truncation."""
+    quiet_pydicom()  # values are validated lazily, when first read: in every process that reads
     scan = scan_native(data)
     if scan is not None and not scan.truncated and 0 <= scan.pixel_end < len(data):
         scan.truncated = tail_truncation(data[scan.pixel_end :], scan.explicit)

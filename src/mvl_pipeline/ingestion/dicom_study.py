@@ -232,4 +232,5 @@ def _header_json(ds: Any) -> dict[str, Any]:
     for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
         if keyword in slim:
             del slim[keyword]
-    return slim.to_json_dict(bulk_data_threshold=256, bulk_data_element_handler=lambda _e: "")
+    # an element whose value cannot be converted (a text in an IS) is left out, not the study
+    return slim.to_json_dict(bulk_data_threshold=256, bulk_data_element_handler=lambda _e: "", suppress_invalid_tags=True)

@@ -29,8 +29,11 @@ def map_label_names(names: Mapping[int, str], config: IngestConfig) -> dict[int,
             continue
         canonical = canonical_label(str(name), config)
         if canonical not in table:
+            # the source's name is not shown: a segment's label is free text, typed at the
+            # hospital, and may hold a name or a date
             raise UnknownLabelValueError(
-                f"label {int(value)} named {canonical!r} is not in the label map {sorted(table)}"
+                f"the name of label {int(value)} is not in the label map {sorted(table)} "
+                "(nor an ingest.label_aliases entry)"
             )
         mapping[int(value)] = table[canonical]
     return mapping

@@ -10,6 +10,8 @@ propagates and stops the run, and the unit is processed by the rerun.
 from __future__ import annotations
 
 import logging
+import traceback
+from pathlib import Path
 from typing import Any
 
 from mvl_pipeline.core import pseudonyms
@@ -50,11 +52,26 @@ def process_unit(drop: Any, unit: Unit, key: bytes, config: IngestConfig) -> Uni
         )
         return result
     except Exception as exc:  # a bug or an unforeseen file: quarantine, keep the run going
-        # No traceback in the log: its text could quote a path or a header value.
-        logger.error("unexpected %s in a %s unit; see its quarantine record", type(exc).__name__, unit.kind)
+        # Neither the message nor the traceback, in the log or the record: either can quote a
+        # header value or a path ("invalid literal for int(): 'Kowalczyk'"). The exception's
+        # type and the line of this package it came through are enough to find the bug.
+        where = raised_in(exc)
+        logger.error("unexpected %s (%s) in a %s unit; see its quarantine record", type(exc).__name__, where, unit.kind)
         result = UnitResult(unit=pseudonyms.unit_key(key, unit.kind, unit.source_id))
         result.quarantined.append(
-            record("internal_error", scrub(f"{type(exc).__name__}: {exc}", list(unit.files)),
-                    case_id=None, n_files=len(unit.files), kind=unit.kind)  # fmt: skip
+            record("internal_error", f"{type(exc).__name__} ({where})", case_id=None,
+                   n_files=len(unit.files), kind=unit.kind)  # fmt: skip
         )
         return result
+
+
+def raised_in(exc: BaseException) -> str:
+    """The innermost line of this package an exception went through, as ``module.py:line``
+    (a path inside the installed package, never a drop's): the place to look for the bug."""
+    package = Path(__file__).resolve().parents[1]
+    where = "outside mvl_pipeline"
+    for frame, line in traceback.walk_tb(exc.__traceback__):
+        path = Path(frame.f_code.co_filename)
+        if path.is_relative_to(package):
+            where = f"{path.relative_to(package.parent).as_posix()}:{line}"
+    return where

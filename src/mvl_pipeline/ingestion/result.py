@@ -29,6 +29,12 @@ from mvl_pipeline.ingestion.config import IngestConfig
 
 logger = logging.getLogger(__name__)
 
+#: The shortest identifying value or name part looked for ("Ng", "Li", "Wu" are surnames).
+MIN_IDENTITY = 2
+#: The shortest one looked for anywhere in a case's metadata, and scrubbed inside words: shorter
+#: ones only as words of their own, and in a case's free text only (see guard_no_identity).
+MIN_SEARCHED = 4
+
 _UID = re.compile(r"\b(?!1\.2\.840\.10008\.)\d+(?:\.\d+){3,}\b")
 
 
@@ -54,9 +60,12 @@ class UnitResult:
 
 # -- helpers ---------------------------------------------------------------------------------
 def scrub(text: str, raw: Sequence[str] = ()) -> str:
-    """Remove UIDs and any given raw strings (paths, names) from a message."""
+    """Remove UIDs and any given raw strings (paths, names) from a message: strings of
+    ``MIN_SEARCHED`` characters or more wherever they stand, shorter ones (a surname such as
+    "Ng" or "Li") where they stand as a word of their own."""
     for value in sorted((r for r in raw if r), key=len, reverse=True):
-        text = re.sub(re.escape(value), "<redacted>", text, flags=re.IGNORECASE)
+        pattern = re.escape(value) if len(value) >= MIN_SEARCHED else rf"(?<!\w){re.escape(value)}(?!\w)"
+        text = re.sub(pattern, "<redacted>", text, flags=re.IGNORECASE)
     return _UID.sub("<uid>", text)[:300]
 
 
@@ -86,6 +95,9 @@ def record(reason: str, detail: str, *, case_id: str | None, n_files: int, kind:
 
 
 def identity_strings(header: Any) -> list[str]:
+    """The header's identifying values and their name parts, down to two characters: "Ng^Bo"
+    gives "Ng^Bo", "Ng" and "Bo" (initials alone are left out). Where each is looked for:
+    :func:`guard_no_identity`."""
     values = []
     for keyword in IDENTITY_KEYWORDS:
         value = header.get(keyword) if header is not None else None
@@ -93,10 +105,10 @@ def identity_strings(header: Any) -> list[str]:
             continue
         for item in value if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue" else [value]:
             text = str(item).strip()
-            if len(text) >= 4:
+            if len(text) >= MIN_IDENTITY:
                 values.append(text)
-                values.extend(part for part in re.split(r"[\^ ,]+", text) if len(part) >= 4)
-    return values
+                values.extend(part for part in re.split(r"[\^ ,=]+", text) if len(part) >= MIN_IDENTITY)
+    return list(dict.fromkeys(values))
 
 
 def identity_found(text: str, identity: Sequence[str]) -> bool:
@@ -128,11 +140,16 @@ def guard_no_identity(result: UnitResult, identity: Sequence[str]) -> None:
     """Last line of defence: no identifying string of the source may appear in the output."""
     if not identity:
         return
+    searched = [value for value in identity if len(value) >= MIN_SEARCHED]
     for case in list(result.cases):
         blob = json.dumps({"meta": case.meta, "image": case.image.meta,
                            "label": None if case.label is None else case.label.meta},
-                          default=str)  # fmt: skip
-        if identity_found(blob, identity):
+                          default=str, ensure_ascii=False)  # fmt: skip
+        # free text of the source that a case keeps (its label names, e.g. a SEG's SegmentLabel)
+        # is searched for the short name parts too: the rest of the blob is codes and numbers
+        # ("MR", "RAS", "DA") where a two-letter name would match by chance
+        free_text = json.dumps(case.meta.get("label_names", {}), ensure_ascii=False)
+        if identity_found(blob, searched) or identity_found(free_text, identity):
             result.cases.remove(case)
             result.quarantined.append(
                 record("phi_guard", "identifying text survived de-identification",
@@ -141,6 +158,8 @@ def guard_no_identity(result: UnitResult, identity: Sequence[str]) -> None:
             logger.error("case %s held identifying text after de-identification", case.case_id)
     for entry in result.quarantined + result.skipped:
         entry["detail"] = scrub(str(entry.get("detail", "")), identity)
+    if identity_found(result.modality, searched):  # a header's Modality, shown in the manifest
+        result.modality = "unknown"
 
 
 def case_meta(

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from mvl_pipeline.core import pseudonyms
 from mvl_pipeline.core.case import Case
+from mvl_pipeline.dicom.deid import DEID_METHOD
 from mvl_pipeline.ingestion.config import IngestConfig
 from mvl_pipeline.ingestion.manifest import MANIFEST_VERSION, empty_manifest, unit_entry
 from mvl_pipeline.ingestion.process import process_unit
@@ -61,6 +62,11 @@ def ingest(
     force = bool(manifest.get("units")) and manifest.get("settings_id") != settings_id
     if force:
         logger.info("ingest settings changed since the last run: every study in the drop is ingested again")
+    elif manifest.get("units") and manifest.get("deid_method") != DEID_METHOD:
+        # a de-identification that changed (a fix) is applied to every study still in the drop
+        force = True
+        logger.info("the de-identification method changed since the last run: every study in the drop is "
+                    "ingested again")  # fmt: skip
     workers = config.n_workers()
     pool = _executor(workers)
     try:
@@ -74,6 +80,7 @@ def ingest(
         new_manifest = {
             "version": MANIFEST_VERSION,
             "settings_id": settings_id,
+            "deid_method": DEID_METHOD,
             "key_id": key_id,
             "files": scan.files,
             "units": units_state,

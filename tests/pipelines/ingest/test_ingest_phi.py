@@ -8,6 +8,7 @@ import gzip
 import io
 import logging
 import logging.config
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -263,3 +264,119 @@ def test_logs_never_name_drop_paths_even_for_undecodable_files(tmp_path, project
         [r.getMessage() for r in caplog.records] + [project_logging.read_text()]
     ).lower()
     assert "zyxwvut" not in text and "planted" not in text
+
+
+# -- identity where the Annex E tables, the token search or the error paths did not look -------
+#: A two-letter surname and given name: too short for a search of the whole case (codes such as
+#: "MR" or "DA" would match), yet a name wherever free text of the source (a segment's label) goes.
+SHORT_NAME = ("Xq", "Zv")
+UMLAUT_NAME = ("Müllerplanted", "Jürgenplanted")
+ODD_TOKENS = (
+    "1341-09-19", "1400-01-02", "xq zv", "müllerplanted", "jürgenplanted", "m\\u00fcllerplanted",
+    "j\\u00fcrgenplanted", "qwertyson", "zyxwvut", "planted",
+)  # fmt: skip
+
+
+def _restudy(study, folder: str, *, patient_name: str, segment_label: str | None = None, **values) -> dict[str, bytes]:
+    """``study``'s files under ``folder`` with ``patient_name`` and ``values`` set on each, and the
+    first segment of its SEG labelled ``segment_label``."""
+    files = {}
+    for relpath, data in study.files.items():
+        ds = pydicom.dcmread(io.BytesIO(data))
+        ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: the umlauts are written as they are
+        ds.PatientName = patient_name
+        for keyword, value in values.items():
+            setattr(ds, keyword, value)
+        if segment_label is not None and "SegmentSequence" in ds:
+            ds.SegmentSequence[0].SegmentLabel = segment_label
+        files[f"{folder}/{relpath.rsplit('/', 1)[-1]}"] = encode_file(ds)
+    return files
+
+
+def _text_in_integer_string(files: dict[str, bytes], value: str) -> dict[str, bytes]:
+    """Every file with Series Number (an IS, an integer string) holding ``value`` instead."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    out = {}
+    for relpath, data in files.items():
+        ds = pydicom.dcmread(io.BytesIO(data))
+        if "SegmentSequence" not in ds:  # the image slices
+            raw = (value + " " * (len(value) % 2)).encode()
+            ds[0x00200011] = RawDataElement(Tag(0x00200011), "IS", len(raw), raw, 0, False, True)
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        out[relpath] = buffer.getvalue()
+    return out
+
+
+@pytest.mark.parametrize("labels", ["project map", "source names"])
+def test_identity_in_free_text_unlisted_tags_odd_paths_and_error_messages_never_leaks(
+    tmp_path, sample_studies, capfd, project_logging, caplog, recwarn, labels
+):
+    """Found by an audit (2026-12-04), each reproduced before its fix: a birth date in an
+    alternative calendar (0010,0033), missing from the Annex E tables the de-identification reads;
+    a two-letter name in a SEG's segment label; an umlaut name in it (the guard searched
+    ASCII-escaped JSON); a name in an integer field (the error echoed it); a backslash in a file
+    name (the error quoting the path stopped the run); a detached NRRD header naming a data file
+    by an absolute path; a dangling link. ``source names``: no project label map, so the
+    segments' own names become the cases' label names."""
+    drop = tmp_path / "drop"
+    files: dict[str, bytes] = {}
+    files |= _restudy(sample_studies[0], "a", patient_name="Zyxwvut^Qwertyson", PatientID="MRN-PLANTED-1",
+                      PatientBirthDateInAlternativeCalendar="1341-09-19 AH",
+                      PatientDeathDateInAlternativeCalendar="1400-01-02", PatientAlternativeCalendar="ISLAMIC")  # fmt: skip
+    files |= _restudy(sample_studies[1], "b", patient_name="^".join(SHORT_NAME), PatientID="MRN-PLANTED-2",
+                      segment_label=" ".join(SHORT_NAME) + " organ")  # fmt: skip
+    files |= _restudy(sample_studies[2], "c", patient_name="^".join(UMLAUT_NAME), PatientID="MRN-PLANTED-3",
+                      segment_label=" ".join(reversed(UMLAUT_NAME)) + " organ")  # fmt: skip
+    files |= _text_in_integer_string(
+        _restudy(sample_studies[3], "d", patient_name="Qwertyson^Zyxwvut", PatientID="MRN-PLANTED-4"), "Qwertyson"
+    )
+    slice_bytes = next(iter(drop_files(sample_studies[4]).values()))
+    files["f/Qwertyson_scan.nhdr"] = (
+        b"NRRD0004\ntype: short\ndimension: 3\nsizes: 16 16 10\nspacings: 1.5 1.5 3\nencoding: raw\n"
+        b"endian: little\ndata file: /mnt/pacs/Zyxwvut_Qwertyson_19230405/scan.raw\n\n"
+    )
+    path = tmp_path / "seg.nrrd"
+    nrrd.write(str(path), np.zeros((16, 16, 10), np.uint8), {"spacings": [1.5, 1.5, 3.0]})
+    files["f/Qwertyson_scan_label.nrrd"] = path.read_bytes()
+    files |= drop_files(sample_studies[4])  # an ordinary study beside them
+    write_drop(drop, files)
+    (drop / "e").mkdir()  # written by hand: the drop dataset itself refuses such a name
+    (drop / "e" / "Zyxwvut\\Qwertyson 19230405.dcm").write_bytes(slice_bytes)
+    (drop / "g").mkdir()
+    (drop / "g" / "Zyxwvut_Qwertyson.dcm").symlink_to(drop / "g" / "MRN-PLANTED-5 gone")
+
+    caplog.set_level(logging.DEBUG, logger="mvl_pipeline")
+    params = ingest_params(**({"labels": None} if labels == "source names" else {}))
+    run = run_ingest(drop, tmp_path / "data", params)  # the run goes through: nothing stops it
+
+    label_reason = "phi_guard" if labels == "source names" else "label_values_not_in_label_map"
+    assert sorted(r["reason"] for r in run.quarantine) == sorted(
+        ["broken_link", "invalid_path", "unreadable_file", label_reason, label_reason]
+    )
+    assert set(run.case_ids()) == {s.case_id for s in (sample_studies[0], sample_studies[3], sample_studies[4])}
+    header = run.case(sample_studies[0].case_id).meta["deidentified_header"]
+    assert not {"00100033", "00100034", "00100035"} & set(header)  # the Patient module outside the tables
+    assert "00200011" not in run.case(sample_studies[3].case_id).meta["deidentified_header"]  # the bad IS
+
+    captured = capfd.readouterr()
+    logs = "\n".join(
+        [r.getMessage() for r in caplog.records] + [str(w.message) for w in recwarn]
+        + [captured.out, captured.err, project_logging.read_text()]
+    )  # fmt: skip
+    texts = {
+        f"{p.relative_to(run.root)}#{layer}": data
+        for p in sorted(run.root.rglob("*"))
+        if p.is_file()
+        for layer, data in enumerate(_readable_layers(p))
+    }
+    texts["<logs>"] = logs.encode()
+    texts["<output paths>"] = "\n".join(str(p.relative_to(run.root)) for p in run.root.rglob("*")).encode()
+    leaks = sorted({(where, token) for where, data in texts.items() for token in ODD_TOKENS
+                    if token.encode() in data.lower()})  # fmt: skip
+    short = [where for where, data in texts.items() if not where.endswith(".nii.gz#0")
+             and any(re.search(rf"(?<![a-z0-9]){n.lower()}(?![a-z0-9])", data.decode("utf-8", "replace").lower())
+                     for n in SHORT_NAME)]  # fmt: skip
+    assert leaks == [] and short == [], f"identifiers leaked: {leaks} {short}"

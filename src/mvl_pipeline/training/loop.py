@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mvl_pipeline.core import storage
 from mvl_pipeline.core.parallel import torch_threads
 from mvl_pipeline.evaluation.inference import predict_many
 from mvl_pipeline.evaluation.metrics import dice_per_class
@@ -231,8 +232,9 @@ def _run_training(config: Mapping[str, Any], session: Session, loop: LoopConfig,
     if start_epoch >= loop.epochs and restored is not None:
         # A finished run re-run under the same name: nothing to train, report what it has.
         last = dict(state["history"][-1]) if state["history"] else {}
-        if rank == 0:
-            (Path(restored) / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+        if rank == 0:  # in place in the restored checkpoint (on a local store, the stored one itself):
+            # atomically, so that a kill mid-write cannot leave a truncated state for every later resume
+            storage.write_bytes_atomic(None, "file", str(Path(restored) / STATE_FILE), json.dumps(state, indent=1).encode())
         session.report(last, restored if rank == 0 else None)
         return state
 

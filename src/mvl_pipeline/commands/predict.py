@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import logging
 import sys
 import tempfile
@@ -41,6 +42,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from mvl_pipeline.core import storage
 from mvl_pipeline.core.channels import plan_channels
 from mvl_pipeline.core.errors import ImagingError
 from mvl_pipeline.core.volume import Volume, guess_modality
@@ -104,9 +106,13 @@ def discover(root: Path) -> tuple[list[Study], bool]:
             continue
         try:
             header = read_header(path)
+            study = str(header.get("StudyInstanceUID", ""))
         except ImagingError:
             continue  # not DICOM (a README, a report): nothing to segment
-        by_study.setdefault(str(header.get("StudyInstanceUID", "")), []).append(path)
+        except Exception:  # noqa: BLE001 - a value pydicom cannot decode when first read
+            logger.warning("a file of the input is DICOM with a header that cannot be decoded: left out")
+            continue
+        by_study.setdefault(study, []).append(path)
     studies, seen = [], set()
     for path in volumes:  # x.nii.gz and x.nrrd in one folder: x and x-2, never one overwriting
         name, n = _stem(path), 1
@@ -190,7 +196,7 @@ def write_seg(prediction: Volume, datasets: list[Any], names: dict[int, str], ta
         uids=(make_uid("seg-series", series, uri), make_uid("seg-sop", series, uri), 901),
         header_overrides={"SeriesDescription": "MedVisionLlama prediction (not for diagnosis)"},
     )
-    target.write_bytes(dataset_bytes(seg))
+    storage.write_bytes_atomic(None, "file", str(target), dataset_bytes(seg))
 
 
 def write_outputs(
@@ -204,7 +210,8 @@ def write_outputs(
     folder = out / study.name if (batch and study.kind == "dicom") else out
     folder.mkdir(parents=True, exist_ok=True)
     target = out / f"{study.name}.nii.gz" if (batch and study.kind == "volume") else folder / "prediction.nii.gz"
-    target.write_bytes(encode_nifti(prediction, compress=True))
+    # whole or not at all: a reader (a viewer, a PACS push) never sees a half-written file
+    storage.write_bytes_atomic(None, "file", str(target), encode_nifti(prediction, compress=True))
     if datasets:
         write_seg(prediction, datasets, dict(segmenter.classes), folder / "prediction_seg.dcm", uri)
     return str(target.relative_to(out))
@@ -296,10 +303,11 @@ def run(argv: list[str] | None = None) -> int:
             if not batch:
                 logger.error("%s", exc)
     if batch:
-        with (args.output / "predictions.csv").open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["input", "output", "status", "reason"])
-            writer.writeheader()
-            writer.writerows(rows)
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=["input", "output", "status", "reason"])
+        writer.writeheader()
+        writer.writerows(rows)
+        storage.write_bytes_atomic(None, "file", str(args.output / "predictions.csv"), table.getvalue().encode("utf-8"))
     logger.info("%d of %d studies segmented into %s", len(studies) - failed, len(studies), args.output)
     return 1 if failed else 0
 

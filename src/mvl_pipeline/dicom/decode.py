@@ -123,6 +123,9 @@ def _text(value: bytes | str | None) -> str | None:
     return text or None
 
 
+_POSITIVE = frozenset({"PixelSpacing"})  # the geometry divides by it; a thickness of 0 is written by some scanners
+
+
 def _floats(name: str, keyword: str, value: Any, count: int) -> tuple[float, ...] | None:
     if value is None:
         return None
@@ -141,6 +144,8 @@ def _floats(name: str, keyword: str, value: Any, count: int) -> tuple[float, ...
         raise UnreadableFileError(f"invalid {keyword} value", path=name) from exc
     if len(numbers) != count or not all(math.isfinite(v) for v in numbers):
         raise UnreadableFileError(f"{keyword} must have {count} finite values", path=name)
+    if keyword in _POSITIVE and not all(v > 0 for v in numbers):
+        raise UnreadableFileError(f"{keyword} must be positive", path=name)
     return numbers
 
 

@@ -90,10 +90,19 @@ def read_segmentation(seg_ds: Dataset, reference: Volume) -> tuple[Volume, dict[
 
     if str(seg_ds.get("SOPClassUID", "")) != SEGMENTATION_STORAGE:
         raise UnreadableFileError("not a DICOM SEG (Segmentation Storage)")
-    seg = hd.seg.Segmentation.from_dataset(seg_ds, copy=True)  # validates; input left untouched
+    # the errors' own messages are not kept: a library's message may quote a header value
+    try:
+        seg = hd.seg.Segmentation.from_dataset(seg_ds, copy=True)  # validates; input left untouched
+    except (ValueError, AttributeError, KeyError, TypeError, IndexError) as exc:
+        raise UnreadableFileError(f"not a valid DICOM SEG ({type(exc).__name__} in highdicom)") from exc
     names = _segment_names(seg)
     segmentation_type = str(seg.SegmentationType)
-    frames = np.asarray(seg.pixel_array)
+    try:
+        frames = np.asarray(seg.pixel_array)
+    except (ValueError, AttributeError, KeyError, TypeError, IndexError) as exc:
+        raise UnreadableFileError(
+            f"the SEG's pixel data does not fit its frames (truncated, or a wrong Number of Frames: {type(exc).__name__})"
+        ) from exc
     if frames.ndim == 2:
         frames = frames[None]
     per_frame = seg.get("PerFrameFunctionalGroupsSequence") or [None] * frames.shape[0]

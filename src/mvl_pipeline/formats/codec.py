@@ -46,6 +46,9 @@ def as_3d(array: np.ndarray, path: str, *, channels: bool = False) -> np.ndarray
 
 
 def make_volume(array: np.ndarray, affine: np.ndarray, meta: dict[str, Any], path: str) -> Volume:
+    if array.dtype.kind not in "biuf":  # complex, RGB (a structured type), text ...
+        kind = "RGB" if array.dtype.names else str(array.dtype)
+        raise VolumeFileError(f"voxels of type {kind} are not supported: an image of real numbers is needed", path=path)
     try:
         return Volume(array, affine, meta)
     except ValueError as exc:

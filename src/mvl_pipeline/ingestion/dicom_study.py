@@ -53,6 +53,14 @@ def process_dicom_study(drop: Any, unit: Unit, key: bytes, config: IngestConfig)
     for header in headers.values():
         identity.extend(identity_strings(header))
     identity = sorted(set(identity))
+    patients = {str(h.get("PatientID", "") or "").strip() for h in headers.values()} - {""}
+    if len(patients) > 1:  # one study, several patients: a mix-up upstream; never guess whose it is
+        result.quarantined.append(
+            record("mixed_patients", f"the study's files name {len(patients)} different patients (Patient ID)",
+                   case_id=None, n_files=len(headers), kind="dicom")  # fmt: skip
+        )
+        guard_no_identity(result, identity)
+        return result
 
     study = sort_study(headers)
     for _relpath, exc in study.skipped:

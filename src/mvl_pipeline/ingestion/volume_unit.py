@@ -76,8 +76,12 @@ def process_volume_unit(drop: Any, unit: Unit, key: bytes, config: IngestConfig)
         if unit.label is not None:
             raw_label = read_drop_volume(drop, unit.label)
             if not raw_label.same_grid(image, atol_mm=1e-2):
+                if raw_label.shape != image.shape:
+                    raise LabelGridMismatchError(f"label grid {raw_label.shape} differs from image grid {image.shape}")
+                apart = float(np.abs(raw_label.affine - image.affine).max())
                 raise LabelGridMismatchError(
-                    f"label grid {raw_label.shape} differs from image grid {image.shape}"
+                    f"label and image have the same shape {image.shape} but other orientation or position "
+                    f"(their affines differ by up to {apart:.3g})"
                 )
             if raw_label.array.dtype.kind == "f" and not np.all(
                 raw_label.array == np.round(raw_label.array)

@@ -3,6 +3,7 @@ label map, by name (case-insensitive, through ``ingest.label_aliases``)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -51,9 +52,21 @@ def remap_labels(label: Volume, mapping: Mapping[int, int]) -> Volume:
     return Volume(lut[label.array.astype(np.int64)], label.affine, {})
 
 
+#: A source's label name a case may keep (without a project label map): a few words of letters.
+#: A name is free text typed at the hospital ("Liver (Kowalczyk, read 2024-03-05)"); it travels
+#: into the plan, the model bundle, MLflow metric names and every later prediction's DICOM SEG.
+#: Digits, punctuation (but - _ /) and long names are replaced by "label <value>".
+SAFE_LABEL_NAME = re.compile(r"[a-z][a-z _/-]{0,31}")
+
+
+def safe_label_name(value: int, name: str) -> str:
+    """``name`` (canonical) if it is a few words of letters, else ``"label <value>"``."""
+    return name if SAFE_LABEL_NAME.fullmatch(name) and len(name.split()) <= 4 else f"label {int(value)}"
+
+
 def case_label_names(names: Mapping[int, str], config: IngestConfig) -> dict[int, str]:
     """The label names a case records: the project's whole map, or (without one) the source's
-    names of the values it uses, canonicalised."""
+    names of the values it uses, canonicalised, each kept only if :func:`safe_label_name` keeps it."""
     if config.labels:
         return config.label_names
-    return {int(v): canonical_label(str(name), config) for v, name in names.items() if int(v) != 0}
+    return {int(v): safe_label_name(int(v), canonical_label(str(name), config)) for v, name in names.items() if int(v) != 0}

@@ -273,7 +273,7 @@ SHORT_NAME = ("Xq", "Zv")
 UMLAUT_NAME = ("Müllerplanted", "Jürgenplanted")
 ODD_TOKENS = (
     "1341-09-19", "1400-01-02", "xq zv", "müllerplanted", "jürgenplanted", "m\\u00fcllerplanted",
-    "j\\u00fcrgenplanted", "qwertyson", "zyxwvut", "planted",
+    "j\\u00fcrgenplanted", "qwertyson", "zyxwvut", "planted", "2024-03-05",
 )  # fmt: skip
 
 
@@ -330,8 +330,12 @@ def test_identity_in_free_text_unlisted_tags_odd_paths_and_error_messages_never_
                       segment_label=" ".join(SHORT_NAME) + " organ")  # fmt: skip
     files |= _restudy(sample_studies[2], "c", patient_name="^".join(UMLAUT_NAME), PatientID="MRN-PLANTED-3",
                       segment_label=" ".join(reversed(UMLAUT_NAME)) + " organ")  # fmt: skip
+    # another person's name and a date in a segment's label: with the sources' own names, the
+    # case keeps "label 1" instead (with a project map the name is matched, then dropped)
+    other = {"segment_label": "Organ (Plantedperson, read 2024-03-05)"} if labels == "source names" else {}
     files |= _text_in_integer_string(
-        _restudy(sample_studies[3], "d", patient_name="Qwertyson^Zyxwvut", PatientID="MRN-PLANTED-4"), "Qwertyson"
+        _restudy(sample_studies[3], "d", patient_name="Qwertyson^Zyxwvut", PatientID="MRN-PLANTED-4", **other),
+        "Qwertyson",
     )
     slice_bytes = next(iter(drop_files(sample_studies[4]).values()))
     files["f/Qwertyson_scan.nhdr"] = (
@@ -352,11 +356,18 @@ def test_identity_in_free_text_unlisted_tags_odd_paths_and_error_messages_never_
     params = ingest_params(**({"labels": None} if labels == "source names" else {}))
     run = run_ingest(drop, tmp_path / "data", params)  # the run goes through: nothing stops it
 
-    label_reason = "phi_guard" if labels == "source names" else "label_values_not_in_label_map"
+    ingested = {sample_studies[k].case_id for k in (0, 3, 4)}
+    if labels == "source names":  # B's label holds its patient's name; C's umlauts are not kept
+        label_reasons = ["phi_guard"]
+        ingested.add(sample_studies[2].case_id)
+        assert run.case(sample_studies[2].case_id).meta["label_names"]["1"] == "label 1"
+        assert run.case(sample_studies[3].case_id).meta["label_names"]["1"] == "label 1"
+    else:  # neither name is in the project's map: quarantined, the name not quoted
+        label_reasons = ["label_values_not_in_label_map"] * 2
     assert sorted(r["reason"] for r in run.quarantine) == sorted(
-        ["broken_link", "invalid_path", "unreadable_file", label_reason, label_reason]
+        ["broken_link", "invalid_path", "unreadable_file", *label_reasons]
     )
-    assert set(run.case_ids()) == {s.case_id for s in (sample_studies[0], sample_studies[3], sample_studies[4])}
+    assert set(run.case_ids()) == ingested
     header = run.case(sample_studies[0].case_id).meta["deidentified_header"]
     assert not {"00100033", "00100034", "00100035"} & set(header)  # the Patient module outside the tables
     assert "00200011" not in run.case(sample_studies[3].case_id).meta["deidentified_header"]  # the bad IS

@@ -394,3 +394,15 @@ def test_scanner_rejects_what_it_does_not_understand() -> None:
     assert scan_native(blob[:128] + b"XXXX" + blob[132:]) is None  # no DICM prefix
     compressed = open(data_file("MR_small_RLE.dcm"), "rb").read()
     assert scan_native(compressed) is None  # encapsulated syntax: pydicom's job
+
+
+def test_a_modality_outside_dicoms_defined_terms_is_recorded_as_other():
+    """Modality goes into case metadata, the plan and logs; a header may hold any text there."""
+    from mvl_pipeline.dicom.read import modality_of
+
+    for value, recorded in (("CT", "CT"), ("PT", "PT"), ("SEG", "SEG"), ("KOWALCZYK", "OT"), ("", "OT"), (None, "OT")):
+        header = Dataset()
+        if value is not None:
+            header.Modality = value
+        assert modality_of(header) == recorded
+    assert modality_of(Dataset(), "unknown") == "unknown"

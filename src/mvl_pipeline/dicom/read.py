@@ -147,6 +147,22 @@ def source_bytes(source: Source) -> tuple[str, bytes]:
         raise UnreadableFileError(f"cannot read file: {exc}", path=name) from exc
 
 
+#: DICOM's defined terms for Modality (0008,0060), PS3.3 C.7.3.1.1.1, retired ones included.
+MODALITIES = frozenset("""
+    AR ASMT AU BDUS BI BMD CFM CR CT CTPROTOCOL DMS DG DOC DX ECG EEG EMG EOG EPS ES FID GM HC HD IO
+    IOL IVOCT IVUS KER KO LEN LS MG MR M3D NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PA PLAN POS
+    PR PT PX REG RESP RF RG RTDOSE RTIMAGE RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV SEG SM
+    SMR SR SRF STAIN TEXTUREMAP TG US VA XA XAPROTOCOL XC DS DF CF CD DD VF CS LP MA MS FA EC
+""".split())
+
+
+def modality_of(header: Any, default: str = "OT") -> str:
+    """The header's Modality when it is one of DICOM's defined terms, else ``default``: the value
+    goes into case metadata, the plan and logs, and a header can hold any text there."""
+    value = str(header.get("Modality", "") or "").strip().upper()
+    return value if value in MODALITIES else default
+
+
 def quiet_pydicom() -> None:
     """No validation of values while pydicom reads: its messages quote the value, in its log and
     as a Python warning ("Invalid value for VR IS: 'Kowalczyk'"), and a header value may be a

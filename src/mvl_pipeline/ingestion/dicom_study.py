@@ -19,7 +19,13 @@ from mvl_pipeline.core.volume import Volume
 from mvl_pipeline.dicom import labels as dicom_labels
 from mvl_pipeline.dicom.assemble import assemble_series
 from mvl_pipeline.dicom.deid import deidentify
-from mvl_pipeline.dicom.read import SEGMENTATION_STORAGE, read_dataset, read_header, sort_study
+from mvl_pipeline.dicom.read import (
+    SEGMENTATION_STORAGE,
+    modality_of,
+    read_dataset,
+    read_header,
+    sort_study,
+)
 from mvl_pipeline.ingestion.channels import channel_record, check_frames, series_for_channels
 from mvl_pipeline.ingestion.config import IngestConfig
 from mvl_pipeline.ingestion.labels import case_label_names, map_label_names, remap_labels
@@ -98,7 +104,7 @@ def process_dicom_study(drop: Any, unit: Unit, key: bytes, config: IngestConfig)
     if not result.cases and result.modality == "unknown" and headers:
         # the study's image modality (a SEG or RTSTRUCT may come first in file-name order)
         images = [h for p, h in headers.items() if p not in label_objects] or list(headers.values())
-        result.modality = str(images[0].get("Modality", "unknown"))
+        result.modality = modality_of(images[0], "unknown")
     guard_no_identity(result, identity)
     return result
 
@@ -157,7 +163,7 @@ def _case(
     deid_header, report = deidentified
     patient_source = str(first.get("PatientID", "")) or str(first.get("PatientName", ""))
     meta = {
-        **case_meta(str(first.get("Modality", "OT")), "dicom", image, label, label_names or config.label_names),
+        **case_meta(modality_of(first), "dicom", image, label, label_names or config.label_names),
         "burned_in_annotation": bool(report.burned_in_annotation),
         "deidentified_header": _header_json(deid_header),
         "deidentification": report.method,
@@ -213,7 +219,7 @@ def _channel_study(
             label, names = _labels(drop, study.labels.get(uid, []), volume, config, label, reference=volumes[0])
             label_names.update(names)
         channels = [
-            channel_record(rule, str(first.get("Modality", "OT")), coverage=coverage)
+            channel_record(rule, modality_of(first), coverage=coverage)
             for rule, first, coverage in zip(rules, firsts, coverages, strict=True)
         ]
         case = _case(case_id, key, image, label, label_names, firsts[0], deidentified[0], config, channels)

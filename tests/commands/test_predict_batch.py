@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import shutil
 from argparse import Namespace
 from pathlib import Path
@@ -340,3 +341,22 @@ def test_run_segments_a_batch_with_the_champion_and_reports_the_one_corrupt_inpu
         assert all(n_components(prediction.array == c) <= 1 for c in (1, 2))  # the registered decision
     assert (out / "study-001" / "prediction_seg.dcm").is_file()
     assert not (out / "truncated.nii.gz").exists()
+
+
+def test_the_log_never_repeats_an_input_path(bundle, llm_cache_dir, tmp_path, monkeypatch, caplog):
+    """A path the user typed may name the patient ("Kowalska_Anna_1961/..."): the log of a study
+    that failed, of a missing input and of the end gives no path (an audit, 2026-12-04: the
+    error's own text ends in "[path]")."""
+    from mvl_pipeline.commands import predict as command
+
+    weights, plan = bundle
+    monkeypatch.setattr(command, "load_registered", lambda uri, tracking: (weights, plan, "models:/test@champion"))
+    study = tmp_path / "Kowalska_Anna_1961" / "Kowalska_Anna.nii.gz"
+    study.parent.mkdir()
+    study.write_bytes(b"\x1f\x8b" + b"not really gzip")
+    caplog.set_level(logging.INFO)
+    argv = ["--llm-cache-dir", str(llm_cache_dir)]
+    assert command.run([str(study), str(tmp_path / "out"), *argv]) == 1
+    assert command.run([str(tmp_path / "Kowalska_missing"), str(tmp_path / "out"), *argv]) == 2
+    assert "not a readable gzip file" in caplog.text  # the reason is there
+    assert "kowalska" not in caplog.text.lower()

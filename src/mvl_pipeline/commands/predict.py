@@ -22,8 +22,9 @@ the training images had them); a study without one of the channels fails with
 
 The model is loaded once; each study is preprocessed, predicted and mapped back exactly as in
 evaluation (the plan and post-processing travel with the registered model). Predictions go back
-to the hospital and carry the study's identity (the SEG references its patient and study); the
-log names studies by their number only.
+to the hospital and carry the study's identity (the SEG references its patient and study), and
+``predictions.csv`` names each input as it was given; the log names studies by their number only
+and never repeats a path (the input's folder and file names may name a patient).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def discover(root: Path) -> tuple[list[Study], bool]:
     if root.is_file():
         return [Study(_stem(root), "volume", [root], root.name)], False
     if not root.is_dir():
-        raise FileNotFoundError(f"no such file or folder: {root}")
+        raise FileNotFoundError("the input is neither a file nor a folder (the path is not repeated: it may name a patient)")
     from mvl_pipeline.dicom.read import read_header
 
     files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
@@ -300,15 +301,15 @@ def run(argv: list[str] | None = None) -> int:
             reason = exc.reason if isinstance(exc, ImagingError) else type(exc).__name__
             logger.error("study %d of %d could not be segmented: %s", index, len(studies), reason)
             rows.append({"input": study.source, "output": "", "status": "failed", "reason": reason})
-            if not batch:
-                logger.error("%s", exc)
+            if not batch and isinstance(exc, ImagingError):  # its detail, never its path ([...])
+                logger.error("%s", exc.detail)
     if batch:
         table = io.StringIO(newline="")
         writer = csv.DictWriter(table, fieldnames=["input", "output", "status", "reason"])
         writer.writeheader()
         writer.writerows(rows)
         storage.write_bytes_atomic(None, "file", str(args.output / "predictions.csv"), table.getvalue().encode("utf-8"))
-    logger.info("%d of %d studies segmented into %s", len(studies) - failed, len(studies), args.output)
+    logger.info("%d of %d studies segmented into the output folder", len(studies) - failed, len(studies))
     return 1 if failed else 0
 
 

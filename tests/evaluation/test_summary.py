@@ -108,3 +108,21 @@ def test_bootstrap_ci_brackets_the_mean_of_independent_values():
 def test_describe_of_nothing_is_explicit():
     assert describe([], []) == {"mean": None, "std": None, "median": None, "ci95": None, "n": 0, "n_patients": 0,
                                 "ci_method": None}  # fmt: skip
+
+
+def test_false_positives_and_misses_in_a_rare_class_are_seen_beside_the_plain_mean():
+    """One lesion in ten cases, missed, and one healthy case where a lesion is called: the plain
+    mean (a both-empty case scores 1) says 0.8; Dice where present says 0, the false-positive rate
+    1 in 9 (an audit, 2026-12-04: the headline used the plain mean)."""
+
+    def lesion(case: int, *, label: int, pred: int, dice: float) -> dict:
+        return row(f"case-{case}", f"p{case}", dice, label=label) | {"class_name": "lesion", "voxels_pred": pred}
+
+    rows = [lesion(0, label=50, pred=0, dice=0.0), lesion(1, label=0, pred=40, dice=0.0)]
+    rows += [lesion(k, label=0, pred=0, dice=1.0) for k in range(2, 10)]
+    entry = summarise(rows)["lesion"]
+    assert entry["dice"]["mean"] == pytest.approx(0.8)
+    assert entry["dice_label_present"]["mean"] == 0.0
+    assert entry["false_positive_rate"] == pytest.approx(1 / 9)
+    assert entry["n_cases_label_absent"] == 9
+    assert summarise([row("c", "p", 0.9)])["organ"]["false_positive_rate"] is None  # never absent: no figure

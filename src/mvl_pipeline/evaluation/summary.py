@@ -78,7 +78,8 @@ def describe(values: Sequence[float], patients: Sequence[str], *, seed: int = 0)
 
 def summarise(rows: Sequence[Mapping[str, Any]], *, seed: int = 0) -> dict[str, Any]:
     """Per class and metric: mean over patients with its interval, median, n (cases), n_patients;
-    plus "Dice where present" (cases whose label holds the class), the detection rate and the
+    plus "Dice where present" (cases whose label holds the class), the detection rate, the
+    false-positive rate (cases whose label lacks the class and whose prediction has it) and the
     worst-case HD95 count. A row's patient is ``patient_id`` (else its case is its own patient)."""
     summary: dict[str, Any] = {}
     for name in sorted({r["class_name"] for r in rows}):
@@ -99,6 +100,13 @@ def summarise(rows: Sequence[Mapping[str, Any]], *, seed: int = 0) -> dict[str, 
         entry["detection_rate"] = (
             None if not with_label else float(np.mean([bool(r.get("detected", r["voxels_pred"] > 0)) for r in with_label]))
         )
+        without_label = [r for r in class_rows if r["voxels_label"] == 0]
+        # cases whose label lacks the class: the share where the model calls it anyway (a both-empty
+        # case scores Dice 1 in the plain mean, so that mean cannot see these false positives)
+        entry["false_positive_rate"] = (
+            None if not without_label else float(np.mean([r["voxels_pred"] > 0 for r in without_label]))
+        )
+        entry["n_cases_label_absent"] = len(without_label)
         entry["hd95_worst_case_cases"] = int(sum(bool(r.get("hd95_worst_case")) for r in class_rows))
         summary[name] = entry
     return summary

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import matplotlib.figure
+import numpy as np
 import pytest
 
 from mvl_pipeline.core.hashing import set_digest
@@ -47,8 +48,13 @@ def test_evaluate_holdout_scores_every_test_case_on_its_original_grid(tiny_train
     assert lesion["hd95_mm"]["n_undefined"] == 0  # a missed lesion has its worst case, never a gap
     assert 0.0 <= lesion["detection_rate"] <= 1.0
     assert len(overlays) == min(2, len(test_cases))
+    # the headline is Dice where the label holds the class, over the classes; a both-empty case
+    # counting 1 lifts only the plain figure beside it
+    assert summary["mean_dice"] == pytest.approx(np.mean([summary["classes"][c]["dice_label_present"]["mean"] for c in ("organ", "lesion")]))
+    assert summary["mean_dice_all_cases"] == pytest.approx(np.mean([summary["classes"][c]["dice"]["mean"] for c in ("organ", "lesion")]))
     flat = metrics_for_mlflow(summary)
     assert flat["holdout.organ.dice"]["value"] == pytest.approx(organ["dice"]["mean"])
+    assert flat["holdout.mean_dice"]["value"] == pytest.approx(summary["mean_dice"])
     assert not any("case-" in k for k in flat)
     for figure in (plot_per_case(per_case), plot_overlays(overlays)):
         assert isinstance(figure, matplotlib.figure.Figure)

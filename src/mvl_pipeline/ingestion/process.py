@@ -71,7 +71,7 @@ def raised_in(exc: BaseException) -> str:
     package = Path(__file__).resolve().parents[1]
     where = "outside mvl_pipeline"
     for frame, line in traceback.walk_tb(exc.__traceback__):
-        path = Path(frame.f_code.co_filename)
+        path = Path(frame.f_code.co_filename).resolve()
         if path.is_relative_to(package):
             where = f"{path.relative_to(package.parent).as_posix()}:{line}"
     return where

@@ -139,7 +139,8 @@ def test_the_gate_dice_is_dice_where_present():
     """A both-empty lesion class must not add a free 1.0 to a case's figure."""
     rows = rows_of({"c1": ("p1", 0.6, 3.0, 0.9), "c2": ("p2", 0.8, 3.0, 0.9)})
     assert gate_score(rows) == pytest.approx(0.7)  # not (0.6 + 1 + 0.8 + 1) / 4
-    assert per_case(rows)["c1"] == {"patient_id": "p1", "dice": 0.6, "hd95_mm": 3.0, "nsd": 0.9}
+    # the absent lesion class, not predicted: no false positive
+    assert per_case(rows)["c1"] == {"patient_id": "p1", "dice": 0.6, "hd95_mm": 3.0, "nsd": 0.9, "false_positive": 0.0}
     # a case whose label holds no foreground class has no figure at all
     empty_case = [dict(r, voxels_label=0) for r in rows_of({"c3": ("p3", 0.0, 50.0, 0.0)})]
     assert per_case(empty_case)["c3"]["dice"] is None
@@ -164,3 +165,37 @@ def test_a_first_model_at_or_above_the_floor_becomes_champion():
 def test_the_register_block_rejects_unknown_keys():
     with pytest.raises(ValueError, match="unknown"):
         RegisterConfig.from_params({"margn": 0.01})
+
+
+def test_a_challenger_that_calls_a_lesion_in_every_healthy_patient_is_not_promoted():
+    """An honesty audit (2026-12-04): 8 patients with a lesion case and a healthy follow-up each;
+    the challenger is +0.02 Dice on the lesions but predicts a 5000-voxel lesion (HD95 250 mm) in
+    every healthy case. Dice, HD95 and NSD are measured where the label holds the class, so all
+    three passed and it was promoted. Its false positives now stop it, and a challenger without
+    them is still promoted."""
+    rng = np.random.default_rng(3)
+
+    def rows(gain: float, false_positives: bool) -> list[dict]:
+        out = []
+        for k in range(8):
+            dice = float(0.7 + rng.normal(0, 0.02)) + gain
+            base = {"patient_id": f"pt-{k}", "class_value": 2, "class_name": "lesion", "hd95_mm": 3.0, "nsd": 0.9}
+            out.append(base | {"case_id": f"sick-{k}", "voxels_label": 400, "voxels_pred": 420, "status": "ok", "dice": dice})
+            healthy = {"voxels_pred": 5000, "status": "false_positive", "dice": 0.0, "hd95_mm": 250.0, "nsd": 0.0}
+            out.append(base | {"case_id": f"healthy-{k}", "voxels_label": 0, "voxels_pred": 0, "status": "both_empty",
+                               "dice": 1.0, "hd95_mm": 0.0, "nsd": 1.0} | (healthy if false_positives else {}))  # fmt: skip
+        return out
+
+    rng = np.random.default_rng(3)
+    champion = rows(0.0, false_positives=False)
+    rng = np.random.default_rng(3)
+    over_caller = rows(0.02, false_positives=True)
+    decision = decide(over_caller, champion, RegisterConfig(**FAST))
+    assert decision["promoted"] is False and decision["alias"] == "challenger"
+    assert "where the label has none may be higher by up to 1.0000" in decision["reason"]
+    assert decision["paired"]["false_positive"]["mean"] == 1.0
+    rng = np.random.default_rng(3)
+    careful = rows(0.02, false_positives=False)
+    decision = decide(careful, champion, RegisterConfig(**FAST))
+    assert decision["promoted"] is True and "false positives non-inferior" in decision["reason"]
+    assert per_case(careful)["sick-0"]["false_positive"] is None  # its label holds every class

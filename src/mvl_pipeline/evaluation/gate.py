@@ -11,7 +11,10 @@ plain words:
   mean Dice improvement is above ``margin`` (the improvement is real, not noise), AND the
   challenger is non-inferior on boundary quality: the upper bound of the HD95 difference
   (challenger - champion, mm) is at most ``hd95_tolerance_mm`` and the lower bound of the NSD
-  difference at least ``-nsd_tolerance``;
+  difference at least ``-nsd_tolerance``; and non-inferior on false positives: in cases whose
+  label lacks a class (a patient without a lesion), the share of such classes it predicts anyway
+  may be higher by at most ``false_positive_tolerance`` (upper bound). Dice where present cannot
+  see these: a model that calls a lesion in every healthy patient would otherwise pass;
 - otherwise the challenger is registered with the alias ``challenger`` and the reason;
 - a first model (no champion) becomes champion only when its mean gate Dice is at least
   ``first_model_floor`` (configured per task); below it, it is registered without an alias;
@@ -40,6 +43,7 @@ class RegisterConfig(ConfigBlock):
     margin: float = 0.0
     hd95_tolerance_mm: float = 1.0
     nsd_tolerance: float = 0.02
+    false_positive_tolerance: float = 0.05
     first_model_floor: float = 0.5
     confidence_level: float = 0.95
     n_resamples: int = 5000
@@ -49,20 +53,26 @@ class RegisterConfig(ConfigBlock):
 
 
 def per_case(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """``{case_id: {"patient_id", "dice", "hd95_mm", "nsd"}}``: each figure the mean over the
-    foreground classes present in the case's label (None when its label holds none)."""
+    """``{case_id: {"patient_id", "dice", "hd95_mm", "nsd", "false_positive"}}``: each of the
+    first three the mean over the foreground classes present in the case's label (None when its
+    label holds none); ``false_positive`` the share of the classes its label lacks that the model
+    predicts anyway (None when the label holds every class)."""
     cases: dict[str, dict[str, Any]] = {}
     for row in rows:
-        entry = cases.setdefault(row["case_id"], {"patient_id": str(row.get("patient_id") or row["case_id"]), "_": []})
+        entry = cases.setdefault(row["case_id"], {"patient_id": str(row.get("patient_id") or row["case_id"]),
+                                                  "_": [], "absent": []})  # fmt: skip
         if row["voxels_label"] > 0:
             entry["_"].append(row)
+        elif row.get("voxels_pred") is not None:  # (a table without prediction sizes: not counted)
+            entry["absent"].append(row["voxels_pred"] > 0)
     result = {}
     for case_id, entry in sorted(cases.items()):
-        present = entry.pop("_")
+        present, absent = entry.pop("_"), entry.pop("absent")
         result[case_id] = {
             "patient_id": entry["patient_id"],
             **{metric: (float(np.mean([float(r[metric]) for r in present])) if present else None)
                for metric in ("dice", "hd95_mm", "nsd")},
+            "false_positive": float(np.mean(absent)) if absent else None,
         }  # fmt: skip
     return result
 
@@ -114,9 +124,9 @@ def decide(
                            "reason": reason, "champion_gate_dice": None}  # fmt: skip
     theirs = per_case(champion_rows)
     decision["champion_gate_dice"] = gate_score(champion_rows)
-    stats = {m: paired_difference(mine, theirs, m, config) for m in ("dice", "hd95_mm", "nsd")}
+    stats = {m: paired_difference(mine, theirs, m, config) for m in ("dice", "hd95_mm", "nsd", "false_positive")}
     decision["paired"] = stats
-    dice, hd95, nsd = stats["dice"], stats["hd95_mm"], stats["nsd"]
+    dice, hd95, nsd, false_positive = stats["dice"], stats["hd95_mm"], stats["nsd"], stats["false_positive"]
     if dice["ci"] is None:
         reason = f"fewer than {MIN_PATIENTS_FOR_CI} gate patients with paired results ({dice['n_patients']}): no evidence, not promoted"
         promoted = False
@@ -132,9 +142,15 @@ def decide(
         reason = (f"Dice improved ({dice['ci'][0]:+.4f} to {dice['ci'][1]:+.4f}) but NSD may be worse by up to "
                   f"{-nsd['ci'][0]:.4f} (tolerance {config.nsd_tolerance})")  # fmt: skip
         promoted = False
+    elif false_positive["ci"] is not None and false_positive["ci"][1] > config.false_positive_tolerance:
+        reason = (f"Dice improved ({dice['ci'][0]:+.4f} to {dice['ci'][1]:+.4f}) but the share of classes predicted "
+                  f"where the label has none may be higher by up to {false_positive['ci'][1]:.4f} (tolerance "
+                  f"{config.false_positive_tolerance}; {false_positive['n_patients']} patients)")  # fmt: skip
+        promoted = False
     else:
         reason = (f"Dice improvement {dice['mean']:+.4f} (95% CI {dice['ci'][0]:+.4f} to {dice['ci'][1]:+.4f}, "
-                  f"{dice['n_patients']} patients) clears the margin {config.margin}; HD95 and NSD non-inferior")  # fmt: skip
+                  f"{dice['n_patients']} patients) clears the margin {config.margin}; HD95, NSD and false positives "
+                  "non-inferior")  # fmt: skip
         promoted = True
     return decision | {"promoted": promoted, "alias": config.champion_alias if promoted else config.challenger_alias,
                        "reason": reason}  # fmt: skip

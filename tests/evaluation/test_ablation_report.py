@@ -39,7 +39,8 @@ def test_a_null_result_is_no_detectable_difference_with_the_detectable_differenc
     assert f"{min(mdds):.4f}" in text and f"{max(mdds):.4f}" in text
     report = render_report(summary)
     assert "No detectable Dice difference between `shuffled` and `pretrained`" in report
-    assert re.search(r"could have detected a mean difference of 0\.0\d{3} or more \(80% power, two-sided alpha 0\.05\)", report)
+    assert re.search(r"could have detected a mean difference of 0\.0\d{3} or more \(80% power, two-sided alpha 0\.0\d+: "
+                     r"0\.05 Holm-adjusted over the comparisons\)", report)  # fmt: skip
     for title in ("## Primary endpoint: Dice", "## Secondary endpoint: HD95 (mm) (lower is better)", "## Secondary endpoint: NSD"):
         assert title in report
     assert "scored better" not in report and "scored worse" not in report

@@ -112,7 +112,9 @@ def holm(pvalues: Mapping[str, float | None]) -> dict[str, float | None]:
 
 def minimum_detectable_difference(sd: float | None, n: int, *, alpha: float, power: float) -> float | None:
     """The mean paired difference detectable with ``power`` by a two-sided test at ``alpha``:
-    ``(z(1 - alpha/2) + z(power)) * sd / sqrt(n)`` (normal approximation)."""
+    ``(z(1 - alpha/2) + z(power)) * sd / sqrt(n)`` (normal approximation). For a family of ``m``
+    Holm-corrected comparisons, pass ``alpha / m``: the level Holm's first step tests at, so the
+    stated power holds for any arm of the family (:func:`summarise_ablation`)."""
     if sd is None or n < 2 or not math.isfinite(sd):
         return None
     return float((stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)) * sd / math.sqrt(n))
@@ -214,9 +216,18 @@ def summarise_ablation(
             entry = compare((values[paired] - reference_values[paired]).to_numpy(), plan)
             entry["per_seed_difference"] = _per_seed_difference(endpoints, arm, reference, metric)
             family[arm] = entry
-        for arm, p in holm({a: e["p_value"] for a, e in family.items()}).items():
-            family[arm]["p_adjusted"] = p
-            family[arm]["verdict"] = verdict(family[arm], metric, plan.alpha)
+        adjusted = holm({a: e["p_value"] for a, e in family.items()})
+        tested = sum(p is not None for p in adjusted.values())
+        for arm, p in adjusted.items():
+            entry = family[arm]
+            entry["p_adjusted"] = p
+            entry["verdict"] = verdict(entry, metric, plan.alpha)
+            # a verdict needs the Holm-adjusted p below alpha: the difference detectable with the
+            # stated power is the one at alpha / m, not at alpha (which overstated the power)
+            entry["mdd_alpha"] = plan.alpha / max(tested, 1)
+            entry["minimum_detectable_difference"] = minimum_detectable_difference(
+                entry["sd_difference"], entry["n_patients"], alpha=entry["mdd_alpha"], power=plan.power
+            )
         summary["comparisons"][metric] = family
     return summary
 

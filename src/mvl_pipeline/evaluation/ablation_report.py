@@ -54,8 +54,10 @@ def arm_sentence(arm: str, entry: Mapping[str, Any], metric: str, design: Mappin
                f"{_ci(entry['ci'], metric, signed=True)}; Holm-adjusted Wilcoxon p {_p(entry['p_adjusted'])}, "
                f"{entry['n_patients']} patients)")  # fmt: skip
     mdd = entry.get("minimum_detectable_difference")
+    level = entry.get("mdd_alpha", plan["alpha"])
     detectable = (f"this design could have detected a mean difference of {_mdd(mdd, metric)} or more "
-                  f"({plan['power']:.0%} power, two-sided alpha {plan['alpha']})") if mdd is not None else ""  # fmt: skip
+                  f"({plan['power']:.0%} power, two-sided alpha {level:.3g}: {plan['alpha']} Holm-adjusted over the "
+                  "comparisons)") if mdd is not None else ""  # fmt: skip
     verdict = entry["verdict"]
     if verdict in ("better", "worse"):
         direction = "higher" if (entry["mean_difference"] > 0) else "lower"

@@ -199,7 +199,8 @@ def test_the_fit_node_stores_the_decision_made_on_the_validation_cases_with_the_
     new_state, new_config = decide_postprocessing_node((state, config), loaders, split, plan, llm_cache_dir, {})
     assert new_state is state and "postprocessing" not in config  # the input is not modified
     assert RECORD_KEY not in config
-    assert {k: v for k, v in new_config.items() if k not in ("postprocessing", RECORD_KEY)} == config
+    assert {k: v for k, v in new_config.items() if k not in ("postprocessing", RECORD_KEY, "plan_id")} == config
+    assert new_config["plan_id"] == plan["plan_id"]  # the plan it was trained under (evaluation.leakage.check_plan)
     # the model carries (salted hashes of) the patients it was developed on, salted by its weights
     record = new_config[RECORD_KEY]
     assert record["n"] == 2 and record["salt"] == weights_sha256(state)[:32]

@@ -73,3 +73,25 @@ def check_no_leakage(
             "(03_primary/split.json) and the key it was made with, or retrain the model on the current split"
         )
     return shared
+
+
+#: The plan a model was trained under (``decide_postprocessing`` records it in the model's config).
+PLAN_KEY = "plan_id"
+
+
+class PlanMismatchError(ValueError):
+    """A model scored under another preprocessing plan than the one it was trained under."""
+
+
+def check_plan(model_config: Mapping[str, Any], plan: Mapping[str, Any], *, model: str) -> None:
+    """Raise :class:`PlanMismatchError` when ``model_config`` records a plan other than ``plan``:
+    its inputs would be resampled and normalised otherwise than in training, and the figures (and a
+    registration, which stores the plan beside the weights) would describe a pairing that never
+    trained. A model from before the record is not checked."""
+    trained_on = model_config.get(PLAN_KEY)
+    if trained_on and trained_on != plan.get("plan_id"):
+        raise PlanMismatchError(
+            f"the {model} was trained under preprocessing plan {trained_on}, the current plan is "
+            f"{plan.get('plan_id')} (the data were re-planned since): run the fit stage again "
+            "(kedro run --pipelines fit, or make train) before evaluate or register"
+        )

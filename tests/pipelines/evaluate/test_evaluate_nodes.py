@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mvl_pipeline.core.hashing import set_digest
-from mvl_pipeline.evaluation.leakage import LeakageError
+from mvl_pipeline.evaluation.leakage import LeakageError, PlanMismatchError, check_plan
 from mvl_pipeline.formats.model_bundle import weights_sha256
 from mvl_pipeline.pipelines.evaluate.nodes import (
     evaluate_holdout,
@@ -69,6 +69,20 @@ def test_evaluate_refuses_a_test_set_holding_a_development_patient(tiny_training
     with pytest.raises(LeakageError, match="1 patient\\(s\\) of the test set were development"):
         evaluate_holdout((state, config), data["ingested_cases"], leaky, data["preprocessing_plan"],
                          data["llm_cache_dir"], {"overlay_cases": 0})  # fmt: skip
+
+
+def test_evaluate_refuses_a_model_trained_under_another_plan(tiny_training_data, tiny_models):
+    """After a re-plan, `kedro run --pipelines evaluate` alone would have scored the old weights on
+    the new preprocessing (an honesty audit, 2026-12-04): the model records its plan, and a
+    mismatch stops evaluate (and the gate) saying what to run."""
+    data = tiny_training_data
+    state, config = tiny_models["long"]
+    assert config["plan_id"] == data["preprocessing_plan"]["plan_id"]  # decide_postprocessing recorded it
+    replanned = {**data["preprocessing_plan"], "plan_id": "replanned-0000"}
+    with pytest.raises(PlanMismatchError, match=r"trained under preprocessing plan \S+, the current plan is replanned-0000"):
+        evaluate_holdout((state, config), data["ingested_cases"], data["test_split"], replanned,
+                         data["llm_cache_dir"], {"overlay_cases": 0})  # fmt: skip
+    check_plan({k: v for k, v in config.items() if k != "plan_id"}, replanned, model="old model")  # not recorded: not checked
 
 
 def test_learning_curves_plot_only_validated_epochs():

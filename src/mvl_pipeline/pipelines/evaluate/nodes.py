@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from mvl_pipeline.core.hashing import set_digest
-from mvl_pipeline.evaluation.leakage import check_no_leakage
+from mvl_pipeline.evaluation.leakage import check_no_leakage, check_plan
 from mvl_pipeline.evaluation.metric_names import METRICS
 from mvl_pipeline.evaluation.plots import plot_learning_curves, plot_overlays, plot_per_case
 from mvl_pipeline.formats.model_bundle import weights_sha256
@@ -43,6 +43,7 @@ def evaluate_holdout(
         model_config, test_split.get("patients", {}).get("test", []), role="test", model="trained model",
         key_id=test_split.get("key_id"),
     )  # fmt: skip
+    check_plan(model_config, preprocessing_plan, model="trained model")
     model = model_from_weights(state, model_config, llm_cache_dir=llm_cache_dir)
     classes = plan_classes(preprocessing_plan)
     rows, overlays = score_cases(

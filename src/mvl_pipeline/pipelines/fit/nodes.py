@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from mvl_pipeline.evaluation.leakage import RECORD_KEY, development_record
+from mvl_pipeline.evaluation.leakage import PLAN_KEY, RECORD_KEY, development_record
 from mvl_pipeline.formats.model_bundle import weights_sha256
 from mvl_pipeline.ingestion.manifest import data_version
 from mvl_pipeline.preprocessing.plan import plan_classes
@@ -124,4 +124,4 @@ def decide_postprocessing(
     )  # fmt: skip
     development = [p for role in ("train", "validation") for p in development_split.get("patients", {}).get(role, [])]
     record = development_record(development, salt=weights_sha256(state)[:32], key_id=development_split.get("key_id"))
-    return state, {**config, "postprocessing": decision, RECORD_KEY: record}
+    return state, {**config, "postprocessing": decision, RECORD_KEY: record, PLAN_KEY: preprocessing_plan.get("plan_id")}

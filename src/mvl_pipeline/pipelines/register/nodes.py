@@ -21,7 +21,7 @@ from mvl_pipeline.datasets.model_registry import (
     RegistryView,
 )
 from mvl_pipeline.evaluation.gate import RegisterConfig, decide, per_case
-from mvl_pipeline.evaluation.leakage import check_no_leakage
+from mvl_pipeline.evaluation.leakage import check_no_leakage, check_plan
 from mvl_pipeline.formats.model_bundle import weights_sha256
 from mvl_pipeline.preprocessing.plan import plan_classes
 
@@ -97,6 +97,7 @@ def decide_registration(
         return AlreadyRegistered(existing), decision
     key_id = gate_split.get("key_id")
     check_no_leakage(model_config, gate_patients, role="gate", model="challenger", key_id=key_id)
+    check_plan(model_config, preprocessing_plan, model="challenger")
     challenger_rows = _score(trained_model, preprocessing_plan, cases, llm_cache_dir, evaluate)
     champion_rows = None
     if registry.champion is not None:

@@ -162,8 +162,21 @@ def test_a_process_killed_while_deleting_a_case_leaves_no_listed_half_case(tmp_p
 
 
 def test_removing_a_case_on_s3_takes_its_completion_marker_first(s3_bucket):
+    """On an object store there is no rename: the marker goes before the objects it vouches for.
+    The removal of the objects is watched on the real (moto) store: the marker is already gone."""
     store = CaseStoreDataset(path=f"s3://{s3_bucket['bucket']}/gone", credentials=s3_bucket["credentials"])
     store.save({"case-a": make_case("case-a"), "case-b": make_case("case-b", 1)})
+    marker = f"{s3_bucket['bucket']}/gone/case-a/{storage.COMPLETE_MARKER}"
+    assert store._fs.exists(marker)
+    remove, marker_at_removal = store._fs.rm, []
+
+    def watched(path, *args, **kwargs):
+        marker_at_removal.append(store._fs.exists(marker))
+        return remove(path, *args, **kwargs)
+
+    store._fs.rm = watched
     store.save({"case-a": None})
+    store._fs.rm = remove
+    assert marker_at_removal == [False]
     assert sorted(store.load()) == ["case-b"]
     assert not store._fs.exists(f"{s3_bucket['bucket']}/gone/case-a")

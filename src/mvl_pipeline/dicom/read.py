@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import io
 import logging
 import os
@@ -163,6 +164,7 @@ def modality_of(header: Any, default: str = "OT") -> str:
     return value if value in MODALITIES else default
 
 
+@functools.cache  # once per process: it sets globals (and setLevel walks every logger's cache)
 def quiet_pydicom() -> None:
     """No validation of values while pydicom reads: its messages quote the value, in its log and
     as a Python warning ("Invalid value for VR IS: 'Kowalczyk'"), and a header value may be a
@@ -175,7 +177,7 @@ def quiet_pydicom() -> None:
 
 def _parse_dataset(name: str, data: bytes, *, stop_before_pixels: bool) -> Dataset:
     """pydicom's reader with the project's checks: DICOM at all, meta, truncation."""
-    quiet_pydicom()  # values are validated lazily, when first read: in every process that reads
+    quiet_pydicom()  # values are validated lazily, when first read: so in every process that reads
     scan = scan_native(data)
     if scan is not None and not scan.truncated and 0 <= scan.pixel_end < len(data):
         scan.truncated = tail_truncation(data[scan.pixel_end :], scan.explicit)

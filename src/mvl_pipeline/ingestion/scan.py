@@ -95,7 +95,7 @@ def scan_drop(
         fkeys[relpath] = fkey
         old = old_files.get(fkey)
         fingerprint = str(entry.fingerprint)
-        if getattr(entry, "problem", None):
+        if entry.problem:
             problems[relpath] = entry.problem
             unchanged = old is not None and old.get("fingerprint") == fingerprint
             files[fkey] = dict(old) if unchanged else {"fingerprint": fingerprint, "content": "", "unit": None}

@@ -41,8 +41,8 @@ def read_drop_volume(drop: Any, relpath: str, *, channels: bool = False) -> Volu
     with ``channels``, a 4-D NIfTI as a channel-first multi-channel volume."""
 
     def read_data_file(path: str) -> bytes:  # the header names it: it must be a file of the drop
-        normalised = posixpath.normpath(path)
-        if path.startswith("/") or path_problem(normalised) is not None:
+        normalised = posixpath.normpath(path)  # an absolute path keeps its leading "/": an empty part
+        if path_problem(normalised) is not None:
             raise VolumeFileError("the detached header's data file is not a file inside the drop folder")
         return drop.read_bytes(normalised)
 

@@ -66,3 +66,22 @@ def test_a_held_out_set_named_under_another_key_is_refused():
     # a record from before key ids, or a split without one, falls back to the pseudonym check
     legacy = {RECORD_KEY: development_record(DEVELOPMENT, salt="s" * 32)}
     assert check_no_leakage(legacy, GATE, role="gate", model="champion", key_id="key-bbbbbbbbbbbb") == 0
+
+
+def test_a_development_case_in_a_held_out_set_under_another_patient_is_refused():
+    """A case keeps its id when its patient pseudonym changes (a corrected Patient ID): the
+    patient hashes cannot see it, the case hashes can."""
+    cases = [f"case-{k:04d}" for k in range(20)]
+    record = development_record(DEVELOPMENT, salt="s" * 32, cases=cases)
+    assert not any(c in json.dumps(record) for c in cases)  # hashes only
+    config = {RECORD_KEY: record}
+    held_out_cases = ["case-9000", "case-9001"]
+    assert check_no_leakage(config, GATE, role="gate", model="challenger", cases=held_out_cases) == 0
+    with pytest.raises(LeakageError) as refused:
+        check_no_leakage(config, ["pt-new-pseudonym"], role="test", model="trained model", cases=[*held_out_cases, cases[4]])
+    message = str(refused.value)
+    assert message.startswith("1 case(s) of the test set were development (training or validation) cases")
+    assert cases[4] not in message and "regrouped" in message
+    # a record from before case hashes checks patients only
+    legacy = {RECORD_KEY: {k: v for k, v in record.items() if k != "case_hashes"}}
+    assert check_no_leakage(legacy, GATE, role="gate", model="champion", cases=[cases[4]]) == 0

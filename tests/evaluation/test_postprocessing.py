@@ -14,7 +14,7 @@ from scipy import ndimage
 
 from mvl_pipeline.core.case import Case
 from mvl_pipeline.core.volume import Volume
-from mvl_pipeline.evaluation.leakage import RECORD_KEY, shared_patients
+from mvl_pipeline.evaluation.leakage import RECORD_KEY, shared_cases, shared_patients
 from mvl_pipeline.evaluation.postprocessing import (
     apply_postprocessing,
     decide_postprocessing,
@@ -205,6 +205,7 @@ def test_the_fit_node_stores_the_decision_made_on_the_validation_cases_with_the_
     record = new_config[RECORD_KEY]
     assert record["n"] == 2 and record["salt"] == weights_sha256(state)[:32]
     assert shared_patients(record, ["pt-x", "pt-y", "pt-z"]) == 2
+    assert shared_cases(record, [*HIPPOCAMPUS_CASES, "another-case"]) == len(set(HIPPOCAMPUS_CASES))
 
     params = EvaluateConfig()
     pairs = [

@@ -269,3 +269,61 @@ def test_role_views_hold_their_own_roles_only():
     for role in SPLITS:
         view = {"gate": gate, "test": test}.get(role, development)
         assert view[role] == split[role] and view["patients"][role] == split["patients"][role]
+
+
+def _case_roles(split: dict) -> dict[str, str]:
+    return {case: role for role in SPLITS for case in split[role]}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_case_whose_patient_changes_never_moves_from_development_into_a_held_out_role(seed):
+    """A case keeps its identity (case id) when the hospital corrects its Patient ID or a
+    patients.csv regroups it; its patient pseudonym changes. Its earlier role must still count: a
+    case a model was developed on, now held out under a new pseudonym, is what the model learnt,
+    and the patient-level leakage guard cannot see it (the pseudonyms differ)."""
+    config = SplitConfig.from_params({"seed": seed})
+    patients = _patients(24)
+    cases = _cases(patients)
+    first = make_split(cases, config)
+    roles = _case_roles(first)
+    # every patient's cases regrouped under new pseudonyms (a patients.csv added after the fact),
+    # and two development patients merged with two held-out patients
+    development = [p for role in DEVELOPMENT for p in first["patients"][role]]
+    held = [p for role in HELD_OUT for p in first["patients"][role]]
+    regrouped = {case: f"new-{patient}" for case, patient in cases.items()}
+    for dev, out in zip(development[:2], held[:2], strict=True):
+        regrouped.update({case: f"merged-{dev}" for case, p in cases.items() if p in (dev, out)})
+    second = make_split(regrouped, config, previous_split=first)
+    after = _case_roles(second)
+    assert set(after) == set(cases)
+    for case, role in roles.items():
+        if role in DEVELOPMENT:
+            assert after[case] in DEVELOPMENT, (case, role, after[case])
+    # a patient whose cases were all held out keeps them held out, in the same role
+    for patient in held[2:]:
+        for k in range(2):
+            case = f"{patient}-s{k}"
+            assert after[case] == roles[case]
+    # one patient, one role: the merged patients are development (their held-out case leaves)
+    for dev, out in zip(development[:2], held[:2], strict=True):
+        assert {after[f"{p}-s{k}"] for p in (dev, out) for k in range(2)} == {roles[f"{dev}-s0"]}
+    _no_patient_in_two_roles(second)
+
+
+def _no_patient_in_two_roles(split: dict) -> None:
+    seen: dict[str, str] = {}
+    for role in SPLITS:
+        for patient in split["patients"][role]:
+            assert seen.setdefault(patient, role) == role
+
+
+def test_the_held_out_cases_that_leave_with_a_regrouped_patient_are_counted_in_a_warning(caplog):
+    patients = _patients(24)
+    cases = _cases(patients)
+    first = make_split(cases, CONFIG)
+    dev, out = first["patients"]["train"][0], first["patients"]["test"][0]
+    regrouped = {case: (dev if p == out else p) for case, p in cases.items()}  # out's cases join dev
+    with caplog.at_level("WARNING", logger="mvl_pipeline.preprocessing.split"):
+        second = make_split(regrouped, CONFIG, previous_split=first)
+    assert {f"{out}-s0", f"{out}-s1"} <= set(second["train"])
+    assert any(r.getMessage().startswith("2 held-out case(s) now belong to a patient") for r in caplog.records)

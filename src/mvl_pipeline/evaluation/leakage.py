@@ -31,13 +31,18 @@ def _hash(salt: str, patient: str) -> str:
     return hashlib.sha256(f"{salt}\x1f{patient}".encode()).hexdigest()[:20]
 
 
-def development_record(patients: Iterable[str], salt: str | None = None, key_id: str | None = None) -> dict[str, Any]:
-    """``{"salt", "hashes", "n", "key_id"}`` of a model's development patients (stored in its
-    config). The fit passes its weights' hash as the salt, so the same model always gets the same
-    record, and the split's ``key_id``."""
+def development_record(
+    patients: Iterable[str], salt: str | None = None, key_id: str | None = None, cases: Iterable[str] = ()
+) -> dict[str, Any]:
+    """``{"salt", "hashes", "n", "key_id", "case_hashes"}`` of a model's development patients and
+    cases (stored in its config). The fit passes its weights' hash as the salt, so the same model
+    always gets the same record, and the split's ``key_id``. The cases are recorded too: a case
+    keeps its id when its patient pseudonym changes (a corrected Patient ID, a new patients.csv),
+    so only its own hash can show that a held-out case was a development case."""
     salt = salt or secrets.token_hex(16)
     hashes = sorted({_hash(salt, str(p)) for p in patients})
-    return {"salt": salt, "hashes": hashes, "n": len(hashes), "key_id": key_id}
+    case_hashes = sorted({_hash(salt, f"case\x1f{c}") for c in cases})
+    return {"salt": salt, "hashes": hashes, "n": len(hashes), "key_id": key_id, "case_hashes": case_hashes}
 
 
 def shared_patients(record: Mapping[str, Any] | None, patients: Iterable[str]) -> int | None:
@@ -48,13 +53,28 @@ def shared_patients(record: Mapping[str, Any] | None, patients: Iterable[str]) -
     return sum(_hash(str(record["salt"]), str(p)) in known for p in set(patients))
 
 
+def shared_cases(record: Mapping[str, Any] | None, cases: Iterable[str]) -> int | None:
+    """How many of ``cases`` are development cases in the record (None when it has no cases)."""
+    if not record or "salt" not in record or "case_hashes" not in record:
+        return None
+    known = set(record["case_hashes"])
+    return sum(_hash(str(record["salt"]), f"case\x1f{c}") in known for c in set(cases))
+
+
 def check_no_leakage(
-    model_config: Mapping[str, Any], patients: Iterable[str], *, role: str, model: str, key_id: str | None = None
+    model_config: Mapping[str, Any],
+    patients: Iterable[str],
+    *,
+    role: str,
+    model: str,
+    key_id: str | None = None,
+    cases: Iterable[str] = (),
 ) -> int | None:
     """Raise :class:`LeakageError` when ``patients`` (the ``role`` set, named under the key
     ``key_id``) share a patient with the development patients recorded in ``model_config``, or
-    are named under another key than those; returns the overlap (0) or None when the model
-    predates the record (nothing can be checked: the caller says so)."""
+    ``cases`` a case with its development cases, or are named under another key than those;
+    returns the overlap (0) or None when the model predates the record (nothing can be checked:
+    the caller says so)."""
     record = model_config.get(RECORD_KEY) or {}
     recorded_key = record.get("key_id")
     if recorded_key and key_id and recorded_key != key_id:
@@ -71,6 +91,14 @@ def check_no_leakage(
             f"{model}: scoring it there would report what it has learnt, not how it generalises. This follows a "
             "changed pseudonymisation key, a lost or edited split file, or a re-split. Restore the split "
             "(03_primary/split.json) and the key it was made with, or retrain the model on the current split"
+        )
+    shared_case_count = shared_cases(record, cases)
+    if shared_case_count:
+        raise LeakageError(
+            f"{shared_case_count} case(s) of the {role} set were development (training or validation) cases of the "
+            f"{model}, now under another patient (a corrected Patient ID or a new patients.csv regrouped them): "
+            "scoring it there would report what it has learnt. Restore the split (03_primary/split.json) it was "
+            "made with, or retrain the model on the current split"
         )
     return shared
 

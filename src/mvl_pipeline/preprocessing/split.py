@@ -17,6 +17,9 @@ the ratios themselves are the thresholds).
 Persistence: every patient keeps the role recorded in the previous split file; the held-out
 roles only grow (a gate or test patient stays there even when its cases disappear upstream:
 ``withdrawn_holdout_patients``), and a development patient never becomes held out.
+A case keeps its id when its patient pseudonym changes (a corrected Patient ID, a new
+patients.csv): a patient holding a case that was development stays development, and a new
+pseudonym whose cases were held out stays held out (:func:`with_case_history`).
 ``rebalance_development: true`` re-draws development patients between train and validation
 only. A split file of the earlier three-way split (train / validation / test) migrates: its test
 patients stay held out, as gate or test by their gate hash.
@@ -234,6 +237,45 @@ def _fold_lists(
     return folds
 
 
+def with_case_history(
+    previous: Mapping[str, str], cases_by_patient: Mapping[str, list[str]], previous_split: Mapping[str, Any] | None
+) -> dict[str, str]:
+    """``previous`` (patient -> role) with the roles the current patients' *cases* had before.
+
+    A case keeps its id when its patient pseudonym changes (the hospital corrects a Patient ID, a
+    patients.csv regroups follow-ups): its earlier role still counts. A patient holding a case that
+    was development is development (in its cases' role), even when it was held out before: a model
+    was developed on that case, so the patient's other cases are no held-out evidence for it. A new
+    pseudonym whose cases were all held out keeps them held out, in the role most of them had."""
+    if not previous_split:
+        return dict(previous)
+    three_way = "gate" not in previous_split.get("patients", {})
+    case_role = {
+        str(case): ("held_out" if three_way and role == "test" else role)
+        for role in SPLITS
+        for case in previous_split.get(role, [])
+    }
+    merged = dict(previous)
+    moved_out = 0
+    for patient, cases in cases_by_patient.items():
+        before = [case_role[c] for c in cases if c in case_role]
+        developed = [r for r in before if r in DEVELOPMENT]
+        if developed:
+            if merged.get(patient) not in DEVELOPMENT:
+                merged[patient] = max(DEVELOPMENT, key=lambda r: (developed.count(r), r == "train"))
+            moved_out += len(before) - len(developed)
+        elif before and patient not in merged:
+            merged[patient] = max(("gate", "test", "held_out"), key=lambda r: (before.count(r), r == "test"))
+    if moved_out:
+        logger.warning(
+            "%d held-out case(s) now belong to a patient with a development case (a corrected Patient ID or "
+            "a new patients.csv joined them): they leave the held-out set, since a model was developed on "
+            "that patient",
+            moved_out,
+        )
+    return merged
+
+
 def previous_assignment(previous_split: Mapping[str, Any] | None) -> dict[str, str]:
     """``{patient: role}`` recorded in a split document written by :func:`make_split`; a
     document of the earlier three-way split (train/validation/test) gives ``held_out`` for its
@@ -260,7 +302,7 @@ def make_split(
     cases_by_patient: dict[str, list[str]] = {}
     for case_id, patient in sorted(case_patients.items()):
         cases_by_patient.setdefault(str(patient), []).append(case_id)
-    previous = previous_assignment(previous_split)
+    previous = with_case_history(previous_assignment(previous_split), cases_by_patient, previous_split)
     ratios = config.ratios.to_dict()
     same_rule = bool(previous_split) and previous_split.get("seed") == config.seed and previous_split.get("ratios") == ratios
     if not previous_split:

@@ -41,7 +41,7 @@ def evaluate_holdout(
     state, model_config = trained_model
     check_no_leakage(
         model_config, test_split.get("patients", {}).get("test", []), role="test", model="trained model",
-        key_id=test_split.get("key_id"),
+        key_id=test_split.get("key_id"), cases=test_split.get("test", []),
     )  # fmt: skip
     check_plan(model_config, preprocessing_plan, model="trained model")
     model = model_from_weights(state, model_config, llm_cache_dir=llm_cache_dir)

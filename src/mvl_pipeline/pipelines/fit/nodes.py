@@ -123,5 +123,8 @@ def decide_postprocessing(
         plan_classes(preprocessing_plan), params=EvaluateConfig.from_params(evaluate_params),
     )  # fmt: skip
     development = [p for role in ("train", "validation") for p in development_split.get("patients", {}).get(role, [])]
-    record = development_record(development, salt=weights_sha256(state)[:32], key_id=development_split.get("key_id"))
+    record = development_record(
+        development, salt=weights_sha256(state)[:32], key_id=development_split.get("key_id"),
+        cases=[c for role in ("train", "validation") for c in development_split.get(role, [])],
+    )  # fmt: skip
     return state, {**config, "postprocessing": decision, RECORD_KEY: record, PLAN_KEY: preprocessing_plan.get("plan_id")}

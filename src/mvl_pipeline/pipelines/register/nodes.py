@@ -96,7 +96,8 @@ def decide_registration(
         logger.info("registry gate: %s", decision["reason"])
         return AlreadyRegistered(existing), decision
     key_id = gate_split.get("key_id")
-    check_no_leakage(model_config, gate_patients, role="gate", model="challenger", key_id=key_id)
+    gate_cases = [c for c, _ in cases]
+    check_no_leakage(model_config, gate_patients, role="gate", model="challenger", key_id=key_id, cases=gate_cases)
     check_plan(model_config, preprocessing_plan, model="challenger")
     challenger_rows = _score(trained_model, preprocessing_plan, cases, llm_cache_dir, evaluate)
     champion_rows = None
@@ -104,7 +105,7 @@ def decide_registration(
         champion_weights, champion_plan = registry.champion.load_bundle()
         overlap = check_no_leakage(
             champion_weights[1], gate_patients, role="gate", model=f"champion (version {registry.champion.version})",
-            key_id=key_id,
+            key_id=key_id, cases=gate_cases,
         )  # fmt: skip
         if overlap is None:
             logger.warning("the champion predates the development-patient record: its overlap with the gate set cannot be checked")

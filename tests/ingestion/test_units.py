@@ -24,7 +24,7 @@ def pair(*relpaths: str, exclude=()):
     ("image", "label", "patient"),
     [
         ("x_image.nii.gz", "x_label.nii.gz", "x"),
-        ("a/b/x.nrrd", "a/b/x_seg.nrrd", "x"),
+        ("a/b/x.nrrd", "a/b/x_seg.nrrd", "a/b/x"),  # the folder is part of the patient
         ("ct_0000.nii", "ct_mask.nii", "ct"),
         ("x.nii.gz", "x_labels.nii.gz", "x"),
         ("x_image.nii.gz", "x_image_label.nii.gz", "x"),  # label named after the full image stem
@@ -195,3 +195,49 @@ def test_a_patients_csv_that_is_not_utf8_text_holds_back_its_task_and_stops_noth
     (unit,) = msd_units("T/dataset.json", json.dumps(spec).encode(), files, patients)
     assert (unit.kind, unit.files, unit.error_reason) == ("bad_file", ("T/patients.csv",), "invalid_patients_file")
     assert "not UTF-8" in unit.error_detail
+
+
+def test_the_same_file_name_in_two_folders_is_two_patients():
+    """A common export: one folder a patient, the same file names in each. Named by base name
+    alone, every folder's scan was one patient, and the whole drop one role of the split."""
+    units = pair("P001/scan.nii.gz", "P001/scan_seg.nii.gz", "P002/scan.nii.gz", "P002/scan_seg.nii.gz",
+                 "siteA/case1_image.nii.gz", "siteB/case1_image.nii.gz")  # fmt: skip
+    hints = {source: unit.patient_hint for source, unit in units.items()}
+    assert hints == {"P001/scan.nii.gz": "P001/scan", "P002/scan.nii.gz": "P002/scan",
+                     "siteA/case1_image.nii.gz": "siteA/case1", "siteB/case1_image.nii.gz": "siteB/case1"}  # fmt: skip
+
+
+def _pair_with(patients: dict[str, bytes], *relpaths: str) -> dict[str, object]:
+    from mvl_pipeline.ingestion.units import read_patients_or_none
+
+    units = pair_volumes(
+        list(relpaths), label_suffixes=CONFIG.label_suffixes, image_suffixes=CONFIG.image_suffixes,
+        patients={path: read_patients_or_none(data) for path, data in patients.items()},
+    )  # fmt: skip
+    return {u.source_id: u for u in units}
+
+
+def test_the_nearest_patients_csv_groups_loose_follow_ups_and_is_part_of_their_units():
+    files = ("P001/2024/scan.nii.gz", "P001/2024/scan_seg.nii.gz", "P001/2025/scan.nii.gz",
+             "P001/2025/scan_seg.nii.gz", "P002/2024/scan.nii.gz", "other/x_image.nii.gz",
+             "other/x_label.nii.gz", "other/y_image.nii.gz")  # fmt: skip
+    patients = {
+        "patients.csv": b"case_id,patient_id\nP001/2024/scan,pt-1\nP001/2025/scan,pt-1\n",
+        "other/patients.csv": b"x,pt-9\ny_image,pt-9\n",  # nearer for other/: the base or the image's name
+    }
+    units = _pair_with(patients, *files)
+    hint = {s: u.patient_hint for s, u in units.items()}
+    assert hint["P001/2024/scan.nii.gz"] == hint["P001/2025/scan.nii.gz"] == "pt-1"
+    assert hint["P002/2024/scan.nii.gz"] == "P002/2024/scan"  # not listed: its own patient
+    assert hint["other/x_image.nii.gz"] == hint["other/y_image.nii.gz"] == "pt-9"
+    assert units["P001/2024/scan.nii.gz"].files == ("P001/2024/scan.nii.gz", "P001/2024/scan_seg.nii.gz", "patients.csv")
+    assert units["other/x_image.nii.gz"].files[-1] == "other/patients.csv"
+
+
+def test_an_unreadable_loose_patients_csv_holds_back_the_images_it_covers_and_nothing_else():
+    units = _pair_with({"a/patients.csv": "x,Pétra\n".encode("latin-1")},
+                       "a/x_image.nii.gz", "a/x_label.nii.gz", "b/y_image.nii.gz")  # fmt: skip
+    assert set(units) == {"a/patients.csv", "b/y_image.nii.gz"}  # the label is waiting, not an orphan
+    bad = units["a/patients.csv"]
+    assert (bad.kind, bad.files, bad.error_reason) == ("bad_file", ("a/patients.csv",), "invalid_patients_file")
+    assert "Pétra" not in bad.error_detail

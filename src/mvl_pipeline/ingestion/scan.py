@@ -34,6 +34,7 @@ from mvl_pipeline.ingestion.units import (
     is_task_file,
     msd_units,
     pair_volumes,
+    read_patients_or_none,
 )
 
 logger = logging.getLogger(__name__)
@@ -132,9 +133,15 @@ def scan_drop(
         msd_files.add(descriptor)
         fkeys.setdefault(descriptor, pseudonyms.file_key(key, descriptor))
     volume_paths = [p for p in fkeys if volume_suffix(p) and p not in problems]
+    task_folders = {posixpath.dirname(d) for d in descriptors}
+    loose_patients = {
+        p: read_patients_or_none(drop.read_bytes(p))
+        for p in sorted(available)
+        if posixpath.basename(p).lower() == PATIENTS_FILE and posixpath.dirname(p) not in task_folders
+    }
     units.extend(
-        pair_volumes(volume_paths, label_suffixes=config.label_suffixes,
-                     image_suffixes=config.image_suffixes, exclude=msd_files)  # fmt: skip
+        pair_volumes(volume_paths, label_suffixes=config.label_suffixes, image_suffixes=config.image_suffixes,
+                     exclude=msd_files, patients=loose_patients)  # fmt: skip
     )
 
     # DICOM: unchanged files keep their unit; new ones are grouped by StudyInstanceUID.
@@ -180,8 +187,9 @@ def scan_drop(
             fkey = fkeys.get(relpath) or pseudonyms.file_key(key, relpath)
             files.setdefault(fkey, {"fingerprint": "", "content": "", "unit": None})["unit"] = ukey
         source_hash = pseudonyms.keyed_digest(
-            key, "source", *sorted(files[fkeys[f]]["content"] for f in unit.files if f in fkeys)
-        )[:32]
+            key, "source", *sorted(files[fkeys[f]]["content"] for f in unit.files if f in fkeys),
+            *(("patient", unit.patient_hint) if unit.kind == "volume" and unit.patient_hint else ()),
+        )[:32]  # a volume's patient is part of its source: a new patient rule re-ingests it
         previous = old_units.get(ukey)
         if (
             force

@@ -81,15 +81,39 @@ def _strip(relpath: str) -> str:
     return relpath[: len(relpath) - len(suffix)]
 
 
+#: The detail of a ``patients.csv`` that cannot be read: the images it covers wait for it.
+UNREADABLE_PATIENTS = "the patients.csv is not UTF-8 CSV text: the cases it covers are ingested once it is"
+
+
+def _patients_file_of(path: str, by_folder: Mapping[str, str]) -> str | None:
+    """The nearest ``patients.csv`` (``by_folder``: folder -> its path) in the folder of ``path``
+    or a folder above it."""
+    folder = posixpath.dirname(path)
+    while folder not in by_folder:
+        if not folder:
+            return None
+        folder = posixpath.dirname(folder)
+    return by_folder[folder]
+
+
 def pair_volumes(
     relpaths: Sequence[str],
     *,
     label_suffixes: Sequence[str],
     image_suffixes: Sequence[str],
     exclude: Iterable[str] = (),
+    patients: Mapping[str, Mapping[str, str] | None] | None = None,
 ) -> list[Unit]:
     """Pair loose NIfTI/NRRD files: ``x_image.nii.gz`` + ``x_label.nii.gz``, ``x.nrrd`` +
-    ``x_seg.nrrd`` ... (suffixes from parameters). A file that is nobody's label is an image."""
+    ``x_seg.nrrd`` ... (suffixes from parameters). A file that is nobody's label is an image.
+
+    Each image is its own patient, named by its path without suffixes (``siteA/case1`` and
+    ``siteB/case1`` are two patients), unless the nearest ``patients.csv`` in its folder or a folder
+    above (``patients``: its path -> its rows, None when unreadable) names the patient of its
+    path relative to that folder (``case1`` or ``case1_image``; ``P001/scan`` from a folder above):
+    that file is then part of the unit, so a changed mapping re-ingests it."""
+    patients = dict(patients or {})
+    by_folder = {posixpath.dirname(p): p for p in sorted(patients)}
     excluded = set(exclude)
     candidates = sorted(p for p in relpaths if volume_suffix(p) and p not in excluded)
     label_re = re.compile(
@@ -108,6 +132,7 @@ def pair_volumes(
             labels[base] = path
     label_files = {p for paths in ambiguous.values() for p in paths} | set(labels.values())
     units = []
+    waiting: set[str] = set()
     for base in sorted(ambiguous):
         units.extend(
             Unit("bad_file", path, (path,), error_reason="ambiguous_label",
@@ -126,10 +151,24 @@ def pair_volumes(
                 break
         label = labels.get(base) or labels.get(stem)
         files = (path,) if label is None else (path, label)
-        units.append(
-            Unit("volume", path, files, image=path, label=label, patient_hint=posixpath.basename(base))
-        )
-    used = {f for u in units for f in u.files}
+        patient_hint = base
+        patients_file = _patients_file_of(path, by_folder)
+        if patients_file is not None:
+            mapping = patients[patients_file]
+            if mapping is None:  # its images wait for a readable file (cases from them are kept)
+                waiting.update(files)
+                continue
+            root = posixpath.dirname(patients_file)
+            names = [posixpath.relpath(p, root) if root else p for p in (base, stem)]
+            patient_hint = mapping.get(names[0]) or mapping.get(names[1]) or base
+            files = (*files, patients_file)
+        units.append(Unit("volume", path, files, image=path, label=label, patient_hint=patient_hint))
+    units.extend(
+        Unit("bad_file", path, (path,), error_reason="invalid_patients_file", error_detail=UNREADABLE_PATIENTS)
+        for path, mapping in sorted(patients.items())
+        if mapping is None
+    )  # fmt: skip
+    used = {f for u in units for f in u.files} | waiting
     for _stem, path in sorted(labels.items()):
         if path not in used:
             units.append(
@@ -153,6 +192,14 @@ def read_patients(data: bytes) -> dict[str, str]:
     return mapping
 
 
+def read_patients_or_none(data: bytes) -> dict[str, str] | None:
+    """:func:`read_patients`, or None for a file that is not UTF-8 CSV text."""
+    try:
+        return read_patients(data)
+    except (UnicodeDecodeError, csv.Error):
+        return None
+
+
 def msd_units(
     descriptor_path: str, descriptor: bytes, available: set[str], patients: bytes | None = None
 ) -> list[Unit]:
@@ -160,9 +207,8 @@ def msd_units(
     optional ``patients.csv``: without it every case is its own patient)."""
     root = posixpath.dirname(descriptor_path)
     patients_file = posixpath.join(root, PATIENTS_FILE) if patients else None
-    try:
-        patient_of = read_patients(patients) if patients else {}
-    except (UnicodeDecodeError, csv.Error):
+    patient_of = read_patients_or_none(patients) if patients else {}
+    if patient_of is None:
         # without its patients the split could put one patient's cases on both sides: the task
         # waits for a readable file (cases ingested from it earlier are kept)
         return [Unit("bad_file", patients_file, (patients_file,), error_reason="invalid_patients_file",

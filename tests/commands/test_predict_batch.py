@@ -360,3 +360,34 @@ def test_the_log_never_repeats_an_input_path(bundle, llm_cache_dir, tmp_path, mo
     assert command.run([str(tmp_path / "Kowalska_missing"), str(tmp_path / "out"), *argv]) == 2
     assert "not a readable gzip file" in caplog.text  # the reason is there
     assert "kowalska" not in caplog.text.lower()
+
+
+def test_an_msd_folder_names_its_volumes_and_predict_takes_each_channel_by_its_name(tmp_path, monkeypatch):
+    """An audit (2026-12-04): an MSD test folder whose dataset.json lists T2 before T1 had its
+    channels swapped at predict, silently. Its names now reach the channel picking."""
+    from mvl_pipeline.commands import predict as command
+    from mvl_pipeline.core.volume import affine_from_geometry
+
+    folder = tmp_path / "TaskP"
+    (folder / "imagesTs").mkdir(parents=True)
+    t1, t2 = np.full((8, 8, 6), 100.0, np.float32), np.full((8, 8, 6), 900.0, np.float32)
+    nib.save(nib.Nifti1Image(np.stack([t2, t1], axis=-1), affine_from_geometry((1.0, 1.0, 2.0))), folder / "imagesTs" / "c1.nii.gz")
+    (folder / "dataset.json").write_text(json.dumps({
+        "name": "P", "modality": {"0": "T2", "1": "T1"}, "labels": {"0": "background", "1": "a"},
+        "numTraining": 0, "numTest": 1, "training": [], "test": ["./imagesTs/c1.nii.gz"],
+    }))  # fmt: skip
+    (study,), _ = discover(folder)
+    assert study.channel_names == ("T2", "T1")
+    channels = [{"name": "T1", "modality": "MR", "match": {"index": "^0$"}, "index": 0, "n_volumes": 2, "source_name": "T1"},
+                {"name": "T2", "modality": "MR", "match": {"index": "^1$"}, "index": 1, "n_volumes": 2, "source_name": "T2"}]  # fmt: skip
+    image, datasets, modality = command.read_input(study, channels, {"channels": channels}, Namespace(series_index=None, modality=None))
+    assert [float(image.array[c].mean()) for c in range(2)] == [100.0, 900.0]  # T1 first, as the model was trained
+    assert (datasets, modality) == ([], "MR")
+
+    # a DICOM study: the overlap ingest required travels in the plan; 0 (none required) is kept as 0
+    seen = []
+    monkeypatch.setattr(command, "read_dicom_channels", lambda paths, chans, min_overlap: seen.append(min_overlap) or (image, [None]))
+    dicom = command.Study("study-001", "dicom", [tmp_path / "x.dcm"])
+    for recorded, used in ((0.0, 0.0), (0.3, 0.3), (None, 0.5)):
+        command.read_input(dicom, channels, {"channels": channels, "channel_min_overlap": recorded}, Namespace())
+        assert seen[-1] == used

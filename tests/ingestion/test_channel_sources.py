@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from mvl_pipeline.core.channels import rules_from_params
-from mvl_pipeline.core.errors import MissingChannelError
+from mvl_pipeline.core.errors import AmbiguousChannelError, ChannelError, MissingChannelError
 from mvl_pipeline.core.volume import Volume, affine_from_geometry
 from mvl_pipeline.ingestion.channels import (
     recorded_volume_channels,
@@ -77,11 +77,55 @@ def test_volumes_of_a_4d_image_become_channels_with_their_modality():
 
 def test_predict_takes_a_4d_images_channels_where_training_found_them():
     image = four_d()
-    channels = [{"name": "t2", "modality": "MR", "index": 2}, {"name": "t1", "modality": "MR", "index": 1}]
+    channels = [{"name": "t2", "modality": "MR", "index": 2, "n_volumes": 3},
+                {"name": "t1", "modality": "MR", "index": 1, "n_volumes": 3}]  # fmt: skip
     picked = recorded_volume_channels(image, channels)
     np.testing.assert_array_equal(picked.array, image.array[[2, 1]])
     with pytest.raises(MissingChannelError, match=r"channel 't2' is missing: the image holds 1 volume\(s\), the model takes the channels \['t2', 't1'\]"):
         recorded_volume_channels(image.channel(1), channels)
+
+
+def test_predict_finds_an_msd_inputs_channels_by_their_names_whatever_their_order():
+    """An audit (2026-12-04): an MSD test folder listing T2 before T1 had its volumes swapped."""
+    image = four_d()  # volumes: [ct, mr, 2 * mr]
+    channels = [{"name": "T1", "modality": "MR", "match": {"index": "^0$"}, "index": 0, "n_volumes": 2, "source_name": "T1"},
+                {"name": "T2", "modality": "MR", "match": {"index": "^1$"}, "index": 1, "n_volumes": 2, "source_name": "T2"}]  # fmt: skip
+    picked = recorded_volume_channels(image, channels, ["FLAIR", "t2", "T1"])  # another order, one more
+    np.testing.assert_array_equal(picked.array, image.array[[2, 1]])
+    with pytest.raises(MissingChannelError, match="channel 'T1' is missing: the training images held it in a volume named 'T1'"):
+        recorded_volume_channels(image, channels, ["FLAIR", "T2", "PD"])
+    with pytest.raises(AmbiguousChannelError, match="2 volumes of the input share its name"):
+        recorded_volume_channels(image, channels, ["T1", "T2", "t1"])
+    # a plan without the training volumes' names: the rules pick, as at ingest
+    declared = [{"name": "t1", "modality": "MR", "match": {"name": "(?i)^t1$"}, "index": None},
+                {"name": "t2", "modality": "MR", "match": {"name": "(?i)^t2$"}, "index": None}]  # fmt: skip
+    np.testing.assert_array_equal(recorded_volume_channels(image, declared, ["T2", "x", "T1"]).array, image.array[[2, 0]])
+
+
+def test_predict_refuses_an_unnamed_4d_image_whose_volumes_cannot_be_told_apart():
+    image = four_d()  # three volumes
+    channels = [{"name": "T1", "modality": "MR", "match": {"index": "^0$"}, "index": 0, "n_volumes": 2},
+                {"name": "T2", "modality": "MR", "match": {"index": "^1$"}, "index": 1, "n_volumes": 2}]  # fmt: skip
+    with pytest.raises(ChannelError, match="the image holds 3 volumes, the training images held 2: without the volumes' names"):
+        recorded_volume_channels(image, channels)  # [FLAIR, T1, T2] given to a [T1, T2] model
+    two = Volume(image.array[1:], image.affine)  # as many volumes as the training images: by their indices
+    np.testing.assert_array_equal(recorded_volume_channels(two, channels).array, image.array[[1, 2]])
+    legacy = [{k: v for k, v in c.items() if k != "n_volumes"} for c in channels]  # a plan from before the count
+    with pytest.raises(ChannelError, match="the image holds 3 volumes, the training images held 2"):
+        recorded_volume_channels(image, legacy)
+    varied = [{**channels[0], "index": None}, channels[1]]  # the training images disagreed on its index
+    with pytest.raises(ChannelError, match=r"held the channel\(s\) \['T1'\] at different volume indices"):
+        recorded_volume_channels(image, varied)
+
+
+def test_the_order_of_the_declared_channels_is_part_of_the_settings_id():
+    """An audit (2026-12-04): swapping two channels' order re-ingested nothing (the id hashed
+    them with sorted keys), though the first is the reference grid and the model's first input."""
+    t1_first = IngestConfig.from_params({"channels": {"t1": {"SeriesDescription": "t1"}, "t2": {"SeriesDescription": "t2"}}})
+    t2_first = IngestConfig.from_params({"channels": {"t2": {"SeriesDescription": "t2"}, "t1": {"SeriesDescription": "t1"}}})
+    assert t1_first.settings_id() != t2_first.settings_id()
+    again = IngestConfig.from_params({"channels": {"t1": {"SeriesDescription": "t1"}, "t2": {"SeriesDescription": "t2"}}})
+    assert again.settings_id() == t1_first.settings_id()
 
 
 def test_spacing_outside_the_plausible_range_is_refused_with_the_range_and_validated():

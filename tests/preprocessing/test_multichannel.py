@@ -123,3 +123,29 @@ def test_cases_with_other_channels_cannot_be_planned_together(planned):
     records = [case_fingerprint(cases[0], CONFIG), case_fingerprint(single, CONFIG)]
     with pytest.raises(ValueError, match="do not share one channel layout"):
         aggregate_fingerprint(records, CONFIG)
+
+
+def test_a_case_whose_channels_are_not_the_plans_in_its_order_is_refused(planned):
+    """An audit (2026-12-04): gate and test cases were checked by their channel count only, so a
+    case ingested t2-first went through a t1-first model with its channels swapped."""
+    cases, _, plan = planned
+    case = cases[0]
+    preprocess_case(case.image, plan, modality="CT", channels=case.meta["channels"])  # the plan's own
+    swapped = [case.meta["channels"][1], case.meta["channels"][0]]
+    with pytest.raises(ChannelError, match=r"the case's channels are \['t2', 'venous'\], the model's plan takes \['venous', 't2'\] in that order"):
+        preprocess_case(case.image, plan, modality="CT", channels=swapped)
+
+
+def test_the_plan_keeps_where_a_4d_source_held_each_channel_only_where_every_case_agrees():
+    def case(seed: int, names: tuple[str, str]) -> Case:
+        base = two_channel_case(seed)
+        channels = [{**c, "index": i, "n_volumes": 2, "source_name": names[i]} for i, c in enumerate(CHANNELS)]
+        return Case(base.case_id, base.patient_id, base.image, base.label, {**base.meta, "channels": channels})
+
+    agreed = aggregate_fingerprint([case_fingerprint(case(s, ("CT", "T2")), CONFIG) for s in range(2)], CONFIG)
+    plan = plan_preprocessing(agreed, PlanConfig(target_spacing=(3.0, 3.0, 3.0)), embed_patch_size=8)
+    assert [(c["n_volumes"], c["source_name"]) for c in plan["channels"]] == [(2, "CT"), (2, "T2")]
+    mixed = aggregate_fingerprint([case_fingerprint(case(0, ("CT", "T2")), CONFIG), case_fingerprint(case(1, ("CT", "t2w")), CONFIG)], CONFIG)
+    assert mixed["channels"][0]["source_name"] == "CT" and "source_name" not in mixed["channels"][1]
+    dicom = aggregate_fingerprint([case_fingerprint(two_channel_case(s), CONFIG) for s in range(2)], CONFIG)
+    assert not {"n_volumes", "source_name"} & {k for c in dicom["channels"] for k in c}  # the plan id of DICOM channels is unchanged

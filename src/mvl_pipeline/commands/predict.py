@@ -16,9 +16,10 @@
 
 A model trained on several input channels (``ingest.channels``) takes them from a DICOM study
 by the same rules as ingest (one series per channel, resampled onto the first channel's grid;
-the SEG references the first channel's series) or from a 4-D NIfTI (its volumes at the indices
-the training images had them); a study without one of the channels fails with
-``missing_channel`` naming it.
+the SEG references the first channel's series) or from a 4-D NIfTI (in an MSD task folder, each
+volume by the name its ``dataset.json`` gives it, as the training volume was named; a lone 4-D
+file by the indices the training images had them, and only with as many volumes as they had); a
+study without one of the channels fails with ``missing_channel`` naming it.
 
 The model is loaded once; each study is preprocessed, predicted and mapped back exactly as in
 evaluation (the plan and post-processing travel with the registered model). Predictions go back
@@ -63,6 +64,7 @@ class Study:
     kind: str  # "volume" | "dicom"
     paths: list[Path] = field(default_factory=list)
     source: str = ""  # the input, relative to INPUT, for predictions.csv
+    channel_names: tuple[str, ...] = ()  # an MSD task's modalities by volume index (its dataset.json)
 
 
 def load_registered(model_uri: str, tracking_uri: str | None) -> tuple[tuple[dict, dict], dict, str]:
@@ -95,12 +97,14 @@ def discover(root: Path) -> tuple[list[Study], bool]:
 
     files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
     volumes = [p for p in files if volume_suffix(p.name) and p.parent == root]
+    channel_names: tuple[str, ...] = ()
     if (root / "dataset.json").is_file():  # an MSD task folder: its test images (imagesTs)
         from mvl_pipeline.formats.msd import read_task
 
         task = read_task((root / "dataset.json").read_bytes())
         volumes = [root / image for image in task.test if (root / image).is_file()]
         files = []
+        channel_names = tuple(name for _, name in sorted(task.modalities.items()))
     by_study: dict[str, list[Path]] = {}
     for path in files:
         if volume_suffix(path.name) or path.name.lower() == "dataset.json":
@@ -121,7 +125,7 @@ def discover(root: Path) -> tuple[list[Study], bool]:
             n += 1
             name = f"{_stem(path)}-{n}"
         seen.add(name)
-        studies.append(Study(name, "volume", [path], str(path.relative_to(root))))
+        studies.append(Study(name, "volume", [path], str(path.relative_to(root)), channel_names))
     for index, paths in enumerate(by_study.values(), start=1):
         common = Path(*Path(*[p.relative_to(root) for p in paths][0].parts[:-1]).parts) if paths else Path()
         studies.append(Study(f"study-{index:03d}", "dicom", paths, str(common) or "."))
@@ -171,7 +175,8 @@ def read_input(study: Study, channels: list[dict[str, Any]], plan: dict[str, Any
     from mvl_pipeline.ingestion.channels import recorded_volume_channels
 
     if study.kind == "dicom" and channels:
-        min_overlap = float(plan.get("channel_min_overlap") or 0.5)
+        recorded = plan.get("channel_min_overlap")  # what ingest used (0 is a value: no overlap needed)
+        min_overlap = 0.5 if recorded is None else float(recorded)
         image, datasets = read_dicom_channels(study.paths, channels, min_overlap)
         return image, datasets, str(channels[0]["modality"])
     if study.kind == "dicom":
@@ -180,7 +185,7 @@ def read_input(study: Study, channels: list[dict[str, Any]], plan: dict[str, Any
     path = study.paths[0]
     image = read_volume(path.read_bytes(), str(path), read_sibling=lambda p: Path(p).read_bytes(), channels=bool(channels))
     if channels:
-        return recorded_volume_channels(image, channels), [], str(channels[0]["modality"])
+        return recorded_volume_channels(image, channels, study.channel_names), [], str(channels[0]["modality"])
     return image, [], args.modality or guess_modality(image)
 
 

@@ -72,7 +72,7 @@ def predict_case(
 ) -> np.ndarray:
     """Integer label map of ``case`` on its original grid, with the model's post-processing
     decision (``postprocessing``, stored in its config) applied there."""
-    prepared = preprocess_case(case.image, plan, modality=case.modality)
+    prepared = preprocess_case(case.image, plan, modality=case.modality, channels=case.meta.get("channels"))
     probs = predict_probabilities(
         model, prepared.image, roi_size=plan["patch_size"], num_classes=num_classes,
         overlap=params.overlap, sw_batch_size=params.sw_batch_size,
@@ -95,7 +95,7 @@ def predict_cases(
     def prepared() -> Iterator[tuple[str, Case, Any]]:
         for case_id, loader in cases:
             case = loader()
-            yield case_id, case, preprocess_case(case.image, plan, modality=case.modality)
+            yield case_id, case, preprocess_case(case.image, plan, modality=case.modality, channels=case.meta.get("channels"))
 
     for (case_id, case, ready), probs in predict_many(
         model, prepared(), lambda item: item[2].image, roi_size=plan["patch_size"], num_classes=num_classes,

@@ -7,10 +7,12 @@
   series of each channel, all in the reference channel's Frame of Reference; the caller assembles
   them and :func:`~mvl_pipeline.preprocessing.channels.stack_channels` puts them on one grid.
 
-At predict, :func:`recorded_volume_channels` takes a 4-D image's channels by the indices the
-training images had them at. What a case records of its channels (:func:`channel_record`) is PHI-free: the channel's name and
-rule (from the configuration), its modality, its index in a 4-D source and its coverage of the
-reference grid; never a SeriesDescription or a UID.
+At predict, :func:`recorded_volume_channels` takes a 4-D image's channels by the names of its
+volumes when the input names them (an MSD task folder's ``dataset.json``), else by the indices
+the training images had them at. What a case records of its channels (:func:`channel_record`) is
+PHI-free: the channel's name and rule (from the configuration), its modality, its index in a 4-D
+source, that source's volume count and the name a task's ``dataset.json`` gives that volume, and
+its coverage of the reference grid; never a SeriesDescription or a UID.
 """
 
 from __future__ import annotations
@@ -27,7 +29,12 @@ from mvl_pipeline.core.channels import (
     msd_rules,
     pick,
 )
-from mvl_pipeline.core.errors import ChannelFrameMismatchError, MissingChannelError
+from mvl_pipeline.core.errors import (
+    AmbiguousChannelError,
+    ChannelError,
+    ChannelFrameMismatchError,
+    MissingChannelError,
+)
 from mvl_pipeline.core.volume import Volume, guess_modality
 
 
@@ -40,9 +47,21 @@ def rules_for_unit(channel_rules: Sequence[ChannelRule], channel_names: Sequence
     return ()
 
 
-def channel_record(rule: ChannelRule, modality: str, *, index: int | None = None, coverage: float = 1.0) -> dict[str, Any]:
-    return {"name": rule.name, "modality": modality, "match": dict(rule.match), "index": index,
-            "coverage": round(float(coverage), 4)}  # fmt: skip
+def channel_record(
+    rule: ChannelRule,
+    modality: str,
+    *,
+    index: int | None = None,
+    coverage: float = 1.0,
+    n_volumes: int | None = None,
+    source_name: str | None = None,
+) -> dict[str, Any]:
+    record = {"name": rule.name, "modality": modality, "match": dict(rule.match), "index": index,
+              "coverage": round(float(coverage), 4)}  # fmt: skip
+    if n_volumes is not None:  # a 4-D source: how many volumes it held, and the picked one's name
+        record["n_volumes"] = int(n_volumes)
+        record["source_name"] = source_name
+    return record
 
 
 def volume_channels(
@@ -68,7 +87,8 @@ def volume_channels(
             modality = guess_modality(image.channel(index))
         else:
             modality = volume_modality.upper()
-        records.append(channel_record(rule, modality, index=index))
+        records.append(channel_record(rule, modality, index=index, n_volumes=image.n_channels,
+                                      source_name=names[index] if index < len(names) else None))  # fmt: skip
     array = np.stack([np.asarray(image.channel(i).array, dtype=np.float32) for i in picked])
     return Volume(array, image.affine.copy(), {"modality": records[0]["modality"]}), records
 
@@ -90,16 +110,59 @@ def check_frames(rules: Sequence[ChannelRule], headers: Sequence[Any]) -> None:
             )
 
 
-def recorded_volume_channels(image: Volume, channels: Sequence[Mapping[str, Any]]) -> Volume:
-    """The channels a model was trained on (``plan["channels"]``) out of a 4-D image at predict:
-    each by the index it had in the training images (its position, when they disagreed)."""
-    names = [str(c["name"]) for c in channels]
-    indices = [int(c["index"]) if c.get("index") is not None else i for i, c in enumerate(channels)]
-    for name, index in zip(names, indices, strict=True):
-        if index >= image.n_channels:
-            raise MissingChannelError(
-                f"channel {name!r} is missing: the image holds {image.n_channels} volume(s), "
-                f"the model takes the channels {names}"
+def _same_name(a: Any, b: Any) -> bool:
+    return str(a).strip().lower() == str(b).strip().lower()
+
+
+def recorded_volume_channels(image: Volume, channels: Sequence[Mapping[str, Any]], names: Sequence[str] = ()) -> Volume:
+    """The channels a model was trained on (``plan["channels"]``) out of a 4-D image at predict.
+
+    With ``names`` (the input's volumes named by an MSD task folder's ``dataset.json``) each
+    channel is the volume named as its training volume was (``source_name``), or, where the
+    training images' names are not recorded or disagreed, the volume its rule picks, as at ingest.
+    Without names, each channel is the volume at the index the training images had it at, and only
+    when the image holds as many volumes as they did: otherwise which volume is which channel
+    cannot be known, and the image is refused (never a channel from the wrong volume)."""
+    wanted = [str(c["name"]) for c in channels]
+    if names:
+        sources = [{"index": str(i), "name": names[i] if i < len(names) else ""} for i in range(image.n_channels)]
+        indices = []
+        for channel in channels:
+            if channel.get("source_name"):
+                hits = [i for i, source in enumerate(sources) if _same_name(source["name"], channel["source_name"])]
+                if not hits:
+                    raise MissingChannelError(
+                        f"channel {channel['name']!r} is missing: the training images held it in a volume named "
+                        f"{channel['source_name']!r}, and no volume of the input is named so"
+                    )
+                if len(hits) > 1:
+                    raise AmbiguousChannelError(f"channel {channel['name']!r}: {len(hits)} volumes of the input share its name")
+                indices.append(hits[0])
+            else:
+                rule = ChannelRule(str(channel["name"]), dict(channel.get("match") or {}))
+                indices.extend(pick([rule], sources, what="volumes of the image"))
+        if len(set(indices)) != len(indices):
+            raise AmbiguousChannelError(f"two of the channels {wanted} are the same volume of the input")
+    else:
+        varied = [str(c["name"]) for c in channels if c.get("index") is None]
+        if varied:
+            raise ChannelError(
+                f"the training images held the channel(s) {varied} at different volume indices, and this image does "
+                "not name its volumes: give it as an MSD task folder whose dataset.json names them, or as a DICOM study"
+            )
+        held = sorted({int(c["n_volumes"]) for c in channels if c.get("n_volumes") is not None}) or [len(channels)]
+        indices = [int(c["index"]) for c in channels]
+        for name, index in zip(wanted, indices, strict=True):
+            if index >= image.n_channels:
+                raise MissingChannelError(
+                    f"channel {name!r} is missing: the image holds {image.n_channels} volume(s), "
+                    f"the model takes the channels {wanted}"
+                )
+        if image.n_channels not in held:
+            raise ChannelError(
+                f"the image holds {image.n_channels} volumes, the training images held {held[0]}: without the "
+                f"volumes' names, which of them is which of the channels {wanted} cannot be known. Give it as an "
+                "MSD task folder whose dataset.json names them, or with exactly the training images' volumes"
             )
     array = np.stack([np.asarray(image.channel(i).array, dtype=np.float32) for i in indices])
     return Volume(array, image.affine.copy(), {"modality": str(channels[0]["modality"])})

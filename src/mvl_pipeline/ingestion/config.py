@@ -81,6 +81,8 @@ class IngestConfig(ConfigBlock):
         if not self.channels:  # single channel: the same id as before channels existed
             shaping.pop("channels")
             shaping.pop("channel_min_overlap")
+        else:  # in order: the first channel is the reference grid, and the order is the model's input
+            shaping["channels"] = [[name, rule] for name, rule in self.channels.items()]
         if tuple(self.spacing_range_mm) == DEFAULT_SPACING_RANGE_MM:  # the same id as before it existed
             shaping.pop("spacing_range_mm")
         return json_digest(shaping)

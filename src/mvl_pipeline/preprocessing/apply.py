@@ -3,7 +3,8 @@
 The one code path for training data and for inference:
 
     preprocess_case(image: Volume, plan: dict, *, label: Volume | None = None,
-                    modality: str | None = None) -> PreprocessedCase(image, label, record)
+                    modality: str | None = None, channels: list | None = None)
+        -> PreprocessedCase(image, label, record)
 
 1. reorient to ``plan["orientation"]`` (axis permutation and flips only; exact),
 2. crop to the body box (plus the label's foreground box when a label is given) grown by
@@ -88,17 +89,26 @@ def _same_spacing(a: Sequence[float], b: Sequence[float]) -> bool:
     return bool(np.allclose(a, b, rtol=_SAME_SPACING_RTOL, atol=0.0))
 
 
-def _channel_schemes(image: Volume, plan: Mapping[str, Any], modality: str) -> tuple[list[str], list[Normalization]]:
+def _channel_schemes(
+    image: Volume, plan: Mapping[str, Any], modality: str, case_channels: Sequence[Mapping[str, Any]] | None = None
+) -> tuple[list[str], list[Normalization]]:
     """Per input channel: its modality and normalisation (the plan's ``channels``, or the one
-    channel of a single-channel plan); an image with other channels than the plan's is an error."""
+    channel of a single-channel plan); an image with other channels than the plan's is an error,
+    and so is a case whose recorded channels (``case_channels``) are others or in another order."""
     channels = plan_channels(plan)
-    if not channels and image.n_channels == 1:
+    if not channels and image.n_channels == 1 and not case_channels:
         return [modality], [normalization_for(plan, modality)]
     names = [str(c["name"]) for c in channels] or ["image"]
     if image.n_channels != len(names):
         error = MissingChannelError if image.n_channels < len(names) else ChannelError
         raise error(
             f"the model's plan takes {len(names)} channel(s) {names}, the image holds {image.n_channels}"
+        )
+    if case_channels is not None and channels and [str(c["name"]) for c in case_channels] != names:
+        raise ChannelError(
+            f"the case's channels are {[str(c['name']) for c in case_channels]}, the model's plan takes {names} in "
+            "that order: the case was ingested under other ingest.channels than the plan was made from. "
+            "Re-run ingest and preprocess, so that every case and the plan share one channel layout"
         )
     schemes = [
         Normalization.from_dict(c["normalization"]) if c.get("normalization") else normalization_for(plan, str(c["modality"]))
@@ -113,16 +123,18 @@ def preprocess_case(
     *,
     label: Volume | None = None,
     modality: str | None = None,
+    channels: Sequence[Mapping[str, Any]] | None = None,
 ) -> PreprocessedCase:
     """Preprocess one volume (and its label) with ``plan``; see the module doc. A multi-channel
     image ``(C, X, Y, Z)`` gets one crop box (the body of every channel) and one grid, and each
-    channel its own normalisation (``plan["channels"]``)."""
+    channel its own normalisation (``plan["channels"]``). ``channels``: what an ingested case
+    records of its channels (``meta["channels"]``): they must be the plan's, in its order."""
     modality = str(modality or image.meta.get("modality", "OT"))
     if label is not None and not image.same_grid(label):
         raise LabelGridMismatchError(
             f"label grid {label.shape} does not match image grid {image.shape}"
         )
-    modalities, normalizations = _channel_schemes(image, plan, modality)
+    modalities, normalizations = _channel_schemes(image, plan, modality, channels)
     orientation = str(plan["orientation"])
     transform = orientation_transform(image.affine, orientation)
     reoriented = transform.apply(np.asarray(image.array))

@@ -14,7 +14,8 @@ statistics pooled with equal weight per case (nnU-Net samples the same number of
 voxels from each case): the pooled percentiles are read from the union of the per-case quantile
 points, the pooled mean and standard deviation are those of the equal-weight mixture. Nothing is
 random, so a fingerprint is a pure function of its cases. A multi-channel dataset also gets
-``channels``: per channel its name, modality, rule and pooled foreground statistics.
+``channels``: per channel its name, modality, rule and pooled foreground statistics (and, from
+4-D sources, where predict finds it: see ``_VOLUME_SOURCE``).
 """
 
 from __future__ import annotations
@@ -132,9 +133,17 @@ def _intensity(array: np.ndarray, foreground: np.ndarray, config: FingerprintCon
     }
 
 
+#: What predict needs to find a channel in a 4-D image, kept when the source was one (and, in
+#: the plan, when every case agrees): the source's volume count and the picked volume's name.
+_VOLUME_SOURCE = ("n_volumes", "source_name")
+
+
 def _channel_identity(channel: Mapping[str, Any]) -> dict[str, Any]:
-    """What identifies a channel across cases (its name, modality, rule and source index)."""
-    return {key: channel.get(key) for key in ("name", "modality", "match", "index")}
+    """What identifies a channel across cases (its name, modality, rule and source index; for a
+    4-D source also its volume count and the volume's name)."""
+    identity = {key: channel.get(key) for key in ("name", "modality", "match", "index")}
+    identity.update({key: channel[key] for key in _VOLUME_SOURCE if channel.get(key) is not None})
+    return identity
 
 
 def _aggregate_channels(cases: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -153,7 +162,10 @@ def _aggregate_channels(cases: Mapping[str, Mapping[str, Any]]) -> list[dict[str
     for index, first in enumerate(records[0]["channels"]):
         channel = _channel_identity(first)
         if any(r["channels"][index].get("index") != first.get("index") for r in records):
-            channel["index"] = None  # the cases' sources disagree: predict uses the rule alone
+            channel["index"] = None  # the cases' sources disagree: predict needs the volumes' names
+        for key in _VOLUME_SOURCE:  # kept only where every case agrees
+            if key in channel and any(r["channels"][index].get(key) != channel[key] for r in records):
+                del channel[key]
         channel["foreground_intensity"] = _pooled_intensity([{"intensity": r["channels"][index]["intensity"]} for r in records])
         out.append(channel)
     return out

@@ -231,6 +231,7 @@ def _channel_normalizations(fingerprint: Mapping[str, Any], config: PlanConfig) 
             values |= _pooled_ct_statistics(group, config.normalization.ct_clip_percentiles) | override
         out.append(
             {key: channel.get(key) for key in ("name", "modality", "match", "index")}
+            | {key: channel[key] for key in ("n_volumes", "source_name") if key in channel}  # predict finds it by them
             | {"normalization": Normalization.from_dict(values).to_dict()}
         )
     return out

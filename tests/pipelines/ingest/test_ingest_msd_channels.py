@@ -41,6 +41,8 @@ def test_the_tasks_modalities_are_the_channels_and_broken_cases_are_quarantined(
         np.testing.assert_array_equal(case.image.array[0], t1)
         np.testing.assert_allclose(case.image.array[1], second_contrast(t1))
         assert [(c["name"], c["modality"], c["index"]) for c in case.meta["channels"]] == [("T1", "MR", 0), ("T2", "MR", 1)]
+        # where predict finds each channel in a 4-D input: the volume's task name, and the count
+        assert [(c["source_name"], c["n_volumes"]) for c in case.meta["channels"]] == [("T1", 2), ("T2", 2)]
         assert case.label_names == {1: "anterior", 2: "posterior"} and case.label.shape == t1.shape
 
     def reasons(name: str) -> list[tuple[str, str]]:

@@ -81,10 +81,10 @@ def counted(monkeypatch) -> list[str]:
     lock = threading.Lock()
     original = nodes.preprocess_case
 
-    def counting(image, plan, *, label=None, modality=None):
+    def counting(image, plan, *, label=None, modality=None, channels=None):
         with lock:
             calls.append(hashlib_of(image))
-        return original(image, plan, label=label, modality=modality)
+        return original(image, plan, label=label, modality=modality, channels=channels)
 
     monkeypatch.setattr(nodes, "preprocess_case", counting)
     return calls

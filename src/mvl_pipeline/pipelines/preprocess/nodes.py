@@ -129,7 +129,7 @@ def _is_current(record_case: Case, plan_id: str, source_hash: str) -> bool:
 
 
 def _to_model_input(case: Case, plan: Mapping[str, Any], source_hash: str) -> Case:
-    result = preprocess_case(case.image, plan, label=case.label, modality=case.modality)
+    result = preprocess_case(case.image, plan, label=case.label, modality=case.modality, channels=case.meta.get("channels"))
     image, label = model_volume(result)
     label_names = {str(k): v for k, v in case.label_names.items()}
     if label is not None:

@@ -209,6 +209,29 @@ def test_a_nifti_prediction_lies_on_the_inputs_own_grid(segmenter, task_dir, tmp
     np.testing.assert_array_equal(predictions["flipped"], predictions["original"][::-1, ::-1, :])
 
 
+def test_a_nifti_whose_sform_and_qform_disagree_gets_a_prediction_with_both_as_given(segmenter, task_dir, tmp_path, caplog):
+    """An audit (2026-12-04): the prediction was written with the sform in both fields (code 1),
+    so a viewer that reads the qform (ITK's, where they disagree) put it 10 mm off the image."""
+    image = hippocampus_volume(task_dir, INPUTS[0])
+    qform = image.affine.copy()
+    qform[0, 3] += 10.0
+    source = nib.Nifti1Image(image.array, image.affine)
+    source.header.set_sform(image.affine, code=2)
+    source.header.set_qform(qform, code=1)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    nib.save(source, inputs / "scan.nii.gz")
+    [study], batch = discover(inputs / "scan.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="mvl_pipeline.commands.predict"):
+        relpath = predict_study(segmenter, study, tmp_path / "out", batch=batch, uri=URI, args=ARGS)
+    written = nib.load(tmp_path / "out" / relpath).header
+    assert (int(written["sform_code"]), int(written["qform_code"])) == (2, 1)
+    np.testing.assert_allclose(written.get_sform(), image.affine, atol=1e-4)
+    np.testing.assert_allclose(written.get_qform(), qform, atol=1e-4)
+    assert any("sform and qform disagree by up to 10" in r.getMessage() for r in caplog.records)
+    assert not any("scan" in r.getMessage() for r in caplog.records)
+
+
 def test_a_dicom_study_gets_a_nifti_on_its_grid_and_a_seg_that_references_it(segmenter, task_dir, tmp_path):
     [series_uid] = write_dicom_study(hippocampus_volume(task_dir, INPUTS[1]), tmp_path / "in", "seg")
     [study], batch = discover(tmp_path / "in")
@@ -223,9 +246,68 @@ def test_a_dicom_study_gets_a_nifti_on_its_grid_and_a_seg_that_references_it(seg
     seg = pydicom.dcmread(out / "prediction_seg.dcm")
     assert seg.SOPClassUID == SEGMENTATION_STORAGE and referenced_series_uids(seg) == [series_uid]
     assert "not for diagnosis" in seg.SeriesDescription
+    # a model's output, identified as such: a viewer must never show it as a reader's labels
+    for segment in seg.SegmentSequence:
+        assert segment.SegmentAlgorithmType == "AUTOMATIC"
+        [algorithm] = segment.SegmentationAlgorithmIdentificationSequence
+        assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("MedVisionLlama", URI)
+        assert algorithm.AlgorithmFamilyCodeSequence[0].CodeMeaning == "Artificial Intelligence"
     restored, names = read_segmentation(seg, reference)
     assert names == {1: "anterior", 2: "posterior"}
     np.testing.assert_array_equal(restored.array, prediction.array)
+
+
+def test_a_multi_frame_study_with_a_localizer_gets_its_seg_on_the_multi_frame_series(segmenter, task_dir, tmp_path):
+    """An audit (2026-12-04): an Enhanced (multi-frame) MR source failed when its SEG was written
+    (a single-frame position was read) after its NIfTI was already out, and beside a 3-file
+    localizer the localizer was segmented (the series with the most files was taken)."""
+    import highdicom as hd
+
+    volume = hippocampus_volume(task_dir, INPUTS[1])
+    single = tmp_path / "single"
+    write_dicom_study(volume, single, "enhanced")
+    legacy = [pydicom.dcmread(p) for p in sorted(single.glob("*.dcm"))]
+    enhanced = hd.legacy.LegacyConvertedEnhancedMRImage(
+        legacy_datasets=legacy, series_instance_uid=hd.UID(), series_number=7, sop_instance_uid=hd.UID(), instance_number=1,
+    )  # fmt: skip
+    study_dir = tmp_path / "in"
+    study_dir.mkdir()
+    enhanced.save_as(study_dir / "enhanced.dcm", enforce_file_format=True)
+    localizer_uid = hd.UID()
+    for n in range(3):  # three single-frame localizer images of the same study
+        ds = pydicom.dcmread(sorted(single.glob("*.dcm"))[n])
+        ds.SeriesInstanceUID, ds.SeriesNumber = localizer_uid, 1
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = hd.UID()
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        ds.save_as(study_dir / f"loc{n}.dcm", enforce_file_format=True)
+
+    [study], batch = discover(study_dir)
+    out = tmp_path / "out"
+    assert predict_study(segmenter, study, out, batch=batch, uri=URI, args=ARGS) == "prediction.nii.gz"
+    prediction = read_volume((out / "prediction.nii.gz").read_bytes(), "prediction.nii.gz")
+    assert prediction.shape == volume.shape  # the multi-frame series, not the 3-slice localizer
+    reference = assemble_series(sorted(single.glob("*.dcm")))  # the same pixels, one file a slice
+    np.testing.assert_allclose(prediction.affine, reference.affine, atol=1e-5)
+    np.testing.assert_array_equal(prediction.array, segmenter.segment(reference, "MR"))
+    seg = pydicom.dcmread(out / "prediction_seg.dcm")
+    assert referenced_series_uids(seg) == [str(enhanced.SeriesInstanceUID)]
+    restored, _ = read_segmentation(seg, reference)
+    np.testing.assert_array_equal(restored.array, prediction.array)
+
+
+def test_a_study_whose_seg_cannot_be_made_leaves_no_output_behind(segmenter, task_dir, tmp_path, monkeypatch):
+    from mvl_pipeline.commands import predict as command
+
+    write_dicom_study(hippocampus_volume(task_dir, INPUTS[1]), tmp_path / "in", "no-seg")
+    [study], batch = discover(tmp_path / "in")
+
+    def failing(*args, **kwargs):
+        raise ValueError("the SEG cannot be made")
+
+    monkeypatch.setattr(command, "seg_bytes", failing)
+    with pytest.raises(ValueError, match="the SEG cannot be made"):
+        predict_study(segmenter, study, tmp_path / "out", batch=batch, uri=URI, args=ARGS)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*"))
 
 
 class _Refusing(Segmenter):

@@ -48,7 +48,7 @@ from mvl_pipeline.core import storage
 from mvl_pipeline.core.channels import plan_channels
 from mvl_pipeline.core.errors import ImagingError
 from mvl_pipeline.core.volume import Volume, guess_modality
-from mvl_pipeline.formats.nifti import encode_nifti
+from mvl_pipeline.formats.nifti import encode_nifti, geometry_disagreement_mm, header_geometry
 from mvl_pipeline.formats.volumes import read_volume, volume_suffix
 
 logger = logging.getLogger("mvl_pipeline.commands.predict")
@@ -140,11 +140,18 @@ def read_dicom_study(paths: list[Path], series_index: int | None) -> tuple[Volum
     from mvl_pipeline.dicom.read import read_dataset, read_header, sort_study
 
     headers = {path: read_header(path) for path in paths}
-    ordered = sorted(sort_study(headers).series.values(), key=len, reverse=True)
+
+    def rank(files: list[Path]) -> tuple[bool, int]:  # localizers last; then the most frames (a
+        first = headers[files[0]]  # multi-frame series is one file holding them all)
+        localizer = "LOCALIZER" in [str(v).upper() for v in (first.get("ImageType") or [])]
+        return (not localizer, sum(int(headers[f].get("NumberOfFrames", 1) or 1) for f in files))
+
+    ordered = sorted(sort_study(headers).series.values(), key=rank, reverse=True)
     if not ordered:
         raise ImagingError("no DICOM image series in the study")
     if series_index is None and len(ordered) > 1:
-        logger.info("%d image series in the study: using the largest (--series-index to choose)", len(ordered))
+        logger.info("%d image series in the study: using the one with the most slices, localizers last "
+                    "(--series-index to choose)", len(ordered))  # fmt: skip
     chosen = ordered[series_index or 0]
     return assemble_series(chosen), [read_dataset(path) for path in chosen]
 
@@ -189,7 +196,8 @@ def read_input(study: Study, channels: list[dict[str, Any]], plan: dict[str, Any
     return image, [], args.modality or guess_modality(image)
 
 
-def write_seg(prediction: Volume, datasets: list[Any], names: dict[int, str], target: Path, uri: str) -> None:
+def seg_bytes(prediction: Volume, datasets: list[Any], names: dict[int, str], uri: str) -> bytes:
+    """The prediction as a DICOM SEG referencing the source series (``datasets``)."""
     from mvl_pipeline.dicom.write import dataset_bytes, make_uid, write_segmentation
 
     values = sorted(names) or sorted(int(v) for v in np.unique(prediction.array) if v)
@@ -201,8 +209,9 @@ def write_seg(prediction: Volume, datasets: list[Any], names: dict[int, str], ta
         segments=segments,
         uids=(make_uid("seg-series", series, uri), make_uid("seg-sop", series, uri), 901),
         header_overrides={"SeriesDescription": "MedVisionLlama prediction (not for diagnosis)"},
+        algorithm=("MedVisionLlama", uri),  # a model's output, never to be read as a reader's labels
     )
-    storage.write_bytes_atomic(None, "file", str(target), dataset_bytes(seg))
+    return dataset_bytes(seg)
 
 
 def write_outputs(
@@ -214,12 +223,25 @@ def write_outputs(
     plan = segmenter.plan
     prediction = Volume(labels.astype(np.uint8), image.affine, {"model_uri": uri, "plan_id": plan.get("plan_id")})
     folder = out / study.name if (batch and study.kind == "dicom") else out
-    folder.mkdir(parents=True, exist_ok=True)
     target = out / f"{study.name}.nii.gz" if (batch and study.kind == "volume") else folder / "prediction.nii.gz"
+    # a NIfTI input's own sform / qform and codes: the prediction lies where the image does in every
+    # viewer, also in one that reads the qform where the input's two disagree
+    geometry = header_geometry(str(study.paths[0])) if study.kind == "volume" else None
+    if geometry is not None and not np.allclose(np.asarray(geometry["sform" if geometry["sform_code"] else "qform"]), image.affine, atol=1e-3):
+        geometry = None  # the image was read with another affine than the header's (never expected)
+    if geometry is not None and geometry_disagreement_mm(geometry) > 1e-3:
+        logger.warning(
+            "the input's sform and qform disagree by up to %.3g (sform used); the prediction keeps both as the "
+            "input has them, so it lies where each viewer shows the image", geometry_disagreement_mm(geometry),
+        )  # fmt: skip
+    # a study's outputs are made before any is written: one that fails (its SEG) leaves none behind
+    nifti = encode_nifti(prediction, compress=True, geometry=geometry)
+    seg = seg_bytes(prediction, datasets, dict(segmenter.classes), uri) if datasets else None
     # whole or not at all: a reader (a viewer, a PACS push) never sees a half-written file
-    storage.write_bytes_atomic(None, "file", str(target), encode_nifti(prediction, compress=True))
-    if datasets:
-        write_seg(prediction, datasets, dict(segmenter.classes), folder / "prediction_seg.dcm", uri)
+    folder.mkdir(parents=True, exist_ok=True)
+    storage.write_bytes_atomic(None, "file", str(target), nifti)
+    if seg is not None:
+        storage.write_bytes_atomic(None, "file", str(folder / "prediction_seg.dcm"), seg)
     return str(target.relative_to(out))
 
 

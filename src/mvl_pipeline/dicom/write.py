@@ -290,19 +290,40 @@ def _code(name: str):
         )
 
 
+def _frame_positions(ds: Dataset) -> list[Any]:
+    """The ImagePositionPatient of each frame of a source image: its own for a single-frame one,
+    each frame's plane position (per-frame or shared functional group) for a multi-frame one."""
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if "PerFrameFunctionalGroupsSequence" not in ds and "SharedFunctionalGroupsSequence" not in ds:
+        return [ds.ImagePositionPatient] * n_frames if n_frames == 1 else []
+    from mvl_pipeline.dicom.decode import _functional_item
+
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    positions = []
+    for index in range(n_frames):
+        plane = _functional_item(ds, per_frame[index] if index < len(per_frame) else None, "PlanePositionSequence")
+        positions.append((plane or ds).get("ImagePositionPatient"))
+    return positions
+
+
 def _source_slice_order(label: Volume, source_images: Sequence[Dataset]) -> list[int]:
-    """For each source image, the k index of ``label`` it lies on (error if not on the grid)."""
+    """For each frame of each source image (in order), the k index of ``label`` it lies on
+    (error if not on the grid)."""
     geometry = slice_geometry(label)
     inverse = np.linalg.inv(geometry.affine_lps)
     order = []
     for ds in source_images:
-        ijk = inverse @ np.array([*map(float, ds.ImagePositionPatient), 1.0])
-        k = int(round(ijk[2]))
-        if not np.allclose(ijk[:3], (0.0, 0.0, k), atol=1e-3) or not 0 <= k < label.shape[2]:
-            raise LabelGridMismatchError("a source image does not lie on a slice of the label grid")
         if (int(ds.Rows), int(ds.Columns)) != (label.shape[1], label.shape[0]):
             raise LabelGridMismatchError("source image size differs from the label grid")
-        order.append(k)
+        positions = _frame_positions(ds)
+        if not positions or any(p is None for p in positions):
+            raise LabelGridMismatchError("a source image has no position for each of its frames")
+        for position in positions:
+            ijk = inverse @ np.array([*map(float, position), 1.0])
+            k = int(round(ijk[2]))
+            if not np.allclose(ijk[:3], (0.0, 0.0, k), atol=1e-3) or not 0 <= k < label.shape[2]:
+                raise LabelGridMismatchError("a source image does not lie on a slice of the label grid")
+            order.append(k)
     return order
 
 
@@ -313,6 +334,7 @@ def write_segmentation(
     segments: Sequence[tuple[int, str, str]],
     uids: tuple[str, str, int],
     header_overrides: Mapping[str, Any] | None = None,
+    algorithm: tuple[str, str] | None = None,
 ) -> Dataset:
     """A BINARY multi-segment DICOM SEG of ``label`` (integer labels on the source series grid).
 
@@ -321,7 +343,9 @@ def write_segmentation(
     <mvl_pipeline.dicom.labels.read_segmentation>` restores them exactly). ``uids`` is
     ``(series_instance_uid, sop_instance_uid, series_number)``. Content and instance-creation
     date/time are the study's, so the output is deterministic. ``header_overrides`` (DICOM
-    keywords) are set last, e.g. ``{"SeriesDescription": "reference labels"}``.
+    keywords) are set last, e.g. ``{"SeriesDescription": "reference labels"}``. ``algorithm``
+    ``(name, version)``: the segments are a model's output (``AUTOMATIC``, the algorithm
+    identified as artificial intelligence); without it they are reference labels (``MANUAL``).
     """
     import highdicom as hd  # slow to import: only when a SEG is written
 
@@ -342,13 +366,24 @@ def write_segmentation(
     labels = np.asarray(label.array)
     frames = np.stack([labels[:, :, k].T for k in order]).astype(np.uint8)  # (frames, rows, cols)
 
+    if algorithm is None:
+        algorithm_type, identification = hd.seg.SegmentAlgorithmTypeValues.MANUAL, None
+    else:
+        from pydicom.sr.codedict import codes
+
+        name, version = algorithm
+        algorithm_type = hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
+        identification = hd.AlgorithmIdentificationSequence(
+            name=name[:64], family=codes.cid7162.ArtificialIntelligence, version=version[:64]
+        )
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=int(value),
             segment_label=name,
             segmented_property_category=_code(category),
             segmented_property_type=_code(name),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+            algorithm_type=algorithm_type,
+            algorithm_identification=identification,
         )
         for value, name, category in sorted(segments)
     ]

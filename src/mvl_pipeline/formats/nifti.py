@@ -26,16 +26,51 @@ NIFTI_META_CODE = 6  # NIFTI_ECODE_COMMENT
 NIFTI_META_PREFIX = b"mvl_pipeline.volume/1 "
 
 
-def encode_nifti(volume: Volume, *, compress: bool, compresslevel: int = 6) -> bytes:
-    """NIfTI-1 bytes (gzip-compressed when ``compress``) holding ``volume`` and its meta."""
+def header_geometry(path: str) -> dict[str, Any] | None:
+    """The geometry fields of a NIfTI file's header (sform and qform with their codes), read
+    without its voxels; None when it is not a readable NIfTI file. A file written on the same voxel
+    grid with these fields (:func:`encode_nifti`'s ``geometry``) lies where the source does in every
+    viewer, also in those that read the qform where the two disagree."""
+    import nibabel as nib
+
+    try:
+        header = nib.load(path).header
+        return {
+            "sform": np.asarray(header.get_sform(), dtype=np.float64).tolist(),
+            "sform_code": int(header["sform_code"]),
+            "qform": np.asarray(header.get_qform(), dtype=np.float64).tolist(),
+            "qform_code": int(header["qform_code"]),
+        }
+    except Exception:  # noqa: BLE001 - not NIfTI (NRRD), or unreadable: the affine alone is written
+        return None
+
+
+def geometry_disagreement_mm(geometry: dict[str, Any]) -> float:
+    """How far apart (mm, largest over the voxel grid's corners' axes) a header's sform and qform
+    put the grid, when both are set; 0 otherwise."""
+    if not (geometry.get("sform_code") and geometry.get("qform_code")):
+        return 0.0
+    return float(np.abs(np.asarray(geometry["sform"]) - np.asarray(geometry["qform"])).max())
+
+
+def encode_nifti(
+    volume: Volume, *, compress: bool, compresslevel: int = 6, geometry: dict[str, Any] | None = None
+) -> bytes:
+    """NIfTI-1 bytes (gzip-compressed when ``compress``) holding ``volume`` and its meta.
+    ``geometry`` (:func:`header_geometry` of a file on the same voxel grid): its sform, qform and
+    codes are written as they are, instead of ``volume.affine`` in both with code 1."""
     import nibabel as nib
 
     array = storable(volume.array)
     if array.ndim == 4:  # channel-first in memory, channels last in the file (NIfTI's 4th axis)
         array = np.moveaxis(array, 0, -1)  # a view: nibabel writes it in file order in one copy
     image = nib.Nifti1Image(array, volume.affine, dtype=array.dtype)
-    image.header.set_sform(volume.affine, code=1)
-    image.header.set_qform(volume.affine, code=1)
+    if geometry is None:
+        image.header.set_sform(volume.affine, code=1)
+        image.header.set_qform(volume.affine, code=1)
+    else:
+        image.header.set_sform(np.asarray(geometry["sform"]), code=int(geometry["sform_code"]))
+        image.header.set_qform(np.asarray(geometry["qform"]), code=int(geometry["qform_code"]))
     image.header.set_xyzt_units("mm")
     payload = json.dumps(
         {"meta": dict(volume.meta), "affine": volume.affine.tolist()}, sort_keys=True

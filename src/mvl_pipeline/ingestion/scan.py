@@ -11,6 +11,7 @@ hospitals often clear a drop once it has been collected.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import posixpath
@@ -22,8 +23,9 @@ from typing import Any
 
 from mvl_pipeline.core import pseudonyms
 from mvl_pipeline.core.errors import ImagingError
-from mvl_pipeline.core.storage import StorageUnavailableError
+from mvl_pipeline.core.storage import StorageUnavailableError, path_problem
 from mvl_pipeline.dicom.read import read_header
+from mvl_pipeline.formats.nrrd import detached_data_file
 from mvl_pipeline.formats.volumes import volume_suffix
 from mvl_pipeline.ingestion.units import (
     ENTRY_PROBLEMS,
@@ -77,6 +79,34 @@ def _read_studies(drop: Any, relpaths: list[str], pool: Executor | None) -> list
     return list(pool.map(_dicom_study_of, [drop] * len(relpaths), relpaths, chunksize=64))
 
 
+def _detached_data_files(drop: Any, listing: list[Any]) -> dict[str, str]:
+    """``{detached .nhdr header: the data file it names}`` for the headers of the drop whose data
+    file is a plain file beside them in the drop (others fail when read, with their reason)."""
+    present = {entry.relpath for entry in listing if not entry.problem}
+    found = {}
+    for relpath in sorted(present):
+        if not relpath.lower().endswith(".nhdr") or is_ignored(relpath):
+            continue
+        try:
+            named = detached_data_file(drop.read_bytes(relpath), "<drop volume>")
+        except StorageUnavailableError:
+            raise
+        except Exception:  # an unreadable header is quarantined when its unit is processed
+            continue
+        if named is None:
+            continue
+        target = posixpath.normpath(posixpath.join(posixpath.dirname(relpath), named))
+        if path_problem(target) is None and target in present:
+            found[relpath] = target
+    return found
+
+
+def _with_data_files(unit: Unit, data_files: Mapping[str, str]) -> Unit:
+    """A volume unit with the data files of its detached headers: a changed .raw re-ingests it."""
+    extra = tuple(data_files[f] for f in unit.files if f in data_files and data_files[f] not in unit.files)
+    return dataclasses.replace(unit, files=(*unit.files, *extra)) if extra else unit
+
+
 def scan_drop(
     drop: Any, manifest: Mapping[str, Any], key: bytes, config: Any, pool: Executor | None, *, force: bool = False
 ) -> DropScan:
@@ -88,9 +118,10 @@ def scan_drop(
     fkeys: dict[str, str] = {}
     listing = sorted(drop.files, key=lambda f: f.relpath)
     problems: dict[str, str] = {}  # entries that cannot be read as files: each its own bad_file unit
+    data_files = _detached_data_files(drop, listing)  # a .nhdr's .raw: ignored alone, part of its unit
     for entry in listing:
         relpath = entry.relpath
-        if is_ignored(relpath):
+        if is_ignored(relpath) and relpath not in data_files.values():
             continue
         fkey = pseudonyms.file_key(key, relpath)
         fkeys[relpath] = fkey
@@ -140,12 +171,14 @@ def scan_drop(
         if posixpath.basename(p).lower() == PATIENTS_FILE and posixpath.dirname(p) not in task_folders
     }
     units.extend(
-        pair_volumes(volume_paths, label_suffixes=config.label_suffixes, image_suffixes=config.image_suffixes,
-                     exclude=msd_files, patients=loose_patients)  # fmt: skip
-    )
+        _with_data_files(unit, data_files)
+        for unit in pair_volumes(volume_paths, label_suffixes=config.label_suffixes,
+                                 image_suffixes=config.image_suffixes, exclude=msd_files, patients=loose_patients)
+    )  # fmt: skip
 
     # DICOM: unchanged files keep their unit; new ones are grouped by StudyInstanceUID.
-    dicom_paths = [p for p in fkeys if not volume_suffix(p) and not is_task_file(p) and p not in problems]
+    not_dicom = set(problems) | set(data_files.values())  # unreadable entries; detached data files
+    dicom_paths = [p for p in fkeys if not volume_suffix(p) and not is_task_file(p) and p not in not_dicom]
     members: dict[str, list[str]] = defaultdict(list)
     for relpath in dicom_paths:
         ukey = files[fkeys[relpath]].get("unit")

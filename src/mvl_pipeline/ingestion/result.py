@@ -76,6 +76,11 @@ def validate_image(image: Volume, config: IngestConfig, channels: Sequence[str] 
         raise NonFiniteValuesError("image holds NaN or Inf values")
     if min(image.shape) < 1 or image.shape[2] < config.min_slices:
         raise TooFewSlicesError(f"{image.shape[2]} slices, at least {config.min_slices} needed")
+    if min(image.shape) < config.min_slices:  # a 2-D image stored with its thin axis first
+        raise TooFewSlicesError(
+            f"the image is {min(image.shape)} voxel(s) thick along axis {image.shape.index(min(image.shape))} "
+            f"(shape {list(image.shape)}): a 3-D image needs at least {config.min_slices} along every axis"
+        )
     low, high = config.spacing_range_mm
     if not all(low <= s <= high for s in image.spacing):
         raise ImplausibleGeometryError(

@@ -64,6 +64,9 @@ def test_each_bad_input_gets_its_own_reason_and_the_good_studies_are_ingested(tm
         "vol/c3_label.nii.gz": _nifti(label, flipped),
         "vol/c4_image.nii.gz": _nifti(image, affine),
         "vol/c4_label.nii.gz": _nifti(label, affine),
+        # a 2-D image stored with its thin axis first (it passed: only the third axis was checked)
+        "vol/c5_image.nii.gz": _nifti(image.transpose(2, 0, 1)[:1], affine),
+        "vol/c5_label.nii.gz": _nifti(label.transpose(2, 0, 1)[:1], affine),
     }
     drop = write_drop(tmp_path / "drop", files)
     run = run_ingest(drop, tmp_path / "data", ingest_params(labels=None))
@@ -73,6 +76,8 @@ def test_each_bad_input_gets_its_own_reason_and_the_good_studies_are_ingested(tm
         ("label_grid_mismatch", "label and image have the same shape (12, 10, 8) but other orientation or "
                                 "position (their affines differ by up to 2)"),
         ("mixed_patients", "the study's files name 2 different patients (Patient ID)"),
+        ("too_few_slices", "the image is 1 voxel(s) thick along axis 0 (shape [1, 12, 10]): a 3-D image needs at "
+                           "least 8 along every axis"),
         ("unreadable_file", "PixelSpacing must be positive"),
         ("unreadable_file", "the SEG's pixel data does not fit its frames (truncated, or a wrong Number of Frames: "
                             "ValueError)"),

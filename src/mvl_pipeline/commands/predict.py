@@ -229,10 +229,11 @@ def write_outputs(
     geometry = header_geometry(str(study.paths[0])) if study.kind == "volume" else None
     if geometry is not None and not np.allclose(np.asarray(geometry["sform" if geometry["sform_code"] else "qform"]), image.affine, atol=1e-3):
         geometry = None  # the image was read with another affine than the header's (never expected)
-    if geometry is not None and geometry_disagreement_mm(geometry) > 1e-3:
+    apart = geometry_disagreement_mm(geometry, image.shape) if geometry is not None else 0.0
+    if apart > 1e-3:
         logger.warning(
-            "the input's sform and qform disagree by up to %.3g (sform used); the prediction keeps both as the "
-            "input has them, so it lies where each viewer shows the image", geometry_disagreement_mm(geometry),
+            "the input's sform and qform put its grid up to %.3g mm apart (the sform was used); the prediction keeps "
+            "both as the input has them, so it lies where each viewer shows the image", apart,
         )  # fmt: skip
     # a study's outputs are made before any is written: one that fails (its SEG) leaves none behind
     nifti = encode_nifti(prediction, compress=True, geometry=geometry)

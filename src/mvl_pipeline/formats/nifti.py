@@ -45,12 +45,14 @@ def header_geometry(path: str) -> dict[str, Any] | None:
         return None
 
 
-def geometry_disagreement_mm(geometry: dict[str, Any]) -> float:
-    """How far apart (mm, largest over the voxel grid's corners' axes) a header's sform and qform
-    put the grid, when both are set; 0 otherwise."""
+def geometry_disagreement_mm(geometry: dict[str, Any], shape: tuple[int, ...]) -> float:
+    """How far apart (mm) a header's sform and qform put the corners of a voxel grid of ``shape``,
+    the largest over the corners, when both are set; 0 otherwise."""
     if not (geometry.get("sform_code") and geometry.get("qform_code")):
         return 0.0
-    return float(np.abs(np.asarray(geometry["sform"]) - np.asarray(geometry["qform"])).max())
+    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
+    apart = corners @ (np.asarray(geometry["sform"]) - np.asarray(geometry["qform"])).T
+    return float(np.linalg.norm(apart[:, :3], axis=1).max())
 
 
 def encode_nifti(

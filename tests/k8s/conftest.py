@@ -120,6 +120,19 @@ class FakeCluster:
 
         return self._in_loop(matching)
 
+    def rights_used(self) -> set[tuple[str, str, str]]:
+        """``(api group, resource, RBAC verb)`` of every request a client made, as the API server's
+        authorizer would check it (the status PATCHes a test makes as KubeRay's operator left out)."""
+        verbs = {"FETCH": "get", "LIST": "list", "WATCH": "watch", "CREATE": "create", "DELETE": "delete"}
+        used = set()
+        for request in self.requests():
+            if request.resource is None or request.subresource == "status":
+                continue
+            action = getattr(request.action, "value", request.action)
+            verb = verbs.get(str(action)) or ("update" if str(request.method).upper().endswith("PUT") else "patch")
+            used.add((request.resource.group or "", request.resource.plural, verb))
+        return used
+
     def patch_status(self, namespace: str, name: str, status: dict) -> None:
         """PATCH .status of a RayJob over HTTP, as KubeRay's operator would."""
         request = urllib.request.Request(

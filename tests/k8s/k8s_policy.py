@@ -44,7 +44,7 @@ CONFIGMAP_REQUIRED = {
     "HF_HOME",
 }
 ENTRYPOINT = "kedro run --pipelines train --env cluster"
-SUBMIT_SA_RIGHTS = {("ray.io", "rayjobs", verb) for verb in ("create", "get", "watch")}
+SUBMIT_SA_RIGHTS = {("ray.io", "rayjobs", verb) for verb in ("create", "get", "list", "watch")}
 OPERATOR_RIGHTS = SUBMIT_SA_RIGHTS | {("batch", "cronjobs", "get"), ("batch", "jobs", "create")}
 
 # Words that mark an env var / ConfigMap key as a secret (compared per "_"-separated word, so
@@ -616,8 +616,8 @@ def _rbac_shape(objects: list[dict]) -> list[str]:
 def check_rbac(
     objects: list[dict], expected_rights: set[tuple[str, str, str]] = SUBMIT_SA_RIGHTS
 ) -> list[str]:
-    """Namespace-scoped and minimal: the CronJob's service account may create/get/watch rayjobs
-    and nothing else; no other pod has a service-account token."""
+    """Namespace-scoped and minimal: the CronJob's service account may create/get/list/watch
+    rayjobs and nothing else; no other pod has a service-account token."""
     problems = _rbac_shape(objects)
     roles = {obj["metadata"]["name"]: obj for obj in objects_of(objects, "Role")}
     cronjob_accounts = set()

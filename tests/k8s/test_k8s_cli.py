@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from click.testing import CliRunner
 from mvl_pipeline.k8s import naming
 from mvl_pipeline.k8s.cli import cli
 from mvl_pipeline.k8s.drop_listing import drop_fingerprint
-from mvl_pipeline.k8s.manifests import select_object
+from mvl_pipeline.k8s.manifests import render_kustomization, select_object
 
 NS = "mvl-pipeline"
 SLOT_TEXT = "20261129t0300"
@@ -38,9 +39,23 @@ def drop(tmp_path: Path) -> Path:
     return root
 
 
+def granted(role: dict) -> set[tuple[str, str, str]]:
+    return {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+
+
+@pytest.fixture(scope="module")
+def operator_rights(kubectl: str, project_root: Path) -> set[tuple[str, str, str]]:
+    """What the shipped operator Role (k8s/user-rbac) grants a person running this CLI."""
+    return granted(select_object(render_kustomization(project_root / "k8s/user-rbac", kubectl=kubectl), "Role"))
+
+
 @pytest.fixture
-def kubeconfig(fake_cluster, tmp_path: Path) -> Path:
-    return fake_cluster.write_kubeconfig(tmp_path / "kubeconfig", namespace=NS)
+def kubeconfig(fake_cluster, tmp_path: Path, operator_rights) -> Iterator[Path]:
+    """The fake cluster's kubeconfig; after the test, every request the CLI made must be one the
+    shipped operator Role allows (kmock allows everything: a real API server answers 403)."""
+    yield fake_cluster.write_kubeconfig(tmp_path / "kubeconfig", namespace=NS)
+    missing = fake_cluster.rights_used() - operator_rights
+    assert not missing, f"the CLI needs rights the shipped operator Role lacks: {sorted(missing)}"
 
 
 def invoke(kubeconfig: Path, *args: str, env: dict | None = None):
@@ -131,9 +146,15 @@ def test_duplicate_submit_reattaches_instead_of_creating_a_second_job(
     assert len(fake_cluster.requests("POST", "rayjobs")) == 2  # the second POST got 409
     assert "already exists" in second.stderr
 
-    # new data in the drop = a new data version = a new run for the same slot
+    # new data in the drop = a new data version = a new run for the same slot, but never beside
+    # a run still going (a slow run and the next tick, a retried pod after new studies arrived)
     (drop / "CT_0003").mkdir()
     (drop / "CT_0003" / "IM0001.dcm").write_bytes(b"\1" * 10)
+    while_going = invoke(kubeconfig, *args)
+    assert while_going.exit_code == 0 and while_going.stdout == first.stdout
+    assert "a training run is still going" in while_going.stderr
+    assert list(fake_cluster.stored("rayjobs", NS)) == [first.stdout.strip()]
+    fake_cluster.patch_status(NS, first.stdout.strip(), {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"})
     third = invoke(kubeconfig, *args)
     assert third.exit_code == 0
     assert third.stdout != first.stdout
@@ -164,6 +185,10 @@ def test_submit_in_the_cronjob_pod_uses_the_cluster_template_and_the_job_slot(
         env=env,
     )
     assert result.exit_code == 0, result.output
+    # everything the pod asked the API server for, its own Role (k8s/base/rbac.yaml) grants: the
+    # Role lacked `list` once, and every scheduled retrain ended in 403 Forbidden
+    pod_role = select_object(rendered["base"], "Role", "mvl-retrain-submit-rayjobs")
+    assert fake_cluster.rights_used() <= granted(pod_role), sorted(fake_cluster.rights_used() - granted(pod_role))
     name = result.stdout.strip()
     assert name == naming.rayjob_name(SLOT, drop_fingerprint(str(drop)).sha256)
     stored = fake_cluster.stored("rayjobs", NS)
@@ -281,10 +306,15 @@ def test_a_night_without_new_data_submits_nothing_unless_the_last_run_of_it_fail
     else:
         assert result.stdout.strip() == earlier and stored == [earlier]
         assert ("nothing new" if earlier_status["jobStatus"] == "SUCCEEDED" else "attaching") in result.stderr
-        # --always trains regardless (e.g. after a change of code or parameters)
+        # --always trains regardless (e.g. after a change of code or parameters), but never beside
+        # a run still going
         forced = invoke(kubeconfig, *tonight, "--always")
-        assert forced.exit_code == 0 and forced.stdout.strip() != earlier
-        assert len(fake_cluster.stored("rayjobs", NS)) == 2
+        assert forced.exit_code == 0
+        if earlier_status["jobStatus"] == "SUCCEEDED":
+            assert forced.stdout.strip() != earlier and len(fake_cluster.stored("rayjobs", NS)) == 2
+        else:
+            assert forced.stdout.strip() == earlier and len(fake_cluster.stored("rayjobs", NS)) == 1
+            assert "a training run is still going" in forced.stderr
 
 
 # ----------------------------------------------------------------------------- status / watch

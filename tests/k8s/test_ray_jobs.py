@@ -82,3 +82,15 @@ def test_ray_job_states_map_to_the_rayjob_outcomes(status, outcome):
     assert runs.wait(BODY["metadata"]["name"], timeout_s=0.01, poll_s=0.001).outcome is outcome
     # a failed or stopped run does not count as this data being trained: the next night retries
     assert (runs.run_for_data_version("abcdef01") is None) == (outcome is Outcome.FAILED)
+
+
+def test_a_job_still_going_is_the_unfinished_run_whatever_its_data_version():
+    client = Jobs()
+    runs = ray_jobs.RayJobRuns("http://head:8265", client=client)
+    assert runs.unfinished_run() is None
+    runs.create_or_attach(BODY)
+    client.jobs["not-a-training"] = SimpleNamespace(submission_id="not-a-training", status="RUNNING", metadata={},
+                                                    start_time=99, end_time=None, message="")  # fmt: skip
+    assert runs.unfinished_run().name == BODY["metadata"]["name"]  # only jobs with a data version
+    client.jobs[BODY["metadata"]["name"]].status = "SUCCEEDED"
+    assert runs.unfinished_run() is None

@@ -264,7 +264,8 @@ def submit(
     wait: bool,
     timeout: float,
 ) -> None:
-    """Create the training RayJob for a slot and data version, or re-attach to it; print its name."""
+    """Create the training RayJob for a slot and data version, or re-attach to it; print its name.
+    While another training run is still going, attach to that one: never two at once."""
     sources = [s for s in (overlay, manifest, template_name) if s is not None]
     if len(sources) > 1:
         raise click.UsageError("give at most one of --overlay, --manifest, --template")
@@ -285,6 +286,14 @@ def submit(
         if earlier is not None:  # still going (an earlier slot's run): follow it, start no other
             logger.info("data version %s is being trained by %s: attaching to it", token, earlier.name)
             name = earlier.name
+        going = runs.unfinished_run()
+        if going is not None and going.name != name:
+            # never two trainings at once: both would write the same data layers and register in
+            # the same registry (a slow run and the next tick, a retried pod after new data arrived,
+            # a hand-made submit); the CronJob's concurrencyPolicy sees none of these
+            logger.warning("a training run is still going (%s): attaching to it instead of starting a second one "
+                           "beside it; submit again once it has finished", going.describe())  # fmt: skip
+            name = going.name
         if overlay is not None:
             template = select_object(render_kustomization(overlay), RAYJOB_KIND)
         elif manifest is not None:

@@ -23,7 +23,7 @@ from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError as Urllib3HTTPError
 
 from mvl_pipeline.k8s.manifests import RAY_GROUP, RAY_VERSION
-from mvl_pipeline.k8s.naming import LABEL_DATA_VERSION
+from mvl_pipeline.k8s.naming import LABEL_COMPONENT, LABEL_DATA_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +183,21 @@ class TrainingRuns:
         states = [RayJobState.from_object(o) for o in items if (o.get("metadata") or {}).get("labels", {}).get(LABEL_DATA_VERSION) == token]
         alive = [s for s in states if s.outcome is not Outcome.FAILED]
         return alive[-1] if alive else None
+
+    def unfinished_run(self) -> RayJobState | None:
+        """The newest training RayJob (``component=train``, a data version label, not suspended:
+        never the template) that has not finished, or None."""
+        listing = self._custom.list_namespaced_custom_object(
+            RAY_GROUP, RAY_VERSION, self.namespace, RAYJOB_PLURAL, label_selector=f"{LABEL_COMPONENT}=train"
+        )
+        runs = [
+            o for o in listing.get("items") or []
+            if LABEL_DATA_VERSION in ((o.get("metadata") or {}).get("labels") or {})
+            and not (o.get("spec") or {}).get("suspend")
+        ]  # fmt: skip
+        runs.sort(key=lambda o: (o.get("metadata") or {}).get("creationTimestamp") or "")
+        going = [s for s in map(RayJobState.from_object, runs) if not s.finished]
+        return going[-1] if going else None
 
     def rayjob_state(self, name: str) -> RayJobState | None:
         obj = self.get_rayjob(name)

@@ -78,6 +78,17 @@ class RayJobRuns:
         newest = max(jobs, key=lambda job: job.start_time or 0)
         return state_of(newest.submission_id, newest)
 
+    def unfinished_run(self) -> RayJobState | None:
+        """The newest training job (one with a data version label) still pending or running."""
+        jobs = [
+            job for job in self._client.list_jobs()
+            if naming.LABEL_DATA_VERSION in (job.metadata or {}) and _status(job) not in TERMINAL
+        ]  # fmt: skip
+        if not jobs:
+            return None
+        newest = max(jobs, key=lambda job: job.start_time or 0)
+        return state_of(newest.submission_id, newest)
+
     def create_or_attach(self, body: Mapping[str, Any]) -> CreateResult:
         """Submit the RayJob's entrypoint with its name as submission id, or attach to that job."""
         name = body["metadata"]["name"]

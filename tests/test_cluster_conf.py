@@ -133,3 +133,19 @@ def test_ingest_runs_with_the_cluster_catalog_against_s3(cluster_env, tmp_path):
     root = cluster_env["MVL_DATA_ROOT"].split("://")[1]
     assert fs.exists(f"{root}/02_intermediate/ingest_manifest.json")
     assert all(fs.exists(f"{root}/02_intermediate/cases/{case_id}/_COMPLETE") for case_id in cases)
+
+
+def test_a_missing_data_root_stops_naming_the_variable_and_a_trailing_slash_is_dropped(cluster_env, monkeypatch):
+    """An audit (2026-12-04): without MVL_DATA_ROOT the run wrote to the example bucket
+    s3://hospital-imaging/mvl, and s3://b/mvl/ put every layer under "mvl//" (another key on S3)."""
+    monkeypatch.setenv("MVL_DATA_ROOT", cluster_env["MVL_DATA_ROOT"] + "/")
+    monkeypatch.setenv("MVL_DROP_URL", cluster_env["MVL_DROP_URL"] + "//")
+    config = cluster_config()
+    assert config["globals"]["data_root"] == cluster_env["MVL_DATA_ROOT"]
+    assert config["globals"]["drop_url"] == cluster_env["MVL_DROP_URL"]
+    assert "//02_intermediate" not in str(config["catalog"])
+    for variable in ("MVL_DATA_ROOT", "MVL_DROP_URL"):
+        with monkeypatch.context() as patch:
+            patch.delenv(variable)
+            with pytest.raises(Exception, match=f"Environment variable '{variable}' not found"):
+                cluster_config()["catalog"]

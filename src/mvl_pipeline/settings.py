@@ -35,7 +35,7 @@ CONFIG_LOADER_ARGS = {
     "default_run_env": "local",
     # conf/cluster reads site settings (bucket, MLflow URI ...) from the pod's environment,
     # which the ConfigMap and Secret of k8s/ provide. Values, never secrets, live in git.
-    "custom_resolvers": {"oc.env": oc.env},
+    "custom_resolvers": {"oc.env": oc.env, "mvl.folder": lambda url: str(url).rstrip("/") or "/"},
     # An environment (conf/cluster) overrides single keys of a parameter block, not whole blocks.
     "merge_strategy": {"parameters": "soft", "globals": "soft"},
     "config_patterns": {

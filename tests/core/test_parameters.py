@@ -100,6 +100,7 @@ def test_the_shipped_block_builds_and_the_dataclass_defaults_equal_the_yaml(bloc
 def test_the_cluster_overrides_are_known_keys():
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MVL_DATA_ROOT", "s3://bucket/mvl")
+        patch.setenv("MVL_DROP_URL", "s3://bucket/drop")
         patch.setenv("MVL_LLM_SOURCE", "meta-llama/Llama-3.1-8B")
         merged = _loader("cluster")["parameters"]
     for block, (_, cls) in BLOCKS.items():

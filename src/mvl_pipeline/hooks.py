@@ -21,6 +21,7 @@ have no active run and get nothing.
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,7 @@ class KilledRunHook:
     def __init__(self, locks: RunLockHook) -> None:
         self._locks = locks
         self._heartbeat: Heartbeat | None = None
+        self._closer: threading.Thread | None = None
 
     @hook_impl(trylast=True)
     def before_pipeline_run(self) -> None:
@@ -126,7 +128,14 @@ class KilledRunHook:
         config = self._locks.config
         client = mlflow.MlflowClient()
         self._heartbeat = Heartbeat(client, run.info.run_id, config.heartbeat_s).start()
-        close_silent_runs(client, run.info.experiment_id, stale_after_s=config.stale_after_s, exclude=run.info.run_id)
+        # in the background: a run that looks silent is closed only if its heartbeat has not moved two
+        # beats later (another machine's clock may run ahead), and this run need not wait for that
+        self._closer = threading.Thread(
+            target=close_silent_runs, args=(client, run.info.experiment_id), name="mlflow-close-silent-runs",
+            kwargs={"stale_after_s": config.stale_after_s, "exclude": run.info.run_id,
+                    "confirm_after_s": 2 * config.heartbeat_s}, daemon=True,
+        )  # fmt: skip
+        self._closer.start()
         lock = self._locks.lock
         if lock is None:
             return
@@ -154,6 +163,9 @@ class KilledRunHook:
         if self._heartbeat is not None:
             self._heartbeat.stop()
             self._heartbeat = None
+        if self._closer is not None:  # bounded: two heartbeats and a few calls
+            self._closer.join(2 * self._locks.config.heartbeat_s + 60)
+            self._closer = None
 
 
 def lineage_tags(lineage: dict[str, Any], *, produces_data: bool) -> dict[str, str]:

@@ -137,9 +137,46 @@ def test_the_hook_beats_for_the_active_run_closes_silent_ones_and_stops_at_the_e
     with mlflow.start_run(experiment_id=experiment) as run:
         hook.before_pipeline_run()
         _until(lambda: _beat_of(client, run.info.run_id) is not None, "the first heartbeat", timeout_s=10)
-        assert client.get_run(silent).info.status == "KILLED"
+        # closed in the background, once its heartbeat has stayed still for two more beats
+        _until(lambda: client.get_run(silent).info.status == "KILLED", "the silent run closed", timeout_s=10)
         hook.after_pipeline_run()
         stopped = _beat_of(client, run.info.run_id)
         time.sleep(1.5)  # several intervals: no beat after the run ended
         assert _beat_of(client, run.info.run_id) == stopped
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+SKEWED_BEATER = """
+import sys, time
+import mlflow
+from mvl_pipeline.core.run_heartbeat import HEARTBEAT_TAG
+client = mlflow.MlflowClient(tracking_uri=sys.argv[1])
+run = client.create_run(sys.argv[2])
+print(run.info.run_id, flush=True)
+while True:  # a pod whose clock runs 20 min behind the checking one's
+    client.set_tag(run.info.run_id, HEARTBEAT_TAG, str(int(time.time()) - 1200))
+    time.sleep(float(sys.argv[3]))
+"""
+
+
+def test_a_live_run_on_a_machine_whose_clock_differs_is_never_closed_a_silent_one_is(tracking, caplog):
+    """An audit (2026-12-04): a pod whose clock ran 20 min ahead marked a live run KILLED (its
+    last heartbeat 0 s old). A run is closed only if its heartbeat has not moved after a wait."""
+    uri, client = tracking
+    experiment = client.create_experiment("skew")
+    live_proc = subprocess.Popen([sys.executable, "-c", SKEWED_BEATER, uri, experiment, "0.3"], stdout=subprocess.PIPE, text=True)
+    dead_proc = subprocess.Popen([sys.executable, "-c", SKEWED_BEATER, uri, experiment, "0.3"], stdout=subprocess.PIPE, text=True)
+    try:
+        live, dead = live_proc.stdout.readline().strip(), dead_proc.stdout.readline().strip()
+        _until(lambda: _beat_of(client, live) is not None and _beat_of(client, dead) is not None, "both heartbeats")
+        dead_proc.send_signal(signal.SIGKILL)
+        dead_proc.wait()
+        # by this machine's clock both look silent for 20 min; without the confirmation both were closed
+        with caplog.at_level(logging.INFO, logger="mvl_pipeline.core.run_heartbeat"):
+            assert close_silent_runs(client, experiment, stale_after_s=900, confirm_after_s=2.0) == [dead]
+        assert {r: client.get_run(r).info.status for r in (live, dead)} == {live: "RUNNING", dead: "KILLED"}
+        assert f"MLflow run {live} looked silent for 20 min by this machine's clock, but its heartbeat moved" in caplog.text
+    finally:
+        for proc in (live_proc, dead_proc):
+            proc.kill()
+            proc.wait()

@@ -11,10 +11,12 @@ RayJob on a fresh pod every time) the proof is silence:
   ``run.stale_after_s`` (``close_silent_runs``). Runs without the tag (older runs, other tools,
   the trials' child runs, which their own resume closes) are left alone.
 
-A live run whose heartbeats could not reach the tracking server for that long (a server down
-that long) may be marked KILLED by another run's start; when it ends, kedro-mlflow sets its
-final status as usual. Clocks of different machines are compared: keep ``stale_after_s`` well
-above the clock skew. Tag values are times: no PHI. Both take an ``MlflowClient`` (``mlflow`` is
+A run that looks silent by this machine's clock is marked KILLED only if its tag has not
+changed after ``confirm_after_s`` more (the hook waits two heartbeats, in the background): clocks of
+different machines differ, and a pod whose clock runs 20 min ahead took every live run for dead
+(an audit, 2026-12-04). A live run whose heartbeats could not reach the tracking server for that
+long (a server down that long) may still be marked KILLED; when it ends, kedro-mlflow sets its
+final status as usual. Tag values are times: no PHI. Both take an ``MlflowClient`` (``mlflow`` is
 not imported here), and neither ever stops a run: errors become one warning.
 """
 
@@ -66,23 +68,47 @@ class Heartbeat:
             self._thread.join(timeout_s)
 
 
-def close_silent_runs(client: Any, experiment_id: str, *, stale_after_s: float, exclude: str = "") -> list[str]:
+def close_silent_runs(
+    client: Any,
+    experiment_id: str,
+    *,
+    stale_after_s: float,
+    exclude: str = "",
+    confirm_after_s: float = 0.0,
+    sleep: Any = time.sleep,
+) -> list[str]:
     """Mark KILLED every RUNNING run of the experiment whose heartbeat is older than
-    ``stale_after_s``; the ids so marked (never ``exclude``, this run's own)."""
+    ``stale_after_s`` by this machine's clock and, with ``confirm_after_s``, still the same that
+    long after (a run whose tag moved is alive: another clock); the ids so marked (never
+    ``exclude``, this run's own)."""
     now = time.time()
     closed: list[str] = []
     try:
         running = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)
+        silent: dict[str, str] = {}
         for run in running:
             last = run.data.tags.get(HEARTBEAT_TAG)
             if run.info.run_id == exclude or last is None or not last.isdigit():
                 continue
-            silent = now - int(last)
-            if silent > stale_after_s:
-                client.set_terminated(run.info.run_id, status="KILLED")
-                closed.append(run.info.run_id)
-                logger.info("MLflow run %s: no heartbeat for %s (run.stale_after_s %.0f s), marked KILLED",
-                            run.info.run_id, _duration(silent), stale_after_s)  # fmt: skip
+            if now - int(last) > stale_after_s:
+                silent[run.info.run_id] = last
+        if silent and confirm_after_s > 0:
+            sleep(confirm_after_s)
+        for run_id, last in silent.items():
+            if confirm_after_s > 0:
+                current = client.get_run(run_id)
+                if current.info.status != "RUNNING":
+                    continue
+                moved = current.data.tags.get(HEARTBEAT_TAG)
+                if moved != last:
+                    logger.warning("MLflow run %s looked silent for %s by this machine's clock, but its heartbeat "
+                                   "moved: it is alive, and the two machines' clocks differ by about that much",
+                                   run_id, _duration(now - int(last)))  # fmt: skip
+                    continue
+            client.set_terminated(run_id, status="KILLED")
+            closed.append(run_id)
+            logger.info("MLflow run %s: no heartbeat for %s (run.stale_after_s %.0f s), marked KILLED",
+                        run_id, _duration(now - int(last)), stale_after_s)  # fmt: skip
     except Exception as error:  # noqa: BLE001 - bookkeeping must never stop a run
         logger.warning("the silent runs of MLflow experiment %s were not checked (%s)", experiment_id, type(error).__name__)
     return closed

@@ -34,7 +34,8 @@ K8S_VERSIONS = ("1.30.0", "1.32.0")
 CRD_KINDS = {"RayJob": "ray.io_rayjobs.yaml", "RayCronJob": "ray.io_raycronjobs.yaml"}
 GPU_OVERLAYS = {"gpu", "raycronjob"}  # raycronjob builds on the gpu overlay
 SECRET_NAME = "mvl-pipeline-secrets"
-SECRET_KEYS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MVL_PSEUDONYM_KEY", "HF_TOKEN"}
+SECRET_KEYS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MVL_PSEUDONYM_KEY", "HF_TOKEN",
+               "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
 CONFIGMAP_NAME = "mvl-pipeline-config"
 CONFIGMAP_REQUIRED = {
     "MVL_DATA_ROOT",

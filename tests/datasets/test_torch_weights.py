@@ -192,3 +192,23 @@ def test_describe_never_shows_credentials(s3_bucket):
     credentials = {**s3_bucket["credentials"], "secret": "very-secret-value"}
     dataset = TorchWeightsDataset(filepath=f"s3://{s3_bucket['bucket']}/m", credentials=credentials)
     assert "very-secret-value" not in repr(dataset)
+
+
+def test_the_same_weights_and_metadata_give_the_same_bytes_every_time():
+    """An audit (2026-12-04): safetensors wrote its metadata keys in a different order from run to
+    run (in separate processes), so two trainings with the same weights gave different files."""
+    import subprocess
+    import sys
+
+    script = (
+        "import hashlib, sys, torch\n"
+        "from mvl_pipeline.formats.model_bundle import encode_state_dict, decode_state_dict\n"
+        "state = {'a.weight': torch.arange(6.0).reshape(2, 3), 'b.bias': torch.ones(4, dtype=torch.bfloat16)}\n"
+        "data = encode_state_dict(state, {'llm_sha256': 'f' * 64, 'model': 'x', 'z': '1'})\n"
+        "back = decode_state_dict(data, path='m')\n"
+        "assert all(torch.equal(back[k], state[k]) for k in state)\n"
+        "print(hashlib.sha256(data).hexdigest())\n"
+    )
+    digests = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+               for _ in range(6)}  # fmt: skip
+    assert len(digests) == 1, digests

@@ -273,3 +273,17 @@ def test_with_deep_supervision_the_loop_trains_the_coarse_heads_too(tmp_path):
     assert model.deep_supervision == 2  # channels [8, 8]: the token grid and the level above it
     untrained = build_model(MedVisionLlamaConfig.from_params(config["model"]), llm_cache_dir=str(tmp_path / "llm-cache"), seed=3)
     assert not torch.equal(model.decoder.aux_heads[0].weight, untrained.decoder.aux_heads[0].weight)
+
+
+def test_the_logged_learning_rate_is_the_mean_rate_the_epochs_steps_used(tmp_path):
+    """An audit (2026-12-04): the rate logged for an epoch was the schedule's rate after its last
+    step, the next epoch's: a warm-up epoch from 4e-5 to 0.002 logged 0.002."""
+    from mvl_pipeline.training.loop import _lr_lambda
+
+    steps, epochs = 4, 3
+    state, _ = train(tmp_path, "run", epochs=epochs, steps_per_epoch=steps, warmup_epochs=1.0, lr=0.01)
+    factor = _lr_lambda(epochs * steps, steps, 0.02)
+    for entry in state["history"]:
+        used = [0.01 * factor(step) for step in range(entry["epoch"] * steps, (entry["epoch"] + 1) * steps)]
+        assert entry["lr"] == pytest.approx(float(np.mean(used)))
+    assert state["history"][0]["lr"] < 0.01 * factor(steps)  # the warm-up epoch: below its end rate

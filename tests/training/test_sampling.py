@@ -53,3 +53,20 @@ def test_multi_channel_volumes_give_channel_first_patches_cut_at_the_same_place(
     inside = x[:, 0] != float(image[0].min())
     torch.testing.assert_close(x[:, 1][inside], 10.0 * x[:, 0][inside] + 3.0)
     assert torch.all(x[:, 1][~inside] == float(image[1].min()))
+
+
+def test_the_rotation_turns_a_disc_on_a_patch_that_is_not_square_without_stretching_it():
+    """An audit (2026-12-04): on the Hippocampus patch (40 x 56 in X-Y) the rotation was built in
+    affine_grid's -1..1 coordinates per axis, which shears: a disc came out 1.2 times longer one way."""
+    shape = (40, 56, 8)
+    xx, yy, _ = np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in shape], indexing="ij")
+    disc = torch.from_numpy((xx**2 + yy**2 <= 12**2).astype(np.int64))[None]
+    config = AugmentConfig(flip_prob=0.0, rotate_prob=1.0, max_rotation_deg=15.0, scale_prob=0.0,
+                           intensity_prob=0.0, noise_prob=0.0)  # fmt: skip
+    worst = 1.0
+    for seed in range(40):
+        _, y = augment(disc[:, None].float(), disc, np.random.default_rng(seed), config)
+        inside = y[0].numpy() > 0
+        spread = np.linalg.eigvalsh(np.cov(np.stack([xx[inside], yy[inside]])))
+        worst = max(worst, float(np.sqrt(spread[1] / spread[0])))
+    assert worst < 1.03, worst  # a rigid turn of a voxelised disc; the shear gave up to 1.20

@@ -34,7 +34,11 @@ class BundleError(UnreadableFileError):
 
 def encode_state_dict(state_dict: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> bytes:
     """safetensors bytes of ``state_dict`` (CPU, contiguous; tensors sharing storage copied apart,
-    which is what ``load_state_dict`` needs)."""
+    which is what ``load_state_dict`` needs), the same bytes for the same weights and metadata."""
+    return _canonical_header(_safetensors_bytes(state_dict, metadata))
+
+
+def _safetensors_bytes(state_dict: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> bytes:
     import torch
     from safetensors.torch import save
 
@@ -51,6 +55,18 @@ def encode_state_dict(state_dict: Mapping[str, Any], metadata: Mapping[str, str]
         seen.add(storage)
         tensors[name] = tensor
     return save(tensors, metadata={"format": "pt", **dict(metadata or {})})
+
+
+def _canonical_header(data: bytes) -> bytes:
+    """safetensors bytes with their JSON header written with sorted keys: safetensors writes its
+    metadata keys in a different order from run to run, so two trainings with the same weights gave
+    files that differ byte for byte (DVC saw a new model; an audit, 2026-12-04). The tensor offsets
+    count from the end of the header, so a header of another length reads the same."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # safetensors pads its header to 8 bytes with spaces
+    return len(text).to_bytes(8, "little") + text + data[8 + length :]
 
 
 def decode_state_dict(data: bytes, *, path: str) -> dict[str, Any]:
@@ -136,4 +152,6 @@ def weights_sha256(state_dict: Mapping[str, Any]) -> str:
     dtypes, shapes, bytes; the config, which may carry run bookkeeping, is not part of it)."""
     import hashlib
 
-    return hashlib.sha256(encode_state_dict(state_dict)).hexdigest()
+    # safetensors' own bytes, with the one metadata key (always in the same order): the identity
+    # registered models already carry
+    return hashlib.sha256(_safetensors_bytes(state_dict)).hexdigest()

@@ -243,7 +243,7 @@ def _run_training(config: Mapping[str, Any], session: Session, loop: LoopConfig,
         started = time.perf_counter()
         rng = np.random.default_rng([loop.seed, rank, epoch])
         model.train()
-        losses, skipped = [], 0
+        losses, skipped, rates = [], 0, []
         for _ in range(loop.steps_per_epoch):
             x, y = sample_batch(
                 volumes, roi, loop.batch_size, rng,
@@ -257,6 +257,7 @@ def _run_training(config: Mapping[str, Any], session: Session, loop: LoopConfig,
             loss = supervised_loss(loss_fn, logits, coarse, y, model_cfg.num_classes)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            rates.append(float(optimizer.param_groups[0]["lr"]))  # the rate this step uses
             if _gradients_finite(model, loop.grad_clip):
                 optimizer.step()
                 losses.append(float(loss.detach()))
@@ -283,7 +284,9 @@ def _run_training(config: Mapping[str, Any], session: Session, loop: LoopConfig,
         metrics: dict[str, Any] = {
             "epoch": epoch,
             "train_loss": float(loss_sum[0] / max(1.0, loss_sum[1])),
-            "lr": float(scheduler.get_last_lr()[0]),
+            # the mean rate the epoch's steps used (the schedule's rate after the epoch is the next
+            # epoch's: it read 0.002 for a warm-up epoch whose steps averaged 0.001)
+            "lr": float(np.mean(rates)),
             "samples_per_s": float(loop.steps_per_epoch * loop.batch_size * world / max(train_time, 1e-9)),
             "skipped_steps": skipped,
         }

@@ -105,8 +105,9 @@ def sample_batch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch ``(images (B, C, *patch) float32, labels (B, *patch) int64)`` (C = 1 for 3-D volumes).
 
-    At least ``round(foreground_fraction * batch_size)`` patches are foreground-centred, as
-    nnU-Net forces the last third of each batch; the rest are random.
+    At least ``max(1, round(foreground_fraction * batch_size))`` patches are foreground-centred,
+    as nnU-Net forces the last third of each batch (and at least one): at batch 2 that is one
+    patch of two, 0.5 of them; the rest are random.
     """
     n_fg = max(1, round(foreground_fraction * batch_size)) if foreground_fraction > 0 else 0
     images, labels = [], []

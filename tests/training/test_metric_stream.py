@@ -66,6 +66,23 @@ def test_every_epoch_is_streamed_to_a_run_and_nothing_is_missing_afterwards(tmp_
     assert _steps(target) == [0, 1, 2]  # nothing logged twice
 
 
+def test_a_worker_restarted_after_streaming_an_epoch_does_not_log_it_twice(tmp_path):
+    """An audit (2026-12-04): a worker that streamed epoch 4 and died before its checkpoint
+    retrained epoch 4 after the restart and streamed it again: the run held step 4 twice."""
+    target = _run(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    first = MetricStream(target)
+    for epoch in range(5):
+        first.put({"train_loss": 1.0 / (epoch + 1), "lr": 0.001}, epoch)
+    first.close()
+    restarted = MetricStream(target)  # resumed from the checkpoint after epoch 3
+    for epoch in range(4, 7):
+        restarted.put({"train_loss": 9.0, "lr": 0.001}, epoch)
+    restarted.close()
+    assert _steps(target) == [0, 1, 2, 3, 4, 5, 6]  # each epoch once
+    history = MlflowClient(tracking_uri=target["tracking_uri"]).get_metric_history(target["run_id"], "fit.train_loss")
+    assert {m.step: m.value for m in history}[4] == pytest.approx(0.2)  # the first value stays
+
+
 def test_without_a_run_the_stream_does_nothing():
     stream = MetricStream(None)
     stream.put({"train_loss": 1.0}, 0)

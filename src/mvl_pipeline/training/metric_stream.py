@@ -87,9 +87,14 @@ class MetricStream:
 
     def _run(self) -> None:
         client = mlflow_client(self._target["tracking_uri"])
+        held: set[int] | None = None  # the epochs the run holds already (a resumed run streamed them)
         while (item := self._queue.get()) is not None and not self._given_up.is_set():
             entry, stamp = item
             try:
+                if held is None:
+                    held = {m.step for m in client.get_metric_history(self._target["run_id"], KEY_METRIC)}
+                if int(entry["epoch"]) in held:  # retrained after a restart: the run keeps one value
+                    continue
                 log_metrics(client, self._target["run_id"], epoch_metrics(entry, stamp))
             except Exception as exc:  # noqa: BLE001 - tracking must never stop training
                 with self._lock:

@@ -16,12 +16,12 @@ from mvl_pipeline.core.errors import LabelGridMismatchError, UnknownLabelValueEr
 from mvl_pipeline.core.volume import Volume, affine_from_geometry, lps_to_ras
 from mvl_pipeline.dicom.assemble import assemble_series
 from mvl_pipeline.dicom.labels import rasterise_rtstruct, read_segmentation
+from mvl_pipeline.dicom.segmentation import write_segmentation
 from mvl_pipeline.dicom.write import (
     dataset_bytes,
     make_uid,
     series_uids,
     write_image_series,
-    write_segmentation,
 )
 
 SEGMENTS = [(1, "Liver", "Organ"), (2, "Lesion", "Morphologically Abnormal Structure")]

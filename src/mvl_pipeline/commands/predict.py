@@ -198,7 +198,8 @@ def read_input(study: Study, channels: list[dict[str, Any]], plan: dict[str, Any
 
 def seg_bytes(prediction: Volume, datasets: list[Any], names: dict[int, str], uri: str) -> bytes:
     """The prediction as a DICOM SEG referencing the source series (``datasets``)."""
-    from mvl_pipeline.dicom.write import dataset_bytes, make_uid, write_segmentation
+    from mvl_pipeline.dicom.segmentation import write_segmentation
+    from mvl_pipeline.dicom.write import dataset_bytes, make_uid
 
     values = sorted(names) or sorted(int(v) for v in np.unique(prediction.array) if v)
     segments = [(v, names.get(v, f"class {v}"), SEG_CATEGORIES.get(names.get(v, ""), "Tissue")) for v in values]

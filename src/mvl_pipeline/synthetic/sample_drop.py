@@ -31,12 +31,12 @@ from pydicom.dataset import Dataset
 
 from mvl_pipeline.core.config import ConfigBlock
 from mvl_pipeline.core.volume import Volume, guess_modality
+from mvl_pipeline.dicom.segmentation import write_segmentation
 from mvl_pipeline.dicom.write import (
     SeriesUids,
     make_uid,
     series_uids,
     write_image_series,
-    write_segmentation,
 )
 from mvl_pipeline.synthetic import phantom
 from mvl_pipeline.synthetic.fake_headers import (

@@ -22,11 +22,11 @@ from mvl_pipeline.datasets.dicom import (
     DicomSeriesSave,
 )
 from mvl_pipeline.dicom.labels import read_segmentation
+from mvl_pipeline.dicom.segmentation import write_segmentation
 from mvl_pipeline.dicom.write import (
     dataset_bytes,
     make_uid,
     series_uids,
-    write_segmentation,
 )
 
 

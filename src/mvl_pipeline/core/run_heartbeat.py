@@ -75,7 +75,6 @@ def close_silent_runs(
     stale_after_s: float,
     exclude: str = "",
     confirm_after_s: float = 0.0,
-    sleep: Any = time.sleep,
 ) -> list[str]:
     """Mark KILLED every RUNNING run of the experiment whose heartbeat is older than
     ``stale_after_s`` by this machine's clock and, with ``confirm_after_s``, still the same that
@@ -93,7 +92,7 @@ def close_silent_runs(
             if now - int(last) > stale_after_s:
                 silent[run.info.run_id] = last
         if silent and confirm_after_s > 0:
-            sleep(confirm_after_s)
+            time.sleep(confirm_after_s)
         for run_id, last in silent.items():
             if confirm_after_s > 0:
                 current = client.get_run(run_id)

@@ -284,7 +284,7 @@ def _decode_pixels(name: str, ds: Dataset) -> np.ndarray:
         ) from exc
 
 
-def _functional_item(ds: Dataset, frame: Dataset | None, sequence: str) -> Dataset | None:
+def functional_item(ds: Dataset, frame: Dataset | None, sequence: str) -> Dataset | None:
     """The item of a functional group for one frame (per-frame first, then shared)."""
     for groups in (frame, (ds.get("SharedFunctionalGroupsSequence") or [None])[0]):
         if groups is not None and sequence in groups and len(groups[sequence].value):
@@ -315,10 +315,10 @@ def _frames_from_dataset(name: str, ds: Dataset) -> _Frames:
         frame_groups = (
             per_frame[index] if per_frame is not None and index < len(per_frame) else None
         )
-        plane = _functional_item(ds, frame_groups, "PlanePositionSequence") or ds
-        orientation = _functional_item(ds, frame_groups, "PlaneOrientationSequence") or ds
-        measures = _functional_item(ds, frame_groups, "PixelMeasuresSequence") or ds
-        transform = _functional_item(ds, frame_groups, "PixelValueTransformationSequence") or ds
+        plane = functional_item(ds, frame_groups, "PlanePositionSequence") or ds
+        orientation = functional_item(ds, frame_groups, "PlaneOrientationSequence") or ds
+        measures = functional_item(ds, frame_groups, "PixelMeasuresSequence") or ds
+        transform = functional_item(ds, frame_groups, "PixelValueTransformationSequence") or ds
         frames.positions.append(
             _floats(name, "ImagePositionPatient", plane.get("ImagePositionPatient"), 3)
         )

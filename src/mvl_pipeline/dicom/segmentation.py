@@ -44,12 +44,12 @@ def _frame_positions(ds: Dataset) -> list[Any]:
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     if "PerFrameFunctionalGroupsSequence" not in ds and "SharedFunctionalGroupsSequence" not in ds:
         return [ds.ImagePositionPatient] * n_frames if n_frames == 1 else []
-    from mvl_pipeline.dicom.decode import _functional_item
+    from mvl_pipeline.dicom.decode import functional_item
 
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
     positions = []
     for index in range(n_frames):
-        plane = _functional_item(ds, per_frame[index] if index < len(per_frame) else None, "PlanePositionSequence")
+        plane = functional_item(ds, per_frame[index] if index < len(per_frame) else None, "PlanePositionSequence")
         positions.append((plane or ds).get("ImagePositionPatient"))
     return positions
 

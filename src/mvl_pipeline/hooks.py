@@ -1,7 +1,8 @@
 """Kedro hooks: one run at a time writes the project's data (``RunLockHook``), and each
 kedro-mlflow run is tagged with where it comes from, code and data versions (``LineageTagsHook``).
 
-``RunLockHook`` takes the run lock of the data root (``core.run_lock``) before the first node of a
+``RunLockHook`` takes the run lock of the data root (``core.run_lock``; for an ``s3://`` root the
+lease object of ``core.s3_lock``, checked before each node) before the first node of a
 pipeline that writes data, before kedro-mlflow opens its run (``tryfirst``), and releases it when
 the run ends or fails; ``params:run`` says whether a second run waits or refuses. Taking over
 from a run that died holding it, it first removes that run's unfinished temporaries
@@ -31,6 +32,7 @@ from kedro.io import MemoryDataset
 from mvl_pipeline.core import storage
 from mvl_pipeline.core.run_heartbeat import Heartbeat, close_silent_runs
 from mvl_pipeline.core.run_lock import RunConfig, RunLock, local_root, lock_path
+from mvl_pipeline.core.s3_lock import S3RunLock
 from mvl_pipeline.datasets.lineage import LineageDataset
 
 logger = logging.getLogger(__name__)
@@ -54,13 +56,21 @@ def writes_data(pipeline: Any, catalog: Any) -> bool:
     return False
 
 
+def run_lock(data_root: str, project: Path, config: RunConfig, *, pipeline: str) -> RunLock | S3RunLock:
+    """The run lock of ``data_root``: a lease object on S3 for an ``s3://`` root, else a file."""
+    fallback = lock_path(data_root, project)
+    if str(data_root).startswith(("s3://", "s3a://")):
+        return S3RunLock(str(data_root).rstrip("/"), config, pipeline=pipeline, fallback=str(fallback))
+    return RunLock(fallback, config, pipeline=pipeline)
+
+
 class RunLockHook:
     """Hold the data root's run lock for the whole of a run that writes data (module doc)."""
 
     def __init__(self) -> None:
         self._project_path: Path | None = None
         self._data_root = "data"
-        self._lock: RunLock | None = None
+        self._lock: RunLock | S3RunLock | None = None
         self._config = RunConfig()
 
     @hook_impl
@@ -75,13 +85,18 @@ class RunLockHook:
             return
         project = self._project_path or Path(run_params.get("project_path") or ".")
         name = ",".join(run_params.get("pipeline_names") or ["__default__"])
-        self._lock = RunLock(lock_path(self._data_root, project), config, pipeline=name)
+        self._lock = run_lock(self._data_root, project, config, pipeline=name)
         self._lock.acquire()
         root = local_root(self._data_root, project)
         if self._lock.left_behind is not None and root is not None:
             # the run that died holding the lock may have been killed mid-save
             removed = storage.remove_temporaries(str(root))
             logger.info("removed %d temporary file(s) or folder(s) of interrupted saves", removed)
+
+    @hook_impl
+    def before_node_run(self) -> None:
+        if self._lock is not None:
+            self._lock.check()  # a lost S3 lease: stop before writing more
 
     @hook_impl(trylast=True)
     def after_pipeline_run(self) -> None:
@@ -97,7 +112,7 @@ class RunLockHook:
         return self._config
 
     @property
-    def lock(self) -> RunLock | None:
+    def lock(self) -> RunLock | S3RunLock | None:
         """The run lock this run holds (None outside a run that writes data)."""
         return self._lock
 

@@ -172,6 +172,32 @@ def test_the_hook_locks_only_runs_that_write_data_and_releases_on_success_and_fa
     assert (tmp_path / "data" / ".run.lock").read_text() == ""
 
 
+def test_two_machines_writing_one_s3_data_root_never_hold_its_lock_at_once(tmp_path, s3_bucket, monkeypatch):
+    """Two clones of the project (a laptop and a pod) with one ``s3://`` data root: the second run
+    refuses. Until 2026-12-05 the lock of a remote root was a file in each clone's data/ folder,
+    so both runs took it and wrote the same S3 layers at once."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_bucket["endpoint_url"])
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    root = f"s3://{s3_bucket['bucket']}/mvl/"
+    catalog = DataCatalog({
+        "doc": AtomicJSONDataset(filepath=str(tmp_path / "scratch.json")),
+        "params:run": MemoryDataset({"lock": "refuse"}),
+    })  # fmt: skip
+    laptop, pod = RunLockHook(), RunLockHook()
+    laptop.after_context_created(_Context(tmp_path / "laptop", data_root=root))
+    pod.after_context_created(_Context(tmp_path / "pod", data_root=root))
+    params = {"pipeline_names": ["ingest"]}
+    laptop.before_pipeline_run(params, _pipeline("doc"), catalog)
+    try:
+        with pytest.raises(RunLockedError, match=f"PID {os.getpid()} on host"):
+            pod.before_pipeline_run(params, _pipeline("doc"), catalog)
+    finally:
+        laptop.after_pipeline_run()
+    pod.before_pipeline_run(params, _pipeline("doc"), catalog)  # free once the first run ended
+    pod.before_node_run()  # the lease is held: the run goes on
+    pod.after_pipeline_run()
+
+
 @pytest.fixture
 def tracking(tmp_path):
     """A sqlite MLflow as kedro-mlflow sets it up (the global tracking URI), restored after."""

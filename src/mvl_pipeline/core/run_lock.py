@@ -16,9 +16,10 @@ run. So a run that writes data (``hooks.RunLockHook``) first takes an exclusive 
   ``wait`` logs whom it waits for and waits up to ``run.lock_timeout_s``; ``refuse`` fails at
   once. Either way the message names the holder by PID, host, pipeline and start time, never by a
   path (a hospital's folder names may carry identity).
-- **Remote data roots** (``s3://...``) cannot hold a ``flock``: their lock is a local file keyed by
-  the root's URL under the project's ``data/`` folder, so it orders the runs of one machine only.
-  On a cluster, the retraining trigger submits one RayJob per drop listing (``k8s/``).
+- **An ``s3://`` data root** holds a lease object on the store instead (``core.s3_lock``): it
+  orders the runs of every machine. Other remote roots cannot hold a ``flock``: their lock is a
+  local file keyed by the root's URL under the project's ``data/`` folder, so it orders the runs
+  of one machine only.
 """
 
 from __future__ import annotations
@@ -108,7 +109,16 @@ def describe(record: dict[str, Any] | None) -> str:
     )
 
 
-def _parse(raw: bytes) -> dict[str, Any] | None:
+def refused(holder: str) -> str:
+    return (f"another run writes this project's data: {holder}. Not starting (run.lock is 'refuse'); "
+            f"run again when it has finished, or set run.lock: wait.")  # fmt: skip
+
+
+def gave_up(timeout: float, holder: str) -> str:
+    return f"gave up after waiting {timeout:.0f} s (run.lock_timeout_s) for the run lock held by {holder}"
+
+
+def parse_record(raw: bytes) -> dict[str, Any] | None:
     try:
         record = json.loads(raw.decode("utf-8")) if raw.strip() else None
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -136,14 +146,14 @@ class RunLock:
     def holder(self) -> dict[str, Any] | None:
         """The record of the run holding the lock now (``None`` if unreadable or free)."""
         try:
-            return _parse(self.path.read_bytes())
+            return parse_record(self.path.read_bytes())
         except OSError:
             return None
 
     def _claim(self, fd: int) -> None:
         # Runs with the flock held: a record still in the file is that of a run that ended
         # without releasing (release() clears it).
-        self.left_behind = _parse(os.pread(fd, 1 << 16, 0))
+        self.left_behind = parse_record(os.pread(fd, 1 << 16, 0))
         self._record = holder_record(self.pipeline)
         record = json.dumps(self._record).encode()
         os.ftruncate(fd, 0)
@@ -186,19 +196,13 @@ class RunLock:
         holder = describe(self.holder())
         timeout = float(self.config.lock_timeout_s)
         if self.config.lock == "refuse":
-            raise RunLockedError(
-                f"another run writes this project's data: {holder}. Not starting (run.lock is "
-                f"'refuse'); run again when it has finished, or set run.lock: wait."
-            )
+            raise RunLockedError(refused(holder))
         logger.warning("another run writes this project's data: %s; waiting up to %.0f s for it to finish", holder, timeout)
         started = time.monotonic()
         while True:
             remaining = timeout - (time.monotonic() - started)
             if remaining <= 0:
-                raise RunLockedError(
-                    f"gave up after waiting {timeout:.0f} s (run.lock_timeout_s) for the run lock held by "
-                    f"{describe(self.holder())}"
-                )
+                raise RunLockedError(gave_up(timeout, describe(self.holder())))
             try:
                 self._lock.acquire(timeout=min(remaining, REMIND_EVERY_S), poll_interval=0.2)
             except Timeout:
@@ -207,6 +211,9 @@ class RunLock:
                 continue
             logger.info("the other run finished: waited %.1f s", time.monotonic() - started)
             return
+
+    def check(self) -> None:
+        """A file lock cannot be lost while its process lives (``s3_lock.S3RunLock`` can)."""
 
     def release(self) -> None:
         """Clear the record (a cleanly ended run leaves none) and drop the lock."""

@@ -209,14 +209,31 @@ class NoConditionalWrites:
         raise ClientError({"Error": {"Code": "NotImplemented", "Message": "If-None-Match"}}, "PutObject")
 
 
-def test_a_store_without_conditional_writes_gets_the_per_machine_file_lock_with_a_warning(tmp_path, caplog):
+class IgnoresConditions(NoConditionalWrites):
+    """A store that accepts the headers and ignores them: every create succeeds."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+
+    def put_object(self, *, Bucket, Key, Body, **condition):  # noqa: N803 - boto3's names
+        self.objects[Key] = Body
+        return {"ETag": f'"{len(self.objects)}"'}
+
+    def delete_object(self, *, Bucket, Key, **condition):  # noqa: N803
+        self.objects.pop(Key, None)
+
+
+@pytest.mark.parametrize("store", [NoConditionalWrites, IgnoresConditions])
+def test_a_store_without_conditional_writes_gets_the_per_machine_file_lock_with_a_warning(tmp_path, caplog, store):
     path = tmp_path / ".run.lock"
-    lock = S3RunLock("s3://b/mvl", RunConfig(), pipeline="fit", fallback=str(path), client=NoConditionalWrites())
+    client = store()
+    lock = S3RunLock("s3://b/mvl", RunConfig(), pipeline="fit", fallback=str(path), client=client)
     with caplog.at_level(logging.WARNING, logger="mvl_pipeline.core.s3_lock"):
         lock.acquire()
     assert "no conditional writes" in caplog.text and "this machine's runs only" in caplog.text
     with pytest.raises(RunLockedError):
         RunLock(Path(path), RunConfig(lock="refuse"), pipeline="other").acquire()
+    assert not getattr(client, "objects", {})  # no lease object left that would fool the next run
     lock.release()
     RunLock(Path(path), RunConfig(lock="refuse"), pipeline="other").acquire()
 

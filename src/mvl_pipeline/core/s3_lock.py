@@ -8,6 +8,7 @@ holds the object ``<data_root>/.run.lock``, written with S3's conditional writes
 - **renewed** every ``run.heartbeat_s`` with ``If-Match: <its ETag>`` (the lease);
 - **released** by deleting it with ``If-Match`` (never another run's lease; a store without
   conditional deletes gets a plain delete);
+- **probed** once taken: a second create must be refused, or the store ignores the conditions;
 - **taken over** when the lease has not been renewed for ``run.stale_after_s``, measured on the
   store's clock (its ``Last-Modified`` against its ``Date``), so a machine whose clock runs ahead
   cannot steal a live lease, and with ``If-Match`` on the ETag it read, so of two runs taking over
@@ -17,9 +18,9 @@ holds the object ``<data_root>/.run.lock``, written with S3's conditional writes
 A run that cannot renew its lease for ``run.stale_after_s`` (the store unreachable, the process
 frozen) or finds it taken over has **lost** it: it logs an error at once and stops before its next
 node (``check()``, from ``hooks.RunLockHook``); a node already running finishes its own atomic
-saves. A store without conditional writes (it answers ``NotImplemented``) gets the per-machine
-file lock of ``run_lock.lock_path``, with a warning. The record holds ids only (PID, host,
-pipeline, start time, MLflow run id): no path, no PHI.
+saves. A store without conditional writes (it answers ``NotImplemented``, or the probe's second
+create succeeds) gets the per-machine file lock of ``run_lock.lock_path``, with a warning. The
+record holds ids only (PID, host, pipeline, start time, MLflow run id): no path, no PHI.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ POLL_S = 2.0
 #: concurrent conditional write to the same key is in flight (409).
 _LOST_RACE = ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
 _UNSUPPORTED = ("NotImplemented", "501")
+
+
+class _Unsupported(Exception):
+    """The store ignores conditional writes."""
 
 
 class RunLockLostError(RuntimeError):
@@ -162,14 +167,25 @@ class S3RunLock:
         self._etag = etag
         return True
 
+    def _honours_conditions(self) -> bool:
+        """Whether the store refuses a second create of the lease it holds now (a store that
+        ignores ``If-None-Match`` would let every run take it)."""
+        if self._put(IfNoneMatch="*") is None:
+            return True
+        self._call("delete_object")
+        return False
+
     def acquire(self) -> None:
         try:
             taken = self._try_take()
+            if taken and self.left_behind is None and not self._honours_conditions():
+                raise _Unsupported
         except Exception as exc:
-            if _code(exc) not in _UNSUPPORTED:
+            if not isinstance(exc, _Unsupported) and _code(exc) not in _UNSUPPORTED:
                 raise
             logger.warning("this S3 store has no conditional writes: the run lock is a file on this machine, so it "
                            "orders this machine's runs only")  # fmt: skip
+            self._etag = None
             self._fallback = RunLock(self._fallback_path, self.config, pipeline=self.pipeline)
             self._fallback.acquire()
             self.left_behind = self._fallback.left_behind

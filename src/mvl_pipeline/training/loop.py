@@ -225,7 +225,8 @@ def _run_training(config: Mapping[str, Any], session: Session, loop: LoopConfig,
         saved = torch.load(Path(restored) / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        logger.info("worker %d: resumed after epoch %d", rank, state["epoch"])
+        # counted as the epoch lines count (from 1); history and MLflow steps count from 0
+        logger.info("worker %d: resumed after epoch %d/%d", rank, int(state["epoch"]) + 1, loop.epochs)
     loss_fn = make_loss(model_cfg.num_classes)
     deep = getattr(_unwrap(model), "deep_supervision", 0)  # the CNN preset has its own head
     start_epoch = int(state["epoch"]) + 1

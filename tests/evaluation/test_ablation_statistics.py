@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from mvl_pipeline.evaluation.ablation import (
     StatisticsPlan,
@@ -50,10 +51,13 @@ def test_a_true_difference_is_found_in_its_direction_and_no_difference_is_not():
         assert entry["p_adjusted"] < 0.001 and entry["p_adjusted"] >= entry["p_value"]
     same = dice["same_arm"]
     assert same["ci"][0] < 0 < same["ci"][1] and same["p_adjusted"] > 0.05
-    # the design's sensitivity is stated at Holm's first step, alpha / 3 for three comparisons:
+    # the design's sensitivity is stated at Holm's first step, alpha / 3 for three comparisons,
+    # for the Wilcoxon test itself: above the normal approximation's
     # (z(1 - 0.05/6) + z(0.8)) SD / sqrt(n) = 3.2356 SD / sqrt(n) of the seed-averaged differences
     assert same["mdd_alpha"] == pytest.approx(0.05 / 3)
-    assert same["minimum_detectable_difference"] == pytest.approx(3.2356 * same["sd_difference"] / math.sqrt(30), rel=1e-3)
+    stated = minimum_detectable_difference(same["sd_difference"], 30, alpha=0.05 / 3, power=0.8)
+    assert same["minimum_detectable_difference"] == stated
+    assert 1.03 < stated / (3.2356 * same["sd_difference"] / math.sqrt(30)) < 1.15
     # HD95: lower is better; a higher-Dice arm has lower HD95 here, so it is "better" there too
     hd95 = summary["comparisons"]["hd95_mm"]
     assert hd95["better_arm"]["mean_difference"] < 0 and hd95["better_arm"]["verdict"] == "better"
@@ -80,14 +84,42 @@ def test_no_difference_is_declared_at_about_the_nominal_rate_over_repeated_draws
     assert claims / 100 <= 0.10, claims  # family-wise at most the nominal 0.05 (binomial SD 0.022)
 
 
-def test_the_minimum_detectable_difference_is_detected_with_about_the_stated_power():
-    mdd = minimum_detectable_difference(1.0, 30, alpha=0.05, power=0.8)
-    assert mdd == pytest.approx(2.8016 / math.sqrt(30), rel=1e-3)  # (1.960 + 0.842) SD / sqrt(n)
+@pytest.mark.parametrize(("n", "alpha"), [(30, 0.01), (10, 0.05)])
+def test_the_minimum_detectable_difference_is_detected_with_the_stated_power(n, alpha):
+    """An audit (2026-12-05) measured the power of the test at the old, normal-approximation
+    figure ``(z(1 - alpha/2) + z(power)) SD / sqrt(n)``: 0.72 at 30 patients and alpha 0.01, not
+    0.80. The stated figure is now the test's own, checked here on draws the simulation behind it
+    never saw (1000 draws: binomial SD 0.013)."""
+    mdd = minimum_detectable_difference(1.0, n, alpha=alpha, power=0.8)
+    normal = (stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(0.8)) / math.sqrt(n)
+    assert mdd > normal
     generator = np.random.default_rng(2)
-    power = np.mean([wilcoxon_p(generator.normal(mdd, 1.0, 30)) < 0.05 for _ in range(400)])
-    assert 0.68 <= power <= 0.88, power  # 80% for the t-test; Wilcoxon's efficiency is 0.955
+    power = np.mean([wilcoxon_p(generator.normal(mdd, 1.0, n)) < alpha for _ in range(1000)])
+    assert 0.76 <= power <= 0.84, power
+    at_the_old_figure = np.mean([wilcoxon_p(generator.normal(normal, 1.0, n)) < alpha for _ in range(1000)])
+    assert at_the_old_figure < 0.77, at_the_old_figure
+    assert minimum_detectable_difference(2.0, n, alpha=alpha, power=0.8) == pytest.approx(2 * mdd)
     assert minimum_detectable_difference(None, 30, alpha=0.05, power=0.8) is None
     assert minimum_detectable_difference(1.0, 1, alpha=0.05, power=0.8) is None
+
+
+def test_a_design_too_small_for_any_verdict_says_so_instead_of_stating_a_difference_it_could_detect():
+    """With 6 patients the exact test's smallest p-value is 2/2^6 = 0.031: after Holm over five
+    comparisons (first level 0.01) no arm can get a verdict. An audit (2026-12-05) found an arm
+    0.2 Dice better called "inconclusive" and the null arms "no detectable difference ... could have
+    detected 0.02 or more"."""
+    arms = ["pretrained", "better", "b", "c", "d", "e"]
+    data = results({arm: 0.2 if arm == "better" else 0.0 for arm in arms}, patients=6, seeds=(0, 1), rng=7)
+    summary = summarise_ablation(data, arms=arms, seeds=[0, 1], reference="pretrained", plan=FAST)
+    for arm, entry in summary["comparisons"]["dice"].items():
+        assert entry["verdict"] == "not testable", arm
+        assert entry["minimum_detectable_difference"] is None
+        assert "smallest p-value, 2/2^6 = 0.0312, is not below 0.05 / 5" in entry["not_testable_because"]
+    assert summary["comparisons"]["dice"]["better"]["mean_difference"] == pytest.approx(0.2, abs=0.02)
+    # with one comparison the same six patients can: 0.031 < 0.05
+    two = summarise_ablation(data[data.arm.isin(["pretrained", "better"])], arms=["pretrained", "better"], seeds=[0, 1],
+                             reference="pretrained", plan=FAST)  # fmt: skip
+    assert two["comparisons"]["dice"]["better"]["verdict"] == "better"
 
 
 def test_seed_spread_and_per_seed_differences_are_the_seed_means():

@@ -67,7 +67,8 @@ def arm_sentence(arm: str, entry: Mapping[str, Any], metric: str, design: Mappin
         return f"No detectable {label} difference between `{arm}` and `{reference}`: {figures}; {detectable}."
     if verdict == "inconclusive":
         return f"`{arm}` vs `{reference}` on {label} is inconclusive (the test and the interval disagree): {figures}."
-    return f"`{arm}` vs `{reference}` on {label} could not be tested ({entry['n_patients']} paired patients)."
+    why = entry.get("not_testable_because") or f"{entry['n_patients']} paired patients"
+    return f"`{arm}` vs `{reference}` on {label} could not be tested ({why})."
 
 
 def headline(summary: Mapping[str, Any]) -> str:

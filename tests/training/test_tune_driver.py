@@ -162,3 +162,32 @@ def test_the_grid_starts_the_cnn_arms_first_and_keeps_the_others_in_order():
     models = tune_driver.arm_models(MODEL, AblationConfig(), PLAN)
     assert tune_driver.grid_order(models, list(models)) == ["cnn", "pretrained", "shuffled", "random", "bridge_only", "none"]
     assert tune_driver.grid_order(models, ["none", "pretrained"]) == ["none", "pretrained"]
+
+
+def test_another_scoring_of_the_same_grid_gets_its_own_tune_experiment():
+    """An audit (2026-12-05): after a finished grid, a changed ``evaluate`` setting (or other test
+    patients) restored the old Tune experiment, whose trials had all ended: nothing ran, and every
+    later run failed with "left no result". The scoring is part of the Tune experiment's name: the
+    new one re-scores each finished Ray run without training it again."""
+    from types import SimpleNamespace
+
+    config = AblationConfig.from_params({"arms": ["pretrained", "none"], "seeds": [0, 1]})
+    names = {arm: {seed: f"{arm}-seed{seed}-x" for seed in (0, 1)} for arm in ("pretrained", "none")}
+    context = SimpleNamespace(run_names=names, scoring_id="s1")
+    name = tune_driver.tune_name(context, config, 2)
+    assert name == tune_driver.tune_name(SimpleNamespace(run_names=names, scoring_id="s1"), config, 2)  # resumable
+    assert name != tune_driver.tune_name(SimpleNamespace(run_names=names, scoring_id="s2"), config, 2)
+    assert name != tune_driver.tune_name(context, config, 1)
+
+
+def test_the_report_names_the_commits_that_trained_the_trials_not_the_one_that_read_them_back(caplog):
+    """An audit (2026-12-05): a rerun after a commit reused every finished trial and the report
+    named the new commit. Each trial now records the commit that trained it."""
+    import logging
+
+    trials = [{"trained_at_commit": "aaa", "trained_at_dirty": "False"}, {"trained_at_commit": "aaa", "trained_at_dirty": "False"}]
+    assert tune_driver.trained_at(trials, "aaa") == {"git_commit": "aaa", "git_dirty": "False", "summarised_at_commit": "aaa"}
+    with caplog.at_level(logging.WARNING, logger="mvl_pipeline.training.tune_driver"):
+        mixed = tune_driver.trained_at([*trials, {"trained_at_commit": "bbb", "trained_at_dirty": "True"}, {}], "ccc")
+    assert mixed == {"git_commit": "aaa, bbb, unrecorded", "git_dirty": "False, True", "summarised_at_commit": "ccc"}
+    assert "trained at git commit(s) aaa, bbb, unrecorded, not at this run's ccc" in caplog.text

@@ -218,6 +218,9 @@ def run_trial(config: Mapping[str, Any], context: TrialContext) -> None:
         "seed": seed,
         "run_name": context.run_names[arm][seed],
         "scoring_id": context.scoring_id,
+        # re-scored (another scoring_id): the Ray run was finished by the code that stored it
+        "trained_at_commit": done.get("trained_at_commit") if done else context.tags.get("git_commit"),
+        "trained_at_dirty": done.get("trained_at_dirty") if done else context.tags.get("git_dirty"),
         "model": model_config_for(context, arm, seed),
         "loop": {**context.loop, "seed": seed},
         "best_epoch": int(best_metrics.get("epoch", -1)),

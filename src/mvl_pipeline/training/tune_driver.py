@@ -193,14 +193,22 @@ def grid_order(models: Mapping[str, Mapping[str, Any]], arms: Sequence[str]) -> 
     return sorted(arms, key=lambda arm: models[arm].get("preset") != "cnn")
 
 
+def tune_name(context: TrialContext, config: AblationConfig, concurrent: int) -> str:
+    """The Tune experiment of this grid, this many trials at once and this scoring (test cases,
+    evaluate settings: ``scoring_id``). A Tune experiment whose trials have all ended is restored
+    with nothing to run, so a grid to be scored otherwise needs its own: with the scoring left out,
+    a changed ``evaluate`` setting re-ran nothing and every later run failed ("left no result")."""
+    grid = sorted(context.run_names[a][s] for a in config.arms for s in config.seeds)
+    return f"tune-{json_digest([grid, concurrent, context.scoring_id], length=10)}"
+
+
 def _tuner(context: TrialContext, experiment: str, config: AblationConfig, *, concurrent: int) -> Any:
     """A new Tuner over the grid, or the one of an earlier run of the same grid (and the same
     number of trials at once, which Tune keeps in its state), restored."""
     from ray import tune
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), TRIAL_RESOURCES)
-    grid = sorted(context.run_names[a][s] for a in config.arms for s in config.seeds)
-    name = f"tune-{json_digest([grid, concurrent], length=10)}"
+    name = tune_name(context, config, concurrent)
     storage_path, filesystem, path = tune_storage(experiment, name, context.storage_timeouts)
     if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
         logger.info("ablation: restoring the Tune experiment %s (unfinished and errored trials run again)", name)
@@ -293,6 +301,19 @@ def _run_grid(context: TrialContext, experiment: str, fit_cfg: FitConfig, config
 def results_rows(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (arm, seed, case, class): the trial's test rows with its arm and seed."""
     return [{"arm": t["arm"], "seed": int(t["seed"]), "run_name": t["run_name"], **row} for t in trials for row in t["rows"]]
+
+
+def trained_at(trials: list[dict[str, Any]], current: str) -> dict[str, Any]:
+    """The git commit(s) that trained the trials (``git_commit``, comma-separated when several;
+    "unrecorded" for trials stored before 2026-12-05) and the one summarising them. A rerun reuses
+    the finished trials of an identical design whatever the code's commit: the report names the
+    commits that trained them, not the one that read them back."""
+    commits = sorted({str(t.get("trained_at_commit") or "unrecorded") for t in trials})
+    if commits != [current]:
+        logger.warning("ablation: the trials were trained at git commit(s) %s, not at this run's %s: the report "
+                       "names theirs", ", ".join(commits), current)  # fmt: skip
+    dirty = sorted({str(t.get("trained_at_dirty")) for t in trials if t.get("trained_at_dirty") is not None})
+    return {"git_commit": ", ".join(commits), "git_dirty": ", ".join(dirty) or "unrecorded", "summarised_at_commit": current}
 
 
 def histories(trials: list[dict[str, Any]]) -> dict[str, Any]:

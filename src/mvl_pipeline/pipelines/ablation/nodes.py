@@ -54,7 +54,7 @@ def run_ablation(
         "experiment": context.tags["ablation"],
         "data_version": context.tags["data_version"],
         "plan_id": context.tags["plan_id"],
-        "git_commit": context.tags["git_commit"],
+        **tune_driver.trained_at(trials, context.tags["git_commit"]),
         "arms": list(config.arms),
         "seeds": list(config.seeds),
         "reference": config.reference,

@@ -199,3 +199,31 @@ def test_a_challenger_that_calls_a_lesion_in_every_healthy_patient_is_not_promot
     decision = decide(careful, champion, RegisterConfig(**FAST))
     assert decision["promoted"] is True and "false positives non-inferior" in decision["reason"]
     assert per_case(careful)["sick-0"]["false_positive"] is None  # its label holds every class
+
+
+@pytest.mark.parametrize("n", [3, 4, 5, 6, 8])
+def test_with_few_gate_patients_a_no_better_challenger_is_promoted_at_most_at_the_nominal_rate(n):
+    """An audit (2026-12-05): with 3-5 gate patients (the sample drop has 4) the bootstrap bound
+    alone promoted a challenger no better than the champion in 8-13% of draws, not 2.5%. The rule
+    also needs the one-sided exact Wilcoxon test of the improvements over the margin: its smallest
+    p with n patients is 1/2^n, so with 5 or fewer nothing is promoted over a champion."""
+    config = RegisterConfig(**FAST)
+    draws = 300
+    promoted = sum(decide(*paired(n, dice_gain=0.0, noise=0.03, seed=7000 + draw), config)["promoted"] for draw in range(draws))
+    assert promoted / draws <= 0.025 + 0.02, promoted  # binomial SD at 2.5% and 300 draws: 0.009
+    if n <= 5:
+        assert promoted == 0
+        decision = decide(*paired(n, dice_gain=0.2, noise=0.01, seed=1), config)
+        assert decision["promoted"] is False and decision["paired"]["dice"]["ci"][0] > 0  # the bound alone would
+        assert f"at least 6 gate patients are needed ({n})" in decision["reason"]
+
+
+def test_a_non_finite_gate_figure_never_promotes():
+    """Comparisons with NaN are false: a NaN Dice used to pass every 'may be worse' check."""
+    challenger, champion = paired(30, dice_gain=0.05, noise=0.01, seed=3)
+    challenger[0]["dice"] = float("nan")
+    decision = decide(challenger, champion, RegisterConfig(**FAST))
+    assert decision["promoted"] is False and "not a finite number" in decision["reason"]
+    challenger, champion = paired(30, dice_gain=0.05, noise=0.01, seed=3)
+    challenger[0]["hd95_mm"] = float("nan")
+    assert decide(challenger, champion, RegisterConfig(**FAST))["promoted"] is False

@@ -65,6 +65,8 @@ def _download_bundle(tracking_uri: str, registry_uri: str, name: str, version: s
 #: "true" once they are set (written last).
 INTENDED_ALIASES = "intended_aliases"
 REGISTRATION_COMPLETE = "registration_complete"
+#: The champion version the gate compared a version with ("none": a first model).
+GATE_CHAMPION = "gate_champion_version"
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,8 @@ class RegistryView:
     # version -> the aliases its registration meant to set, for versions whose registration was
     # interrupted after the version was created (no REGISTRATION_COMPLETE tag)
     unfinished: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # version -> the champion version its gate compared it with (GATE_CHAMPION), where recorded
+    gate_champions: dict[str, str] = field(default_factory=dict)
 
     def version_with_weights(self, digest: str) -> str | None:
         """The (oldest) registered version holding exactly these weights, if any."""
@@ -163,8 +167,9 @@ class MlflowRegistryDataset(AbstractDataset[RegistrationRequest | AlreadyRegiste
             for v in versions
             if INTENDED_ALIASES in (v.tags or {}) and (v.tags or {}).get(REGISTRATION_COMPLETE) != "true"
         }
+        gate_champions = {str(v.version): (v.tags or {})[GATE_CHAMPION] for v in versions if GATE_CHAMPION in (v.tags or {})}
         return RegistryView(champion=champion, latest=self._view(latest), aliases_of_latest=aliases,
-                            weights_of_versions=weights, unfinished=unfinished)  # fmt: skip
+                            weights_of_versions=weights, unfinished=unfinished, gate_champions=gate_champions)  # fmt: skip
 
     def _finish(self, client: Any, version: str, aliases: tuple[str, ...]) -> None:
         """Set the version's aliases, then mark its registration complete (the last call)."""

@@ -11,7 +11,12 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 from mlflow.tracking import MlflowClient
 
-from mvl_pipeline.datasets.model_registry import MlflowRegistryDataset
+from mvl_pipeline.datasets.model_registry import (
+    GATE_CHAMPION,
+    INTENDED_ALIASES,
+    REGISTRATION_COMPLETE,
+    MlflowRegistryDataset,
+)
 from mvl_pipeline.formats.model_bundle import weights_sha256
 from mvl_pipeline.pipelines.register import create_pipeline
 
@@ -75,3 +80,46 @@ def test_registering_weights_that_are_a_version_already_changes_nothing(registry
     assert "already registered as version 2: nothing registered" in report["reason"]
     assert report["registered_version"] is None and report["registered_aliases"] == []
     assert report["champion_version_now"] == "2"
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["gate-champion-recorded", "older-version-without-the-tag"])
+def test_finishing_an_interrupted_champion_registration_never_replaces_a_newer_champion(registry_uri, tmp_path, recorded):
+    """An audit (2026-12-05, real processes): a registration whose gate chose "champion" against
+    v1 was SIGKILLed before the alias; another model was then gated against v1 and promoted (v3);
+    the retried run finished the old decision and moved the champion alias back to weights never
+    compared with v3 (the real gate refused them against v3). Such a decision is now finished as
+    challenger."""
+    weights = ({"head.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3)}, {"model": {"num_classes": 2}})
+    client = MlflowClient(registry_uri, registry_uri)
+    client.create_registered_model(NAME)
+    source = str(tmp_path / "elsewhere")
+    client.create_model_version(NAME, source=source, tags={"weights_sha256": "1" * 64, REGISTRATION_COMPLETE: "true"})
+    client.set_registered_model_alias(NAME, "champion", "1")
+    interrupted = {"weights_sha256": weights_sha256(weights[0]), INTENDED_ALIASES: "champion"}
+    if recorded:
+        interrupted[GATE_CHAMPION] = "1"
+    client.create_model_version(NAME, source=source, tags=interrupted)  # v2: cut off before its alias
+    client.create_model_version(NAME, source=source, tags={"weights_sha256": "3" * 64, REGISTRATION_COMPLETE: "true"})
+    client.set_registered_model_alias(NAME, "champion", "3")  # gated against v1 and promoted meanwhile
+
+    catalog = _catalog(registry_uri, weights, {"case-g1": lambda: None})
+    SequentialRunner().run(create_pipeline(), catalog)
+
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "3"
+    finished = client.get_model_version(NAME, "2")
+    assert "challenger" in finished.aliases and finished.tags[REGISTRATION_COMPLETE] == "true"
+    report = catalog.load("registration_report")
+    assert report["promoted"] is False and "the champion is now version 3" in report["reason"]
+
+
+def test_finishing_an_interrupted_champion_registration_still_promotes_when_the_champion_is_unchanged(registry_uri, tmp_path):
+    weights = ({"head.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3)}, {"model": {"num_classes": 2}})
+    client = MlflowClient(registry_uri, registry_uri)
+    client.create_registered_model(NAME)
+    source = str(tmp_path / "elsewhere")
+    client.create_model_version(NAME, source=source, tags={"weights_sha256": "1" * 64, REGISTRATION_COMPLETE: "true"})
+    client.set_registered_model_alias(NAME, "champion", "1")
+    client.create_model_version(NAME, source=source, tags={"weights_sha256": weights_sha256(weights[0]),
+                                                          INTENDED_ALIASES: "champion", GATE_CHAMPION: "1"})  # fmt: skip
+    SequentialRunner().run(create_pipeline(), _catalog(registry_uri, weights, {"case-g1": lambda: None}))
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "2"

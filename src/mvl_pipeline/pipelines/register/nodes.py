@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from mvl_pipeline.core.hashing import set_digest
 from mvl_pipeline.datasets.model_registry import (
+    GATE_CHAMPION,
     AlreadyRegistered,
     RegistrationRequest,
     RegistryView,
@@ -84,10 +85,23 @@ def decide_registration(
         # an earlier run registered these weights and was cut off before setting the aliases its
         # gate decided: finish that decision (the gate does not decide twice on the same weights)
         aliases = registry.unfinished[existing]
+        reason = (f"these weights are version {existing}, whose registration was interrupted before its alias(es) "
+                  f"were set: finishing it")  # fmt: skip
+        judged = registry.gate_champions.get(existing)  # None: registered before the tag existed
+        now = registry.champion.version if registry.champion is not None else "none"
+        if config.champion_alias in aliases and (
+            (judged is not None and judged != now)
+            or (judged is None and registry.champion is not None and int(registry.champion.version) > int(existing))
+        ):
+            # its gate compared these weights with another champion than today's: finishing "champion"
+            # would replace a model they were never compared with
+            aliases = tuple(dict.fromkeys(config.challenger_alias if a == config.champion_alias else a for a in aliases))
+            reason += (f"; its gate compared it with champion version {judged or 'older'}, the champion is now "
+                       f"version {now}: finished as {', '.join(aliases)}, not champion (a later run with new "
+                       f"weights is gated against today's champion)")  # fmt: skip
         decision |= {"registered": False, "promoted": config.champion_alias in aliases, "alias": aliases[0] if aliases else None,
                      "already_registered_as": existing,
-                     "reason": f"these weights are version {existing}, whose registration was interrupted before "
-                               f"its alias(es) were set: finishing it ({', '.join(aliases) or 'no alias'})"}  # fmt: skip
+                     "reason": f"{reason} ({', '.join(aliases) or 'no alias'})"}  # fmt: skip
         logger.warning("registry gate: %s", decision["reason"])
         return AlreadyRegistered(existing, finish_aliases=aliases), decision
     if existing is not None:
@@ -131,6 +145,7 @@ def decide_registration(
         "git_dirty": str(lineage.get("git_dirty")),
         "fit_run": str(fit_history.get("run_name")),
         "preset": str(model_config.get("model", {}).get("preset", "medvisionllama")),
+        GATE_CHAMPION: str(registry.champion.version) if registry.champion is not None else "none",
     }
     request = RegistrationRequest(
         weights=trained_model,

@@ -216,6 +216,7 @@ def test_with_few_gate_patients_a_no_better_challenger_is_promoted_at_most_at_th
         decision = decide(*paired(n, dice_gain=0.2, noise=0.01, seed=1), config)
         assert decision["promoted"] is False and decision["paired"]["dice"]["ci"][0] > 0  # the bound alone would
         assert f"at least 6 gate patients are needed ({n})" in decision["reason"]
+        assert decision["paired"]["dice"]["p_improvement"] == pytest.approx(1 / 2**n)  # every patient improved
 
 
 def test_a_non_finite_gate_figure_never_promotes():

@@ -45,15 +45,16 @@ def tiny_model_params() -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def tiny_training_data(tmp_path_factory, llm_cache_dir) -> dict[str, Any]:
-    """Model-input cases, split, plan, manifest and ingested cases of 14 tiny phantom patients:
-    6 train, 2 validation, 3 gate, 3 test (three gate patients: the fewest the gate can decide on)."""
+    """Model-input cases, split, plan, manifest and ingested cases of 17 tiny phantom patients:
+    6 train, 2 validation, 6 gate, 3 test (six gate patients: the fewest whose exact one-sided
+    test can reach p < 0.025, so the fewest on which a challenger can replace a champion)."""
     from mvl_pipeline.datasets.drop import DropFolderDataset
     from mvl_pipeline.pipelines.sample_data.nodes import generate_sample_drop
     from tests.support.workspace import local_catalog, prepare
 
     tmp = tmp_path_factory.mktemp("tiny-project")
     sample = base_params("sample_data")["sample_data"] | {
-        "n_patients": 14,
+        "n_patients": 17,
         "followup_fraction": 0.0,
         "image_size": 48,
         "pixel_spacing_mm": [7.5, 8.0],
@@ -66,12 +67,12 @@ def tiny_training_data(tmp_path_factory, llm_cache_dir) -> dict[str, Any]:
 
     ingest = base_params("ingest")["ingest"] | {"workers": 1, "progress": False}
     preprocess = base_params("preprocess")["preprocess"]
-    preprocess["split"]["ratios"] = {"train": 0.4, "validation": 0.15, "gate": 0.25, "test": 0.2}
+    preprocess["split"]["ratios"] = {"train": 0.35, "validation": 0.12, "gate": 0.35, "test": 0.18}
     blocks = {"ingest": ingest, "preprocess": preprocess, "model": tiny_model_params()}
     data = prepare(local_catalog(tmp, blocks, key_hex=hashlib.sha256(b"tiny").hexdigest()))
     split = data["data_split"]
     sizes = {role: len(split["patients"][role]) for role in ("train", "validation", "gate", "test")}
-    assert sizes == {"train": 6, "validation": 2, "gate": 3, "test": 3}, sizes
+    assert sizes == {"train": 6, "validation": 2, "gate": 6, "test": 3}, sizes
     return {
         "root": tmp,
         **data,

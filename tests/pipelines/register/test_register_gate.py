@@ -112,16 +112,16 @@ def test_a_one_step_challenger_never_replaces_a_trained_champion(tiny_training_d
     gate_cases = sorted(data["gate_split"]["gate"])
     for seed, worse in one_step_models.items():
         report = register(dataset, data, worse)
-        # refused by the statistics on 3 gate patients, not for want of evidence
+        # refused by the statistics on 6 gate patients, not for want of evidence
         assert report["promoted"] is False, (seed, report["reason"])
         assert "does not clear the margin" in report["reason"], (seed, report["reason"])
-        assert report["paired"]["dice"]["n_patients"] == 3 and report["paired"]["dice"]["ci"][1] < 0
+        assert report["paired"]["dice"]["n_patients"] == 6 and report["paired"]["dice"]["ci"][1] < 0
         assert report["registered_aliases"] == ["challenger"]
         assert champion_version(client) == "1"
         # both models scored now, by the gate, on the gate cases; the record says on what
         assert report["champion_gate_dice"] == pytest.approx(first["challenger_gate_dice"])
         assert sorted(report["per_case"]["challenger"]) == sorted(report["per_case"]["champion"]) == gate_cases
-        assert report["gate_set_hash"] == first["gate_set_hash"] and report["n_gate_patients"] == 3
+        assert report["gate_set_hash"] == first["gate_set_hash"] and report["n_gate_patients"] == 6
         assert report["weights_sha256"] == weights_sha256(worse[0])
         assert report["champion_weights_sha256"] == weights_sha256(tiny_models["long"][0])
     assert versions(client) == [1, 2, 3, 4]

@@ -287,3 +287,24 @@ def test_the_logged_learning_rate_is_the_mean_rate_the_epochs_steps_used(tmp_pat
         used = [0.01 * factor(step) for step in range(entry["epoch"] * steps, (entry["epoch"] + 1) * steps)]
         assert entry["lr"] == pytest.approx(float(np.mean(used)))
     assert state["history"][0]["lr"] < 0.01 * factor(steps)  # the warm-up epoch: below its end rate
+
+
+def test_a_case_preprocessed_with_another_plan_stops_the_fit_naming_what_to_run():
+    """An audit (2026-12-05, real processes): a preprocess killed after writing a new plan left
+    cases of the old plan; a plain `kedro run --pipelines fit` trained on the mix and recorded the
+    new plan id. Every training and validation case must carry the plan the run trains with."""
+    from mvl_pipeline.training.loop import current_case
+
+    label = np.zeros((12, 12, 12), np.uint8)
+    label[2:6, 2:6, 2:6] = 1
+    stale = labelled(label, label)
+    stale.meta["plan_id"] = "old-plan"
+    with pytest.raises(ValueError, match=r"case c was made with plan old-plan, not with the current plan new-plan .*"
+                                         r"kedro run --pipelines preprocess"):  # fmt: skip
+        current_case(stale, "c", "new-plan")
+    assert current_case(stale, "c", "old-plan") is stale
+    with pytest.raises(ValueError, match="made with plan old-plan"):
+        validate(
+            NearestLabel(3), {"c": lambda: stale}, ["c"], roi_size=(8, 8, 8), num_classes=3, classes=[1, 2],
+            overlap=0.25, sw_batch_size=2, device=torch.device("cpu"), plan_id="new-plan",
+        )  # fmt: skip

@@ -81,10 +81,25 @@ def _gradients_finite(model: nn.Module, grad_clip: float) -> bool:
     return True
 
 
-def _load_volumes(loaders: Mapping[str, Callable[[], Any]], ids: Sequence[str], seed: int) -> list[TrainingVolume]:
+def current_case(case: Any, case_id: str, plan_id: str | None) -> Any:
+    """``case``, once its model input was made with the plan the run trains with. A preprocess
+    killed after writing the new plan leaves cases of the old one beside it (an audit, 2026-12-05:
+    a plain `kedro run --pipelines fit` then trained on the mix and recorded the new plan id)."""
+    made_with = (getattr(case, "meta", None) or {}).get("plan_id")
+    if plan_id is not None and made_with != plan_id:
+        raise ValueError(
+            f"the model input of case {case_id} was made with plan {made_with}, not with the current plan {plan_id} "
+            f"(a preprocess that did not finish?): run `kedro run --pipelines preprocess` again, then fit"
+        )
+    return case
+
+
+def _load_volumes(
+    loaders: Mapping[str, Callable[[], Any]], ids: Sequence[str], seed: int, plan_id: str | None = None
+) -> list[TrainingVolume]:
     volumes = []
     for index, case_id in enumerate(ids):
-        case = loaders[case_id]()
+        case = current_case(loaders[case_id](), case_id, plan_id)
         if case.label is None:
             raise ValueError(f"training case {case_id} has no label")
         volumes.append(
@@ -105,10 +120,11 @@ def validate(
     sw_batch_size: int,
     device: torch.device,
     case_batch: int = 4,
+    plan_id: str | None = None,
 ) -> np.ndarray:
     """Per-class Dice sums over ``ids`` and the case count: ``[sum_c1, ..., sum_cK, n]``."""
     sums = np.zeros(len(classes) + 1, dtype=np.float64)
-    cases = (loaders[case_id]() for case_id in ids)
+    cases = (current_case(loaders[case_id](), case_id, plan_id) for case_id in ids)
     for case, probs in predict_many(
         model, cases, lambda case: np.asarray(case.image.array), roi_size=roi_size, num_classes=num_classes,
         overlap=overlap, sw_batch_size=sw_batch_size, case_batch=case_batch, device=device,
@@ -201,7 +217,7 @@ def _run_training(config: Mapping[str, Any], session: Session, loop: LoopConfig,
 
     train_ids = sorted(config["train_ids"])[rank::world]
     val_ids = sorted(config["val_ids"])[rank::world]
-    volumes = _load_volumes(loaders, train_ids, loop.seed)
+    volumes = _load_volumes(loaders, train_ids, loop.seed, plan.get("plan_id"))
     if not volumes:
         raise ValueError(f"worker {rank} of {world} got no training case (train split has {len(config['train_ids'])})")
 
@@ -298,7 +314,7 @@ def _run_training(config: Mapping[str, Any], session: Session, loop: LoopConfig,
                 validate(
                     _unwrap(model), loaders, val_ids, roi_size=roi, num_classes=model_cfg.num_classes,
                     classes=classes, overlap=loop.val_overlap, sw_batch_size=loop.val_sw_batch_size,
-                    device=device, case_batch=loop.val_case_batch,
+                    device=device, case_batch=loop.val_case_batch, plan_id=plan.get("plan_id"),
                 )  # fmt: skip
             )
             count = max(1.0, sums[-1])

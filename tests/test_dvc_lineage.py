@@ -80,9 +80,13 @@ def test_lineage_status_follows_dvc_lock_and_the_workspace(toy_repo, monkeypatch
     modified = dataset.load()
     assert (modified["dvc_data_version"], modified["dvc_data_status"]) == (None, "modified")
 
-    # inside `dvc repro` DVC has just verified or rebuilt the upstream stages: the lock is trusted
+    # inside `dvc repro` of a later stage the workspace is still checked: `dvc repro -s fit`
+    # (--single-item) or `--downstream` do not bring ingest up to date, so dvc.lock may be stale
     monkeypatch.setenv("DVC_STAGE", "fit")
-    assert dataset.load()["dvc_data_version"] == md5
+    stale = dataset.load()
+    assert (stale["dvc_data_version"], stale["dvc_data_status"]) == (None, "modified")
+    (toy_repo / "data/02_intermediate/cases/c1/image.txt").write_text("study 1\n")
+    assert (dataset.load()["dvc_data_version"], dataset.load()["dvc_data_status"]) == (md5, "recorded")
     # ... except in the stage that produces the data, whose version is not known yet
     monkeypatch.setenv("DVC_STAGE", "ingest")
     assert dataset.load()["dvc_data_version"] is None
@@ -171,3 +175,59 @@ def test_hook_is_registered_and_runs_after_kedro_mlflow_starts_its_run():
     # pluggy calls trylast implementations after kedro-mlflow's before_pipeline_run (which starts
     # the run); the end-to-end check is tests/test_dvc_repro.py (tags on real kedro-mlflow runs)
     assert LineageTagsHook.before_pipeline_run.kedro_impl["trylast"] is True
+
+
+def test_git_dirty_ignores_the_dvc_lock_that_dvc_repro_rewrites_but_not_code(toy_repo, monkeypatch):
+    """An audit (2026-12-05): DVC rewrites dvc.lock stage by stage during `dvc repro`, so from a
+    clean, committed tree every model after the first stage was tagged git_dirty=True: the flag
+    no longer said whether the code was committed."""
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    _run(DVC, "repro", cwd=toy_repo)
+    _run("git", "add", "-A", cwd=toy_repo)
+    _run("git", "-c", "user.name=t", "-c", "user.email=t@example.org", "commit", "-qm", "lock", cwd=toy_repo)
+    (toy_repo / "drop.txt").write_text("study 1\nstudy 2\n", encoding="utf-8")
+    _run("git", "add", "drop.txt", cwd=toy_repo)
+    _run("git", "-c", "user.name=t", "-c", "user.email=t@example.org", "commit", "-qm", "new data", cwd=toy_repo)
+    _run(DVC, "repro", cwd=toy_repo)  # dvc.lock rewritten, not committed yet
+    assert "dvc.lock" in _run("git", "status", "--porcelain", cwd=toy_repo)
+    assert LineageDataset(project_path=str(toy_repo)).load()["git_dirty"] is False
+    (toy_repo / "dvc.yaml").write_text((toy_repo / "dvc.yaml").read_text() + "\n", encoding="utf-8")  # code
+    assert LineageDataset(project_path=str(toy_repo)).load()["git_dirty"] is True
+
+
+def test_the_readme_way_from_a_data_version_back_to_its_data(toy_repo, monkeypatch):
+    """README "Data versions": the commit whose dvc.lock first records a model's
+    dvc_data_version, then `dvc checkout` of the ingest stage from it. An audit (2026-12-05) found
+    the earlier advice (`git checkout <git_commit> && dvc pull`) restored the data before: `dvc
+    repro` writes dvc.lock during the run, so it is committed after the model's commit."""
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+
+    def commit(message: str) -> None:
+        _run("git", "add", "-A", cwd=toy_repo)
+        _run("git", "-c", "user.name=t", "-c", "user.email=t@example.org", "commit", "-qm", message, cwd=toy_repo)
+
+    _run(DVC, "repro", cwd=toy_repo)
+    first = LineageDataset(project_path=str(toy_repo)).load()["dvc_data_version"]  # the model's tag
+    commit("data v1")
+    (toy_repo / "drop.txt").write_text("study 1\nstudy 2\n", encoding="utf-8")
+    _run(DVC, "repro", cwd=toy_repo)
+    commit("data v2")
+    assert LineageDataset(project_path=str(toy_repo)).load()["dvc_data_version"] != first
+
+    (toy_repo / ".venv/bin").mkdir(parents=True)  # the README's .venv/bin/dvc
+    (toy_repo / ".venv/bin/dvc").symlink_to(DVC)
+    (block,) = readme_blocks()
+    subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=toy_repo, check=True, capture_output=True, text=True,
+                   timeout=120, env={**os.environ, "DVC_DATA_VERSION": first})  # fmt: skip
+    assert (toy_repo / "data/02_intermediate/cases/c1/image.txt").read_text() == "study 1\n"
+    assert _lock_md5(toy_repo) != first  # the current lock is back ...
+    status = _run(DVC, "status", "ingest", cwd=toy_repo)
+    assert "modified" in status  # ... and the workspace holds the older data it recorded before
+
+
+def readme_blocks() -> list[str]:
+    """The README blocks this file runs as written (marked ``run-by tests/test_dvc_lineage.py``;
+    tests/test_readme.py checks the marker and this list agree)."""
+    from tests.test_readme import SHELL
+
+    return [b.source for b in SHELL if b.marker == ("run-by", "tests/test_dvc_lineage.py")]

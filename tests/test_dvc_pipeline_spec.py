@@ -312,3 +312,18 @@ def test_remotes_default_local_and_s3_without_credentials():
     assert not {"access_key_id", "secret_access_key", "session_token", "credentialpath", "profile"} & set(s3)
     ignored = (ROOT / ".dvc/.gitignore").read_text(encoding="utf-8").split()
     assert {"/config.local", "/cache", "/tmp"} <= set(ignored)
+
+
+@pytest.mark.parametrize("env", ["base", "local", "msd", "cluster", "scenario"])
+def test_lineage_checks_the_cases_the_env_ingests(env, monkeypatch):
+    """In every env the lineage describes the ingested cases that env's runs train on: under
+    `--env msd` (data_root data/msd) not the sample drop's data/02_intermediate/cases."""
+    from kedro.config import OmegaConfigLoader
+
+    from mvl_pipeline.settings import CONFIG_LOADER_ARGS
+
+    monkeypatch.setenv("MVL_DATA_ROOT", "s3://bucket/data")
+    monkeypatch.setenv("MVL_DROP_URL", "s3://bucket/drop")
+    args = {**CONFIG_LOADER_ARGS, "default_run_env": "base"}
+    catalog = OmegaConfigLoader(conf_source=str(ROOT / "conf"), env=env, **args)["catalog"]
+    assert catalog["lineage"].get("data_out") == _file_of(catalog["ingested_cases"])

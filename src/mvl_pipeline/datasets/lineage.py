@@ -2,11 +2,14 @@
 
 ``load()`` returns ``{"git_commit", "git_dirty", "dvc_data_version", "dvc_data_status",
 "dvc_stage"}``. ``dvc_data_version`` is the md5 that ``dvc.lock`` records for the ingest stage's
-output ``data/02_intermediate/cases`` (dvc.yaml), and it is only given when it describes the data
+output ``data/02_intermediate/cases`` (dvc.yaml; the catalog names it from ``data_root``, so an
+env whose data lives elsewhere, ``--env msd``, finds no entry: ``unrecorded``), and it is only given when it describes the data
 in the workspace now; ``dvc_data_status`` says why it is or is not:
 
-- ``recorded``: inside ``dvc repro`` (``DVC_STAGE`` set by DVC, which has just verified or rebuilt
-  the upstream stages), or the workspace copy still hashes to what dvc.lock records;
+- ``recorded``: the workspace copy still hashes to what dvc.lock records. Checked inside ``dvc
+  repro`` too: ``dvc repro -s fit`` (``--single-item``) or ``--downstream`` do not bring the
+  ingest stage up to date, so dvc.lock may describe other data (an audit, 2026-12-05, found a
+  model trained on 7 patients tagged with the 5-patient version, ``recorded``);
 - ``modified``: the data changed since dvc.lock was written (e.g. a plain ``kedro run`` that
   ingested new studies): the version is ``None`` until ``dvc repro`` / ``dvc commit`` records it;
 - ``being_produced``: this very DVC stage writes the data, so its version is not known yet;
@@ -38,7 +41,9 @@ def git_commit(project: Path) -> tuple[str | None, bool | None]:
             ["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True, check=True, timeout=10
         ).stdout.strip()
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            # dvc.lock is rewritten by `dvc repro` itself, stage by stage, before it can be
+            # committed: counted, it would mark every model of a clean `dvc repro` dirty
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock"],
             cwd=project, capture_output=True, text=True, check=True, timeout=10,
         ).stdout  # fmt: skip
     except (OSError, subprocess.SubprocessError):
@@ -106,8 +111,10 @@ class LineageDataset(AbstractDataset[dict[str, Any], None]):
         recorded = dvc_out_hash(self._lock, self._stage, self._out)
         if recorded is None:
             return None, "unrecorded"
-        if running_stage is not None or not self._verify:
+        if not self._verify:
             return recorded, "recorded"
+        # inside `dvc repro` too: with --single-item or --downstream DVC does not bring the
+        # upstream stages up to date, so dvc.lock may describe other data than the workspace holds
         unchanged = dvc_out_unchanged(self._project, self._stage, self._out)
         if unchanged is None:
             return None, "unknown"

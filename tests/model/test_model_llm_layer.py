@@ -295,3 +295,24 @@ def test_packaged_smollm2_gguf_loads_converts_once_and_matches_hf(tmp_path_facto
         changed = hidden_in.clone()
         changed[:, -1] += 1.0
         assert (bridge.run_layer(changed)[:, 0] - got[:, 0]).abs().max() > 1e-4
+
+
+def test_random_mode_matches_each_tensors_mean_and_sd_exactly_not_only_in_expectation():
+    """The ablation's `random` arm: each tensor of the pre-trained layer redrawn with its own mean
+    and SD. An audit (2026-12-05) found them matched only in expectation (an RMSNorm gain vector's
+    SD 7.9% off); each draw is now standardised first."""
+    from mvl_pipeline.model.llm_layer import matched_random_tensors
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "norm.weight": (1.0 + 0.3 * torch.rand(64, generator=generator)).to(torch.bfloat16),
+        "proj.weight": (0.02 * torch.randn(96, 64, generator=generator) + 0.001).to(torch.bfloat16),
+    }
+    drawn = matched_random_tensors(tensors, seed=5)
+    for name, tensor in tensors.items():
+        new, old = drawn[name].double(), tensor.double()
+        assert drawn[name].dtype == tensor.dtype and drawn[name].shape == tensor.shape
+        assert not torch.equal(drawn[name], tensor)
+        assert new.mean().item() == pytest.approx(old.mean().item(), rel=1e-3, abs=1e-4), name  # bf16 rounding
+        assert new.std().item() == pytest.approx(old.std().item(), rel=5e-3), name
+    assert all(torch.equal(a, b) for a, b in zip(drawn.values(), matched_random_tensors(tensors, seed=5).values(), strict=True))

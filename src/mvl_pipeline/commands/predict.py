@@ -71,13 +71,18 @@ def load_registered(model_uri: str, tracking_uri: str | None) -> tuple[tuple[dic
     """``((state, config), plan, uri)`` of a registered model, e.g. ``models:/name@champion``."""
     import mlflow
 
+    from mvl_pipeline.datasets.model_registry import check_weights, registered_weights_tag
     from mvl_pipeline.formats.model_bundle import read_bundle
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
+    registered = registered_weights_tag(model_uri)
     with tempfile.TemporaryDirectory(prefix="mvl-predict-") as tmp:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
+        source = registered[2] if registered is not None else model_uri
+        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp)
         weights, plan = read_bundle(Path(local) / "artifacts" / "model_dir")
+    if registered is not None:  # the weights the gate scored, not an artifact replaced since
+        check_weights(weights[0], registered[1], registered[0])
     return weights, plan, model_uri
 
 

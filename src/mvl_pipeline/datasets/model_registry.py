@@ -43,7 +43,53 @@ class ModelVersionView:
         # the key names the store, the version and its run: another store's version "1" is another model
         tracking, registry = self.tracking_uri or mlflow.get_tracking_uri(), self.registry_uri or mlflow.get_registry_uri()
         (state, config), plan = _download_bundle(tracking, registry, self.name, self.version, self.run_id)
+        check_weights(state, self.tags.get(WEIGHTS_TAG), f"{self.name} version {self.version}")
         return (dict(state), copy.deepcopy(config)), copy.deepcopy(plan)
+
+
+#: The version tag holding the registered weights' identity (``model_bundle.weights_sha256``).
+WEIGHTS_TAG = "weights_sha256"
+
+
+class WeightsMismatchError(DatasetError):
+    """A registered version's weights are not those its ``weights_sha256`` tag names."""
+
+
+def check_weights(state: Any, expected: str | None, what: str) -> None:
+    """Refuse weights that differ from what the registry recorded when they were registered (an
+    artifact replaced or damaged in the store afterwards: the gate would score, and predict would
+    deploy, other weights than those gated). Versions without the tag are not checked."""
+    from mvl_pipeline.formats.model_bundle import weights_sha256
+
+    if not expected:
+        return
+    found = weights_sha256(state)
+    if found != expected:
+        raise WeightsMismatchError(
+            f"the weights of {what} hash to {found[:12]}, not to the {expected[:12]} its {WEIGHTS_TAG} tag recorded at "
+            f"registration: its artifact was changed afterwards; not used"
+        )
+
+
+def registered_weights_tag(model_uri: str) -> tuple[str, str | None, str] | None:
+    """``(what, weights_sha256 tag, models:/NAME/VERSION)`` of ``models:/NAME@ALIAS`` or
+    ``models:/NAME/VERSION`` on the current registry (an alias resolved once, so that what is
+    downloaded is the version checked); None for another kind of URI (nothing to check against)."""
+    from mlflow.tracking import MlflowClient
+
+    if not model_uri.startswith("models:/"):
+        return None
+    ref = model_uri[len("models:/"):].strip("/")
+    client = MlflowClient()
+    if "@" in ref:
+        name, alias = ref.rsplit("@", 1)
+        version = client.get_model_version_by_alias(name, alias)
+    elif "/" in ref and ref.rsplit("/", 1)[1].isdigit():
+        name, number = ref.rsplit("/", 1)
+        version = client.get_model_version(name, number)
+    else:
+        return None
+    return f"{name} version {version.version}", (version.tags or {}).get(WEIGHTS_TAG), f"models:/{name}/{version.version}"
 
 
 @functools.lru_cache(maxsize=2)

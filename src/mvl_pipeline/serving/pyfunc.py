@@ -31,6 +31,10 @@ class MedVisionLlamaPyfunc(mlflow.pyfunc.PythonModel):
 
         weights, plan = read_bundle(context.artifacts["model_dir"])
         cache = context.model_config.get("llm_cache_dir") if context.model_config else None
+        if cache and not Path(cache).is_absolute():
+            # the training project's relative folder: here it would be made in whatever folder
+            # the serving process runs in (an audit, 2026-12-05)
+            cache = None
         # one cache per machine, not a new folder per load (the converted layer is reused)
         cache = cache or str(Path(tempfile.gettempdir()) / "mvl-llm-cache")
         self.model = model_from_weights(*weights, llm_cache_dir=cache)
@@ -47,6 +51,9 @@ class MedVisionLlamaPyfunc(mlflow.pyfunc.PythonModel):
         batch = np.asarray(model_input, dtype=np.float32)
         if batch.ndim != 5:
             raise ValueError(f"expected (B, C, X, Y, Z) float32, got shape {batch.shape}")
+        if not np.isfinite(batch).all():
+            # one NaN voxel made every probability NaN, with no error (predict refuses such images)
+            raise ValueError(f"the input holds {int((~np.isfinite(batch)).sum())} non-finite value(s) (NaN or inf)")
         with torch.no_grad():
             outputs = [
                 probs

@@ -282,6 +282,16 @@ def test_registered_model_loads_as_pyfunc_and_predicts_probabilities(tiny_traini
     out = model.predict(np.zeros((1, 1, *patch), np.float32))
     assert out.shape == (1, 3, *patch)
     assert np.allclose(out.sum(axis=1), 1.0, atol=1e-4)
+    # An audit (2026-12-05): one NaN voxel made every probability NaN, silently
+    poisoned = np.zeros((1, 1, *patch), np.float32)
+    poisoned[0, 0, 0, 0, 0] = np.nan
+    with pytest.raises(Exception, match=r"1 non-finite value\(s\)"):
+        model.predict(poisoned)
+    # ... its requirements named `mvl_pipeline`, which is not on PyPI (an environment MLflow builds
+    # would install a stranger's package of that name), and lacked gguf and peft
+    requirements = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion/requirements.txt")).read_text()
+    names = {line.split("==")[0].strip() for line in requirements.splitlines() if line.strip()}
+    assert "mvl_pipeline" not in names and {"torch", "gguf", "peft", "monai"} <= names, names
 
 
 def test_a_registered_artifact_replaced_after_registration_is_refused_by_the_gate_and_predict(

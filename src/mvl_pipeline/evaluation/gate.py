@@ -164,6 +164,8 @@ def decide(
     dice, hd95, nsd, false_positive = stats["dice"], stats["hd95_mm"], stats["nsd"], stats["false_positive"]
     alpha = (1 - config.confidence_level) / 2
     broken = _not_finite(stats)
+    if not broken:
+        dice["p_improvement"] = improvement_p(patient_differences(mine, theirs, "dice"), config.margin)
     if broken:
         reason = f"the paired {', '.join(broken)} difference is not a finite number (a NaN score): not promoted"
         promoted = False
@@ -174,8 +176,7 @@ def decide(
         reason = (f"Dice improvement {dice['mean']:+.4f} (95% CI {dice['ci'][0]:+.4f} to {dice['ci'][1]:+.4f}, "
                   f"{dice['n_patients']} patients) does not clear the margin {config.margin}")  # fmt: skip
         promoted = False
-    elif (p := dice.setdefault("p_improvement", improvement_p(patient_differences(mine, theirs, "dice"),
-                                                              config.margin))) >= alpha:  # fmt: skip
+    elif (p := dice["p_improvement"]) >= alpha:
         needed = patients_needed(alpha)
         reason = (f"Dice improvement {dice['mean']:+.4f} (95% CI {dice['ci'][0]:+.4f} to {dice['ci'][1]:+.4f}) but the "
                   f"one-sided exact Wilcoxon test of the per-patient improvements over the margin gives p {p:.4f}, not "

@@ -63,6 +63,9 @@ sample-data: setup
 	elif [ -z "$$(find data/01_raw/sample_drop -mindepth 1 ! -name .gitkeep -print -quit 2>/dev/null)" ]; then \
 		echo "[train] data/01_raw/sample_drop is empty: generating the sample hospital drop"; \
 		$(BIN)/kedro run --pipelines sample_data; \
+	elif [ -f data/01_raw/sample_drop/.mvl-save-incomplete ]; then \
+		echo "[train] the generation of data/01_raw/sample_drop was interrupted: generating it again"; \
+		$(BIN)/kedro run --pipelines sample_data; \
 	else echo "[train] data/01_raw/sample_drop already holds a drop: using it"; fi
 
 train: setup key sample-data

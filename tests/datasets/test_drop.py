@@ -16,6 +16,7 @@ from pydicom.data import get_testdata_file
 
 from mvl_pipeline.core.errors import EmptySeriesError, UnreadableFileError
 from mvl_pipeline.datasets.drop import (
+    SAVE_MARKER,
     DropFile,
     DropFolder,
     DropFolderDataset,
@@ -154,7 +155,7 @@ def test_crash_mid_save_leaves_only_complete_files(tmp_path, monkeypatch):
 
     def crash_on_second(fd):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == 3:  # the first fsync is the save marker's, the second 1.dcm's
             raise OSError("power cut")
         real_fsync(fd)
 
@@ -165,6 +166,41 @@ def test_crash_mid_save_leaves_only_complete_files(tmp_path, monkeypatch):
     listed = {f.relpath: f.size for f in dataset.load().files}
     assert listed == {"old.dcm": 14, "s/1.dcm": 1000}  # 2 never appears, not even truncated
     assert sorted(os.listdir(tmp_path / "drop" / "s")) == ["1.dcm"]
+    assert (tmp_path / "drop" / SAVE_MARKER).is_file()  # the save did not finish: it says so
+
+
+SAVER = """
+import sys
+from mvl_pipeline.datasets.drop import DropFolderDataset
+print("saving", flush=True)
+DropFolderDataset(filepath=sys.argv[1]).save({f"s/{i:05d}.dcm": bytes(2048) for i in range(20000)})
+"""
+
+
+def test_a_save_killed_half_way_leaves_a_marker_that_load_warns_about_and_a_full_save_clears(tmp_path, caplog):
+    """An audit (2026-12-05): `make train` after a sample-drop generation stopped half-way used
+    the partial drop (3 of 8 patients) without a word. A real process, SIGKILLed mid-save."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    drop = tmp_path / "drop"
+    proc = subprocess.Popen([sys.executable, "-c", SAVER, str(drop)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "saving"
+    deadline = time.monotonic() + 60
+    while not ((drop / "s").is_dir() and len(os.listdir(drop / "s")) > 10):
+        assert time.monotonic() < deadline and proc.poll() is None, "the save ended before it could be killed"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (drop / SAVE_MARKER).is_file()
+    with caplog.at_level("WARNING", logger="mvl_pipeline.datasets.drop"):
+        partial = DropFolderDataset(filepath=str(drop)).load()
+    assert 10 < len(partial.files) < 20000 and SAVE_MARKER not in {f.relpath for f in partial.files}
+    assert "a save into this drop folder did not finish" in caplog.text
+    DropFolderDataset(filepath=str(drop)).save({"s/00000.dcm": bytes(2048)})  # a save that finishes
+    assert not (drop / SAVE_MARKER).exists()
 
 
 def test_describe_never_shows_credentials(s3_bucket):

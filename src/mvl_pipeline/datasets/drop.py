@@ -10,7 +10,10 @@ an unfinished atomic write (``storage.write_bytes_atomic``) or OS litter.
 
 ``save(mapping)`` takes ``{relpath: pydicom.Dataset | bytes}`` and writes each file atomically
 (DICOM data sets as Part 10 files with preamble and file meta). Files already in the folder and
-not named in the mapping are never touched; a file named again is replaced atomically.
+not named in the mapping are never touched; a file named again is replaced atomically. A save
+marks the folder (``SAVE_MARKER``, hidden) until its last file is written: a save killed half-way
+(the sample drop's generation stopped with Ctrl-C) leaves the marker, ``load()`` warns that the
+folder may be incomplete, and ``make sample-data`` generates it again instead of using it.
 
 The fingerprint of a file is ``"mtime_ns:size"`` locally and ``"etag:<ETag>"`` on object stores:
 enough to notice that a file changed since it was last ingested, without reading it.
@@ -19,6 +22,7 @@ enough to notice that a file changed since it was last ingested, without reading
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Iterator, Mapping
 from copy import deepcopy
@@ -35,6 +39,11 @@ from mvl_pipeline.core.errors import EmptySeriesError, UnreadableFileError
 from mvl_pipeline.core.storage import path_problem
 
 _CHUNK = 1 << 20
+
+logger = logging.getLogger(__name__)
+
+#: Hidden (never listed as a drop file): present while a save into the folder is unfinished.
+SAVE_MARKER = ".mvl-save-incomplete"
 
 
 class DropFolderError(UnreadableFileError, DatasetError):
@@ -246,6 +255,10 @@ class DropFolderDataset(AbstractDataset[Mapping[str, Any], DropFolder]):
 
     def load(self) -> DropFolder:
         files = list_drop_files(self._fs, self._protocol, self._root)
+        if self._fs.exists(storage.join(self._root, SAVE_MARKER)):
+            logger.warning("a save into this drop folder did not finish (%s is there): it may be incomplete; "
+                           "for the sample drop, run `make sample-data` or `kedro run --pipelines sample_data` "
+                           "again", SAVE_MARKER)  # fmt: skip
         if not files and not self._load_args["allow_empty"]:
             raise EmptyDropFolderError("drop folder holds no files", path=self._filepath)
         return DropFolder(
@@ -256,6 +269,8 @@ class DropFolderDataset(AbstractDataset[Mapping[str, Any], DropFolder]):
         if not isinstance(data, Mapping):
             raise DatasetError(f"DropFolderDataset saves a mapping relpath -> file, got {type(data).__name__}")
         checked = {check_relpath(str(relpath)): value for relpath, value in data.items()}
+        marker = storage.join(self._root, SAVE_MARKER)
+        storage.write_bytes_atomic(self._fs, self._protocol, marker, b"a save into this folder has not finished\n")
         for relpath in sorted(checked):
             storage.write_bytes_atomic(
                 self._fs,
@@ -263,6 +278,7 @@ class DropFolderDataset(AbstractDataset[Mapping[str, Any], DropFolder]):
                 storage.join(self._root, relpath),
                 encode_file(checked[relpath]),
             )
+        self._fs.rm_file(marker)
         self._fs.invalidate_cache(self._root)
 
     def _exists(self) -> bool:

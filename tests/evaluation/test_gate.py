@@ -228,3 +228,14 @@ def test_a_non_finite_gate_figure_never_promotes():
     challenger, champion = paired(30, dice_gain=0.05, noise=0.01, seed=3)
     challenger[0]["hd95_mm"] = float("nan")
     assert decide(challenger, champion, RegisterConfig(**FAST))["promoted"] is False
+
+
+def test_models_that_segment_different_classes_are_not_compared():
+    """After a re-plan that added a label, 'Dice where present' averaged other classes for each
+    model and the new class was never compared (an audit, 2026-12-05). Nothing is promoted."""
+    challenger, champion = paired(30, dice_gain=0.1, noise=0.01, seed=8)
+    older = [row for row in champion if row["class_value"] == 1]  # the champion's plan had one class
+    decision = decide(challenger, older, RegisterConfig(**FAST))
+    assert decision["promoted"] is False and decision["alias"] == "challenger"
+    assert "different classes (challenger: 1 organ, 2 lesion; champion: 1 organ)" in decision["reason"]
+    assert decide(challenger, champion, RegisterConfig(**FAST))["promoted"] is True  # same classes: compared

@@ -24,7 +24,9 @@ plain words:
   ``first_model_floor`` (configured per task); below it, it is registered without an alias;
 - with fewer than 3 gate patients there is no interval, so nothing is promoted over a champion;
 - a figure that is not a finite number (a NaN Dice or HD95) promotes nothing: every comparison
-  with NaN is false, so it would otherwise pass each "may be worse" check.
+  with NaN is false, so it would otherwise pass each "may be worse" check;
+- models that segment different classes (a re-plan added a label) are not compared: nothing is
+  promoted, and the reason says a person decides.
 """
 
 from __future__ import annotations
@@ -159,6 +161,16 @@ def decide(
                            "reason": reason, "champion_gate_dice": None}  # fmt: skip
     theirs = per_case(champion_rows)
     decision["champion_gate_dice"] = gate_score(champion_rows)
+    classes = {name: sorted({(int(r["class_value"]), str(r["class_name"])) for r in rows})
+               for name, rows in (("challenger", challenger_rows), ("champion", champion_rows))}  # fmt: skip
+    if classes["challenger"] != classes["champion"]:
+        # after a re-plan that added (or renamed) a label: "Dice where present" would average other
+        # classes for each model, and the new class would not be compared at all
+        listed = {k: ", ".join(f"{v} {n}" for v, n in c) for k, c in classes.items()}
+        reason = (f"the models segment different classes (challenger: {listed['challenger']}; champion: "
+                  f"{listed['champion']}): the gate cannot compare them, so it promotes nothing; a person decides "
+                  f"(set the alias by hand after reading both reports)")  # fmt: skip
+        return decision | {"promoted": False, "alias": config.challenger_alias, "reason": reason}
     stats = {m: paired_difference(mine, theirs, m, config) for m in ("dice", "hd95_mm", "nsd", "false_positive")}
     decision["paired"] = stats
     dice, hd95, nsd, false_positive = stats["dice"], stats["hd95_mm"], stats["nsd"], stats["false_positive"]

@@ -64,3 +64,20 @@ def test_the_child_of_a_trial_killed_between_storing_its_result_and_closing_its_
         assert len(client.get_metric_history(run_id, "test.dice")) == 1
         adopted = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{resumed['run_id']}'")
         assert [r.data.tags["resumed_from_run"] for r in adopted] == [run_id]
+
+
+def test_an_adopted_trial_child_names_the_commit_that_trained_it_not_the_one_adopting_it(tmp_path):
+    """An audit (2026-12-05): a rerun after a commit reused every finished trial, and the new
+    children it made for them carried the new commit."""
+    earlier = _parent(tmp_path)
+    client = MlflowClient(tracking_uri=earlier["tracking_uri"])
+    stored = {"arm": "none", "seed": 0, "parent_run_id": earlier["run_id"], "child_run_id": None,
+              "trained_at_commit": "a" * 40, "trained_at_dirty": "False",
+              "test_metrics": {"test.dice": 0.75}, "history": _history(range(2))}  # fmt: skip
+    experiment = client.get_run(earlier["run_id"]).info.experiment_id
+    later = {**earlier, "run_id": client.create_run(experiment).info.run_id}
+    assert ablation_tracking.adopt_earlier_trials(later, [stored, {**stored, "seed": 1, "trained_at_commit": None}],
+                                                  {"git_commit": "b" * 40, "git_dirty": "True"}) == 2  # fmt: skip
+    adopted = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{later['run_id']}'")
+    tags = {r.data.tags["seed"]: (r.data.tags["git_commit"], r.data.tags["git_dirty"]) for r in adopted}
+    assert tags == {"0": ("a" * 40, "False"), "1": ("unrecorded", "False")}

@@ -145,6 +145,9 @@ def adopt_earlier_trials(parent: Mapping[str, str] | None, trials: Sequence[Mapp
             continue
         _complete_cut_child(client, trial)
         run_tags = {str(k): str(v) for k, v in tags.items()} | {
+            # the code that trained it, not the one adopting it (a rerun after a commit reuses trials)
+            "git_commit": str(trial.get("trained_at_commit") or "unrecorded"),
+            "git_dirty": str(trial.get("trained_at_dirty") or "unrecorded"),
             "arm": trial["arm"], "seed": str(trial["seed"]), RESUMED_TAG: str(trial.get("child_run_id")),
             "mlflow.parentRunId": parent["run_id"], "mlflow.runName": f"{trial['arm']}-seed{trial['seed']}",
         }  # fmt: skip

@@ -40,7 +40,7 @@ from scipy import stats
 
 from mvl_pipeline.core.config import ConfigBlock
 from mvl_pipeline.evaluation.gate import per_case
-from mvl_pipeline.evaluation.summary import MIN_PATIENTS_FOR_CI, bootstrap_ci
+from mvl_pipeline.evaluation.summary import MIN_PATIENTS_FOR_CI, bootstrap_ci, wilcoxon_p
 
 ENDPOINTS = ("dice", "hd95_mm", "nsd")
 HIGHER_IS_BETTER = {"dice": True, "hd95_mm": False, "nsd": True}
@@ -87,21 +87,6 @@ class StatisticsPlan(ConfigBlock):
 
 
 # --- the tests, on paired differences (one value per patient) ------------------------------------
-
-
-def wilcoxon_p(differences: Sequence[float]) -> float | None:
-    """Two-sided Wilcoxon signed-rank p-value (scipy), zero differences dropped; exact for up to
-    50 pairs without ties, else the normal approximation with tie correction (as R's
-    ``wilcox.test``: scipy's own choice for ties is a slow permutation test). 1.0 when every
-    difference is 0, None without any pair."""
-    diffs = np.asarray(differences, dtype=np.float64)
-    if diffs.size == 0:
-        return None
-    kept = diffs[diffs != 0]
-    if kept.size == 0:
-        return 1.0
-    exact = kept.size <= 50 and np.unique(np.abs(kept)).size == kept.size
-    return float(stats.wilcoxon(kept, zero_method="wilcox", method="exact" if exact else "asymptotic").pvalue)
 
 
 def holm(pvalues: Mapping[str, float | None]) -> dict[str, float | None]:

@@ -37,10 +37,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy import stats as scipy_stats
 
 from mvl_pipeline.core.config import ConfigBlock
-from mvl_pipeline.evaluation.summary import MIN_PATIENTS_FOR_CI, bootstrap_ci, describe
+from mvl_pipeline.evaluation.summary import MIN_PATIENTS_FOR_CI, bootstrap_ci, describe, wilcoxon_p
 
 
 @dataclass(frozen=True)
@@ -122,13 +121,10 @@ def paired_difference(
 
 
 def improvement_p(diffs: np.ndarray, margin: float) -> float:
-    """One-sided p of scipy's Wilcoxon signed-rank test that the per-patient improvements exceed
-    ``margin`` (zero differences dropped; exact up to 50 patients without ties)."""
-    kept = (diffs - margin)[(diffs - margin) != 0]
-    if kept.size == 0:
-        return 1.0
-    exact = kept.size <= 50 and np.unique(np.abs(kept)).size == kept.size
-    return float(scipy_stats.wilcoxon(kept, alternative="greater", method="exact" if exact else "asymptotic").pvalue)
+    """One-sided p (:func:`summary.wilcoxon_p`, "greater") that the per-patient improvements
+    exceed ``margin``; 1.0 without any pair."""
+    p = wilcoxon_p(np.asarray(diffs, dtype=np.float64) - margin, alternative="greater")
+    return 1.0 if p is None else p
 
 
 def patients_needed(alpha: float) -> int:

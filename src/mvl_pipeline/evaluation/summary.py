@@ -110,3 +110,19 @@ def summarise(rows: Sequence[Mapping[str, Any]], *, seed: int = 0) -> dict[str, 
         entry["hd95_worst_case_cases"] = int(sum(bool(r.get("hd95_worst_case")) for r in class_rows))
         summary[name] = entry
     return summary
+
+
+def wilcoxon_p(differences: Sequence[float], alternative: str = "two-sided") -> float | None:
+    """Wilcoxon signed-rank p-value (scipy; two-sided, or ``alternative`` "greater"/"less"), zero differences dropped; exact for up to
+    50 pairs without ties, else the normal approximation with tie correction (as R's
+    ``wilcox.test``: scipy's own choice for ties is a slow permutation test). 1.0 when every
+    difference is 0, None without any pair."""
+    diffs = np.asarray(differences, dtype=np.float64)
+    if diffs.size == 0:
+        return None
+    kept = diffs[diffs != 0]
+    if kept.size == 0:
+        return 1.0
+    exact = kept.size <= 50 and np.unique(np.abs(kept)).size == kept.size
+    return float(stats.wilcoxon(kept, zero_method="wilcox", alternative=alternative,
+                                method="exact" if exact else "asymptotic").pvalue)

@@ -82,6 +82,17 @@ def test_registering_weights_that_are_a_version_already_changes_nothing(registry
     assert report["champion_version_now"] == "2"
 
 
+def _with_champion_v1(registry_uri: str, tmp_path):
+    """A registry whose v1 is the champion (registration complete), and the weights to register."""
+    weights = ({"head.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3)}, {"model": {"num_classes": 2}})
+    client = MlflowClient(registry_uri, registry_uri)
+    client.create_registered_model(NAME)
+    source = str(tmp_path / "elsewhere")
+    client.create_model_version(NAME, source=source, tags={"weights_sha256": "1" * 64, REGISTRATION_COMPLETE: "true"})
+    client.set_registered_model_alias(NAME, "champion", "1")
+    return weights, client, source
+
+
 @pytest.mark.parametrize("recorded", [True, False], ids=["gate-champion-recorded", "older-version-without-the-tag"])
 def test_finishing_an_interrupted_champion_registration_never_replaces_a_newer_champion(registry_uri, tmp_path, recorded):
     """An audit (2026-12-05, real processes): a registration whose gate chose "champion" against
@@ -89,12 +100,7 @@ def test_finishing_an_interrupted_champion_registration_never_replaces_a_newer_c
     the retried run finished the old decision and moved the champion alias back to weights never
     compared with v3 (the real gate refused them against v3). Such a decision is now finished as
     challenger."""
-    weights = ({"head.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3)}, {"model": {"num_classes": 2}})
-    client = MlflowClient(registry_uri, registry_uri)
-    client.create_registered_model(NAME)
-    source = str(tmp_path / "elsewhere")
-    client.create_model_version(NAME, source=source, tags={"weights_sha256": "1" * 64, REGISTRATION_COMPLETE: "true"})
-    client.set_registered_model_alias(NAME, "champion", "1")
+    weights, client, source = _with_champion_v1(registry_uri, tmp_path)
     interrupted = {"weights_sha256": weights_sha256(weights[0]), INTENDED_ALIASES: "champion"}
     if recorded:
         interrupted[GATE_CHAMPION] = "1"
@@ -113,12 +119,7 @@ def test_finishing_an_interrupted_champion_registration_never_replaces_a_newer_c
 
 
 def test_finishing_an_interrupted_champion_registration_still_promotes_when_the_champion_is_unchanged(registry_uri, tmp_path):
-    weights = ({"head.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3)}, {"model": {"num_classes": 2}})
-    client = MlflowClient(registry_uri, registry_uri)
-    client.create_registered_model(NAME)
-    source = str(tmp_path / "elsewhere")
-    client.create_model_version(NAME, source=source, tags={"weights_sha256": "1" * 64, REGISTRATION_COMPLETE: "true"})
-    client.set_registered_model_alias(NAME, "champion", "1")
+    weights, client, source = _with_champion_v1(registry_uri, tmp_path)
     client.create_model_version(NAME, source=source, tags={"weights_sha256": weights_sha256(weights[0]),
                                                           INTENDED_ALIASES: "champion", GATE_CHAMPION: "1"})  # fmt: skip
     SequentialRunner().run(create_pipeline(), _catalog(registry_uri, weights, {"case-g1": lambda: None}))

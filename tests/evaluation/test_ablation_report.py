@@ -46,6 +46,8 @@ def test_a_null_result_is_no_detectable_difference_with_the_detectable_differenc
     assert "scored better" not in report and "scored worse" not in report
     assert "No trial skipped a step for a non-finite gradient" in report
     assert "peak learning rate" not in report  # a design from before ablation.trial.lr: not named
+    # the design paragraph describes how the stated figure is found (it was the normal formula's text)
+    assert "simulation" in report and "Holm's first level" in report and "z(1-alpha/2)" not in report
 
 
 def test_a_real_difference_is_named_with_its_direction_and_figures():

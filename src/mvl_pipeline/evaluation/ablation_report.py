@@ -141,8 +141,10 @@ def render_report(summary: Mapping[str, Any]) -> str:
         f"against `{reference}`: the mean paired difference with a {plan['confidence_level']:.0%} BCa bootstrap interval "
         f"over patients ({plan['n_resamples']} resamples), scipy's Wilcoxon signed-rank test, Holm's correction over the "
         f"{len(summary['comparisons'][primary])} comparisons of each endpoint at alpha {plan['alpha']}; the minimum "
-        "detectable difference is (z(1-alpha/2) + z(power)) x SD(paired differences) / sqrt(n) "
-        f"({plan['power']:.0%} power). Primary endpoint: {LABELS[primary]}; secondary: "
+        f"detectable difference is the mean paired difference this Wilcoxon test finds with {plan['power']:.0%} power at "
+        "Holm's first level (alpha / the number of comparisons), by a seeded simulation of normal per-patient "
+        "differences with the observed SD. Primary endpoint: "
+        f"{LABELS[primary]}; secondary: "
         f"{', '.join(LABELS[m] for m in plan['secondary_endpoints']) or 'none'}.", "",
         "## Conclusion", "", headline(summary), "",
     ]  # fmt: skip

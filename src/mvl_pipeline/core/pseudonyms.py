@@ -59,8 +59,9 @@ def require_key(value: Any) -> bytes:
 
 
 def keyed_digest(key: bytes, *parts: str) -> str:
-    """Hex HMAC-SHA256 of the parts (unambiguously joined)."""
-    message = "\x1f".join(parts).encode("utf-8")
+    """Hex HMAC-SHA256 of the parts (unambiguously joined). A part that is not UTF-8 text (a file
+    name made on Windows, read with Python's surrogate escapes) is hashed as its original bytes."""
+    message = "\x1f".join(parts).encode("utf-8", "surrogateescape")
     return hmac.new(key, message, hashlib.sha256).hexdigest()
 
 

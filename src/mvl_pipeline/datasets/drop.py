@@ -64,7 +64,8 @@ class DropFile:
     size: int  # bytes
     fingerprint: str  # "mtime_ns:size" (local) or "etag:<ETag>" (object store)
     # why the entry cannot be read as a file (listed, never read): invalid_path, broken_link,
-    # link_to_folder or not_a_regular_file (ingest quarantines it: ingestion.units.ENTRY_PROBLEMS)
+    # link_to_folder or not_a_regular_file (ingest quarantines it: ingestion.units.ENTRY_PROBLEMS;
+    # a file that fails when ingest hashes it becomes unreadable_file there)
     problem: str | None = None
 
 
@@ -133,6 +134,8 @@ class DropFolder:
                 return fs.open(path, "rb")
         except (FileNotFoundError, IsADirectoryError) as exc:
             raise DropFolderError("no such file in the drop folder", path=path) from exc
+        except PermissionError:  # its message quotes the path: not chained
+            raise DropFolderError("the file may not be read (permission denied)", path=path) from None
 
     def read_bytes(self, relpath: str) -> bytes:
         """The file's content. An unreachable store raises ``storage.StorageUnavailableError``
@@ -144,14 +147,19 @@ class DropFolder:
                 return fs.cat_file(path)
         except (FileNotFoundError, IsADirectoryError) as exc:
             raise DropFolderError("no such file in the drop folder", path=path) from exc
+        except PermissionError:  # its message quotes the path: not chained
+            raise DropFolderError("the file may not be read (permission denied)", path=path) from None
 
     def sha256(self, relpath: str) -> str:
         """Hex SHA-256 of the file's content, streamed in 1 MiB chunks."""
         fs, protocol, _ = self._filesystem()
         digest = hashlib.sha256()
-        with self.open(relpath) as handle, storage.outage_guard(fs, protocol):
-            for chunk in iter(lambda: handle.read(_CHUNK), b""):
-                digest.update(chunk)
+        try:
+            with self.open(relpath) as handle, storage.outage_guard(fs, protocol):
+                for chunk in iter(lambda: handle.read(_CHUNK), b""):
+                    digest.update(chunk)
+        except PermissionError:  # an object store may refuse the read, not the open
+            raise DropFolderError("the file may not be read (permission denied)", path=self.path(relpath)) from None
         return digest.hexdigest()
 
 

@@ -137,7 +137,14 @@ def scan_drop(
         if old is not None and old.get("fingerprint") == fingerprint:
             files[fkey] = dict(old)
             continue
-        content = pseudonyms.content_key(key, drop.sha256(relpath))
+        try:
+            content = pseudonyms.content_key(key, drop.sha256(relpath))
+        except ImagingError:  # no read permission, or gone since listed: quarantined, never the run's
+            # error (whose message and traceback would quote the path); tried again on the next run
+            problems[relpath] = "unreadable_file"
+            files[fkey] = {"fingerprint": f"unreadable:{fingerprint}", "content": "", "unit": None}
+            dirty.add(relpath)
+            continue
         if old is not None and old.get("content") == content:
             files[fkey] = {**old, "fingerprint": fingerprint}
             continue

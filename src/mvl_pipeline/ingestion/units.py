@@ -35,6 +35,7 @@ ENTRY_PROBLEMS = {
     "broken_link": "a link whose target is missing or loops back on itself",
     "link_to_folder": "a link to a folder: links to folders are not followed",
     "not_a_regular_file": "neither a file nor a link to one (a pipe, socket or device)",
+    "unreadable_file": "the file could not be read: permission denied, or removed after the drop was listed",
 }  # fmt: skip
 
 

@@ -13,6 +13,7 @@ from mvl_pipeline.core.case import Case
 from mvl_pipeline.core.errors import ImagingError, LabelGridMismatchError, UnknownLabelValueError
 from mvl_pipeline.core.storage import path_problem
 from mvl_pipeline.core.volume import Volume, guess_modality
+from mvl_pipeline.dicom.read import MODALITIES
 from mvl_pipeline.formats.codec import VolumeFileError
 from mvl_pipeline.formats.volumes import read_volume
 from mvl_pipeline.ingestion.channels import rules_for_unit, volume_channels
@@ -34,6 +35,15 @@ logger = logging.getLogger(__name__)
 #: What the volume decoders are told the file is called: they may log it (e.g. "NRRD without
 #: 'space'" at WARNING), and a drop's paths can carry names. Quarantine details never use it.
 _VOLUME_NAME = "<drop volume>"
+
+
+def known_modality(name: str | None) -> str | None:
+    """An MSD task's modality (``dataset.json``, free text typed at the site) when it is one of
+    DICOM's defined terms (``MRI`` is ``MR``), else None: it goes into the manifest, the summary
+    table, the log and the plan, so any other text ("MRI St Elsewhere") is not kept."""
+    value = str(name or "").strip().upper()
+    value = {"MRI": "MR"}.get(value, value)
+    return value if value in MODALITIES else None
 
 
 def read_drop_volume(drop: Any, relpath: str, *, channels: bool = False) -> Volume:
@@ -67,7 +77,7 @@ def process_volume_unit(drop: Any, unit: Unit, key: bytes, config: IngestConfig)
         else:
             if image.array.ndim != 3:
                 raise ImagingError("only single-channel 3-D images are supported")
-            modality = unit.modality or (
+            modality = known_modality(unit.modality) or (
                 guess_modality(image) if config.volume_modality == "auto" else config.volume_modality.upper()
             )
         validate_image(image, config, [c["name"] for c in channels])

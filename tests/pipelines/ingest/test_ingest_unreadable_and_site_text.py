@@ -1,0 +1,105 @@
+"""Two ways a drop's names reached what users see, found by the kedro-viz / run output audit
+(2026-12-05):
+
+- a file ingest may not read (no read permission; as root no file is unreadable, so the
+  filesystem's open is made to refuse it here) stopped the whole run with a ``PermissionError``
+  that quoted its full path (a folder named after the patient) on the console, in ``info.log`` and
+  in kedro-viz's ``/api/run-status``. It is now one ``unreadable_file`` quarantine record, and
+  the file is read again by the next run;
+- a file in a folder whose name is not UTF-8 (a zip made on Windows: "M\\xfcller") stopped the
+  whole run with a ``UnicodeEncodeError`` (while its path was hashed into the manifest's key);
+- an MSD task's ``dataset.json`` modality is free text typed at the site: it was kept as the
+  cases' modality, in the manifest, the summary table (previewed by kedro-viz) and the log.
+  Only DICOM's defined terms are kept now; other text gives the guessed modality.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+
+import nibabel as nib
+import numpy as np
+from fsspec.implementations.local import LocalFileSystem
+from ingest_support import drop_files, ingest_params, run_ingest, write_drop
+
+NAME = "Kowalczyk"
+FOLDER = f"{NAME}_Jan_19310517"
+
+
+def _outputs_text(root) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in sorted(root.rglob("*")) if p.suffix in (".json", ".csv"))
+
+
+def test_a_file_ingest_may_not_read_is_quarantined_without_its_path_and_read_again_later(
+    tmp_path, sample_studies, monkeypatch, caplog
+):
+    first, second = sample_studies[0], sample_studies[1]
+    files = drop_files(first, second)
+    seg = next(p for p in second.files if f"/{second.seg_series_uid}/" in p)
+    files[f"{FOLDER}/{seg.rsplit('/', 1)[1]}"] = files.pop(seg)  # the SEG, in a patient-named folder
+    drop = write_drop(tmp_path / "drop", files)
+
+    original = LocalFileSystem._open
+
+    def refusing(self, path, mode="rb", *args, **kwargs):
+        if FOLDER in str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return original(self, path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "_open", refusing)
+    caplog.set_level(logging.INFO)
+    run = run_ingest(drop, tmp_path / "data")
+
+    assert run.case_ids() == [first.case_id]  # the second study waits for its SEG
+    assert [(q["reason"], q["n_files"]) for q in run.quarantine] == [("unreadable_file", 1)]
+    shown = _outputs_text(tmp_path / "data") + caplog.text
+    assert NAME.lower() not in shown.lower() and "19310517" not in shown
+
+    monkeypatch.setattr(LocalFileSystem, "_open", original)  # the permission is fixed
+    run = run_ingest(drop, tmp_path / "data")
+    assert sorted(run.case_ids()) == sorted([first.case_id, second.case_id])
+
+
+def test_an_msd_modality_that_is_not_a_dicom_term_is_not_kept(tmp_path, caplog):
+    task = tmp_path / "drop" / "Task99_Site"
+    rng = np.random.default_rng(7)
+    image = (400 + 50 * rng.standard_normal((16, 16, 16))).astype(np.float32)
+    label = np.zeros((16, 16, 16), np.uint8)
+    label[4:12, 4:12, 4:12] = 1
+    for kind, array in (("imagesTr", image), ("labelsTr", label)):
+        (task / kind).mkdir(parents=True)
+        (task / kind / "case_001.nii.gz").write_bytes(gzip.compress(nib.Nifti1Image(array, np.eye(4)).to_bytes()))
+    (task / "dataset.json").write_text(json.dumps({
+        "name": "site task", "modality": {"0": f"MRI St Elsewhere {NAME}"},
+        "labels": {"0": "background", "1": "liver"},
+        "training": [{"image": "./imagesTr/case_001.nii.gz", "label": "./labelsTr/case_001.nii.gz"}], "test": [],
+    }))  # fmt: skip
+
+    caplog.set_level(logging.INFO)
+    run = run_ingest(tmp_path / "drop", tmp_path / "data", ingest_params())
+
+    [case_id] = run.case_ids()
+    assert run.case(case_id).modality == "MR"  # guessed: no air in the image
+    assert set(run.summary["modality"]) == {"MR"}
+    shown = _outputs_text(tmp_path / "data") + caplog.text
+    assert "elsewhere" not in shown.lower() and NAME.lower() not in shown.lower()
+
+
+def test_a_file_whose_folder_name_is_not_utf8_does_not_stop_the_run(tmp_path, sample_studies):
+    first, second = sample_studies[0], sample_studies[1]
+    files = drop_files(first, second)
+    seg = next(p for p in second.files if f"/{second.seg_series_uid}/" in p)
+    data = files.pop(seg)
+    drop = write_drop(tmp_path / "drop", files)
+    folder = os.fsencode(drop) + b"/M\xfcller_Hans_19310517"  # cp1252, as a Windows zip stores it
+    os.makedirs(folder)
+    with open(folder + b"/IM0001.dcm", "wb") as handle:
+        handle.write(data)
+
+    run = run_ingest(drop, tmp_path / "data")
+
+    assert sorted(run.case_ids()) == sorted([first.case_id, second.case_id])
+    assert b"ller_Hans" not in b"".join(p.read_bytes() for p in (tmp_path / "data").rglob("*") if p.is_file())

@@ -107,6 +107,15 @@ def _with_data_files(unit: Unit, data_files: Mapping[str, str]) -> Unit:
     return dataclasses.replace(unit, files=(*unit.files, *extra)) if extra else unit
 
 
+def _patients_bytes(drop: Any, relpath: str) -> bytes:
+    """A ``patients.csv``'s bytes; one ingest may not read is given as bytes that are not UTF-8, so
+    that, as a csv that is not UTF-8, it holds back the cases it covers until it can be read."""
+    try:
+        return drop.read_bytes(relpath)
+    except ImagingError:
+        return b"\xff"
+
+
 def scan_drop(
     drop: Any, manifest: Mapping[str, Any], key: bytes, config: Any, pool: Executor | None, *, force: bool = False
 ) -> DropScan:
@@ -141,9 +150,12 @@ def scan_drop(
             content = pseudonyms.content_key(key, drop.sha256(relpath))
         except ImagingError:  # no read permission, or gone since listed: quarantined, never the run's
             # error (whose message and traceback would quote the path); tried again on the next run
-            problems[relpath] = "unreadable_file"
             files[fkey] = {"fingerprint": f"unreadable:{fingerprint}", "content": "", "unit": None}
             dirty.add(relpath)
+            if posixpath.basename(relpath).lower() != PATIENTS_FILE:
+                problems[relpath] = "unreadable_file"
+            # else kept in the listing and read as no CSV text (_patients_bytes): without it the cases
+            # it covers would each be their own patient, so they wait for it
             continue
         if old is not None and old.get("content") == content:
             files[fkey] = {**old, "fingerprint": fingerprint}
@@ -164,7 +176,7 @@ def scan_drop(
         patients = posixpath.join(posixpath.dirname(descriptor), PATIENTS_FILE)
         task_units = msd_units(
             descriptor, drop.read_bytes(descriptor), available,
-            drop.read_bytes(patients) if patients in available else None,
+            _patients_bytes(drop, patients) if patients in available else None,
         )  # fmt: skip
         units.extend(task_units)
         msd_files.update(f for u in task_units for f in u.files)
@@ -173,7 +185,7 @@ def scan_drop(
     volume_paths = [p for p in fkeys if volume_suffix(p) and p not in problems]
     task_folders = {posixpath.dirname(d) for d in descriptors}
     loose_patients = {
-        p: read_patients_or_none(drop.read_bytes(p))
+        p: read_patients_or_none(_patients_bytes(drop, p))
         for p in sorted(available)
         if posixpath.basename(p).lower() == PATIENTS_FILE and posixpath.dirname(p) not in task_folders
     }

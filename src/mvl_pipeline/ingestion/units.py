@@ -83,7 +83,10 @@ def _strip(relpath: str) -> str:
 
 
 #: The detail of a ``patients.csv`` that cannot be read: the images it covers wait for it.
-UNREADABLE_PATIENTS = "the patients.csv is not UTF-8 CSV text: the cases it covers are ingested once it is"
+UNREADABLE_PATIENTS = (
+    "the patients.csv cannot be read as UTF-8 CSV text (not UTF-8, or no read permission): the cases it covers "
+    "are ingested once it is"
+)
 
 
 def _patients_file_of(path: str, by_folder: Mapping[str, str]) -> str | None:
@@ -213,8 +216,8 @@ def msd_units(
         # without its patients the split could put one patient's cases on both sides: the task
         # waits for a readable file (cases ingested from it earlier are kept)
         return [Unit("bad_file", patients_file, (patients_file,), error_reason="invalid_patients_file",
-                     error_detail="the task's patients.csv is not UTF-8 CSV text: its cases are ingested "
-                                  "once it is")]  # fmt: skip
+                     error_detail="the task's patients.csv cannot be read as UTF-8 CSV text (not UTF-8, or "
+                                  "no read permission): its cases are ingested once it is")]  # fmt: skip
     try:
         task = read_task(descriptor)
     except MsdDescriptorError as exc:

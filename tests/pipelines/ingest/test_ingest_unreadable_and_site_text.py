@@ -103,3 +103,32 @@ def test_a_file_whose_folder_name_is_not_utf8_does_not_stop_the_run(tmp_path, sa
 
     assert sorted(run.case_ids()) == sorted([first.case_id, second.case_id])
     assert b"ller_Hans" not in b"".join(p.read_bytes() for p in (tmp_path / "data").rglob("*") if p.is_file())
+
+
+def test_a_patients_csv_ingest_may_not_read_holds_back_the_images_it_covers(tmp_path, sample_studies, monkeypatch):
+    """Its images must not be ingested each as its own patient: the split could then put one
+    patient's visits on both sides. They wait, as for a csv that is not UTF-8."""
+    files = {}
+    for k, study in enumerate(sample_studies[:2]):
+        for suffix, volume in (("", study.image), ("_seg", study.label)):
+            affine = volume.affine
+            files[f"export/P{k}/scan{suffix}.nii.gz"] = gzip.compress(nib.Nifti1Image(volume.array, affine).to_bytes())
+    files["export/patients.csv"] = b"case_id,patient_id\nP0/scan,visit-owner\nP1/scan,visit-owner\n"
+    drop = write_drop(tmp_path / "drop", files)
+
+    original = LocalFileSystem._open
+
+    def refusing(self, path, mode="rb", *args, **kwargs):
+        if str(path).endswith("patients.csv"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return original(self, path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "_open", refusing)
+    run = run_ingest(drop, tmp_path / "data")
+    assert run.case_ids() == []  # both images wait for their patients
+    assert [q["reason"] for q in run.quarantine] == ["invalid_patients_file"]
+
+    monkeypatch.setattr(LocalFileSystem, "_open", original)  # the permission is fixed
+    run = run_ingest(drop, tmp_path / "data")
+    assert len(run.case_ids()) == 2
+    assert len({run.case(c).patient_id for c in run.case_ids()}) == 1  # one patient's two visits

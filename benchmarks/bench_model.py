@@ -16,7 +16,9 @@ every variant's steps), so a burst of someone else's load on a shared machine hi
   first step, the compile, timed apart, with whether Inductor's on-disk cache was warm), in
   ``--compile-mode`` (``reduce-overhead``: CUDA graphs on a GPU).
 
-For each: the training step (forward, Dice+CE loss, backward, AdamW) on random crops, the
+For each: the training step as the training loop runs it (forward with the deep-supervision
+heads where the model has them, Dice+CE loss on every level, backward, gradient norm check and
+clip, AdamW) on random crops, the
 analytic FLOPs per sample and the achieved FLOP/s as a fraction of a 2048^3 matmul's rate in the
 same dtype measured in the SAME round; per-round ratios are reported with their median and
 spread. Then sliding-window inference of Hippocampus-sized volumes (35x50x36, the plan's 40x56x40
@@ -55,7 +57,8 @@ from mvl_pipeline.model import (
     configure_optimizers,
     flops_breakdown,
 )
-from mvl_pipeline.training.losses import make_loss, prepare_target
+from mvl_pipeline.training.loop import _gradients_finite
+from mvl_pipeline.training.losses import make_loss, supervised_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL_RES_VARIANTS = {"full_res_conv": "conv", "full_res_s2d": "space_to_depth"}  # the default model, decoder.full_res set
@@ -63,6 +66,7 @@ ALSO = sorted([*FULL_RES_VARIANTS, "attention_math"])  # --also choices
 MATMUL_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 INFER_SHAPE = (35, 50, 36)  # a median Hippocampus case (1 mm)
 INFER_ROI = (40, 56, 40)  # its plan's patch
+GRAD_CLIP = yaml.safe_load((ROOT / "conf/base/parameters_fit.yml").read_text())["fit"]["loop"]["grad_clip"]
 
 
 def machine() -> dict:
@@ -148,12 +152,18 @@ class Variant:
         self.flops = flops_breakdown(self.cfg, args.crop, self.model.llm_dims)
         self.round_best: list[float] = []
         self.precision = "fp32" if self.cfg.precision == "fp32" else "bf16"
+        self.deep = getattr(self.model, "deep_supervision", 0)  # as the loop: the CNN preset has none
 
-    def step(self) -> None:
+    def step(self) -> float:
+        """One step as the training loop runs it (training/loop.py): with deep supervision the
+        coarser levels' logits and their losses too, the gradient norm check and clip, the loss read."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model(self.x).float(), prepare_target(self.y, self.cfg.num_classes))
+        logits, coarse = self.model(self.x, aux=True) if self.deep else (self.model(self.x), [])
+        loss = supervised_loss(self.loss_fn, logits, coarse, self.y, self.cfg.num_classes)
         loss.backward()
-        self.optimizer.step()
+        if _gradients_finite(self.model, GRAD_CLIP):
+            self.optimizer.step()
+        return float(loss.detach())
 
     def timed(self, steps: int) -> float:
         best = float("inf")

@@ -67,6 +67,14 @@ def _phantom(shape: tuple[int, int, int], rng: np.random.Generator) -> np.ndarra
     return values.astype(np.float32)
 
 
+def _machine() -> dict:
+    """The CPU flags (AMX / AVX-512-BF16) beside the figures; imported after the timings (torch)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_model import machine
+
+    return machine()
+
+
 def generate_drop(root: str, n_series: int, shape: tuple[int, int, int], seed: int) -> list[str]:
     from mvl_pipeline.core.volume import Volume, affine_from_geometry
     from mvl_pipeline.dicom.write import series_uids, write_image_series
@@ -268,7 +276,8 @@ def main() -> None:
                 import shutil
 
                 shutil.rmtree(root, ignore_errors=True)
-        print(json.dumps({**result, "cpus": os.cpu_count(), "load_avg_1min_at_end": round(os.getloadavg()[0], 2)}))
+        print(json.dumps({**result, "cpus": os.cpu_count(), "load_avg_1min_at_end": round(os.getloadavg()[0], 2),
+                          "machine": _machine()}))  # fmt: skip
         return
 
     from _assemble_many import process_pool
@@ -327,6 +336,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "load_avg_1min_at_end": round(os.getloadavg()[0], 2),
         "python": sys.version.split()[0],
+        "machine": _machine(),
     }
     print(json.dumps(summary))
 

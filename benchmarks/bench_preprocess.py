@@ -47,6 +47,9 @@ from mvl_pipeline.preprocessing.apply import preprocess_case  # noqa: E402
 from mvl_pipeline.preprocessing.crop import margin_voxels  # noqa: E402
 from mvl_pipeline.synthetic import phantom  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_model import machine  # noqa: E402
+
 torch.set_num_threads(1)
 MARGIN_MM = 10.0
 THRESHOLD_HU = -500.0
@@ -265,6 +268,7 @@ def main() -> None:
         "max_abs_diff": max(r["max_abs_diff"] for r in results.values()),
         "comparison": "image: ours linear vs MONAI bilinear (border padding); label: nearest vs nearest",
         "threads": 1,
+        "machine": machine(),  # CPU flags (AMX / AVX-512-BF16) beside the figures
         "volumes": results,
     }
     print(json.dumps(summary))

@@ -29,7 +29,7 @@ from _hippocampus import ROOT, base_params, hippocampus_workspace
 from mvl_pipeline.evaluation.scoring import EvaluateConfig, cases_in, score_cases
 from mvl_pipeline.evaluation.summary import summarise
 from mvl_pipeline.formats.model_bundle import read_weights
-from mvl_pipeline.model import MedVisionLlamaConfig, model_from_weights
+from mvl_pipeline.model import MedVisionLlamaConfig, build_model, model_from_weights
 from mvl_pipeline.preprocessing.plan import plan_classes
 from mvl_pipeline.training.config import LoopConfig
 from mvl_pipeline.training.loop import run_training
@@ -129,6 +129,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         data = hippocampus_workspace(Path(tmp), args.cases)
         split = data["data_split"]
+        if any(preset != "cnn" for preset in args.presets):
+            # the frozen LLM layer converted into the cache once, before any budget starts: in a fresh
+            # clone the conversion would otherwise be spent from the first ViT preset's budget
+            plan = data["preprocessing_plan"]
+            build_model(MedVisionLlamaConfig.from_params(base_params("model")).for_plan(plan), llm_cache_dir=cache)
         for preset in args.presets:
             results[preset] = train_preset(preset, data, args, cache)
             entry = results[preset]

@@ -150,3 +150,24 @@ def test_a_misspelt_key_fails_naming_it_and_where(build, where):
     # A typo used to be dropped silently by fit.loop: `epcohs: 5` trained the default epochs.
     with pytest.raises(ValueError, match=rf"unknown key\(s\) \['epcohs'\] in {where}; known keys: \["):
         build({"epcohs": 5})
+
+
+@pytest.mark.parametrize(
+    ("loop", "message"),
+    [
+        ({"epochs": 0}, r"fit.loop.epochs must be a whole number >= 1, got 0"),
+        ({"epochs": -3}, r"fit.loop.epochs must be a whole number >= 1, got -3"),
+        ({"epochs": "abc"}, r"fit.loop.epochs must be a whole number >= 1, got 'abc'"),
+        ({"epochs": 2.5}, r"fit.loop.epochs must be a whole number >= 1, got 2.5"),
+        ({"steps_per_epoch": 0}, r"fit.loop.steps_per_epoch must be"),
+        ({"batch_size": 0}, r"fit.loop.batch_size must be"),
+        ({"val_every": 0}, r"fit.loop.val_every must be"),
+        ({"lr": 0}, r"fit.loop.lr must be a number > 0"),
+        ({"lr": "fast"}, r"fit.loop.lr must be a number > 0"),
+    ],
+)
+def test_a_loop_that_cannot_train_fails_when_the_block_is_built(loop, message):
+    # `--params fit.loop.epochs=0` used to start Ray and build the model, then fail with
+    # "training reported no checkpoint"; `=abc` failed in a Ray worker with a TypeError
+    with pytest.raises(ValueError, match=message):
+        FitConfig.from_params({"loop": loop})

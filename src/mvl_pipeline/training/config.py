@@ -36,6 +36,16 @@ class LoopConfig(ConfigBlock):
     flush_denormal: bool = False  # CPU: treat denormal floats as zero while the loop runs
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
+    def __post_init__(self) -> None:
+        # checked here, when the fit node starts, not after Ray and the model: `--params
+        # fit.loop.epochs=0` ended a run in "training reported no checkpoint", `=abc` in a worker's TypeError
+        for name in ("epochs", "steps_per_epoch", "batch_size", "val_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{self.WHERE}.{name} must be a whole number >= 1, got {value!r}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, int | float) or not self.lr > 0:
+            raise ValueError(f"{self.WHERE}.lr must be a number > 0, got {self.lr!r}")
+
 
 @dataclass(frozen=True)
 class ScalingConfig(ConfigBlock):

@@ -46,3 +46,29 @@ def test_registering_every_pipeline_imports_no_heavy_library(probe):
 
 def test_every_node_function_has_resolvable_type_hints(probe):
     assert probe["unresolved"] == [], "\n".join(probe["unresolved"])
+
+
+MISSPELT = """
+import json
+from kedro.framework.project import configure_project, pipelines
+configure_project("mvl_pipeline")
+pipelines.set_requested(["trian"])  # what `kedro run --pipelines trian` does first
+try:
+    pipelines["trian"]
+except Exception as exc:
+    caught = [type(exc).__name__, isinstance(exc, KeyError), str(exc)]
+pipelines.set_requested(["ingest"])
+print(json.dumps({"caught": caught, "ingest": sorted(pipelines)}))
+"""
+
+
+def test_a_misspelt_pipeline_name_is_a_key_error_naming_the_pipelines_not_an_import_error():
+    # `kedro run` turns a KeyError into "Failed to find the pipeline named 'trian' ... Did you mean
+    # ... train"; an ImportError of mvl_pipeline.pipelines.trian came through as a traceback instead
+    done = subprocess.run([sys.executable, "-c", MISSPELT], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    name, is_key_error, message = result["caught"]
+    assert is_key_error, f"{name}: {message}"
+    assert "no pipeline named trian" in message and "train" in message
+    assert result["ingest"] == ["ingest"]  # a known name still loads just its own pipeline

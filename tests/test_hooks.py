@@ -1,8 +1,13 @@
 """The fit node's data version, plan and Ray run land on the MLflow run as tags."""
 
-import mlflow
+from types import SimpleNamespace
 
-from mvl_pipeline.hooks import LineageTagsHook
+import mlflow
+import pytest
+from kedro.config import MissingConfigException, OmegaConfigLoader
+
+from mvl_pipeline.hooks import LineageTagsHook, RunLockHook
+from mvl_pipeline.settings import CONFIG_LOADER_ARGS
 
 
 def test_fit_history_tags_the_active_run(tmp_path):
@@ -18,3 +23,15 @@ def test_fit_history_tags_the_active_run(tmp_path):
         hook.after_node_run(node=None, outputs={"fit_history": {"data_version": "v"}})  # no active run: no-op
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_a_missing_kedro_environment_is_named_before_kedro_mlflow_reads_its_config(tmp_path):
+    # `kedro run --env mds` failed in kedro-mlflow's hook, which read no mlflow.yml and fell back to
+    # a ./mlruns file store: the error was MLflow refusing file stores, not the missing environment
+    for env in ("base", "local", "msd"):
+        (tmp_path / "conf" / env).mkdir(parents=True)
+    loader = OmegaConfigLoader(str(tmp_path / "conf"), env="mds", **CONFIG_LOADER_ARGS)
+    context = SimpleNamespace(project_path=tmp_path, config_loader=loader, env="mds")
+    with pytest.raises(MissingConfigException, match=r"conf/mds.*environment 'mds'; the environments here: local, msd"):
+        RunLockHook().after_context_created(context)
+    assert RunLockHook.after_context_created.kedro_impl["tryfirst"]  # runs before kedro-mlflow's hook

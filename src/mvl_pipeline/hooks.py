@@ -26,6 +26,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
 from kedro.io import MemoryDataset
 
@@ -73,10 +74,18 @@ class RunLockHook:
         self._lock: RunLock | S3RunLock | None = None
         self._config = RunConfig()
 
-    @hook_impl
+    @hook_impl(tryfirst=True)  # before kedro-mlflow, which reads no mlflow.yml from a missing environment
     def after_context_created(self, context: Any) -> None:
         self._project_path = Path(context.project_path)
-        self._data_root = str(context.config_loader["globals"].get("data_root", "data"))
+        try:
+            globals_ = context.config_loader["globals"]
+        except MissingConfigException as exc:
+            # `kedro run --env mds` (a typo) used to fail in kedro-mlflow, which then fell back to a
+            # ./mlruns file store: MLflow's refusal of file stores named the wrong cause
+            conf = Path(context.config_loader.conf_source)
+            known = sorted(p.name for p in conf.iterdir() if p.is_dir() and p.name != "base") if conf.is_dir() else []
+            raise MissingConfigException(f"{exc} (Kedro environment {context.env!r}; the environments here: {', '.join(known)})") from exc
+        self._data_root = str(globals_.get("data_root", "data"))
 
     @hook_impl(tryfirst=True)  # before kedro-mlflow opens a run that a refused run would leave open
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:

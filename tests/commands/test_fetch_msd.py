@@ -8,6 +8,7 @@ with a dataset.json that lists only those, so every test stays fast.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib.util
 import io
@@ -20,7 +21,7 @@ import sys
 import tarfile
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -272,6 +273,30 @@ def test_transient_errors_are_retried_then_fail_naming_the_url_without_credentia
     assert tar_server.url in str(caught.value)
     assert "s3cr3t" not in str(caught.value) and "abc" not in str(caught.value)
     assert "s3cr3t" not in caplog.text and "X-Amz-Signature=abc" not in caplog.text
+
+
+@pytest.mark.parametrize("partial", [0, 100_000])
+def test_a_server_without_range_requests_streams_the_whole_file(task_tar, tmp_path, caplog, partial):
+    """`python -m http.server` answers every GET with the whole file: the download used to fail
+    after its first block ("doesn't appear to support range requests"), as did every re-run."""
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(task_tar["path"].parent))
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    dest = tmp_path / "msd"
+    dest.mkdir()
+    if partial:  # an earlier run got this far
+        (dest / f".{TASK}.tar.part").write_bytes(task_tar["path"].read_bytes()[:partial])
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/{TASK}.tar"
+        args = [TASK, "--dest", str(dest), "--url", url, "--md5", task_tar["md5"], "--block-size", "32768"]
+        assert main(args) == 0, caplog.text
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert "does not answer range requests" in caplog.text
+    _assert_task_folder(dest / TASK, task_tar)
+    assert _hidden_leftovers(dest) == []
 
 
 def test_an_s3_url_works_and_resumes_with_the_standard_aws_variables(task_tar, s3_bucket, tmp_path):

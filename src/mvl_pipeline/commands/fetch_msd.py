@@ -100,7 +100,21 @@ def _copy_block_by_block(fs, path: str, part: Path, total: int | None, block_siz
     if start and total is None:
         logger.warning("the source does not report its size: cannot resume, starting over")
         start = 0
-    with fs.open(path, "rb", block_size=block_size, cache_type="none") as src:
+    try:
+        _copy(fs, path, part, start, total, block_size, stream=False)
+    except ValueError as exc:
+        # fsspec's HTTP file reads block by block with Range requests; a server without them
+        # (`python -m http.server`, some proxies) failed every download after its first block
+        if "support range requests" not in str(exc) or not path.startswith(("http://", "https://")):
+            raise
+        logger.warning("the server does not answer range requests: downloading the whole file again in one "
+                       "stream (an interrupted download of it cannot resume)")  # fmt: skip
+        _copy(fs, path, part, 0, total, block_size, stream=True)
+
+
+def _copy(fs, path: str, part: Path, start: int, total: int | None, block_size: int, *, stream: bool) -> None:
+    opened = fs.open(path, "rb", block_size=0) if stream else fs.open(path, "rb", block_size=block_size, cache_type="none")
+    with opened as src:
         if start:
             src.seek(start)  # a range request (http, s3) or a seek (local) per block from here
         with (

@@ -473,3 +473,33 @@ def test_an_msd_folder_names_its_volumes_and_predict_takes_each_channel_by_its_n
     for recorded, used in ((0.0, 0.0), (0.3, 0.3), (None, 0.5)):
         command.read_input(dicom, channels, {"channels": channels, "channel_min_overlap": recorded}, Namespace())
         assert seen[-1] == used
+
+
+# -- refusals before the model is loaded -----------------------------------------------------------
+def test_what_predict_cannot_use_is_one_error_line_and_exit_status_2(tmp_path, monkeypatch, caplog):
+    """A first try used to end in tracebacks: a text file as input ("ValueError" and nothing
+    else, after loading the model), a file where the output folder goes (FileExistsError), a
+    model the registry does not hold (MlflowException), and outside the project folder an empty
+    mlflow.db created in passing."""
+    image = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), image)
+    monkeypatch.chdir(tmp_path)  # no mlflow.db here
+    caplog.set_level(logging.ERROR)
+    assert run([str(image), str(tmp_path / "out")]) == 2
+    assert "no MLflow store at sqlite:///mlflow.db" in caplog.text
+    assert not (tmp_path / "mlflow.db").exists()
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    assert run([str(notes), str(tmp_path / "out")]) == 2
+    assert "the input file is not NIfTI/NRRD" in caplog.text
+
+    (tmp_path / "taken").write_text("a file")
+    assert run([str(image), str(tmp_path / "taken")]) == 2
+    assert "the output must be a folder" in caplog.text
+
+    store = f"sqlite:///{tmp_path / 'empty.db'}"
+    mlflow.MlflowClient(store).search_experiments()  # an empty store: no model registered
+    assert run([str(image), str(tmp_path / "out"), "--tracking-uri", store]) == 2
+    assert "cannot load models:/medvisionllama@champion" in caplog.text
+    assert not (tmp_path / "out").exists()

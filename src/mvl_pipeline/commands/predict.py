@@ -95,6 +95,8 @@ def discover(root: Path) -> tuple[list[Study], bool]:
     """The studies under ``root`` and whether it is a batch (several studies, or a folder of
     volume files)."""
     if root.is_file():
+        if not volume_suffix(root.name):  # read_volume's ValueError showed as the bare word "ValueError"
+            raise ValueError("the input file is not NIfTI/NRRD (.nii, .nii.gz, .nrrd, .nhdr); a DICOM study is given as its folder")
         return [Study(_stem(root), "volume", [root], root.name)], False
     if not root.is_dir():
         raise FileNotFoundError("the input is neither a file nor a folder (the path is not repeated: it may name a patient)")
@@ -300,15 +302,24 @@ def predict_studies(
                 yield study, None, exc
 
 
+def _store_problem(tracking_uri: str) -> str | None:
+    """Why a local sqlite tracking store cannot be the one meant: MLflow would create an empty
+    one where there is none (predict run outside the project folder)."""
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
+        return (f"no MLflow store at {tracking_uri} (relative to {Path.cwd()}): run predict in the project folder, "
+                "or give --tracking-uri")  # fmt: skip
+    return None
+
+
 def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mvl_pipeline.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("input", type=Path, help="a NIfTI/NRRD file, a DICOM study folder, or a folder of studies")
     parser.add_argument("output", type=Path, help="output folder (created)")
-    parser.add_argument("--model-uri", default="models:/medvisionllama@champion")
-    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
-    parser.add_argument("--llm-cache-dir", default="data/06_models/llm_cache")
+    parser.add_argument("--model-uri", default="models:/medvisionllama@champion", help="registered model (default: %(default)s; --env msd: models:/medvisionllama-msd@champion)")
+    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow store (default: %(default)s, in the project folder)")
+    parser.add_argument("--llm-cache-dir", default="data/06_models/llm_cache", help="converted LLM layer cache (default: %(default)s)")
     parser.add_argument("--modality", default=None, help="for NIfTI/NRRD input: CT or MR (default: guess)")
-    parser.add_argument("--series-index", type=int, default=None)
+    parser.add_argument("--series-index", type=int, default=None, help="DICOM: which image series, 0 = the most slices (default)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("highdicom").setLevel(logging.WARNING)
@@ -320,7 +331,21 @@ def run(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         logger.error("%s", exc)
         return 2
-    weights, plan, uri = load_registered(args.model_uri, args.tracking_uri)
+    if args.output.exists() and not args.output.is_dir():
+        logger.error("the output must be a folder: a file is in its place (the path is not repeated: it may name a patient)")
+        return 2
+    problem = _store_problem(args.tracking_uri)
+    if problem is not None:
+        logger.error("%s", problem)
+        return 2
+    from mlflow.exceptions import MlflowException
+
+    try:
+        weights, plan, uri = load_registered(args.model_uri, args.tracking_uri)
+    except MlflowException as exc:  # a model or alias the registry does not hold: one line, no traceback
+        logger.error("cannot load %s from %s: %s (a model trained with --env msd is medvisionllama-msd)",
+                     args.model_uri, args.tracking_uri, exc.message)  # fmt: skip
+        return 2
     segmenter = Segmenter(weights, plan, llm_cache_dir=args.llm_cache_dir)
     logger.info("%d stud%s to segment with %s", len(studies), "y" if len(studies) == 1 else "ies", uri)
     args.output.mkdir(parents=True, exist_ok=True)

@@ -59,6 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     except PseudonymKeyError as exc:
         logger.error("%s: %s (fix or remove it by hand)", args.credentials_file, exc)
         return 2
+    except (yaml.YAMLError, ValueError, OSError) as exc:
+        # a hand-edited credentials file (the README adds S3 keys to it) with a YAML slip, or a
+        # path that is a folder: one line saying so, not a traceback out of `make train`; never the
+        # file's text (it holds secrets), only where the parser stopped
+        where = getattr(exc, "problem_mark", None)
+        what = f"not valid YAML (line {where.line + 1})" if where else f"{type(exc).__name__}: {exc}"
+        logger.error("%s: %s; no key was written (fix it by hand)", args.credentials_file, what)
+        return 2
     if created:
         logger.info(
             "created a new random pseudonymisation key in %s (mode 600). Keep it and back it up: "

@@ -72,6 +72,10 @@ def test_an_mr_study_dropped_into_a_ct_task_is_found_and_stops_the_run_without_n
         guard(now, previous, DriftConfig())
     assert "pt-" not in str(error.value) and "case-" not in str(error.value)
     assert "nothing was trained" in str(error.value)
+    # taking the study out of the drop keeps its ingested case, so the run stopped again on every
+    # retry; the message said only "check the new data" and to "set" an action, not how
+    assert "does not take out the cases already ingested" in str(error.value)
+    assert "--params preprocess.drift.action=replan" in str(error.value)
 
 
 def test_a_changed_slice_thickness_is_found_on_its_axis():

@@ -77,6 +77,14 @@ def ingest(
         )  # fmt: skip
         # Units whose files left the drop stay: their cases were collected and remain valid.
         units_state = dict(manifest.get("units", {}))
+        gone = [key for key, entry in units_state.items() if key not in scan.live_units and entry.get("cases")]
+        if gone:  # a drop pointed elsewhere (MVL_MSD_TASK, drop_url) went on with the old cases in silence
+            logger.warning(
+                "%d of the %d ingested unit(s) with cases are not in this drop (%d unit(s)): their cases stay in "
+                "the data set and are trained on. If the drop was meant to replace the earlier one, ingest it "
+                "into a fresh data root (delete %s and the layers after it first)", len(gone), len(units_state),
+                scan.n_units, "02_intermediate/cases and 02_intermediate/ingest_manifest.json",
+            )  # fmt: skip
         new_manifest = {
             "version": MANIFEST_VERSION,
             "settings_id": settings_id,

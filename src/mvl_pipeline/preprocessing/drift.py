@@ -167,7 +167,10 @@ def guard(fingerprint: Mapping[str, Any], previous: Mapping[str, Any] | None, co
         raise DataDriftError(
             f"{n_new} new development case(s) do not fit the preprocessing plan "
             f"(preprocess.drift.action: stop; nothing was trained):\n  - " + "\n  - ".join(findings) +
-            "\nCheck the new data (a study of another task or protocol in the drop?); to re-plan on "
-            "all cases instead, set preprocess.drift.action: replan."
+            "\nCheck the new data (a study of another task or protocol in the drop?). Taking its files out of the "
+            "drop does not take out the cases already ingested from them (ingest keeps them): to go on without "
+            "them, delete the data root's 02_intermediate folder and the layers after it and ingest again. To "
+            "re-plan on all cases instead: --params preprocess.drift.action=replan (make train "
+            "KEDRO_ARGS='--params preprocess.drift.action=replan'), or preprocess.drift.action: replan in conf."
         )
     return findings

@@ -186,3 +186,16 @@ def test_a_changed_key_is_refused_before_anything_is_written(first_run, sample_s
     assert snapshot(root) == before
     # every case records the key it was made under; the manifest too
     assert {run.case(c).meta["key_id"] for c in run.case_ids()} == {run.manifest["key_id"]}
+
+
+def test_a_drop_that_no_longer_holds_the_earlier_studies_says_their_cases_stay(first_run, sample_studies, caplog, tmp_path):
+    # `make train KEDRO_ENV=msd MVL_MSD_TASK=<another folder>` (or a new drop_url) went on in silence
+    # with every case of the earlier drop: nothing said that they were still trained on
+    _, root, _ = first_run
+    other = write_drop(tmp_path / "other-drop", drop_files(*sample_studies[3:4]))
+    with caplog.at_level("WARNING", logger="mvl_pipeline.ingestion.run"):
+        second = run_ingest(other, root)
+    assert second.case_ids() == sorted(s.case_id for s in sample_studies[:4])  # the design: they stay
+    [warning] = [r.getMessage() for r in caplog.records if "not in this drop" in r.getMessage()]
+    assert warning.startswith("3 of the 3 ingested unit(s) with cases are not in this drop (")
+    assert str(tmp_path) not in warning  # no path of the drop (it may name a patient)

@@ -7,11 +7,13 @@ fresh processes in one run: what turning the dashboard off saves.
 
 Each start is a new Python process that calls ``connect_ray``, runs one Ray task (Ray is ready),
 waits ``--settle`` seconds (the agents Ray starts in the background come up), counts the
-processes below it and their resident memory (RSS, summed: shared pages count once a process),
-then shuts Ray down. The machine's busy CPU seconds over the whole life of that process
+processes below it and their memory: ``pss_mib``, the proportional set size summed
+(``/proc/<pid>/smaps_rollup``: a page shared by k processes counts 1/k in each, so the sum is what
+they hold together), and ``rss_mib``, resident memory summed (a shared page counts once per
+process: it overstates a many-process Ray, kept for comparison), then shuts Ray down. The machine's busy CPU seconds over the whole life of that process
 (``/proc/stat``, every process on the machine: keep the machine otherwise idle) are its CPU
 cost. The last line is one JSON object: per side the medians of ``ready_s``, ``cpu_s``,
-``rss_mib`` and ``processes``, the ratios dashboard / without, and the machine.
+``pss_mib``, ``rss_mib`` and ``processes``, the ratios dashboard / without, and the machine.
 """
 
 from __future__ import annotations
@@ -41,16 +43,18 @@ ray.get(ray.remote(lambda: 1).remote())
 ready = time.monotonic() - started
 time.sleep(settle)
 below = descendants(os.getpid())
-rss_kib = 0
+rss_kib = pss_kib = 0
 for pid in below:
     try:
         with open(f"/proc/{pid}/status") as status:
             rss_kib += next((int(line.split()[1]) for line in status if line.startswith("VmRSS:")), 0)
-    except FileNotFoundError:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            pss_kib += next((int(line.split()[1]) for line in rollup if line.startswith("Pss:")), 0)
+    except (FileNotFoundError, ProcessLookupError):
         pass
 url = ray._private.worker.global_worker.node.address_info.get("webui_url") or ""
 ray.shutdown()
-print(json.dumps({"ready_s": ready, "processes": len(below), "rss_mib": rss_kib / 1024, "dashboard_url": url}))
+print(json.dumps({"ready_s": ready, "processes": len(below), "rss_mib": rss_kib / 1024, "pss_mib": pss_kib / 1024, "dashboard_url": url}))
 """
 
 
@@ -87,11 +91,11 @@ def main() -> None:
             print(f"round {round_ + 1}/{args.rounds} {side}: {json.dumps(runs[side][-1])}", flush=True)
     assert all(not r["dashboard_url"] for r in runs["without_dashboard"]), "a dashboard started though it was off"
     assert all(r["dashboard_url"] for r in runs["with_dashboard"]), "no dashboard started though it was asked for"
-    figures = {side: {key: round(statistics.median(r[key] for r in rs), 2) for key in ("ready_s", "cpu_s", "rss_mib", "processes")}
+    figures = {side: {key: round(statistics.median(r[key] for r in rs), 2) for key in ("ready_s", "cpu_s", "pss_mib", "rss_mib", "processes")}
                for side, rs in runs.items()}  # fmt: skip
     ratio = lambda key: round(figures["with_dashboard"][key] / figures["without_dashboard"][key], 2)  # noqa: E731
     print(json.dumps({"machine": machine(), "rounds": args.rounds, "settle_s": args.settle, **figures,
-                      "rss_ratio_dashboard": ratio("rss_mib"), "cpu_ratio_dashboard": ratio("cpu_s"),
+                      "pss_ratio_dashboard": ratio("pss_mib"), "rss_ratio_dashboard": ratio("rss_mib"), "cpu_ratio_dashboard": ratio("cpu_s"),
                       "ready_ratio_dashboard": ratio("ready_s"), "processes_ratio_dashboard": ratio("processes")}))  # fmt: skip
 
 

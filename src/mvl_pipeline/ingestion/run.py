@@ -114,6 +114,7 @@ def _process(
     todo = scan.todo
     progress = tqdm(total=len(todo), desc="ingest", unit="unit", disable=not config.progress, mininterval=1.0)
     counts: Counter[str] = Counter()
+    skipped: Counter[str] = Counter()
     batch: dict[str, Case | None] = {}
 
     def results() -> Iterator[tuple[Any, UnitResult]]:
@@ -139,6 +140,7 @@ def _process(
             batch[stale] = None  # the study changed and no longer yields this case
         counts["cases"] += len(result.cases)
         counts["quarantined"] += len(result.quarantined)
+        skipped.update(str(record.get("reason", "other")) for record in result.skipped)  # fixed reasons, no text of the drop
         counts["units"] += 1
         progress.update(1)
         progress.set_postfix(cases=counts["cases"], quarantined=counts["quarantined"], refresh=False)
@@ -147,7 +149,12 @@ def _process(
             batch = {}
     progress.close()
     logger.info(
-        "ingest: %d units processed -> %d cases ingested, %d quarantine records",
-        counts["units"], counts["cases"], counts["quarantined"],
+        "ingest: %d units processed -> %d cases ingested, %d quarantine records, %d skipped%s",
+        counts["units"], counts["cases"], counts["quarantined"], sum(skipped.values()),
+        f" ({', '.join(f'{reason}: {n}' for reason, n in sorted(skipped.items()))})" if skipped else "",
     )  # fmt: skip
+    if skipped.get("unlabelled_image") or skipped.get("unlabelled_series"):
+        logger.warning("ingest: images with no label beside them are skipped (a folder of images alone, or a label "
+                       "file named other than ingest.label_suffixes expects?); ingest.keep_unlabelled: true keeps "
+                       "them (for inference drops)")  # fmt: skip
     yield batch, manifest

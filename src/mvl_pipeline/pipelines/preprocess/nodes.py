@@ -219,7 +219,12 @@ def split_dataset(
     config = PreprocessConfig.from_params(params).split
     case_patients = {cid: record["patient_id"] for cid, record in ingested_case_index.items()}
     if not case_patients:
-        raise ValueError("no ingested cases to split")
+        raise ValueError(
+            "no ingested cases to split: ingest kept no case from the drop. Its log line 'ingest: ... units "
+            "processed' counts what it skipped and why, 02_intermediate/quarantine.json in the data root holds what it "
+            "refused; "
+            "a drop with no DICOM study, NIfTI/NRRD image or MSD task (dataset.json) in it gives no unit at all"
+        )
     if not previous_split and legacy_split:
         logger.info("migrating the project's earlier train/validation/test split: its test patients stay held out")
     key_ids = sorted({str(r["meta"]["key_id"]) for r in ingested_case_index.values() if r.get("meta", {}).get("key_id")})

@@ -35,3 +35,18 @@ def test_a_missing_kedro_environment_is_named_before_kedro_mlflow_reads_its_conf
     with pytest.raises(MissingConfigException, match=r"conf/mds.*environment 'mds'; the environments here: local, msd"):
         RunLockHook().after_context_created(context)
     assert RunLockHook.after_context_created.kedro_impl["tryfirst"]  # runs before kedro-mlflow's hook
+
+
+def test_a_params_name_the_project_does_not_have_is_refused_before_the_run(tmp_path):
+    # `--params epochs=1` was merged as a new top-level parameter nothing reads: the run trained
+    # its 72 epochs without a word (a first-try audit, 2026-12-05)
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    loader = OmegaConfigLoader(str(root / "conf"), env="msd", **CONFIG_LOADER_ARGS)
+    hook = RunLockHook()
+    hook.after_context_created(SimpleNamespace(project_path=tmp_path, config_loader=loader, env="msd"))
+    with pytest.raises(ValueError, match=r"no parameter named epochs \(did you mean .*fit\.loop\.epochs.*\?\)"):
+        hook.before_pipeline_run({"runtime_params": {"epochs": 1}}, pipeline=None, catalog=None)
+    with pytest.raises(ValueError, match=r"no parameter named fitt \(did you mean fit\?\)"):
+        hook.before_pipeline_run({"runtime_params": {"fitt": {"loop": {"epochs": 1}}}}, pipeline=None, catalog=None)

@@ -21,6 +21,7 @@ have no active run and get nothing.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import threading
 from pathlib import Path
@@ -65,6 +66,28 @@ def run_lock(data_root: str, project: Path, config: RunConfig, *, pipeline: str)
     return RunLock(fallback, config, pipeline=pipeline)
 
 
+def _paths(tree: Any, prefix: str = "") -> list[str]:
+    if not isinstance(tree, dict):
+        return [prefix]
+    return [p for key, value in tree.items() for p in _paths(value, f"{prefix}{key}.")]
+
+
+def refuse_unknown_parameters(runtime: dict[str, Any], parameters: dict[str, Any]) -> None:
+    """``--params epochs=1`` set a parameter nothing reads, and the run went on with its defaults:
+    a top-level name the project's parameters do not have is refused, with the paths it may have
+    meant (nested names are checked by each block when its stage starts)."""
+    unknown = sorted(set(runtime) - set(parameters))
+    if not unknown or not parameters:
+        return
+    paths = [p.rstrip(".") for p in _paths(parameters)]
+    hints = []
+    for name in unknown:
+        meant = [p for p in paths if p.rsplit(".", 1)[-1] == name] or difflib.get_close_matches(name, list(parameters), n=3)
+        hints.append(f"{name}" + (f" (did you mean {', '.join(meant[:4])}?)" if meant else ""))
+    raise ValueError(f"--params: no parameter named {'; '.join(hints)}. The parameters are {', '.join(sorted(parameters))}; "
+                     "a nested one is named with dots (fit.loop.epochs=2)")  # fmt: skip
+
+
 class RunLockHook:
     """Hold the data root's run lock for the whole of a run that writes data (module doc)."""
 
@@ -73,6 +96,7 @@ class RunLockHook:
         self._data_root = "data"
         self._lock: RunLock | S3RunLock | None = None
         self._config = RunConfig()
+        self._parameters: dict[str, Any] = {}
 
     @hook_impl(tryfirst=True)  # before kedro-mlflow, which reads no mlflow.yml from a missing environment
     def after_context_created(self, context: Any) -> None:
@@ -86,9 +110,11 @@ class RunLockHook:
             known = sorted(p.name for p in conf.iterdir() if p.is_dir() and p.name != "base") if conf.is_dir() else []
             raise MissingConfigException(f"{exc} (Kedro environment {context.env!r}; the environments here: {', '.join(known)})") from exc
         self._data_root = str(globals_.get("data_root", "data"))
+        self._parameters = dict(context.config_loader["parameters"])
 
     @hook_impl(tryfirst=True)  # before kedro-mlflow opens a run that a refused run would leave open
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        refuse_unknown_parameters(run_params.get("runtime_params") or {}, self._parameters)
         self._config = config = RunConfig.from_params(catalog.load(RUN_PARAMS) if RUN_PARAMS in catalog else {})
         if not writes_data(pipeline, catalog):
             return

@@ -43,10 +43,11 @@ def test_a_params_name_the_project_does_not_have_is_refused_before_the_run(tmp_p
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    loader = OmegaConfigLoader(str(root / "conf"), env="msd", **CONFIG_LOADER_ARGS)
-    hook = RunLockHook()
-    hook.after_context_created(SimpleNamespace(project_path=tmp_path, config_loader=loader, env="msd"))
-    with pytest.raises(ValueError, match=r"no parameter named epochs \(did you mean .*fit\.loop\.epochs.*\?\)"):
-        hook.before_pipeline_run({"runtime_params": {"epochs": 1}}, pipeline=None, catalog=None)
-    with pytest.raises(ValueError, match=r"no parameter named fitt \(did you mean fit\?\)"):
-        hook.before_pipeline_run({"runtime_params": {"fitt": {"loop": {"epochs": 1}}}}, pipeline=None, catalog=None)
+    for runtime, refused in (({"epochs": 1}, r"epochs \(did you mean .*fit\.loop\.epochs.*\?\)"),
+                             ({"fitt": {"loop": {"epochs": 1}}}, r"fitt \(did you mean fit\?\)")):  # fmt: skip
+        # as `kedro run` makes it: the run's loader merges --params into "parameters"
+        loader = OmegaConfigLoader(str(root / "conf"), env="msd", runtime_params=runtime, **CONFIG_LOADER_ARGS)
+        hook = RunLockHook()
+        hook.after_context_created(SimpleNamespace(project_path=tmp_path, config_loader=loader, env="msd"))
+        with pytest.raises(ValueError, match=f"no parameter named {refused}"):
+            hook.before_pipeline_run({"runtime_params": runtime}, pipeline=None, catalog=None)

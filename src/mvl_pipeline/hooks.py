@@ -72,6 +72,18 @@ def _paths(tree: Any, prefix: str = "") -> list[str]:
     return [p for key, value in tree.items() for p in _paths(value, f"{prefix}{key}.")]
 
 
+def _file_parameters(loader: Any) -> dict[str, Any]:
+    """The parameters the project's files define: the run's loader merges ``--params`` into its
+    ``parameters``, so a loader of the same files without them is read."""
+    from kedro.config import OmegaConfigLoader
+
+    from mvl_pipeline.settings import CONFIG_LOADER_ARGS
+
+    if not getattr(loader, "runtime_params", None):
+        return dict(loader["parameters"])
+    return dict(OmegaConfigLoader(str(loader.conf_source), env=loader.env, **CONFIG_LOADER_ARGS)["parameters"])
+
+
 def refuse_unknown_parameters(runtime: dict[str, Any], parameters: dict[str, Any]) -> None:
     """``--params epochs=1`` set a parameter nothing reads, and the run went on with its defaults:
     a top-level name the project's parameters do not have is refused, with the paths it may have
@@ -110,7 +122,7 @@ class RunLockHook:
             known = sorted(p.name for p in conf.iterdir() if p.is_dir() and p.name != "base") if conf.is_dir() else []
             raise MissingConfigException(f"{exc} (Kedro environment {context.env!r}; the environments here: {', '.join(known)})") from exc
         self._data_root = str(globals_.get("data_root", "data"))
-        self._parameters = dict(context.config_loader["parameters"])
+        self._parameters = _file_parameters(context.config_loader)
 
     @hook_impl(tryfirst=True)  # before kedro-mlflow opens a run that a refused run would leave open
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:

@@ -503,3 +503,35 @@ def test_what_predict_cannot_use_is_one_error_line_and_exit_status_2(tmp_path, m
     assert run([str(image), str(tmp_path / "out"), "--tracking-uri", store]) == 2
     assert "cannot load models:/medvisionllama@champion" in caplog.text
     assert not (tmp_path / "out").exists()
+
+
+def test_a_nifti_input_takes_the_model_s_one_modality_and_says_when_its_intensities_disagree(caplog):
+    # a guess (air in the image: CT) used to pick the normalisation in silence, even for a model
+    # that knows MR only (a first-try audit, 2026-12-05)
+    import logging
+
+    import numpy as np
+
+    from mvl_pipeline.commands.predict import input_modality
+    from mvl_pipeline.core.volume import Volume
+
+    air = Volume(np.full((16, 16, 16), -1000.0, np.float32), np.eye(4))
+    soft = Volume(np.full((16, 16, 16), 300.0, np.float32), np.eye(4))
+    mr_only = {"normalization": {"MR": {"scheme": "zscore"}}}
+    with caplog.at_level(logging.WARNING, logger="mvl_pipeline.commands.predict"):
+        assert input_modality(soft, mr_only, None) == "MR" and not caplog.records
+        assert input_modality(air, mr_only, None) == "MR"
+        assert "looks like CT by its intensities, but the model knows MR only" in caplog.text
+        caplog.clear()
+        assert input_modality(air, mr_only, "ct") == "CT" and not caplog.records  # --modality decides
+        assert input_modality(air, {"normalization": {"CT": {}, "MR": {}}}, None) == "CT" and not caplog.records
+
+
+def test_a_2d_image_is_refused_as_one_slice_not_as_channels():
+    import numpy as np
+    import pytest
+
+    from mvl_pipeline.formats.codec import NotA3DVolumeError, as_3d
+
+    with pytest.raises(NotA3DVolumeError, match=r"fewer than 3 axes"):
+        as_3d(np.zeros((40, 56), np.float32), path="x")

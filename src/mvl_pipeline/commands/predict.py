@@ -200,7 +200,25 @@ def read_input(study: Study, channels: list[dict[str, Any]], plan: dict[str, Any
     image = read_volume(path.read_bytes(), str(path), read_sibling=lambda p: Path(p).read_bytes(), channels=bool(channels))
     if channels:
         return recorded_volume_channels(image, channels, study.channel_names), [], str(channels[0]["modality"])
-    return image, [], args.modality or guess_modality(image)
+    return image, [], input_modality(image, plan, args.modality)
+
+
+def input_modality(image: Volume, plan: dict[str, Any], given: str | None) -> str:
+    """A NIfTI/NRRD input's modality (it carries none): ``--modality``, else the one the model was
+    trained on when it knows one only, else a guess from the intensities; a guess the model's
+    modalities contradict is said, since it picks the intensity normalisation."""
+    if given:
+        return given.upper()
+    known = sorted(plan.get("normalization", {}))
+    guessed = guess_modality(image)
+    if len(known) == 1 and guessed != known[0]:
+        logger.warning("an input looks like %s by its intensities, but the model knows %s only: normalised as %s "
+                       "(--modality chooses)", guessed, known[0], known[0])  # fmt: skip
+        return known[0]
+    if known and guessed not in known:
+        logger.warning("an input looks like %s, a modality the model was not trained on (%s): the plan's default "
+                       "normalisation is used (--modality chooses)", guessed, ", ".join(known))  # fmt: skip
+    return guessed
 
 
 def seg_bytes(prediction: Volume, datasets: list[Any], names: dict[int, str], uri: str) -> bytes:
@@ -318,7 +336,7 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-uri", default="models:/medvisionllama@champion", help="registered model (default: %(default)s; --env msd: models:/medvisionllama-msd@champion)")
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow store (default: %(default)s, in the project folder)")
     parser.add_argument("--llm-cache-dir", default="data/06_models/llm_cache", help="converted LLM layer cache (default: %(default)s)")
-    parser.add_argument("--modality", default=None, help="for NIfTI/NRRD input: CT or MR (default: guess)")
+    parser.add_argument("--modality", default=None, help="for NIfTI/NRRD input: CT or MR (default: the model's one modality, else a guess)")
     parser.add_argument("--series-index", type=int, default=None, help="DICOM: which image series, 0 = the most slices (default)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

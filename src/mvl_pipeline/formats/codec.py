@@ -37,11 +37,9 @@ def as_3d(array: np.ndarray, path: str, *, channels: bool = False) -> np.ndarray
     if channels and array.ndim == 4:
         return np.ascontiguousarray(np.moveaxis(array, -1, 0))
     if array.ndim != 3:
-        raise NotA3DVolumeError(
-            f"not a 3-D volume (shape {array.shape}): a 4-D image holds several channels or time "
-            "points, which are not supported as one input yet",
-            path=path,
-        )
+        why = ("a 4-D image holds several channels or time points, which are not supported as one input yet"
+               if array.ndim > 3 else "an image of fewer than 3 axes (one slice?) cannot be segmented in 3-D")  # fmt: skip
+        raise NotA3DVolumeError(f"not a 3-D volume (shape {array.shape}): {why}", path=path)
     return np.ascontiguousarray(array)
 
 

@@ -378,3 +378,17 @@ def test_the_makefile_target_fetches_a_task(task_tar, tmp_path):
     assert result.returncode == 0, result.stderr
     _assert_task_folder(dest / TASK, task_tar)
 
+
+
+def test_an_unverified_archive_that_does_not_unpack_is_deleted_so_the_next_run_downloads_it_again(task_tar, tmp_path):
+    # with --md5 none a truncated tar stayed as the .part, and every later run refused it again
+    # ("unexpected end of data") without downloading (a first-try audit, 2026-12-05)
+    dest = tmp_path / "msd"
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(task_tar["path"].read_bytes()[: task_tar["path"].stat().st_size // 2])
+    with pytest.raises(FetchError, match=r"not verified: --md5 none; deleted .*the next run downloads it again"):
+        fetch(TASK, dest=dest, url=truncated.as_uri(), md5=None)
+    assert not (dest / TASK).exists()
+    assert _hidden_leftovers(dest) == []
+    assert main([TASK, "--dest", str(dest), "--url", task_tar["path"].as_uri(), "--md5", "none"]) == 0
+    _assert_task_folder(dest / TASK, task_tar)

@@ -262,7 +262,16 @@ def fetch(
                 raise FetchError(f"MD5 mismatch for {safe_url(url)}: expected {md5.lower()}, "
                                  f"got {actual} (deleted {part.name})")  # fmt: skip
             logger.info("MD5 %s verified", actual)
-        cases = unpack(part, target)
+        try:
+            cases = unpack(part, target)
+        except FetchError as exc:
+            if md5 is not None:
+                raise
+            # nothing says these bytes are the archive (a truncated transfer?): kept, every later run
+            # would refuse them again without downloading
+            part.unlink(missing_ok=True)
+            raise FetchError(f"{exc} (not verified: --md5 none; deleted {part.name}, the next run downloads it "
+                             "again)") from exc  # fmt: skip
         part.unlink()
     logger.info("%s ready: %d training cases", target, cases)
     return target

@@ -21,6 +21,7 @@ have no active run and get nothing.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import logging
 import threading
@@ -74,14 +75,14 @@ def _paths(tree: Any, prefix: str = "") -> list[str]:
 
 def _file_parameters(loader: Any) -> dict[str, Any]:
     """The parameters the project's files define: the run's loader merges ``--params`` into its
-    ``parameters``, so a loader of the same files without them is read."""
-    from kedro.config import OmegaConfigLoader
-
-    from mvl_pipeline.settings import CONFIG_LOADER_ARGS
-
-    if not getattr(loader, "runtime_params", None):
+    ``parameters``, so a copy of it without them is read ({} where there are none to read)."""
+    if getattr(loader, "runtime_params", None):
+        loader = copy.copy(loader)  # its own attributes: the run's loader keeps its runtime_params
+        loader.runtime_params = {}
+    try:
         return dict(loader["parameters"])
-    return dict(OmegaConfigLoader(str(loader.conf_source), env=loader.env, **CONFIG_LOADER_ARGS)["parameters"])
+    except (KeyError, MissingConfigException):
+        return {}
 
 
 def refuse_unknown_parameters(runtime: dict[str, Any], parameters: dict[str, Any]) -> None:

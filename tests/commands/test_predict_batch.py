@@ -437,7 +437,9 @@ def test_the_log_never_repeats_an_input_path(bundle, llm_cache_dir, tmp_path, mo
     study.parent.mkdir()
     study.write_bytes(b"\x1f\x8b" + b"not really gzip")
     caplog.set_level(logging.INFO)
-    argv = ["--llm-cache-dir", str(llm_cache_dir)]
+    store = tmp_path / "mlflow.db"  # predict refuses a store that is not there (not the test's cwd's)
+    store.touch()
+    argv = ["--llm-cache-dir", str(llm_cache_dir), "--tracking-uri", f"sqlite:///{store}"]
     assert command.run([str(study), str(tmp_path / "out"), *argv]) == 1
     assert command.run([str(tmp_path / "Kowalska_missing"), str(tmp_path / "out"), *argv]) == 2
     assert "not a readable gzip file" in caplog.text  # the reason is there

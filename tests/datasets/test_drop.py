@@ -235,3 +235,70 @@ def test_entries_that_cannot_be_read_are_listed_with_their_problem(tmp_path):
     with pytest.raises(ValueError, match="a backslash in the path") as error:
         DropFolderDataset(filepath=str(drop)).load().read_bytes("Doe\\Jane.dcm")
     assert "Doe" not in str(error.value)
+
+
+_LIST_AS_UNPRIVILEGED = """
+import json, os, sys
+from mvl_pipeline.datasets.drop import DropFolderDataset
+from mvl_pipeline.ingestion.scan import scan_drop
+from mvl_pipeline.ingestion.config import IngestConfig
+if os.geteuid() == 0:  # root reads every folder: list as 'nobody', as a hospital's service account would
+    os.setgid(65534)
+    os.setuid(65534)
+try:
+    drop = DropFolderDataset(filepath=sys.argv[1]).load()
+except Exception as error:
+    print(json.dumps({"error": f"{type(error).__name__}: {error}"}))
+    raise SystemExit(0)
+todo = scan_drop(drop, {}, bytes(32), IngestConfig.from_params({"labels": {"organ": 1}}), None).todo
+print(json.dumps({"listing": {f.relpath: f.problem for f in drop.files},
+                  "bad": {u.source_id: [u.error_reason, u.error_detail] for u, _, _ in todo if u.kind == "bad_file"}}))
+"""
+
+
+def _list_unprivileged(folder: Path) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _LIST_AS_UNPRIVILEGED, str(folder)],
+                            capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_a_folder_that_may_not_be_listed_is_a_quarantined_entry_not_silently_missing():
+    """fsspec skips a folder it may not list without a word, so a patient's folder with the wrong
+    permissions vanished from ingest (an audit, 2026-12-05). Listed by an unprivileged process
+    (real permissions, no mock), it is now an entry of its own that ingest quarantines, next to
+    the readable files; a hidden folder stays hidden; a drop folder that may not be listed at all
+    fails with that reason instead of 'holds no files'."""
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="mvl-perm-"))  # not under pytest's root-only tmp folder
+    try:
+        base.chmod(0o755)
+        drop = base / "drop"
+        for relpath in ("ok/a.dcm", "Doe^Jane/b.dcm", ".hidden/c.dcm"):
+            (drop / relpath).parent.mkdir(parents=True, exist_ok=True)
+            (drop / relpath).write_bytes(b"x")
+        for folder in (drop, drop / "ok"):
+            folder.chmod(0o755)
+        (drop / "ok" / "a.dcm").chmod(0o644)
+        (drop / "Doe^Jane").chmod(0o000)
+        (drop / ".hidden").chmod(0o000)
+        out = _list_unprivileged(drop)
+        assert out["listing"] == {"ok/a.dcm": None, "Doe^Jane": "unreadable_folder"}
+        reason, detail = out["bad"]["Doe^Jane"]
+        assert reason == "unreadable_folder"
+        assert "could not be listed" in detail and "Doe" not in detail
+        drop.chmod(0o000)
+        root = _list_unprivileged(drop)
+        assert root["error"].startswith("DropFolderError: the drop folder may not be listed (permission denied)")
+    finally:
+        for folder in (base, *base.rglob("*")):
+            if folder.is_dir() and not folder.is_symlink():
+                folder.chmod(0o755)
+        import shutil
+
+        shutil.rmtree(base)

@@ -64,7 +64,7 @@ class DropFile:
     size: int  # bytes
     fingerprint: str  # "mtime_ns:size" (local) or "etag:<ETag>" (object store)
     # why the entry cannot be read as a file (listed, never read): invalid_path, broken_link,
-    # link_to_folder or not_a_regular_file (ingest quarantines it: ingestion.units.ENTRY_PROBLEMS;
+    # link_to_folder, not_a_regular_file or unreadable_folder (ingest quarantines it: ingestion.units.ENTRY_PROBLEMS;
     # a file that fails when ingest hashes it becomes unreadable_file there)
     problem: str | None = None
 
@@ -166,12 +166,16 @@ class DropFolder:
 def list_drop_files(fs: Any, protocol: str, root: str) -> tuple[DropFile, ...]:
     """Every non-hidden file under ``root`` at any depth, sorted by relative path."""
     fs.invalidate_cache(root)
+    unlisted: list[OSError] = []  # local folders that may not be listed: fsspec's find skips them unsaid
     with storage.outage_guard(fs, protocol):
         if not fs.isdir(root):
             raise DropFolderError("drop folder not found", path=storage.full_path(protocol, root))
+        if protocol == "file":
+            for _ in os.walk(root, onerror=unlisted.append):
+                pass
         infos = fs.find(root, detail=True)
     prefix = root.rstrip("/") + "/"
-    files = []
+    files = [entry for entry in (_unlisted_folder(e, protocol, root) for e in unlisted) if not _is_hidden(entry.relpath)]
     for name, info in infos.items():
         if info.get("type") == "directory":
             continue
@@ -193,6 +197,16 @@ def list_drop_files(fs: Any, protocol: str, root: str) -> tuple[DropFile, ...]:
             problem = None
         files.append(DropFile(relpath=relpath, size=size, fingerprint=fingerprint, problem=problem))
     return tuple(sorted(files))
+
+
+def _unlisted_folder(error: OSError, protocol: str, root: str) -> DropFile:
+    """A local folder of the drop whose listing failed (permission denied): one entry ingest
+    quarantines, so its files are not silently missing; the drop's own root fails the load."""
+    name, prefix = str(error.filename or "").rstrip("/"), root.rstrip("/") + "/"
+    if not name.startswith(prefix):
+        path = storage.full_path(protocol, root)
+        raise DropFolderError("the drop folder may not be listed (permission denied)", path=path) from None
+    return DropFile(relpath=name[len(prefix) :], size=0, fingerprint="unlisted", problem="unreadable_folder")
 
 
 def _local_entry(name: str) -> tuple[str | None, str, int]:

@@ -36,6 +36,9 @@ ENTRY_PROBLEMS = {
     "link_to_folder": "a link to a folder: links to folders are not followed",
     "not_a_regular_file": "neither a file nor a link to one (a pipe, socket or device)",
     "unreadable_file": "the file could not be read: permission denied, or removed after the drop was listed",
+    "unreadable_folder": "the folder could not be listed (permission denied, or removed while the drop was listed): "
+                         "none of its files was ingested; "
+                         "make it readable and run ingest again",
 }  # fmt: skip
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pydicom
-import pytest
 
 from mvl_pipeline.commands import sample_drop as sample_drop_cli
 from mvl_pipeline.core.volume import Volume, guess_modality
@@ -83,12 +82,27 @@ def test_modality_and_rescale_choices():
 
 
 def test_cli_fails_loudly_on_missing_cases(shared_data, tmp_path):
-    with pytest.raises(FileNotFoundError, match="not found"):
-        sample_drop_cli.main(
-            ["--src", str(shared_data / "pyradiomics"), "--dst", str(tmp_path), "--cases", "liver9"]
-        )
-    with pytest.raises(FileNotFoundError, match="no <case>_image"):
-        sample_drop_cli.main(["--src", str(tmp_path), "--dst", str(tmp_path / "d")])
+    """A missing case, a folder without volume pairs, a --src that does not exist and a bad
+    --modality each end the command with one usage line and exit status 2, not a traceback, and
+    nothing is written."""
+    import subprocess
+    import sys
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "mvl_pipeline.commands.sample_drop", "--dst", str(tmp_path / "d"), *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+
+    pyradiomics = str(shared_data / "pyradiomics")
+    for args, message in [
+        (["--src", pyradiomics, "--cases", "liver9"], "cases ['liver9'] not found in"),
+        (["--src", str(tmp_path)], "no <case>_image/<case>_label volume pairs in"),
+        (["--src", str(tmp_path / "nowhere")], f"--src {tmp_path / 'nowhere'}: no such folder"),
+        (["--src", pyradiomics, "--modality", "breast1=PET"], "--modality expects CASE=CT or CASE=MR"),
+    ]:
+        result = run(*args)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr
+        assert f"sample_drop.py: error: {message}" in result.stderr.splitlines()[-1]
     assert not (tmp_path / "d").exists()
 
 

@@ -80,10 +80,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cases = load_cases(args.src, args.cases)
-    files = convert_volumes_to_drop(
-        cases, seed=args.seed, modalities=_parse_modalities(args.modality)
-    )
+    if not args.src.is_dir():
+        parser.error(f"--src {args.src}: no such folder")
+    try:
+        modalities = _parse_modalities(args.modality)
+        cases = load_cases(args.src, args.cases)
+    except (argparse.ArgumentTypeError, FileNotFoundError) as error:  # one line, no traceback
+        parser.error(str(error))
+    files = convert_volumes_to_drop(cases, seed=args.seed, modalities=modalities)
     DropFolderDataset(filepath=args.dst).save(files)
     logger.info("wrote %d files for %d cases to %s", len(files), len(cases), args.dst)
     return 0

@@ -257,6 +257,37 @@ def test_a_killed_download_resumes_from_the_partial_file(task_tar, tar_server, t
     assert _hidden_leftovers(dest) == []
 
 
+def test_ctrl_c_ends_the_download_with_one_line_and_keeps_the_partial_file(task_tar, tar_server, tmp_path):
+    """Ctrl-C (a real SIGINT) printed a traceback from deep in the HTTP client; now the command
+    says it was interrupted and how to go on, exits 130, and the downloaded bytes stay."""
+    dest = tmp_path / "msd"
+    part = dest / f".{TASK}.tar.part"
+    args = [TASK, "--dest", str(dest), "--url", tar_server.url, "--md5", task_tar["md5"], "--block-size", "32768"]
+    tar_server.rate = 80_000
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mvl_pipeline.commands.fetch_msd", *args],
+        cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not (part.exists() and part.stat().st_size >= 2 * 32768):
+            assert proc.poll() is None, f"finished before it could be interrupted: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "the download never got going"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].endswith(
+        "fetch_msd: interrupted; run the same command again to go on from the bytes downloaded so far")
+    assert 0 < part.stat().st_size < task_tar["size"]
+    assert not (dest / TASK).exists()
+
+
 def test_transient_errors_are_retried_then_fail_naming_the_url_without_credentials(
     task_tar, tar_server, tmp_path, caplog
 ):

@@ -311,6 +311,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FetchError, OSError) as exc:
         logger.error("fetch_msd: %s", exc)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; what was downloaded stays
+        logger.error("fetch_msd: interrupted; run the same command again to go on from the bytes downloaded so far")
+        return 130
     return 0
 
 

@@ -102,7 +102,7 @@ def test_cli_fails_loudly_on_missing_cases(shared_data, tmp_path):
         result = run(*args)
         assert result.returncode == 2, result.stderr
         assert "Traceback" not in result.stderr
-        assert f"sample_drop.py: error: {message}" in result.stderr.splitlines()[-1]
+        assert f"python -m mvl_pipeline.commands.sample_drop: error: {message}" in result.stderr.splitlines()[-1]
     assert not (tmp_path / "d").exists()
 
 

@@ -278,7 +278,7 @@ def fetch(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mvl_pipeline.commands.fetch_msd", description=__doc__.split("\n\n")[0])
     parser.add_argument("task", help=f"MSD task (known: {', '.join(TASKS)})")
     parser.add_argument("--dest", type=Path, default=Path("data/01_raw/msd"),
                         help="folder that receives <task>/ (default: data/01_raw/msd)")  # fmt: skip

@@ -70,7 +70,7 @@ def _parse_modalities(items: Sequence[str]) -> dict[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mvl_pipeline.commands.sample_drop", description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", type=Path, required=True, help="folder of <case>_image/_label volumes")
     parser.add_argument("--dst", required=True, help="drop folder to write into (local or s3://)")
     parser.add_argument("--cases", nargs="*", default=None, help="case names (default: all)")

@@ -218,26 +218,31 @@ def test_md5_none_skips_the_check_with_a_warning(task_tar, tmp_path, caplog):
     _assert_task_folder(dest / TASK, task_tar)
 
 
+def _download_until(args: list[str], part: Path, size: int) -> subprocess.Popen:
+    """fetch_msd running in its own process, once its partial file holds ``size`` bytes."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mvl_pipeline.commands.fetch_msd", *args],
+        cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not (part.exists() and part.stat().st_size >= size):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            _, stderr = proc.communicate()
+            raise AssertionError(f"the download ended or never got going before the signal: {stderr}")
+        time.sleep(0.02)
+    return proc
+
+
 def test_a_killed_download_resumes_from_the_partial_file(task_tar, tar_server, tmp_path):
     dest = tmp_path / "msd"
     part = dest / f".{TASK}.tar.part"
     args = [TASK, "--dest", str(dest), "--url", tar_server.url, "--md5", task_tar["md5"]]
     args += ["--block-size", "32768"]  # ~13 range requests for the ~400 kB tar
     tar_server.rate = 80_000  # bytes/s: the ~400 kB tar takes ~5 s
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mvl_pipeline.commands.fetch_msd", *args],
-        cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 30
-        while not (part.exists() and part.stat().st_size >= 3 * 32768):
-            assert proc.poll() is None, f"finished before it could be killed: {proc.stderr.read()}"
-            assert time.monotonic() < deadline, "the download never got going"
-            time.sleep(0.02)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        proc.stderr.close()
+    proc = _download_until(args, part, 3 * 32768)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
     kept = part.stat().st_size
     assert 0 < kept < task_tar["size"]
     assert not (dest / TASK).exists()
@@ -264,17 +269,9 @@ def test_ctrl_c_ends_the_download_with_one_line_and_keeps_the_partial_file(task_
     part = dest / f".{TASK}.tar.part"
     args = [TASK, "--dest", str(dest), "--url", tar_server.url, "--md5", task_tar["md5"], "--block-size", "32768"]
     tar_server.rate = 80_000
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mvl_pipeline.commands.fetch_msd", *args],
-        cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc = _download_until(args, part, 2 * 32768)
+    proc.send_signal(signal.SIGINT)
     try:
-        deadline = time.monotonic() + 30
-        while not (part.exists() and part.stat().st_size >= 2 * 32768):
-            assert proc.poll() is None, f"finished before it could be interrupted: {proc.stderr.read()}"
-            assert time.monotonic() < deadline, "the download never got going"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:

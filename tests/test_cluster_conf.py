@@ -75,8 +75,8 @@ def test_cluster_parameters_are_the_papers_setup_on_gpu_workers(cluster_env):
     # soft merge: cluster overrides keys, base keeps the rest (e.g. the label map)
     assert params["ingest"]["labels"] == {"organ": 1, "lesion": 2}
     assert params["model"]["mlp_ratio"] == 4.0  # a base value the cluster does not override
-    # the ablation's longer GPU trials keep fit.loop's peak learning rate: the base 0.008 was chosen
-    # for 1470-step trials on 2 cores (conf/base/parameters_ablation.yml), not measured at this budget
+    # the ablation's longer GPU trials keep fit.loop's peak learning rate: the base 0.004 was chosen
+    # for 980-step trials on 2 cores (conf/base/parameters_ablation.yml), not measured at this budget
     trial = AblationConfig.from_params(params["ablation"]).trial
     assert trial.epochs * trial.steps_per_epoch == 50_000 and trial.lr == fit.loop.lr == base.loop.lr == 0.002
 

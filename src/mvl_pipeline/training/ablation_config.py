@@ -29,10 +29,10 @@ class TrialBudget(ConfigBlock):
 
     WHERE = "ablation.trial"
 
-    epochs: int = 42
+    epochs: int = 28
     steps_per_epoch: int = 35
     val_every: int = 2
-    lr: float = 0.008  # peak learning rate (fit.loop's schedule: warm-up, then cosine decay)
+    lr: float = 0.004  # peak learning rate (fit.loop's schedule: warm-up, then cosine decay)
 
     def __post_init__(self) -> None:
         if min(self.epochs, self.steps_per_epoch, self.val_every) < 1:

@@ -260,7 +260,7 @@ def test_the_report_summary_and_plots_are_written_and_logged_to_the_parent_run(s
     assert (summary["design"]["git_commit"], summary["design"]["summarised_at_commit"]) == (commit, commit)
     report = (folder / "report.md").read_text()
     assert "## Conclusion" in report and "`none`" in report and "Holm" in report
-    assert "per trial 2 epochs x 3 steps, peak learning rate 0.008, validation every 1." in report  # ablation.trial.lr
+    assert "per trial 2 epochs x 3 steps, peak learning rate 0.004, validation every 1." in report  # ablation.trial.lr
     for png in ("forest.png", "learning_curves.png"):
         assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     parent = _ablation_parents(root)[-1]

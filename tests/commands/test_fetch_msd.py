@@ -407,7 +407,6 @@ def test_the_makefile_target_fetches_a_task(task_tar, tmp_path):
     _assert_task_folder(dest / TASK, task_tar)
 
 
-
 def test_an_unverified_archive_that_does_not_unpack_is_deleted_so_the_next_run_downloads_it_again(task_tar, tmp_path):
     # with --md5 none a truncated tar stayed as the .part, and every later run refused it again
     # ("unexpected end of data") without downloading (a first-try audit, 2026-12-05)

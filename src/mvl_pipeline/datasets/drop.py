@@ -166,45 +166,50 @@ class DropFolder:
 def list_drop_files(fs: Any, protocol: str, root: str) -> tuple[DropFile, ...]:
     """Every non-hidden file under ``root`` at any depth, sorted by relative path."""
     fs.invalidate_cache(root)
-    unlisted: list[OSError] = []  # local folders that may not be listed: fsspec's find skips them unsaid
+    unlisted: list[OSError] = []  # local folders that may not be listed
     with storage.outage_guard(fs, protocol):
         if not fs.isdir(root):
             raise DropFolderError("drop folder not found", path=storage.full_path(protocol, root))
-        if protocol == "file":
-            for _ in os.walk(root, onerror=unlisted.append):
-                pass
-        infos = fs.find(root, detail=True)
+        if protocol == "file":  # one walk that says which folders it could not list (fsspec's find skips them unsaid)
+            infos: dict[str, Mapping[str, Any]] = dict.fromkeys(_local_names(root, unlisted), {})
+        else:
+            infos = {name.split("://", 1)[-1]: info for name, info in fs.find(root, detail=True).items()
+                     if info.get("type") != "directory"}  # fmt: skip
     prefix = root.rstrip("/") + "/"
-    files = [entry for entry in (_unlisted_folder(e, protocol, root) for e in unlisted) if not _is_hidden(entry.relpath)]
+    files = [_unlisted_folder(error, protocol, prefix) for error in unlisted]
     for name, info in infos.items():
-        if info.get("type") == "directory":
+        if not name.startswith(prefix) or _is_hidden(relpath := name[len(prefix) :]):
             continue
-        name = name if protocol == "file" else name.split("://", 1)[-1]
-        if not name.startswith(prefix):
-            continue
-        relpath = name[len(prefix) :]
-        if _is_hidden(relpath):
-            continue
-        size = int(info.get("size") or 0)
-        if path_problem(relpath) is not None:
-            problem: str | None = "invalid_path"
-            fingerprint = f"size:{size}"
-        elif protocol == "file":
+        if protocol == "file":
             problem, fingerprint, size = _local_entry(name)
         else:
             etag = info.get("ETag") or info.get("etag") or info.get("md5")
-            fingerprint = f"etag:{str(etag).strip(chr(34))}" if etag else f"size:{size}"
-            problem = None
+            size = int(info.get("size") or 0)
+            fingerprint, problem = (f"etag:{str(etag).strip(chr(34))}" if etag else f"size:{size}"), None
+        if path_problem(relpath) is not None:
+            problem, fingerprint = "invalid_path", f"size:{size}"
         files.append(DropFile(relpath=relpath, size=size, fingerprint=fingerprint, problem=problem))
     return tuple(sorted(files))
 
 
-def _unlisted_folder(error: OSError, protocol: str, root: str) -> DropFile:
+def _local_names(root: str, unlisted: list[OSError]) -> list[str]:
+    """Every entry under the local folder ``root`` that is not a folder, links to folders included
+    (listed, not followed); hidden folders are not entered. A folder whose listing fails is
+    appended to ``unlisted``."""
+    names = []
+    for folder, dirs, entries in os.walk(root, onerror=unlisted.append):
+        links = [name for name in dirs if os.path.islink(os.path.join(folder, name))]
+        dirs[:] = [name for name in dirs if not name.startswith(".") and name not in links]
+        names += [f"{folder}/{name}" for name in (*entries, *links)]
+    return names
+
+
+def _unlisted_folder(error: OSError, protocol: str, prefix: str) -> DropFile:
     """A local folder of the drop whose listing failed (permission denied): one entry ingest
     quarantines, so its files are not silently missing; the drop's own root fails the load."""
-    name, prefix = str(error.filename or "").rstrip("/"), root.rstrip("/") + "/"
+    name = str(error.filename or "").rstrip("/")
     if not name.startswith(prefix):
-        path = storage.full_path(protocol, root)
+        path = storage.full_path(protocol, prefix.rstrip("/"))
         raise DropFolderError("the drop folder may not be listed (permission denied)", path=path) from None
     return DropFile(relpath=name[len(prefix) :], size=0, fingerprint="unlisted", problem="unreadable_folder")
 

@@ -219,9 +219,13 @@ def test_md5_none_skips_the_check_with_a_warning(task_tar, tmp_path, caplog):
 
 
 def _download_until(args: list[str], part: Path, size: int) -> subprocess.Popen:
-    """fetch_msd running in its own process, once its partial file holds ``size`` bytes."""
+    """fetch_msd running in its own process, once its partial file holds ``size`` bytes. Its
+    SIGINT is Python's KeyboardInterrupt as in a terminal, also where the tests themselves run in
+    the background (a shell's background job inherits SIGINT ignored, and Python keeps that)."""
+    command = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+               "sys.argv[0] = 'fetch_msd'; runpy.run_module('mvl_pipeline.commands.fetch_msd', run_name='__main__')")  # fmt: skip
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mvl_pipeline.commands.fetch_msd", *args],
+        [sys.executable, "-c", command, *args],
         cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 30

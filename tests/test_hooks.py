@@ -51,3 +51,34 @@ def test_a_params_name_the_project_does_not_have_is_refused_before_the_run(tmp_p
         hook.after_context_created(SimpleNamespace(project_path=tmp_path, config_loader=loader, env="msd"))
         with pytest.raises(ValueError, match=f"no parameter named {refused}"):
             hook.before_pipeline_run({"runtime_params": runtime}, pipeline=None, catalog=None)
+
+
+def test_a_nested_params_typo_or_bad_value_is_refused_before_the_run_not_when_its_stage_starts(tmp_path):
+    # `--params fit.loop.lrr=0.1` passed the top-level check (fit exists) and failed only when fit
+    # started, after ingest and preprocessing; with `--pipeline ingest` it was never refused at all
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def before_run(env, runtime):
+        loader = OmegaConfigLoader(str(root / "conf"), env=env, runtime_params=runtime, **CONFIG_LOADER_ARGS)
+        hook = RunLockHook()
+        hook.after_context_created(SimpleNamespace(project_path=tmp_path, config_loader=loader, env=env))
+        # a pipeline that writes nothing: the hook checks the parameters and takes no lock
+        hook.before_pipeline_run({"runtime_params": runtime}, pipeline=SimpleNamespace(all_outputs=list), catalog={})
+
+    refused = (({"fit": {"loop": {"lrr": 0.1}}}, r"unknown key\(s\) \['lrr'\] in fit\.loop; known keys: .*'lr'"),
+               ({"fit": {"loop": {"epochs": 0}}}, r"fit\.loop\.epochs must be a whole number >= 1, got 0"),
+               ({"model": {"llm": {"layer_indx": 3}}}, r"unknown key\(s\) \['layer_indx'\] in model\.llm"),
+               ({"ingest": {"spacing_range_mm": 3}}, r"ingest\.spacing_range_mm must be \[low, high\] with 0 < low < high; got 3"),
+               ({"run": {"lock": "maybe"}}, r"run\.lock"))  # fmt: skip
+    for env in ("local", "msd"):
+        for runtime, message in refused:
+            with pytest.raises(ValueError, match=rf"^--params: .*{message}"):
+                before_run(env, runtime)
+        # valid overrides, and new entries of the free-form mappings (labels, arms), still run
+        for runtime in ({"fit": {"loop": {"epochs": 2, "lr": 0.01}}}, {"model": {"preset": "cnn"}},
+                        {"ingest": {"labels": {"organ": 1, "vessel": 3}}},
+                        {"ablation": {"arm_models": {"lora": {"llm": {"lora": {"rank": 4}}}}}},
+                        {"evaluate": {}}, {}):  # fmt: skip
+            before_run(env, runtime)

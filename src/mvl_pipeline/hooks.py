@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import importlib
 import logging
 import threading
 from pathlib import Path
@@ -85,6 +86,14 @@ def _file_parameters(loader: Any) -> dict[str, Any]:
         return {}
 
 
+def _run_parameters(loader: Any) -> dict[str, Any]:
+    """The run's parameters: the project's files with ``--params`` merged in."""
+    try:
+        return dict(loader["parameters"])
+    except (KeyError, MissingConfigException):
+        return {}
+
+
 def refuse_unknown_parameters(runtime: dict[str, Any], parameters: dict[str, Any]) -> None:
     """``--params epochs=1`` set a parameter nothing reads, and the run went on with its defaults:
     a top-level name the project's parameters do not have is refused, with the paths it may have
@@ -101,6 +110,35 @@ def refuse_unknown_parameters(runtime: dict[str, Any], parameters: dict[str, Any
                      "a nested one is named with dots (fit.loop.epochs=2)")  # fmt: skip
 
 
+#: Each parameter block and the dataclass that builds it ("module:Class"), imported only when a
+#: run's --params name the block (training's and the model's modules import torch).
+BLOCKS = {
+    "ingest": "mvl_pipeline.ingestion.config:IngestConfig",
+    "preprocess": "mvl_pipeline.preprocessing.config:PreprocessConfig",
+    "model": "mvl_pipeline.model.config:MedVisionLlamaConfig",
+    "fit": "mvl_pipeline.training.config:FitConfig",
+    "evaluate": "mvl_pipeline.evaluation.scoring:EvaluateConfig",
+    "register": "mvl_pipeline.evaluation.gate:RegisterConfig",
+    "ablation": "mvl_pipeline.training.ablation_config:AblationConfig",
+    "sample_data": "mvl_pipeline.synthetic.sample_drop:SampleDataConfig",
+    "run": "mvl_pipeline.core.run_lock:RunConfig",
+}
+
+
+def refuse_invalid_blocks(runtime: dict[str, Any], parameters: dict[str, Any]) -> None:
+    """``--params fit.loop.lrr=0.1`` (a nested typo) or ``fit.loop.epochs=0`` was refused only when
+    its stage started, after ingest and preprocessing had run, or never by a pipeline without
+    that stage: each block the --params name is built here, before the run, from the run's
+    parameters (files and --params merged), and its own error is raised."""
+    for name in sorted(set(runtime) & set(BLOCKS)):
+        module, _, cls = BLOCKS[name].partition(":")
+        block = getattr(importlib.import_module(module), cls)
+        try:
+            block.from_params(parameters.get(name))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"--params: {exc}") from exc
+
+
 class RunLockHook:
     """Hold the data root's run lock for the whole of a run that writes data (module doc)."""
 
@@ -110,6 +148,7 @@ class RunLockHook:
         self._lock: RunLock | S3RunLock | None = None
         self._config = RunConfig()
         self._parameters: dict[str, Any] = {}
+        self._run_parameters: dict[str, Any] = {}
 
     @hook_impl(tryfirst=True)  # before kedro-mlflow, which reads no mlflow.yml from a missing environment
     def after_context_created(self, context: Any) -> None:
@@ -124,10 +163,13 @@ class RunLockHook:
             raise MissingConfigException(f"{exc} (Kedro environment {context.env!r}; the environments here: {', '.join(known)})") from exc
         self._data_root = str(globals_.get("data_root", "data"))
         self._parameters = _file_parameters(context.config_loader)
+        self._run_parameters = _run_parameters(context.config_loader)
 
     @hook_impl(tryfirst=True)  # before kedro-mlflow opens a run that a refused run would leave open
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
-        refuse_unknown_parameters(run_params.get("runtime_params") or {}, self._parameters)
+        runtime = run_params.get("runtime_params") or {}
+        refuse_unknown_parameters(runtime, self._parameters)
+        refuse_invalid_blocks(runtime, self._run_parameters)
         self._config = config = RunConfig.from_params(catalog.load(RUN_PARAMS) if RUN_PARAMS in catalog else {})
         if not writes_data(pipeline, catalog):
             return

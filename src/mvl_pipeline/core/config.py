@@ -8,7 +8,10 @@ builder here, :func:`build` (``Block.from_params(mapping)``):
 - lists become tuples where the field is a tuple, ``None`` stays ``None`` for optional fields;
 - a key the dataclass does not know is a typo or a setting from another version: it fails with
   the unknown keys, the block's place and the known keys (``fit.loop.epcohs: 5`` must not train
-  the default number of epochs).
+  the default number of epochs);
+- a value of the wrong kind for its field (a string where a number goes, a number where a list
+  or a mapping goes) fails with its place (``model.depth must be a whole number, got 'abc'``),
+  and one that a block's own checks cannot handle fails as ``ValueError`` naming the block.
 
 The YAML is where defaults live for users; the dataclass defaults equal it (tests/core/
 test_parameters.py holds them to the YAML), so code that builds a block without the catalog
@@ -18,6 +21,7 @@ gets the same values as a ``kedro run``.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import types
 import typing
 from collections.abc import Mapping
@@ -65,11 +69,32 @@ def build(cls: type[T], params: Mapping[str, Any] | None, where: str) -> T:
         raise ValueError(f"unknown key(s) {unknown} in {where}; known keys: {sorted(fields)}")
     hints = typing.get_type_hints(cls)
     kwargs = {name: _coerce(hints[name], value, f"{where}.{name}") for name, value in values.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (TypeError, AttributeError, KeyError) as exc:  # a check of the block met a value of a shape it
+        raise ValueError(f"{where}: a value of the wrong kind ({exc})") from exc  # cannot handle
+
+
+#: What a value of a plain field must be (YAML and ``--params`` give these types; numpy numbers pass).
+_KINDS: dict[Any, tuple[tuple[type, ...], str]] = {
+    int: ((numbers.Integral,), "a whole number"),
+    float: ((numbers.Real,), "a number"),
+    str: ((str,), "a string"),
+    bool: ((bool,), "true or false"),
+}
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
+    if hint in _KINDS:  # `--params model.depth=abc` failed in a check as "'<' not supported ..."
+        kinds, kind = _KINDS[hint]
+        if not isinstance(value, kinds) or (hint is not bool and isinstance(value, bool)):
+            raise ValueError(f"{where} must be {kind}, got {value!r}")
+    if origin in (dict, Mapping) or origin is typing.get_origin(Mapping[str, Any]):
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{where} must be a mapping (name: value, ...), got {value!r}")
+    if origin is tuple and not isinstance(value, list | tuple) and typing.get_args(hint)[-1:] == (Ellipsis,):
+        raise ValueError(f"{where} must be a list ([a, b, ...]), got {value!r}")
     if origin in (Union, types.UnionType):
         options = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None:

@@ -50,9 +50,12 @@ class IngestConfig(ConfigBlock):
         object.__setattr__(self, "labels", dict(self.labels or {}))
         object.__setattr__(self, "channels", {str(k): dict(v or {}) for k, v in (self.channels or {}).items()})
         rules_from_params(self.channels)  # names and regular expressions are valid
+        rule = f"ingest.spacing_range_mm must be [low, high] with 0 < low < high; got {self.spacing_range_mm!r}"
+        if not isinstance(self.spacing_range_mm, list | tuple) or len(self.spacing_range_mm) != 2:
+            raise ValueError(rule)
         low, high = (float(v) for v in self.spacing_range_mm)
         if not 0 < low < high:
-            raise ValueError(f"ingest.spacing_range_mm must be [low, high] with 0 < low < high; got {list(self.spacing_range_mm)}")
+            raise ValueError(rule)
         object.__setattr__(self, "spacing_range_mm", (low, high))
         if not 0.0 <= self.channel_min_overlap <= 1.0:
             raise ValueError("ingest.channel_min_overlap must be in [0, 1]")

@@ -203,7 +203,7 @@ def test_a_value_of_the_wrong_kind_fails_naming_its_place_not_as_a_type_error_de
     file, cls = BLOCKS[block]
     shipped = yaml.safe_load((CONF / "base" / f"parameters_{file}.yml").read_text())[block]
     wrong = {int: ("abc", 2.5, None, [1], True), float: ("fast", None, [0.1], {"a": 1}, False),
-             str: (3, None, ["x"], {"a": 1}), bool: ("yes", 1, None)}  # fmt: skip
+             str: (None, ["x"], {"a": 1}, True), bool: ("yes", 1, None)}  # fmt: skip
     fields = list(_plain_fields(cls))
     assert fields, block
     for path, hint in fields:
@@ -216,6 +216,8 @@ def test_a_value_of_the_wrong_kind_fails_naming_its_place_not_as_a_type_error_de
             place = ".".join((block, *path))
             with pytest.raises(ValueError, match=rf"^{re.escape(place)} must be "):
                 cls.from_params(params)
+    # a number where a name goes is that name (`--params fit.run_name=2026`: YAML reads 2026)
+    assert FitConfig.from_params({"run_name": 2026}).run_name == "2026"
     # values whose shape a block's own checks cannot handle fail as ValueError naming the block
     for params in ({"spacing_range_mm": 3}, {"labels": [1, "a"]}, {"channels": {"t1": 1}}, {"label_suffixes": 3}):
         with pytest.raises(ValueError, match=r"^ingest"):

@@ -86,6 +86,8 @@ _KINDS: dict[Any, tuple[tuple[type, ...], str]] = {
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
+    if hint is str and isinstance(value, numbers.Number) and not isinstance(value, bool):
+        return str(value)  # `--params fit.run_name=2026` (YAML reads a number): the name "2026"
     if hint in _KINDS:  # `--params model.depth=abc` failed in a check as "'<' not supported ..."
         kinds, kind = _KINDS[hint]
         if not isinstance(value, kinds) or (hint is not bool and isinstance(value, bool)):

@@ -126,13 +126,14 @@ def test_bad_input_raises_specific_errors_naming_the_path(tmp_path, s3_bucket):
     good = DropFolderDataset(filepath=str(tmp_path / "good"))
     good.save({"f.dcm": b"good data"})
     missing = tmp_path / "missing"
-    with pytest.raises(DropFolderError, match="not found") as info:
+    # what a first `kedro run` without the Makefile meets: the message says where a drop comes from
+    with pytest.raises(DropFolderError, match=r"not found \(it is drop_url in conf/<env>/globals\.yml: `make sample-data`") as info:
         DropFolderDataset(filepath=str(missing)).load()
     assert isinstance(info.value, UnreadableFileError) and str(missing) in str(info.value)
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
     (empty / ".partial").write_bytes(b"x")
-    with pytest.raises(EmptyDropFolderError) as info:
+    with pytest.raises(EmptyDropFolderError, match=r"holds no files \(it is drop_url .*`make data-msd`") as info:
         DropFolderDataset(filepath=str(empty)).load()
     assert isinstance(info.value, EmptySeriesError) and info.value.path == str(empty)
     assert DropFolderDataset(filepath=str(empty), load_args={"allow_empty": True}).load().files == []

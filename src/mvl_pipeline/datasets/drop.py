@@ -46,6 +46,11 @@ logger = logging.getLogger(__name__)
 SAVE_MARKER = ".mvl-save-incomplete"
 
 
+#: Where a missing or empty drop comes from, for `kedro run` without the Makefile (which makes both).
+DROP_HINT = ("it is drop_url in conf/<env>/globals.yml: `make sample-data` generates the sample drop, "
+             "`make data-msd` fetches the MSD task that --env msd reads (or set MVL_MSD_TASK)")  # fmt: skip
+
+
 class DropFolderError(UnreadableFileError, DatasetError):
     """The drop folder (or a file in it) is missing or cannot be read."""
 
@@ -169,7 +174,7 @@ def list_drop_files(fs: Any, protocol: str, root: str) -> tuple[DropFile, ...]:
     unlisted: list[OSError] = []  # local folders that may not be listed
     with storage.outage_guard(fs, protocol):
         if not fs.isdir(root):
-            raise DropFolderError("drop folder not found", path=storage.full_path(protocol, root))
+            raise DropFolderError(f"drop folder not found ({DROP_HINT})", path=storage.full_path(protocol, root))
         if protocol == "file":  # one walk that says which folders it could not list (fsspec's find skips them unsaid)
             infos: dict[str, Mapping[str, Any]] = dict.fromkeys(_local_names(root, unlisted), {})
         else:
@@ -287,7 +292,7 @@ class DropFolderDataset(AbstractDataset[Mapping[str, Any], DropFolder]):
                            "for the sample drop, run `make sample-data` or `kedro run --pipelines sample_data` "
                            "again", SAVE_MARKER)  # fmt: skip
         if not files and not self._load_args["allow_empty"]:
-            raise EmptyDropFolderError("drop folder holds no files", path=self._filepath)
+            raise EmptyDropFolderError(f"drop folder holds no files ({DROP_HINT})", path=self._filepath)
         return DropFolder(
             filepath=self._filepath, files=files, storage_options=self._storage_options
         )

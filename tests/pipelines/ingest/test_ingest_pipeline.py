@@ -25,7 +25,7 @@ from pydicom.data import get_testdata_file
 
 from mvl_pipeline.core import pseudonyms
 from mvl_pipeline.core.pseudonyms import PseudonymKeyError
-from mvl_pipeline.datasets.drop import EmptyDropFolderError
+from mvl_pipeline.datasets.drop import DROP_HINT, EmptyDropFolderError
 from mvl_pipeline.dicom.deid import DEID_METHOD
 from mvl_pipeline.pipelines.ingest import create_pipeline
 
@@ -121,7 +121,7 @@ def test_empty_drop_is_refused_by_default_and_is_a_no_op_when_allowed(tmp_path):
         run_ingest(drop, tmp_path / "data")
     assert isinstance(error.value.__cause__, EmptyDropFolderError)
     assert error.value.__cause__.reason == "empty_drop_folder"
-    assert str(error.value) == f"hospital_drop: drop folder holds no files [{drop}]"
+    assert str(error.value) == f"hospital_drop: drop folder holds no files ({DROP_HINT}) [{drop}]"
     assert not (tmp_path / "data").exists()
 
     run = run_ingest(drop, tmp_path / "data", allow_empty=True)

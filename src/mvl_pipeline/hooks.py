@@ -1,5 +1,7 @@
 """Kedro hooks: one run at a time writes the project's data (``RunLockHook``), and each
 kedro-mlflow run is tagged with where it comes from, code and data versions (``LineageTagsHook``).
+A run's ``--params`` are checked before its first node (``RunLockHook``); a run that fails on
+what no run has made yet names the pipelines to run first (``MissingInputsHook``).
 
 ``RunLockHook`` takes the run lock of the data root (``core.run_lock``; for an ``s3://`` root the
 lease object of ``core.s3_lock``, checked before each node) before the first node of a
@@ -31,7 +33,7 @@ from typing import Any
 
 from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
-from kedro.io import MemoryDataset
+from kedro.io import DatasetError, MemoryDataset
 
 from mvl_pipeline.core import storage
 from mvl_pipeline.core.run_heartbeat import Heartbeat, close_silent_runs
@@ -271,6 +273,50 @@ class KilledRunHook:
         if self._closer is not None:  # bounded: two heartbeats and a few calls
             self._closer.join(2 * self._locks.config.heartbeat_s + 60)
             self._closer = None
+
+
+def _writers(skip: set[str]) -> tuple[dict[str, str], list[str]]:
+    """Each dataset a pipeline writes -> the smallest pipeline that writes it, and the pipelines in
+    the order they must run (each package under pipelines/ imported now: Kedro imports only those a
+    run asks for)."""
+    import graphlib
+    import importlib.resources
+
+    pipelines = {}
+    for folder in importlib.resources.files("mvl_pipeline.pipelines").iterdir():
+        if folder.name not in skip and folder.joinpath("pipeline.py").is_file():
+            pipelines[folder.name] = importlib.import_module(f"mvl_pipeline.pipelines.{folder.name}.pipeline").create_pipeline()
+    found: dict[str, tuple[int, str]] = {}
+    for name, pipeline in pipelines.items():
+        for dataset in pipeline.all_outputs():
+            found[dataset] = min(found.get(dataset, (len(pipeline.nodes), name)), (len(pipeline.nodes), name))
+    writers = {dataset: name for dataset, (_, name) in found.items()}
+    needs = {name: {writers[d] for d in p.inputs() if d in writers} - {name} for name, p in pipelines.items()}
+    return writers, list(graphlib.TopologicalSorter(needs).static_order())
+
+
+class MissingInputsHook:
+    """``kedro run --pipelines evaluate`` before any training failed with "Did not find any versions
+    for TorchWeightsDataset(...)": when a run fails on a dataset, the inputs it reads that are not
+    there yet are named with the pipelines that write them, in the order to run them (looked up
+    only then)."""
+
+    @hook_impl
+    def on_pipeline_error(self, error: Exception, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        if not isinstance(error, DatasetError):
+            return
+        try:
+            absent = [n for n in sorted(pipeline.inputs()) if not n.startswith("params:") and n != "parameters"
+                      and not catalog.exists(n)]  # fmt: skip
+            writers, order = _writers(set(run_params.get("pipeline_names") or ())) if absent else ({}, [])
+        except Exception as problem:  # noqa: BLE001 - a hint must never hide the run's own error
+            logger.debug("inputs not checked (%s)", type(problem).__name__)
+            return
+        first = [f"`kedro run --pipelines {name}` ({', '.join(d for d in absent if writers.get(d) == name)})"
+                 for name in order if name in {writers.get(d) for d in absent}]  # fmt: skip
+        if first:
+            logger.error("this run reads what no run has made yet. Run first, in this order: %s; or `kedro run "
+                         "--pipelines train` for the whole chain.", ", then ".join(first))  # fmt: skip
 
 
 def lineage_tags(lineage: dict[str, Any], *, produces_data: bool) -> dict[str, str]:

@@ -6,7 +6,7 @@ import warnings
 from kedro.config import OmegaConfigLoader
 from omegaconf.resolvers import oc
 
-from mvl_pipeline.hooks import KilledRunHook, LineageTagsHook, RunLockHook
+from mvl_pipeline.hooks import KilledRunHook, LineageTagsHook, MissingInputsHook, RunLockHook
 
 
 def _show_warning_unless_about_kedro_mlflow_pyfunc(message, category, filename, lineno, file=None, line=None):
@@ -49,4 +49,4 @@ CONFIG_LOADER_ARGS = {
 # root before it starts its run, note that run in the lock (and close the run of a killed holder),
 # and tag the run it starts.
 _RUN_LOCK = RunLockHook()
-HOOKS = (_RUN_LOCK, KilledRunHook(_RUN_LOCK), LineageTagsHook())
+HOOKS = (_RUN_LOCK, KilledRunHook(_RUN_LOCK), LineageTagsHook(), MissingInputsHook())

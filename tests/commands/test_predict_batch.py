@@ -489,6 +489,7 @@ def test_what_predict_cannot_use_is_one_error_line_and_exit_status_2(tmp_path, m
     caplog.set_level(logging.ERROR)
     assert run([str(image), str(tmp_path / "out")]) == 2
     assert "no MLflow store at sqlite:///mlflow.db" in caplog.text
+    assert "a project has one after its first training run (`make train`)" in caplog.text
     assert not (tmp_path / "mlflow.db").exists()
 
     notes = tmp_path / "notes.txt"

@@ -325,7 +325,7 @@ def _store_problem(tracking_uri: str) -> str | None:
     one where there is none (predict run outside the project folder)."""
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
         return (f"no MLflow store at {tracking_uri} (relative to {Path.cwd()}): run predict in the project folder, "
-                "or give --tracking-uri")  # fmt: skip
+                "or give --tracking-uri; a project has one after its first training run (`make train`)")  # fmt: skip
     return None
 
 

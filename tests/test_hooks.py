@@ -109,3 +109,39 @@ def test_a_stage_run_before_what_it_reads_exists_names_the_pipelines_to_run_firs
     # the drop comes from outside the project: no run of it makes it, and its own error says where it comes from
     ingest = kedro_run("ingest")
     assert "drop folder not found (it is drop_url" in ingest and "no run has made" not in ingest
+
+
+def test_the_missing_inputs_hint_never_asks_a_store_that_did_not_answer_and_never_waits_long(monkeypatch, caplog):
+    import time
+
+    from kedro.io import DatasetError
+
+    from mvl_pipeline import hooks
+    from mvl_pipeline.core.storage import StorageUnavailableError
+    from mvl_pipeline.hooks import MissingInputsHook
+
+    asked = []
+    pipeline = SimpleNamespace(inputs=lambda: {"trained_model", "test_split", "params:evaluate", "hospital_drop"})
+    run_params = {"pipeline_names": ["evaluate"]}
+    # an outage: the error already says the store did not answer, and asking again would wait its retries
+    try:
+        try:
+            raise StorageUnavailableError("s3 endpoint http://127.0.0.1:1 did not answer (ConnectTimeoutError)")
+        except StorageUnavailableError as outage:
+            raise DatasetError("trained_model: the store did not answer") from outage
+    except DatasetError as error:
+        MissingInputsHook().on_pipeline_error(error, run_params, pipeline, SimpleNamespace(exists=asked.append))
+    assert asked == []
+    # absent inputs another pipeline writes are named; the drop, which none writes, is not even asked
+    caplog.set_level("ERROR")
+    MissingInputsHook().on_pipeline_error(DatasetError("x"), run_params, pipeline,
+                                          SimpleNamespace(exists=lambda n: asked.append(n) or n == "test_split"))  # fmt: skip
+    assert sorted(asked) == ["test_split", "trained_model"]
+    assert "Run first, in this order: `kedro run --pipelines fit` (trained_model); or" in caplog.text
+    # a store that answers slowly: no hint rather than a wait
+    caplog.clear()
+    monkeypatch.setattr(hooks, "HINT_TIMEOUT_S", 0.5)
+    started = time.monotonic()
+    MissingInputsHook().on_pipeline_error(DatasetError("x"), run_params, pipeline,
+                                          SimpleNamespace(exists=lambda n: time.sleep(30)))  # fmt: skip
+    assert time.monotonic() - started < 10 and "no run has made" not in caplog.text

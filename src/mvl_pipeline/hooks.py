@@ -295,25 +295,43 @@ def _writers(skip: set[str]) -> tuple[dict[str, str], list[str]]:
     return writers, list(graphlib.TopologicalSorter(needs).static_order())
 
 
+#: How long a failed run may spend finding what it lacked (a slow remote store: no hint, no wait).
+HINT_TIMEOUT_S = 10.0
+
+
 class MissingInputsHook:
     """``kedro run --pipelines evaluate`` before any training failed with "Did not find any versions
-    for TorchWeightsDataset(...)": when a run fails on a dataset, the inputs it reads that are not
-    there yet are named with the pipelines that write them, in the order to run them (looked up
-    only then)."""
+    for TorchWeightsDataset(...)": when a run fails on a dataset, the inputs it reads that another
+    pipeline writes and that are not there yet are named with those pipelines, in the order to run
+    them. Looked up only then, for at most ``HINT_TIMEOUT_S``, and not in a storage outage."""
 
     @hook_impl
     def on_pipeline_error(self, error: Exception, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        cause: BaseException | None = error
+        while cause is not None:
+            if isinstance(cause, storage.StorageUnavailableError):
+                return  # the store did not answer: asking it again would only delay the error
+            cause = cause.__cause__ or cause.__context__
         if not isinstance(error, DatasetError):
             return
-        try:
-            absent = [n for n in sorted(pipeline.inputs()) if not n.startswith("params:") and n != "parameters"
-                      and not catalog.exists(n)]  # fmt: skip
-            writers, order = _writers(set(run_params.get("pipeline_names") or ())) if absent else ({}, [])
-        except Exception as problem:  # noqa: BLE001 - a hint must never hide the run's own error
-            logger.debug("inputs not checked (%s)", type(problem).__name__)
+        found: dict[str, Any] = {}
+
+        def look() -> None:
+            try:
+                writers, order = _writers(set(run_params.get("pipeline_names") or ()))
+                absent = [n for n in sorted(pipeline.inputs()) if n in writers and not catalog.exists(n)]
+                found.update(writers=writers, order=order, absent=absent)
+            except Exception as problem:  # noqa: BLE001 - a hint must never hide the run's own error
+                logger.debug("inputs not checked (%s)", type(problem).__name__)
+
+        thread = threading.Thread(target=look, name="mvl-missing-inputs", daemon=True)
+        thread.start()
+        thread.join(HINT_TIMEOUT_S)
+        if "absent" not in found:
             return
-        first = [f"`kedro run --pipelines {name}` ({', '.join(d for d in absent if writers.get(d) == name)})"
-                 for name in order if name in {writers.get(d) for d in absent}]  # fmt: skip
+        writers, absent = found["writers"], found["absent"]
+        first = [f"`kedro run --pipelines {name}` ({', '.join(d for d in absent if writers[d] == name)})"
+                 for name in found["order"] if name in {writers[d] for d in absent}]  # fmt: skip
         if first:
             logger.error("this run reads what no run has made yet. Run first, in this order: %s; or `kedro run "
                          "--pipelines train` for the whole chain.", ", then ".join(first))  # fmt: skip

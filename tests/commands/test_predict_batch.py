@@ -538,3 +538,21 @@ def test_a_2d_image_is_refused_as_one_slice_not_as_channels():
 
     with pytest.raises(NotA3DVolumeError, match=r"fewer than 3 axes"):
         as_3d(np.zeros((40, 56), np.float32), path="x")
+
+
+def test_a_one_slice_volume_is_refused_alone_and_the_studies_beside_it_are_written(segmenter, task_dir, tmp_path):
+    # a 2-D image saved as a volume (64x64x1) was segmented as if it were one; ingest keeps no
+    # series under 8 slices, and predict assembles no DICOM series under 3
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copyfile(task_dir / "imagesTr" / "hippocampus_034.nii.gz", inputs / "a_real.nii.gz")
+    nib.save(nib.Nifti1Image(np.full((64, 64, 1), 300.0, np.float32), np.eye(4)), inputs / "b_flat.nii.gz")
+    studies, batch = discover(inputs)
+    results = {s.name: (out, exc) for s, out, exc in predict_studies(segmenter, studies, tmp_path / "out", batch=batch,
+                                                                      uri=URI, args=ARGS)}  # fmt: skip
+    assert results["a_real"] == ("a_real.nii.gz", None)
+    output, error = results["b_flat"]
+    assert output is None and str(error) == (
+        "the image is 64x64x1 voxels: the model segments 3-D volumes of at least 3 voxels along every axis "
+        "(a 2-D image saved as a volume?)")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_real.nii.gz"]

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from mvl_pipeline.core.case import Case
+from mvl_pipeline.core.errors import ImagingError
 from mvl_pipeline.core.volume import Volume
 from mvl_pipeline.evaluation.scoring import EvaluateConfig, predict_case, predict_cases
 from mvl_pipeline.preprocessing.plan import plan_classes
@@ -59,6 +60,14 @@ class Segmenter:
             yield key, labels
 
 
+#: The fewest voxels along any axis of an image the segmenter takes: a 2-D image saved as a volume
+#: (256x256x1) was segmented as if it were one. predict assembles no DICOM series of fewer slices.
+MIN_EXTENT = 3
+
+
 def _as_case(image: Volume, modality: str) -> Case:
+    if min(image.shape) < MIN_EXTENT:
+        raise ImagingError(f"the image is {'x'.join(map(str, image.shape))} voxels: the model segments 3-D volumes "
+                           f"of at least {MIN_EXTENT} voxels along every axis (a 2-D image saved as a volume?)")  # fmt: skip
     volume = Volume(np.asarray(image.array, dtype=np.float32), image.affine, {"modality": modality})
     return Case("input", "input", volume, meta={"modality": modality})

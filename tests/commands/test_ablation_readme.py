@@ -56,3 +56,14 @@ def test_a_readme_without_its_markers_is_left_alone(tmp_path):
         assert main([str(summary), str(readme)]) == 2
         assert readme.read_text(encoding="utf-8") == body
     assert main([str(tmp_path / "missing.json"), str(readme)]) == 2
+
+
+def test_another_json_file_is_refused_as_not_an_ablation_summary(tmp_path, caplog):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{BEGIN}\nkept\n{END}\n", encoding="utf-8")
+    other = tmp_path / "quarantine.json"
+    other.write_text(json.dumps({"entries": []}))
+    caplog.set_level("ERROR")
+    assert main([str(other), str(readme)]) == 2
+    assert f"{other} is not an ablation's summary.json (it has no 'design')" in caplog.text
+    assert readme.read_text(encoding="utf-8") == f"# x\n{BEGIN}\nkept\n{END}\n"

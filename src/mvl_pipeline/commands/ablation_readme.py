@@ -64,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     try:
         changed = update_readme(args.summary, args.readme)
-    except (OSError, MarkerError, KeyError, json.JSONDecodeError) as exc:
+    except KeyError as exc:  # another JSON file given ("KeyError: 'design'" said little)
+        logger.error("%s not updated: %s is not an ablation's summary.json (it has no %s)", args.readme, args.summary, exc)
+        return 2
+    except (OSError, MarkerError, json.JSONDecodeError) as exc:
         logger.error("%s not updated: %s: %s", args.readme, type(exc).__name__, exc)
         return 2
     logger.info("%s: ablation section %s", args.readme, "rewritten" if changed else "already up to date")

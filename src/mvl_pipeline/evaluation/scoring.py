@@ -50,7 +50,8 @@ def cases_in(
     if missing:
         raise ValueError(f"{len(missing)} {role} case(s) are not among the ingested cases")
     if not ids:
-        raise ValueError(f"the {role} split is empty")
+        raise ValueError(f"the {role} split is empty: preprocess's split gave it no patient (its log says so; too "
+                         "few patients for preprocess.split.ratios)")  # fmt: skip
     return [(c, loaders[c]) for c in ids]
 
 

@@ -33,3 +33,16 @@ def test_cases_from_before_key_ids_give_a_split_without_one():
 def test_cases_named_under_two_keys_are_refused():
     with pytest.raises(ValueError, match="2 pseudonymisation keys"):
         split_dataset(_index(12, ["key-aaaaaaaaaaaa", "key-bbbbbbbbbbbb"]), None, None, PARAMS)
+
+
+def test_a_split_that_leaves_a_role_empty_says_so_when_it_is_made(caplog):
+    # 3 patients: evaluate refused "the test split is empty" only after a whole training
+    caplog.set_level("WARNING")
+    split, _, _, test = split_dataset(_index(3, [None]), None, None, PARAMS)
+    empty = [role for role in ("train", "validation", "gate", "test") if not split["patients"][role]]
+    assert empty  # which roles stay empty depends on how the patients hash
+    assert f"split: no {' and no '.join(empty)} patient among 3: fit needs train and validation patients" in caplog.text
+    assert "change preprocess.split.ratios" in caplog.text
+    caplog.clear()
+    split_dataset(_index(40, [None]), None, None, PARAMS)
+    assert "split: no" not in caplog.text

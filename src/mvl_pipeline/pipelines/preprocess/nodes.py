@@ -236,8 +236,11 @@ def split_dataset(
     split = make_split(case_patients, config, _previous(previous_split) or _previous(legacy_split))
     if key_ids:
         split["key_id"] = key_ids[0]
-    logger.info(
-        "split: %d train, %d validation, %d gate, %d test patients",
-        *(len(split["patients"][role]) for role in ("train", "validation", "gate", "test")),
-    )
+    counts = {role: len(split["patients"][role]) for role in ("train", "validation", "gate", "test")}
+    logger.info("split: %d train, %d validation, %d gate, %d test patients", *counts.values())
+    if empty := [role for role, count in counts.items() if not count]:
+        # said here, not first when evaluate refuses an empty test split after a whole training
+        logger.warning("split: no %s patient among %d: fit needs train and validation patients, the registry gate "
+                       "needs gate patients, evaluate needs test patients (none scores on nothing). Add patients, "
+                       "or change preprocess.split.ratios", " and no ".join(empty), sum(counts.values()))  # fmt: skip
     return split, role_view(split, DEVELOPMENT), role_view(split, ("gate",)), role_view(split, ("test",))

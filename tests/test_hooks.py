@@ -145,3 +145,39 @@ def test_the_missing_inputs_hint_never_asks_a_store_that_did_not_answer_and_neve
     MissingInputsHook().on_pipeline_error(DatasetError("x"), run_params, pipeline,
                                           SimpleNamespace(exists=lambda n: time.sleep(30)))  # fmt: skip
     assert time.monotonic() - started < 10 and "no run has made" not in caplog.text
+
+
+@pytest.mark.slow  # a tiny drop generated, ingested and preprocessed in a copy of the project
+def test_a_run_that_fails_after_several_nodes_closes_its_mlflow_run_once(project_copy):
+    # kedro-mlflow re-enters the run at every node; with `tracking.run.nested: True` each node put
+    # it once more on MLflow's stack, and a failure then logged "The run ... was closed because of an
+    # error" once per node that had run (5 times for a run whose fifth node failed)
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = project_copy("mlflow-once")
+    tiny = {"sample_data": {"n_patients": 4, "followup_fraction": 0.0, "image_size": 32, "n_slices": [8, 8],
+                            "pixel_spacing_mm": [8.0, 8.0], "slice_spacing_mm": 10.0, "thin_slice_studies": 0,
+                            "non_axial_studies": 0},
+            "ingest": {"workers": 1, "progress": False}}  # fmt: skip
+    (root / "conf/local/parameters.yml").write_text(yaml.safe_dump(tiny), encoding="utf-8")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MVL_"))},
+           "KEDRO_DISABLE_TELEMETRY": "true", "PYTHONPATH": ""}  # fmt: skip
+
+    def kedro_run(pipeline):
+        return subprocess.run([sys.executable, "-m", "kedro", "run", "--pipelines", pipeline], cwd=root, env=env,
+                              check=False, capture_output=True, text=True, timeout=600)  # fmt: skip
+
+    for pipeline in ("sample_data", "ingest"):
+        done = kedro_run(pipeline)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    # the preprocessed cases' folder is a file: split, fingerprint and plan run, then the fourth node fails
+    (root / "data/05_model_input").mkdir(parents=True, exist_ok=True)
+    (root / "data/05_model_input/cases").write_text("not a folder")
+    done = kedro_run("preprocess")
+    output = done.stdout + done.stderr
+    assert done.returncode != 0 and "Completed 3 out of" in output, output[-3000:]
+    assert output.count("was closed because of an error in the pipeline") == 1, output[-3000:]

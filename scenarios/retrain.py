@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import http.client
 import io
 import json
 import math
@@ -129,7 +130,7 @@ def answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2):
             return True
-    except OSError:
+    except (OSError, http.client.HTTPException):  # not HTTP on that port (yet): not our server
         return False
 
 
@@ -147,7 +148,8 @@ def cluster(work: Path, env: dict[str, str]) -> Iterator[dict[str, str]]:
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     ray_dirs = ray_root(work)
-    s3_port, mlflow_port, gcs_port, dash_port = free_port(), free_port(), free_port(), free_port()
+    s3_port, gcs_port, dash_port = free_port(), free_port(), free_port()
+    mlflow_port = 0
     with ExitStack() as stack:
         def start(name: str, argv: list[str], node_env: Mapping[str, str]) -> Service:
             service = Service(name, argv, logs, node_env)
@@ -157,10 +159,18 @@ def cluster(work: Path, env: dict[str, str]) -> Iterator[dict[str, str]]:
         start("moto", [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)], env)
         wait_http(f"http://127.0.0.1:{s3_port}/moto-api/", "moto S3")
         (work / "mlflow").mkdir(exist_ok=True)
-        start("mlflow", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-                         "--workers", "1", "--backend-store-uri", f"sqlite:///{work / 'mlflow' / 'mlflow.db'}",
-                         "--artifacts-destination", str(work / "mlflow" / "artifacts")],
-              env | NO_SERVER_JOBS)  # fmt: skip
+
+        def start_mlflow() -> Service:  # a free port of its own each attempt
+            nonlocal mlflow_port
+            mlflow_port = free_port()
+            return start("mlflow", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+                                    "--workers", "1", "--backend-store-uri", f"sqlite:///{work / 'mlflow' / 'mlflow.db'}",
+                                    "--artifacts-destination", str(work / "mlflow" / "artifacts")],
+                         env | NO_SERVER_JOBS)  # fmt: skip
+
+        # ready before Ray starts: its port was free when chosen, and a Ray process binding ports of
+        # its own while the server started once took it (the health check then read Ray's gRPC)
+        start_ready(start_mlflow, lambda: answers(f"http://127.0.0.1:{mlflow_port}/health"), "the mlflow server")
         node_env = env | {
             "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
             "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
@@ -183,7 +193,6 @@ def cluster(work: Path, env: dict[str, str]) -> Iterator[dict[str, str]]:
         node2 = [str(BIN / "ray"), "start", "--address", f"127.0.0.1:{gcs_port}", "--temp-dir", str(ray_dirs / "node2")]
         start_ready(lambda: start("ray-node2", [*node2, *node_args()], node_env),
                     lambda: alive_nodes(dash_port) >= 2, "the second Ray node")  # fmt: skip
-        wait_http(f"http://127.0.0.1:{mlflow_port}/health", "mlflow server")
         s3_client(node_env).create_bucket(Bucket=BUCKET)
         yield node_env | {"MVL_RAY_JOBS_ADDRESS": f"http://127.0.0.1:{dash_port}"}
 

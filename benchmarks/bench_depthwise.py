@@ -9,7 +9,9 @@ GPU when there is one, else on the CPU:
 - ``library_fp32_channels_last``: the same in fp32 (the GPU path now; ``cpu_ops: reference`` on CPU);
 - ``library_bf16`` / ``library_fp32``: the same on a contiguous (NCDHW) tensor, for reference;
 - ``composed_fp32`` / ``composed_bf16``: ``model/depthwise.py``'s backward of fast ops on the
-  model's layout (the CPU path now).
+  model's layout (the CPU path now; its filter gradient one conv);
+- ``composed_taps_fp32``: the same with the filter gradient as one product and reduction per tap
+  (the CPU path until 2026-12-05, and now on grids over ``CONV_WEIGHT_GRAD_MAX_VOXELS``).
 
 Median of ``--iters`` timed iterations after 5 warm-ups, per batch size. Last line: one JSON
 object with the times (ms) and the ratios that decided the paths.
@@ -27,6 +29,7 @@ import time
 import torch
 from bench_model import machine, synchronize  # CPU flags, GPU name and capability; CUDA sync
 
+from mvl_pipeline.model import depthwise
 from mvl_pipeline.model.depthwise import depthwise_conv3d
 
 CHANNELS, GRID, KERNEL = 192, (8, 8, 4), 3
@@ -37,6 +40,7 @@ WAYS = (
     "library_fp32",
     "composed_fp32",
     "composed_bf16",
+    "composed_taps_fp32",
 )
 
 
@@ -63,6 +67,15 @@ def time_way(way: str, batch: int, device: torch.device, iters: int) -> float:
         forward(way, conv, x).float().square().mean().backward()
         synchronize(device)
 
+    limit = depthwise.CONV_WEIGHT_GRAD_MAX_VOXELS
+    depthwise.CONV_WEIGHT_GRAD_MAX_VOXELS = 0 if way == "composed_taps_fp32" else limit
+    try:
+        return _median_ms(once, iters)
+    finally:
+        depthwise.CONV_WEIGHT_GRAD_MAX_VOXELS = limit
+
+
+def _median_ms(once, iters: int) -> float:
     for _ in range(5):
         once()
     times = []
@@ -90,6 +103,7 @@ def main() -> None:
         result[f"batch_{batch}_composed_vs_library_fp32_channels_last"] = round(
             ms["library_fp32_channels_last"] / ms["composed_fp32"], 2
         )
+        result[f"batch_{batch}_composed_vs_taps_fp32"] = round(ms["composed_taps_fp32"] / ms["composed_fp32"], 2)
     print(json.dumps(result))
 
 

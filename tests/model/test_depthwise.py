@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from mvl_pipeline.model import build_model
+from mvl_pipeline.model import build_model, depthwise
 from mvl_pipeline.model.depthwise import depthwise_conv3d
 
 
@@ -18,8 +18,11 @@ def conv_and_input(kernel: int, bias: bool, seed: int = 0) -> tuple[nn.Conv3d, t
     return conv, x
 
 
+@pytest.mark.parametrize("filter_grad", ["conv", "taps"])
 @pytest.mark.parametrize(("kernel", "bias"), [(3, True), (3, False), (5, True), (1, True)])
-def test_gradients_equal_autograd_of_nn_conv3d_in_fp32(kernel, bias):
+def test_gradients_equal_autograd_of_nn_conv3d_in_fp32(kernel, bias, filter_grad, monkeypatch):
+    # both forms of the filter gradient: one conv on grids up to the threshold, one product per tap above it
+    monkeypatch.setattr(depthwise, "CONV_WEIGHT_GRAD_MAX_VOXELS", 2048 if filter_grad == "conv" else 0)
     conv, x = conv_and_input(kernel, bias)
     grad = torch.randn(2, 6, 5, 4, 3)
     results = []
@@ -33,7 +36,9 @@ def test_gradients_equal_autograd_of_nn_conv3d_in_fp32(kernel, bias):
         torch.testing.assert_close(new, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_gradcheck_in_double():
+@pytest.mark.parametrize("max_voxels", [2048, 0])
+def test_gradcheck_in_double(max_voxels, monkeypatch):
+    monkeypatch.setattr(depthwise, "CONV_WEIGHT_GRAD_MAX_VOXELS", max_voxels)
     torch.manual_seed(1)
     conv = nn.Conv3d(3, 3, 3, padding=1, groups=3).double()
     x = torch.randn(1, 3, 4, 3, 3, dtype=torch.float64, requires_grad=True)

@@ -12,7 +12,7 @@ the correlation of each (sample, channel) input map with its output gradient, wh
 depthwise forward conv again (the gradient map as the filter, the batch folded into the groups),
 the bias gradient a sum. The filter gradient took 1.2 ms as one product and reduction per filter
 tap (k^3 = 27 of each) and 0.4 ms as that conv (2 x 192 x 8 x 8 x 4, fp32, 2 Xeon cores with
-AMX, 2026-12-05), 2.3-3.9x as fast on grids of 27 to 2048 tokens; on larger grids the conv was
+AMX, 2026-12-05), 2.2-3.9x as fast on grids of 27 to 2048 tokens; on larger grids the conv was
 at times the slower (0.73x at 2 x 384 x 16 x 16 x 12), so they keep the per-tap form.
 Exact up to floating-point rounding; ``tests/model/test_depthwise.py`` checks it against autograd and
 ``torch.autograd.gradcheck``.

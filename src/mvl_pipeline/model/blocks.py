@@ -119,7 +119,7 @@ class HybridAttention(nn.Module):
         # On CPU in fp32 (oneDNN's bf16 depthwise conv3d backward is ~2x slower still, and this
         # branch is a negligible share of the FLOPs), with oneDNN's own backward (``cpu_ops:
         # reference``, the step before) or the same maths in fast ops (model/depthwise.py: its
-        # backward takes ~half the time on a grid of a few hundred tokens)
+        # fwd+bwd take about a third of the time on a grid of a few hundred tokens)
         if x.device.type != "cpu":
             # On a GPU in fp32 too, with cuDNN's own backward. In bf16 on this channels-last token
             # layout cuDNN's weight gradient runs a per-channel engine (768 launches a step): 84% of

@@ -108,7 +108,7 @@ def save_model(
     reference = config["llm_reference"]
     metadata = {"llm_sha256": reference["sha256"] if reference else "none"}
     write_weights(directory, (state, config), metadata=metadata, storage_options=storage_options)
-    logger.info("saved %d tensors (no frozen LLM weights) to %s", len(state), directory)
+    logger.debug("saved %d tensors (no frozen LLM weights) to %s", len(state), directory)
 
 
 def load_model(

@@ -150,11 +150,13 @@ def ask(actor_id):
         return f"{type(error).__name__}: {error}"[:300]
 
 
+watcher = ray.get(ray.remote(num_cpus=0)(lambda: os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")).remote())
 actor = ray.remote(num_cpus=0)(type("Probe", (), {"ping": lambda self: 1})).remote()
 assert ray.get(actor.ping.remote()) == 1
 answer = ray.get(ask.remote(actor._actor_id.hex()))
 print(json.dumps({"url": ray._private.worker.global_worker.node.address_info.get("webui_url"), "processes": names,
-                  "state_api": answer, "api_server_env": os.environ.get("RAY_API_SERVER_ADDRESS")}))
+                  "state_api": answer, "api_server_env": os.environ.get("RAY_API_SERVER_ADDRESS"),
+                  "preemption_watcher": watcher}))
 ray.shutdown()
 """
 ROOT = Path(__file__).resolve().parents[2]
@@ -192,6 +194,8 @@ def test_a_local_ray_serves_its_processes_its_own_state_api_unless_its_dashboard
     # Ray Train's placement-group cleaner sees its controller, with another Ray on the machine
     assert default["state_api"] == "ALIVE", default
     assert default["api_server_env"] is None, default  # the driver's own environment is left as it was
+    # Ray Train's controller, a process of this Ray, starts no preemption watcher on one machine
+    assert default["preemption_watcher"] == "0", default
     off = _local_ray({"ray_dashboard": False})
     assert heads(off) == [] and not off["url"], off
     # what that cleaner gets every second of a run: no answer, or an answer from the other Ray

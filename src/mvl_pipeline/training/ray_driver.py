@@ -125,6 +125,11 @@ def connect_ray(fit: FitConfig) -> bool:
     # else on the machine: on a laptop the training worker then loses the cores it was given
     # (bench_fit measured the epochs 1.14x slower than a plain loop at 15).
     os.environ.setdefault("RAY_worker_niceness", "0")
+    # Ray Train's preemption watcher (an actor that polls for nodes being preempted: spot nodes of
+    # a cluster) has nothing to watch on one machine, and its start made Ray's core worker log an
+    # error line in every fit ("E ... Actor with class name: 'PreemptionWatcher' ... has
+    # constructor arguments in the object store and max_restarts > 0").
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # address="local": always a new Ray of our own. Without it ray.init() attaches to any Ray
     # already running on the machine (another run's, a notebook's), whose CPUs may be taken.
     # Ray gives its raylet a fixed 30 s to register (ray/_private/node.py); on a loaded machine

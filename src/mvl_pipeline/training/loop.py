@@ -348,6 +348,14 @@ def _run_training(config: Mapping[str, Any], session: Session, loop: LoopConfig,
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point (module level, as Ray's examples)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("ray", "ray.train", "highdicom"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    noisy = ["ray", "ray.train", "highdicom"]
+    try:  # Ray Train's "Reporting training result N: TrainingReport(...)" at every report(), a longer copy of
+        # our epoch line: its logger is named by its file's path, outside "ray" and LoggingConfig's reach
+        from ray.train.v2._internal.execution import context as train_context
+
+        noisy.append(train_context.logger.name)
+    except (ImportError, AttributeError):  # another Ray layout: its lines stay
+        pass
+    for name in noisy:
+        logging.getLogger(name).setLevel(logging.WARNING)
     run_training(config, RaySession())

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import logging
 import tempfile
 from typing import Any
 
@@ -38,26 +37,10 @@ class Session:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def quiet_report_lines() -> None:
-    """Ray Train's worker logs every ``report()`` at INFO with the whole metrics dict and the
-    checkpoint path ("Reporting training result 3: TrainingReport(...)"): a second, longer copy of
-    the loop's own epoch line, 28 times a trial. Its logger is named by its file's path, which
-    Ray's ``LoggingConfig`` does not reach, so it is set to WARNING here, in the worker; its
-    warnings and errors still show. A Ray without that module is left as it is."""
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:
-        return
-    reporter = getattr(context, "logger", None)
-    if isinstance(reporter, logging.Logger):
-        reporter.setLevel(logging.WARNING)
-
-
 class RaySession(Session):
     def __init__(self) -> None:
         import ray.train
 
-        quiet_report_lines()
         self._train = ray.train
         context = ray.train.get_context()
         self.world_rank = context.get_world_rank()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +95,15 @@ def tiny_fit_params(tmp: Path, llm_cache_dir: str, **loop: Any) -> dict[str, Any
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def ray_worker_tmp() -> Path:
+    """The temporary folder of ``ray_local``'s workers, their own: a test sees what a fit leaves there."""
+    path = Path(tempfile.mkdtemp(prefix="mvl-ray-tmp-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_local(ray_worker_tmp):
     """One local Ray for the whole session (starting it costs seconds), set up as `kedro run` sets
     up its local Ray (``training.ray_driver.connect_ray``): the Train controller polls its workers
     every 0.25 s (not 2 s: seconds of idle start-up, wind-down and failure detection per fit), and
@@ -106,6 +116,8 @@ def ray_local():
         with pytest.MonkeyPatch.context() as env:  # read by Ray's processes when they start
             env.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
             env.setenv("RAY_worker_niceness", "0")
+            env.setenv("TMPDIR", str(ray_worker_tmp))
+            env.setenv("RAY_TMPDIR", tempfile.gettempdir())  # Ray's own session folder stays where it was
             # a Ray of its own, never one found on the machine (a user's `ray start`)
             ray.init(address="local", num_cpus=2, log_to_driver=False, configure_logging=False)
     yield ray

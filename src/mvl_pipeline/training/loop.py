@@ -202,6 +202,7 @@ def run_training(config: Mapping[str, Any], session: Session) -> dict[str, Any]:
             return _run_training(config, session, loop, stream)
     finally:
         stream.close()
+        session.close()
 
 
 def _run_training(config: Mapping[str, Any], session: Session, loop: LoopConfig, stream: MetricStream) -> dict[str, Any]:
@@ -249,7 +250,7 @@ def _run_training(config: Mapping[str, Any], session: Session, loop: LoopConfig,
     if start_epoch >= loop.epochs and restored is not None:
         # A finished run re-run under the same name: nothing to train, report what it has.
         last = dict(state["history"][-1]) if state["history"] else {}
-        if rank == 0:  # in place in the restored checkpoint (on a local store, the stored one itself):
+        if rank == 0:  # into the local copy of the restored checkpoint, which report() stores anew:
             # atomically, so that a kill mid-write cannot leave a truncated state for every later resume
             storage.write_bytes_atomic(None, "file", str(Path(restored) / STATE_FILE), json.dumps(state, indent=1).encode())
         session.report(last, restored if rank == 0 else None)

@@ -24,6 +24,9 @@ class Session:
     def get_checkpoint_dir(self) -> str | None:
         return None
 
+    def close(self) -> None:
+        """Give back what the session holds (the local copy of a restored checkpoint)."""
+
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         del metrics, checkpoint_dir
 
@@ -46,12 +49,23 @@ class RaySession(Session):
         self.world_rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self._restored = ray.train.get_checkpoint()
+        self._restored_copy: tempfile.TemporaryDirectory[str] | None = None
 
     def get_checkpoint_dir(self) -> str | None:
+        """A local copy of the checkpoint this worker resumes from (None: a fresh start); it is
+        removed by ``close``: every resume copied the model and optimizer state (tens of MB) into
+        the node's temporary folder and left it there."""
         if self._restored is None:
             return None
-        local = tempfile.mkdtemp(prefix="mvl-restore-")
-        return self._restored.to_directory(local)
+        if self._restored_copy is None:
+            self._restored_copy = tempfile.TemporaryDirectory(prefix="mvl-restore-")
+            self._restored.to_directory(self._restored_copy.name)
+        return self._restored_copy.name
+
+    def close(self) -> None:
+        if self._restored_copy is not None:
+            self._restored_copy.cleanup()
+            self._restored_copy = None
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         checkpoint = None

@@ -3,6 +3,7 @@ and a re-run of the same run name resumes instead of retraining."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,7 +27,7 @@ def worker_stderr(ray) -> str:
     return "".join(p.read_text(encoding="utf-8", errors="replace") for p in sorted(logs.glob("worker-*.err")))
 
 
-def test_two_worker_fit_trains_and_reports_every_epoch(tiny_training_data, ray_local, tiny_fit):
+def test_two_worker_fit_trains_and_reports_every_epoch(tiny_training_data, ray_local, ray_worker_tmp, tiny_fit):
     fit = tiny_fit()
     (state, config), history = run_fit(tiny_training_data, fit)
     # DDP over the two workers takes every gradient in its parameter's layout: no copy, no warning
@@ -51,6 +52,10 @@ def test_two_worker_fit_trains_and_reports_every_epoch(tiny_training_data, ray_l
     assert again["run_name"] == history["run_name"]
     assert again["global_step"] == history["global_step"]
     assert again["resumed_after_epochs"] == [2]
+    # the workers copied the checkpoint they resumed from into their temporary folder, and removed
+    # it: before, every resume left a copy of the model and optimizer there
+    assert ray_local.get(ray_local.remote(tempfile.gettempdir).remote()) == str(ray_worker_tmp)
+    assert not list(ray_worker_tmp.glob("mvl-restore-*"))
     assert [e["train_loss"] for e in again["epochs"]] == [e["train_loss"] for e in epochs]
 
     # fit.init champion: the registered champion's weights (here: this fit's) start a shorter run

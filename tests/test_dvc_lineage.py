@@ -35,7 +35,10 @@ TOY_DVC_YAML = {
 
 
 def _run(*args: str, cwd: Path) -> str:
-    return subprocess.run(args, cwd=cwd, check=True, capture_output=True, text=True, timeout=120).stdout
+    # no usage report: `dvc init` sends one before the repository's config can say no (it wrote its
+    # report to a file in /tmp and started a process to post it to dvc.org, for every toy repo)
+    env = os.environ | {"DVC_NO_ANALYTICS": "1"}
+    return subprocess.run(args, cwd=cwd, env=env, check=True, capture_output=True, text=True, timeout=120).stdout
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from mvl_pipeline.core.case import Case
 from mvl_pipeline.core.volume import Volume
 from mvl_pipeline.formats.model_bundle import read_weights
 from mvl_pipeline.model import MedVisionLlamaConfig, build_model
-from mvl_pipeline.training.loop import run_training, validate
+from mvl_pipeline.training.loop import eta_s, run_training, validate
 from mvl_pipeline.training.session import Session
 
 TINY_MODEL = {
@@ -70,6 +70,10 @@ class RecordingSession(Session):
     def __init__(self, keep: Path, restore: Path | None = None) -> None:
         self.keep, self.restore = keep, restore
         self.reports: list[tuple[dict[str, Any], Path | None]] = []
+        self.closed = 0
+
+    def close(self) -> None:
+        self.closed += 1
 
     def get_checkpoint_dir(self) -> str | None:
         return None if self.restore is None else str(self.restore)
@@ -93,7 +97,8 @@ def train(tmp_path: Path, name: str, restore: Path | None = None, **loop: Any):
 
 
 def test_history_has_one_entry_per_epoch_with_loss_and_validation_dice(tmp_path):
-    state, _ = train(tmp_path, "run", epochs=3, val_every=1)
+    state, session = train(tmp_path, "run", epochs=3, val_every=1)
+    assert session.closed == 1  # what the session holds is given back (RaySession: a restored checkpoint's copy)
     history = state["history"]
     assert [h["epoch"] for h in history] == [0, 1, 2]
     assert state["epoch"] == 2 and state["global_step"] == 3 * 2
@@ -205,8 +210,10 @@ def test_a_skipped_first_step_does_not_warn_of_a_wrong_scheduler_call_order(tmp_
 def test_an_epoch_in_which_every_step_is_non_finite_stops_the_run_with_a_clear_error(tmp_path):
     config = training_config(tmp_path)
     config["loaders"] = {case_id: (lambda case_id=case_id: overflowing(case_id)) for case_id in CASES}
+    session = RecordingSession(tmp_path)
     with pytest.raises(FloatingPointError, match="epoch 1: every one of its 2 steps had a non-finite gradient"):
-        run_training(config, RecordingSession(tmp_path))
+        run_training(config, session)
+    assert session.closed == 1  # given back when the run fails too
 
 
 def test_a_training_case_without_label_is_refused(tmp_path):
@@ -308,3 +315,12 @@ def test_a_case_preprocessed_with_another_plan_stops_the_fit_naming_what_to_run(
             NearestLabel(3), {"c": lambda: stale}, ["c"], roi_size=(8, 8, 8), num_classes=3, classes=[1, 2],
             overlap=0.25, sw_batch_size=2, device=torch.device("cpu"), plan_id="new-plan",
         )  # fmt: skip
+
+
+def test_the_eta_is_the_epochs_left_at_the_mean_pace_validations_included():
+    # epochs of 10 s, every second one 4 s longer for its validation: the last epoch's time alone
+    # gave an ETA of 4 x 10 or 4 x 14 s after the fourth epoch, by whether it validated
+    assert eta_s(elapsed_s=10 + 14 + 10 + 14, epochs_run=4, epochs_left=4) == pytest.approx(48.0)
+    assert eta_s(elapsed_s=24.0, epochs_run=2, epochs_left=0) == 0.0
+    # a resumed run counts the epochs this process ran, not those before the restart
+    assert eta_s(elapsed_s=12.0, epochs_run=1, epochs_left=3) == pytest.approx(36.0)

@@ -193,6 +193,13 @@ def flush_denormal(enabled: bool) -> Iterator[None]:
         torch.set_flush_denormal(False)
 
 
+def eta_s(elapsed_s: float, epochs_run: int, epochs_left: int) -> float:
+    """The time the epochs left take at the mean pace of the ``epochs_run`` this process has run,
+    validations included: the last epoch's time alone made the ETA jump up and down by the
+    validation's time (only every ``val_every``-th epoch validates)."""
+    return epochs_left * elapsed_s / max(1, epochs_run)
+
+
 def run_training(config: Mapping[str, Any], session: Session) -> dict[str, Any]:
     """Train as configured; returns the final trainer state (history included)."""
     loop = LoopConfig.from_params(config["loop"])
@@ -257,6 +264,7 @@ def _run_training(config: Mapping[str, Any], session: Session, loop: LoopConfig,
         return state
 
     state["loop_started_unix"] = time.time()  # start-up ends here (benchmarks/bench_fit.py)
+    loop_started = time.perf_counter()
     for epoch in range(start_epoch, loop.epochs):
         started = time.perf_counter()
         rng = np.random.default_rng([loop.seed, rank, epoch])
@@ -327,7 +335,7 @@ def _run_training(config: Mapping[str, Any], session: Session, loop: LoopConfig,
         state["history"].append(metrics)
         if validated:
             state["best_val_dice"] = max(float(state["best_val_dice"]), metrics["val_dice"])
-        remaining = (loop.epochs - epoch - 1) * metrics["epoch_time_s"]
+        remaining = eta_s(time.perf_counter() - loop_started, epoch + 1 - start_epoch, loop.epochs - epoch - 1)
         if rank == 0:
             logger.info(
                 "epoch %d/%d  loss %.4f  val Dice %s  %.1f samples/s  ETA %.0f s",

@@ -29,6 +29,7 @@ LAYERS: list[set[str]] = [
     {"serving"},
     {"datasets"},
     {"pipelines"},
+    {"run_checks"},  # the run's parameters, checked by the hooks before the first node
     {"hooks"},  # Kedro hooks: settings.py registers them
     {"commands", "settings", "pipeline_registry", "__main__"},
     {"predict"},  # the documented `python -m mvl_pipeline.predict`: a name for commands/predict.py

@@ -65,7 +65,7 @@ def test_a_nested_params_typo_or_bad_value_is_refused_before_the_run_not_when_it
         hook = RunLockHook()
         hook.after_context_created(SimpleNamespace(project_path=tmp_path, config_loader=loader, env=env))
         # a pipeline that writes nothing: the hook checks the parameters and takes no lock
-        hook.before_pipeline_run({"runtime_params": runtime}, pipeline=SimpleNamespace(all_outputs=list), catalog={})
+        hook.before_pipeline_run({"runtime_params": runtime}, pipeline=SimpleNamespace(all_outputs=list, inputs=set), catalog={})
 
     refused = (({"fit": {"loop": {"lrr": 0.1}}}, r"unknown key\(s\) \['lrr'\] in fit\.loop; known keys: .*'lr'"),
                ({"fit": {"loop": {"epochs": 0}}}, r"fit\.loop\.epochs must be a whole number >= 1, got 0"),
@@ -82,6 +82,33 @@ def test_a_nested_params_typo_or_bad_value_is_refused_before_the_run_not_when_it
                         {"ablation": {"arm_models": {"lora": {"llm": {"lora": {"rank": 4}}}}}},
                         {"evaluate": {}}, {}):  # fmt: skip
             before_run(env, runtime)
+
+
+def test_a_typo_in_a_parameters_file_is_refused_before_a_run_whose_pipeline_reads_that_block(tmp_path):
+    # `lrr: 0.1` under fit.loop in conf/local/parameters.yml was refused only when the fit started,
+    # after ingest and preprocessing; a typo inside ablation.arm_models named model.llm, not the arm
+    import shutil
+    from pathlib import Path
+
+    conf = tmp_path / "conf"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "conf", conf, ignore=shutil.ignore_patterns("credentials*"))
+
+    def before_run(local_parameters, reads):
+        (conf / "local" / "parameters.yml").write_text(local_parameters, encoding="utf-8")
+        loader = OmegaConfigLoader(str(conf), env="local", **CONFIG_LOADER_ARGS)
+        hook = RunLockHook()
+        hook.after_context_created(SimpleNamespace(project_path=tmp_path, config_loader=loader, env="local"))
+        pipeline = SimpleNamespace(inputs=lambda: {*reads, "model_input_cases"}, all_outputs=list)
+        hook.before_pipeline_run({"runtime_params": {}}, pipeline=pipeline, catalog={})
+
+    typo = "fit:\n  loop:\n    lrr: 0.1\n"
+    with pytest.raises(ValueError, match=r"^parameters: unknown key\(s\) \['lrr'\] in fit\.loop; known keys: .*'lr'"):
+        before_run(typo, {"params:fit", "params:model"})
+    before_run(typo, {"params:ingest", "params:fit.llm_cache_dir"})  # a run that does not read fit goes on
+    before_run("fit:\n  loop:\n    lr: 0.1\n", {"params:fit"})
+    arm_typo = "ablation:\n  arm_models:\n    none: {llm: {mdoe: none}}\n"
+    with pytest.raises(ValueError, match=r"^parameters: ablation\.arm_models\.none: unknown key\(s\) \['mdoe'\] in model\.llm"):
+        before_run(arm_typo, {"params:ablation", "params:model"})
 
 
 @pytest.mark.slow  # two `kedro run`s in a copy of the project

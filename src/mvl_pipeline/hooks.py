@@ -23,9 +23,6 @@ have no active run and get nothing.
 
 from __future__ import annotations
 
-import copy
-import difflib
-import importlib
 import logging
 import threading
 from pathlib import Path
@@ -40,6 +37,13 @@ from mvl_pipeline.core.run_heartbeat import Heartbeat, close_silent_runs
 from mvl_pipeline.core.run_lock import RunConfig, RunLock, local_root, lock_path
 from mvl_pipeline.core.s3_lock import S3RunLock
 from mvl_pipeline.datasets.lineage import LineageDataset
+from mvl_pipeline.run_checks import (
+    blocks_read,
+    file_parameters,
+    refuse_invalid_blocks,
+    refuse_unknown_parameters,
+    run_parameters,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,77 +74,6 @@ def run_lock(data_root: str, project: Path, config: RunConfig, *, pipeline: str)
     return RunLock(fallback, config, pipeline=pipeline)
 
 
-def _paths(tree: Any, prefix: str = "") -> list[str]:
-    if not isinstance(tree, dict):
-        return [prefix]
-    return [p for key, value in tree.items() for p in _paths(value, f"{prefix}{key}.")]
-
-
-def _file_parameters(loader: Any) -> dict[str, Any]:
-    """The parameters the project's files define: the run's loader merges ``--params`` into its
-    ``parameters``, so a copy of it without them is read ({} where there are none to read)."""
-    if getattr(loader, "runtime_params", None):
-        loader = copy.copy(loader)  # its own attributes: the run's loader keeps its runtime_params
-        loader.runtime_params = {}
-    try:
-        return dict(loader["parameters"])
-    except (KeyError, MissingConfigException):
-        return {}
-
-
-def _run_parameters(loader: Any) -> dict[str, Any]:
-    """The run's parameters: the project's files with ``--params`` merged in."""
-    try:
-        return dict(loader["parameters"])
-    except (KeyError, MissingConfigException):
-        return {}
-
-
-def refuse_unknown_parameters(runtime: dict[str, Any], parameters: dict[str, Any]) -> None:
-    """``--params epochs=1`` set a parameter nothing reads, and the run went on with its defaults:
-    a top-level name the project's parameters do not have is refused, with the paths it may have
-    meant (nested names are checked by each block when its stage starts)."""
-    unknown = sorted(set(runtime) - set(parameters))
-    if not unknown or not parameters:
-        return
-    paths = [p.rstrip(".") for p in _paths(parameters)]
-    hints = []
-    for name in unknown:
-        meant = [p for p in paths if p.rsplit(".", 1)[-1] == name] or difflib.get_close_matches(name, list(parameters), n=3)
-        hints.append(f"{name}" + (f" (did you mean {', '.join(meant[:4])}?)" if meant else ""))
-    raise ValueError(f"--params: no parameter named {'; '.join(hints)}. The parameters are {', '.join(sorted(parameters))}; "
-                     "a nested one is named with dots (fit.loop.epochs=2)")  # fmt: skip
-
-
-#: Each parameter block and the dataclass that builds it ("module:Class"), imported only when a
-#: run's --params name the block (training's and the model's modules import torch).
-BLOCKS = {
-    "ingest": "mvl_pipeline.ingestion.config:IngestConfig",
-    "preprocess": "mvl_pipeline.preprocessing.config:PreprocessConfig",
-    "model": "mvl_pipeline.model.config:MedVisionLlamaConfig",
-    "fit": "mvl_pipeline.training.config:FitConfig",
-    "evaluate": "mvl_pipeline.evaluation.scoring:EvaluateConfig",
-    "register": "mvl_pipeline.evaluation.gate:RegisterConfig",
-    "ablation": "mvl_pipeline.training.ablation_config:AblationConfig",
-    "sample_data": "mvl_pipeline.synthetic.sample_drop:SampleDataConfig",
-    "run": "mvl_pipeline.core.run_lock:RunConfig",
-}
-
-
-def refuse_invalid_blocks(runtime: dict[str, Any], parameters: dict[str, Any]) -> None:
-    """``--params fit.loop.lrr=0.1`` (a nested typo) or ``fit.loop.epochs=0`` was refused only when
-    its stage started, after ingest and preprocessing had run, or never by a pipeline without
-    that stage: each block the --params name is built here, before the run, from the run's
-    parameters (files and --params merged), and its own error is raised."""
-    for name in sorted(set(runtime) & set(BLOCKS)):
-        module, _, cls = BLOCKS[name].partition(":")
-        block = getattr(importlib.import_module(module), cls)
-        try:
-            block.from_params(parameters.get(name))
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"--params: {exc}") from exc
-
-
 class RunLockHook:
     """Hold the data root's run lock for the whole of a run that writes data (module doc)."""
 
@@ -164,14 +97,14 @@ class RunLockHook:
             known = sorted(p.name for p in conf.iterdir() if p.is_dir() and p.name != "base") if conf.is_dir() else []
             raise MissingConfigException(f"{exc} (Kedro environment {context.env!r}; the environments here: {', '.join(known)})") from exc
         self._data_root = str(globals_.get("data_root", "data"))
-        self._parameters = _file_parameters(context.config_loader)
-        self._run_parameters = _run_parameters(context.config_loader)
+        self._parameters = file_parameters(context.config_loader)
+        self._run_parameters = run_parameters(context.config_loader)
 
     @hook_impl(tryfirst=True)  # before kedro-mlflow opens a run that a refused run would leave open
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
         runtime = run_params.get("runtime_params") or {}
         refuse_unknown_parameters(runtime, self._parameters)
-        refuse_invalid_blocks(runtime, self._run_parameters)
+        refuse_invalid_blocks(runtime, self._run_parameters, read=blocks_read(pipeline))
         self._config = config = RunConfig.from_params(catalog.load(RUN_PARAMS) if RUN_PARAMS in catalog else {})
         if not writes_data(pipeline, catalog):
             return

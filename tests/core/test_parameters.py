@@ -177,9 +177,9 @@ def test_a_loop_that_cannot_train_fails_when_the_block_is_built(loop, message):
 
 
 def test_the_run_hook_checks_every_block_with_its_own_dataclass():
-    # `--params` naming a block are checked before the run (hooks.refuse_invalid_blocks): a new
+    # `--params` naming a block are checked before the run (run_checks.refuse_invalid_blocks): a new
     # block the hook did not know would be checked only when its stage starts
-    from mvl_pipeline.hooks import BLOCKS as CHECKED
+    from mvl_pipeline.run_checks import BLOCKS as CHECKED
 
     assert {name: ref.rpartition(":")[2] for name, ref in CHECKED.items()} == {
         name: cls.__name__ for name, (_, cls) in BLOCKS.items()}  # fmt: skip

@@ -79,10 +79,18 @@ def trial_plan(plan: Mapping[str, Any], config: AblationConfig) -> dict[str, Any
 def arm_models(model_params: Mapping[str, Any], config: AblationConfig, plan: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Each arm's complete model configuration: ``params:model`` with the arm's changes, its preset
     applied, completed from the plan. Everything not named in ``ablation.arm_models`` is shared."""
+    return {arm: built.for_plan(plan).to_dict() for arm, built in check_arm_models(model_params, config).items()}
+
+
+def check_arm_models(model_params: Mapping[str, Any], config: AblationConfig) -> dict[str, MedVisionLlamaConfig]:
+    """Each arm's model block, built: an error names the arm (``ablation.arm_models.none: unknown
+    key(s) ['mdoe'] in model.llm``), before the run starts (``run_checks``) and at the grid's start."""
     models = {}
     for arm in config.arms:
-        params = apply_preset(_merge(model_params, config.arm_models[arm]))
-        models[arm] = MedVisionLlamaConfig.from_params(params).for_plan(plan).to_dict()
+        try:
+            models[arm] = MedVisionLlamaConfig.from_params(apply_preset(_merge(model_params, config.arm_models[arm])))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"ablation.arm_models.{arm}: {exc}") from exc
     return models
 
 

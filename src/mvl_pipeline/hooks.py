@@ -1,7 +1,7 @@
 """Kedro hooks: one run at a time writes the project's data (``RunLockHook``), and each
 kedro-mlflow run is tagged with where it comes from, code and data versions (``LineageTagsHook``).
-A run's ``--params`` are checked before its first node (``RunLockHook``); a run that fails on
-what no run has made yet names the pipelines to run first (``MissingInputsHook``).
+A run's parameters are checked before its first node (``RunLockHook``, ``run_checks``); a run
+that fails on what no run has made yet names the pipelines to run first (``MissingInputsHook``).
 
 ``RunLockHook`` takes the run lock of the data root (``core.run_lock``; for an ``s3://`` root the
 lease object of ``core.s3_lock``, checked before each node) before the first node of a

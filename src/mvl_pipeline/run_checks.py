@@ -42,7 +42,7 @@ def run_parameters(loader: Any) -> dict[str, Any]:
 def refuse_unknown_parameters(runtime: dict[str, Any], parameters: dict[str, Any]) -> None:
     """``--params epochs=1`` set a parameter nothing reads, and the run went on with its defaults:
     a top-level name the project's parameters do not have is refused, with the paths it may have
-    meant (nested names are checked by each block when its stage starts)."""
+    meant (nested names: ``refuse_invalid_blocks``)."""
     unknown = sorted(set(runtime) - set(parameters))
     if not unknown or not parameters:
         return
@@ -73,7 +73,7 @@ BLOCKS = {
 def blocks_read(pipeline: Any) -> set[str]:
     """The parameter blocks ``pipeline``'s nodes read whole (``params:fit``; not ``params:fit.llm_cache_dir``)."""
     names = pipeline.inputs() if pipeline is not None else ()
-    return {name.removeprefix("params:") for name in names if name.removeprefix("params:") in BLOCKS}
+    return {name[len("params:") :] for name in names if name.startswith("params:") and name[len("params:") :] in BLOCKS}
 
 
 def refuse_invalid_blocks(runtime: dict[str, Any], parameters: dict[str, Any], read: set[str] = frozenset()) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import difflib
 import importlib
+from collections.abc import Iterable
 from typing import Any
 
 from kedro.config import MissingConfigException
@@ -76,7 +77,7 @@ def blocks_read(pipeline: Any) -> set[str]:
     return {name[len("params:") :] for name in names if name.startswith("params:") and name[len("params:") :] in BLOCKS}
 
 
-def refuse_invalid_blocks(runtime: dict[str, Any], parameters: dict[str, Any], read: set[str] = frozenset()) -> None:
+def refuse_invalid_blocks(runtime: dict[str, Any], parameters: dict[str, Any], read: Iterable[str] = ()) -> None:
     """``--params fit.loop.lrr=0.1`` (a nested typo) or ``fit.loop.epochs=0`` was refused only when
     its stage started, after ingest and preprocessing had run, or never by a pipeline without
     that stage; so was the same typo in a parameters file (conf/local). Each block the --params

@@ -104,3 +104,20 @@ def test_the_readme_section_carries_the_conclusion_and_its_source():
     section = readme_section(summary, summary_path="data/08_reporting/ablation/summary.json")
     assert "python -m mvl_pipeline.commands.ablation_readme data/08_reporting/ablation/summary.json README.md" in section
     assert f"**{headline(summary)}**" in section and "| `none` |" in section
+
+
+def test_the_report_and_the_readme_section_count_the_trials_that_reached_the_plateau():
+    # the README's table said nothing of whether its arms were compared trained out or still rising
+    arms = ["pretrained", "none"]
+    trials = histories(arms, [0, 1, 2])  # rising curves: the last third gains 0.04, no plateau
+    flat = [{"epoch": e, "train_loss": 0.5, "val_dice": 0.8} for e in range(6)]
+    trials["arms"]["none"]["0"]["history"] = flat
+    trials["arms"]["none"]["2"]["history"] = flat
+    trials["arms"]["pretrained"]["1"]["history"] = flat[:2]  # two validations: too few to tell
+    params = PARAMS | {"arms": arms, "seeds": [0, 1, 2], "reference": "pretrained"}
+    summary = summarise_ablation(results({"pretrained": 0.0, "none": 0.0}), trials, params)
+    count = "Reached in 2 of 6 trials (1 with too few validations to tell): `pretrained` 0 of 3, `none` 2 of 3."
+    assert count in render_report(summary)
+    assert count in readme_section(summary, summary_path="data/08_reporting/ablation/summary.json")
+    assert "Reached in 0 of 9 trials: `pretrained` 0 of 3, `shuffled` 0 of 3, `none` 0 of 3." in render_report(
+        summary_of({"pretrained": 0.0, "shuffled": 0.0, "none": 0.0}))  # fmt: skip

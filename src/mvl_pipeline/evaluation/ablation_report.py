@@ -160,7 +160,7 @@ def render_report(summary: Mapping[str, Any]) -> str:
         out.append(f"| `{arm}` | " + " | ".join(_num(entry["per_seed_difference"].get(str(s)), primary, signed=True)
                                                for s in design["seeds"]) + " |")  # fmt: skip
     out += ["", "## Training", "", "Validation Dice plateau: the best of the last third of the validations gains "
-            "less than 0.01 over the best before it (`learning_curves.png`).", "",
+            "less than 0.01 over the best before it (`learning_curves.png`). " + plateau_count(summary), "",
             "| arm | " + " | ".join(f"seed {s}: best val Dice (plateau)" for s in design["seeds"]) + " |",
             "|---|" + "---|" * len(design["seeds"])]  # fmt: skip
     for arm, seeds in summary["training"].items():
@@ -180,6 +180,19 @@ def _peak_lr(trial: Mapping[str, Any]) -> str:
     return f", peak learning rate {trial['lr']:g}" if trial.get("lr") is not None else ""
 
 
+def plateau_count(summary: Mapping[str, Any]) -> str:
+    """How many trials reached the plateau, in all and per arm (a reader of the README's table sees
+    whether the arms were compared trained out or still rising)."""
+    per_arm, reached, judged, total = [], 0, 0, 0
+    for arm, seeds in summary["training"].items():
+        states = [entry["plateau"].get("reached") for entry in seeds.values()]
+        arm_reached = sum(state is True for state in states)
+        per_arm.append(f"`{arm}` {arm_reached} of {len(states)}")
+        reached, judged, total = reached + arm_reached, judged + sum(state is not None for state in states), total + len(states)
+    unjudged = f" ({total - judged} with too few validations to tell)" if judged < total else ""
+    return f"Reached in {reached} of {total} trials{unjudged}: {', '.join(per_arm)}."
+
+
 def _plateau(entry: Mapping[str, Any]) -> str:
     if entry.get("reached") is None:
         return "too few validations"
@@ -197,7 +210,9 @@ def readme_section(summary: Mapping[str, Any], *, summary_path: str) -> str:
         f"**{headline(summary)}**", "",
     ]  # fmt: skip
     lines += [f"- {arm_sentence(arm, e, primary, design)}" for arm, e in summary["comparisons"][primary].items()]
-    lines += ["", *_table(summary, primary), "", "Full report with the secondary endpoints (HD95, NSD) and the learning "
+    lines += ["", *_table(summary, primary), "", "Validation Dice plateau (the best of the last third of the validations "
+              f"gains less than 0.01 over the best before it): {plateau_count(summary)}", "",
+              "Full report with the secondary endpoints (HD95, NSD) and the learning "
               "curves: `report.md` beside the summary.", ""]  # fmt: skip
     return "\n".join(lines)
 

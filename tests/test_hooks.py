@@ -109,6 +109,9 @@ def test_a_typo_in_a_parameters_file_is_refused_before_a_run_whose_pipeline_read
     arm_typo = "ablation:\n  arm_models:\n    none: {llm: {mdoe: none}}\n"
     with pytest.raises(ValueError, match=r"^parameters: ablation\.arm_models\.none: unknown key\(s\) \['mdoe'\] in model\.llm"):
         before_run(arm_typo, {"params:ablation", "params:model"})
+    # a typo in the shared model block is named as such, not as the first arm's change
+    with pytest.raises(ValueError, match=r"^parameters: model\.depth must be a whole number"):
+        before_run("model:\n  depth: abc\n", {"params:ablation", "params:model"})
 
 
 @pytest.mark.slow  # two `kedro run`s in a copy of the project

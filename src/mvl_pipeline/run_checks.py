@@ -26,10 +26,7 @@ def file_parameters(loader: Any) -> dict[str, Any]:
     if getattr(loader, "runtime_params", None):
         loader = copy.copy(loader)  # its own attributes: the run's loader keeps its runtime_params
         loader.runtime_params = {}
-    try:
-        return dict(loader["parameters"])
-    except (KeyError, MissingConfigException):
-        return {}
+    return run_parameters(loader)
 
 
 def run_parameters(loader: Any) -> dict[str, Any]:

@@ -85,6 +85,7 @@ def arm_models(model_params: Mapping[str, Any], config: AblationConfig, plan: Ma
 def check_arm_models(model_params: Mapping[str, Any], config: AblationConfig) -> dict[str, MedVisionLlamaConfig]:
     """Each arm's model block, built: an error names the arm (``ablation.arm_models.none: unknown
     key(s) ['mdoe'] in model.llm``), before the run starts (``run_checks``) and at the grid's start."""
+    MedVisionLlamaConfig.from_params(apply_preset(model_params))  # the shared block's own error names it, not an arm
     models = {}
     for arm in config.arms:
         try:

@@ -29,7 +29,7 @@ class TrialBudget(ConfigBlock):
 
     WHERE = "ablation.trial"
 
-    epochs: int = 28
+    epochs: int = 70
     steps_per_epoch: int = 35
     val_every: int = 2
     lr: float = 0.004  # peak learning rate (fit.loop's schedule: warm-up, then cosine decay)

@@ -283,7 +283,12 @@ def _per_seed_difference(endpoints: pd.DataFrame, arm: str, reference: str, metr
     return out
 
 
-def plateau(history: Sequence[Mapping[str, Any]], *, tolerance: float = 0.01) -> dict[str, Any]:
+PLATEAU_TOLERANCE = 0.01
+# the criterion in words, as the report and the README section state it
+PLATEAU_RULE = f"the best of the last third of the validations gains less than {PLATEAU_TOLERANCE:g} over the best before it"
+
+
+def plateau(history: Sequence[Mapping[str, Any]], *, tolerance: float = PLATEAU_TOLERANCE) -> dict[str, Any]:
     """Whether validation Dice had stopped rising: the best of the last third of the validations
     gains less than ``tolerance`` over the best before it."""
     curve = [float(e["val_dice"]) for e in history if e.get("val_dice") is not None]

@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from mvl_pipeline.evaluation.ablation import HIGHER_IS_BETTER  # noqa: E402
+from mvl_pipeline.evaluation.ablation import HIGHER_IS_BETTER, PLATEAU_RULE  # noqa: E402
 
 LABELS = {"dice": "Dice", "hd95_mm": "HD95 (mm)", "nsd": "NSD"}
 DIGITS = {"dice": 3, "hd95_mm": 2, "nsd": 3}
@@ -159,8 +159,7 @@ def render_report(summary: Mapping[str, Any]) -> str:
     for arm, entry in summary["comparisons"][primary].items():
         out.append(f"| `{arm}` | " + " | ".join(_num(entry["per_seed_difference"].get(str(s)), primary, signed=True)
                                                for s in design["seeds"]) + " |")  # fmt: skip
-    out += ["", "## Training", "", "Validation Dice plateau: the best of the last third of the validations gains "
-            "less than 0.01 over the best before it (`learning_curves.png`). " + plateau_count(summary), "",
+    out += ["", "## Training", "", f"Validation Dice plateau: {PLATEAU_RULE} (`learning_curves.png`). " + plateau_count(summary), "",
             "| arm | " + " | ".join(f"seed {s}: best val Dice (plateau)" for s in design["seeds"]) + " |",
             "|---|" + "---|" * len(design["seeds"])]  # fmt: skip
     for arm, seeds in summary["training"].items():
@@ -210,8 +209,7 @@ def readme_section(summary: Mapping[str, Any], *, summary_path: str) -> str:
         f"**{headline(summary)}**", "",
     ]  # fmt: skip
     lines += [f"- {arm_sentence(arm, e, primary, design)}" for arm, e in summary["comparisons"][primary].items()]
-    lines += ["", *_table(summary, primary), "", "Validation Dice plateau (the best of the last third of the validations "
-              f"gains less than 0.01 over the best before it): {plateau_count(summary)}", "",
+    lines += ["", *_table(summary, primary), "", f"Validation Dice plateau ({PLATEAU_RULE}): {plateau_count(summary)}", "",
               "Full report with the secondary endpoints (HD95, NSD) and the learning "
               "curves: `report.md` beside the summary.", ""]  # fmt: skip
     return "\n".join(lines)

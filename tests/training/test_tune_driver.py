@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from mvl_pipeline.evaluation.leakage import LeakageError
-from mvl_pipeline.training import tune_driver
+from mvl_pipeline.training import ablation_trial, tune_driver
 from mvl_pipeline.training.ablation_config import AblationConfig
 from mvl_pipeline.training.config import FitConfig
 from tests.pipelines.conftest import ROOT
@@ -158,10 +158,24 @@ def test_the_tune_experiment_on_s3_uses_the_bounded_filesystem_and_is_found_agai
     assert tune_storage(local, "tune-abc") == (local, None, f"{local}/tune-abc")
 
 
-def test_the_grid_starts_the_cnn_arms_first_and_keeps_the_others_in_order():
+def test_the_grid_starts_every_cnn_trial_first_then_the_other_arms_seed_by_seed():
+    from ray import tune
+    from ray.tune.search.variant_generator import generate_variants
+
     models = tune_driver.arm_models(MODEL, AblationConfig(), PLAN)
-    assert tune_driver.grid_order(models, list(models)) == ["cnn", "pretrained", "shuffled", "random", "bridge_only", "none"]
-    assert tune_driver.grid_order(models, ["none", "pretrained"]) == ["none", "pretrained"]
+    order = tune_driver.trial_order(models, list(models), [0, 1])
+    others = ["pretrained", "shuffled", "random", "bridge_only", "none"]
+    expected = [("cnn", 0), ("cnn", 1), *((arm, 0) for arm in others), *((arm, 1) for arm in others)]
+    assert [(t["arm"], t["seed"]) for t in order] == expected
+    # ... and Tune starts them in that order (a grid over two keys, it ordered them itself)
+    started = [ablation_trial.trial_of(config) for _, config in generate_variants({"trial": tune.grid_search(order)})]
+    assert started == expected
+    assert tune_driver.trial_order(models, ["none", "pretrained"], [3]) == [{"arm": "none", "seed": 3}, {"arm": "pretrained", "seed": 3}]
+
+
+def test_a_trial_config_from_a_tune_experiment_started_before_the_one_grid_still_reads():
+    assert ablation_trial.trial_of({"arm": "cnn", "seed": 2}) == ("cnn", 2)
+    assert ablation_trial.trial_of({"trial": {"arm": "none", "seed": "1"}}) == ("none", 1)
 
 
 def test_another_scoring_of_the_same_grid_gets_its_own_tune_experiment():

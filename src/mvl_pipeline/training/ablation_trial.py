@@ -176,13 +176,21 @@ def _read_checkpoints(result: Any) -> tuple[tuple[dict[str, Any], dict[str, Any]
     return weights, dict(best_metrics), state
 
 
+def trial_of(config: Mapping[str, Any]) -> tuple[str, int]:
+    """``(arm, seed)`` of a Tune trial's config: ``{"trial": {"arm", "seed"}}`` (one grid over the
+    trials, since 2026-12-06), or ``{"arm", "seed"}`` in a Tune experiment started before it and
+    restored as it was."""
+    spec = config.get("trial", config)
+    return str(spec["arm"]), int(spec["seed"])
+
+
 def run_trial(config: Mapping[str, Any], context: TrialContext) -> None:
     """The Tune trainable: train (or resume) the trial's run, score it, store and report."""
     import ray
     import ray.tune
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    arm, seed = str(config["arm"]), int(config["seed"])
+    arm, seed = trial_of(config)
     directory = trial_dir(context, arm, seed)
     done = read_result(directory)
     if done is not None and done.get("scoring_id") == context.scoring_id:

@@ -5,7 +5,7 @@ arm and a user's own MONAI script would run.
 The preset runs the network in the channels_last_3d layout with norms that keep it
 (``model/cnn.py``). Both sides are timed in alternating rounds in one process, on the
 Hippocampus patch (40x56x40, batch 2) with ``--threads`` threads (1: what an ablation trial gets
-on 2 cores); a step is forward, cross-entropy, backward and AdamW. Each round: 3 warm-up steps,
+on 2 cores); a step is forward, cross-entropy, backward and AdamW. Each round: 5 warm-up steps,
 then the median of ``--steps`` timed steps per side. Last line: one JSON object with
 ``preset_step_s``, ``monai_step_s``, ``speedup_vs_monai`` (medians over rounds, and each round's),
 the same for inference (``torch.no_grad``), the last steps' losses of each side, and the machine.
@@ -19,14 +19,15 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import yaml
+from bench_depthwise import _median_ms  # warm-ups, then the median time of the timed calls
 from bench_model import machine  # CPU flags, GPU name and capability
 
 from mvl_pipeline.model import MedVisionLlamaConfig, build_model
+from mvl_pipeline.model.cnn import monai_dynunet
 
 ROOT = Path(__file__).resolve().parents[1]
 HIPPOCAMPUS_PLAN = {"patch_size": [40, 56, 40], "target_spacing": [1.0, 1.0, 1.0], "embed_patch_size": [8, 8, 8],
@@ -35,20 +36,12 @@ HIPPOCAMPUS_PLAN = {"patch_size": [40, 56, 40], "target_spacing": [1.0, 1.0, 1.0
 
 def networks() -> tuple[torch.nn.Module, torch.nn.Module]:
     """(the preset's segmenter, MONAI's DynUNet with the same weights) in bf16-mixed."""
-    from monai.networks.nets import DynUNet
-
     block = yaml.safe_load((ROOT / "conf/base/parameters_model.yml").read_text())["model"]
     cfg = MedVisionLlamaConfig.from_params({**block, "preset": "cnn"}).for_plan(HIPPOCAMPUS_PLAN)
     cache = Path(tempfile.gettempdir()) / "mvl_pipeline-llm-cache"
     torch.manual_seed(0)
     preset = build_model(cfg, llm_cache_dir=cache)
-    cnn = cfg.cnn
-    monai = DynUNet(
-        spatial_dims=3, in_channels=cfg.in_channels, out_channels=cfg.num_classes,
-        kernel_size=[list(k) for k in cnn.kernel_sizes], strides=[list(s) for s in cnn.strides],
-        upsample_kernel_size=[list(s) for s in cnn.strides[1:]], filters=list(cnn.filters),
-        norm_name="instance", deep_supervision=False, res_block=cnn.res_block,
-    )  # fmt: skip
+    monai = monai_dynunet(cfg)
     monai.load_state_dict(preset.net.state_dict())
     return preset, monai
 
@@ -78,14 +71,8 @@ class Side:
 
 
 def timed(action, steps: int) -> float:
-    for _ in range(3):
-        action()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Seconds: the median of ``steps`` calls after 5 warm-ups."""
+    return _median_ms(action, steps) / 1e3
 
 
 def main() -> None:

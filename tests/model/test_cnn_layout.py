@@ -12,7 +12,7 @@ from monai.networks.nets import DynUNet
 from torch import nn
 
 from mvl_pipeline.model import build_model
-from mvl_pipeline.model.cnn import ChannelsLastInstanceNorm3d, channels_last_norms
+from mvl_pipeline.model.cnn import ChannelsLastInstanceNorm3d, channels_last_norms, monai_dynunet
 from tests.model.test_model_presets import preset_config
 
 CL = torch.channels_last_3d
@@ -82,18 +82,6 @@ def test_under_bf16_autocast_the_norm_agrees_with_instance_norm():
     torch.testing.assert_close(fast.float(), plain.float(), rtol=0.02, atol=0.02)
 
 
-def _monai_dynunet(cfg) -> DynUNet:
-    """The DynUNet exactly as MONAI builds it from the preset's topology (default layout, MONAI's
-    own norms)."""
-    cnn = cfg.cnn
-    return DynUNet(
-        spatial_dims=3, in_channels=cfg.in_channels, out_channels=cfg.num_classes,
-        kernel_size=[list(k) for k in cnn.kernel_sizes], strides=[list(s) for s in cnn.strides],
-        upsample_kernel_size=[list(s) for s in cnn.strides[1:]], filters=list(cnn.filters),
-        norm_name="instance", deep_supervision=False, res_block=cnn.res_block,
-    )  # fmt: skip
-
-
 def test_the_cnn_preset_is_monais_dynunet_in_the_channels_last_layout(llm_cache_dir):
     torch.manual_seed(2)
     cfg = preset_config("cnn", precision="fp32")
@@ -102,7 +90,8 @@ def test_the_cnn_preset_is_monais_dynunet_in_the_channels_last_layout(llm_cache_
     assert norms and all(isinstance(m, ChannelsLastInstanceNorm3d) for m in norms)
     convs = [m.weight for m in model.net.modules() if isinstance(m, nn.Conv3d) and m.in_channels > 1 and max(m.kernel_size) > 1]
     assert convs and all(w.is_contiguous(memory_format=CL) and not w.is_contiguous() for w in convs)
-    monai = _monai_dynunet(cfg)
+    monai = monai_dynunet(cfg)
+    assert isinstance(monai, DynUNet) and not any(isinstance(m, ChannelsLastInstanceNorm3d) for m in monai.modules())
     assert model.net.state_dict().keys() == monai.state_dict().keys()
     monai.load_state_dict(model.net.state_dict())
     exact = copy.deepcopy(monai).double()  # the maths, to compare both fp32 networks with

@@ -103,6 +103,25 @@ def channels_last_norms(module: nn.Module) -> nn.Module:
     return module
 
 
+def monai_dynunet(cfg) -> nn.Module:  # cfg: MedVisionLlamaConfig with preset "cnn", its topology derived
+    """MONAI's DynUNet with the preset's topology, as MONAI builds it (default layout, its own norms)."""
+    from monai.networks.nets import DynUNet
+
+    cnn = cfg.cnn
+    return DynUNet(
+        spatial_dims=3,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.num_classes,
+        kernel_size=[list(k) for k in cnn.kernel_sizes],
+        strides=[list(s) for s in cnn.strides],
+        upsample_kernel_size=[list(s) for s in cnn.strides[1:]],
+        filters=list(cnn.filters),
+        norm_name="instance",
+        deep_supervision=False,
+        res_block=cnn.res_block,
+    )
+
+
 class CNNSegmenter(nn.Module):
     """DynUNet with the interface the training loop, inference and the registry expect.
 
@@ -114,25 +133,11 @@ class CNNSegmenter(nn.Module):
 
     def __init__(self, cfg) -> None:  # cfg: MedVisionLlamaConfig with preset "cnn"
         super().__init__()
-        from monai.networks.nets import DynUNet
-
-        cnn = cfg.cnn
-        if cnn.kernel_sizes is None or cnn.strides is None:
+        if cfg.cnn.kernel_sizes is None or cfg.cnn.strides is None:
             raise ValueError("model.cnn topology unknown: it is derived from the preprocessing plan (for_plan)")
         self.cfg = cfg
         self.llm_reference = None
-        self.net = DynUNet(
-            spatial_dims=3,
-            in_channels=cfg.in_channels,
-            out_channels=cfg.num_classes,
-            kernel_size=[list(k) for k in cnn.kernel_sizes],
-            strides=[list(s) for s in cnn.strides],
-            upsample_kernel_size=[list(s) for s in cnn.strides[1:]],
-            filters=list(cnn.filters),
-            norm_name="instance",
-            deep_supervision=False,
-            res_block=cnn.res_block,
-        )
+        self.net = monai_dynunet(cfg)
         channels_last_norms(self.net).to(memory_format=torch.channels_last_3d)
 
     @property

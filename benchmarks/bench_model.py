@@ -10,8 +10,8 @@ every variant's steps), so a burst of someone else's load on a shared machine hi
   every step), kept selectable for this side-by-side;
 - ``fp32``: the default model in fp32; ``none``: the plain ViT (``llm.mode: none``), bf16;
 - with ``--also full_res_conv`` (or ``full_res_s2d``): the default model with that
-  ``decoder.full_res``, and new's speed-up over it; ``--also attention_math``: the default model
-  with ``cpu_math_attention_tokens: 192`` (attention over <= 192 tokens on SDPA's math backend);
+  ``decoder.full_res``, and new's speed-up over it; ``--also attention_flash``: the default model
+  with ``cpu_math_attention_tokens: 0`` (every attention on PyTorch's flash kernel, as before 2026-12-06);
 - with ``--compile``: ``compiled``, ``new`` under ``model.compile: true`` (TorchInductor; its
   first step, the compile, timed apart, with whether Inductor's on-disk cache was warm), in
   ``--compile-mode`` (``reduce-overhead``: CUDA graphs on a GPU).
@@ -29,7 +29,7 @@ round-robin rounds; and the bf16/fp32 agreement of the new path's labels. The ma
 matrix units (AMX / AVX-512-BF16 from the CPU flags; GPU name and compute capability) are printed
 beside the figures. Last line: one JSON object.
 
-    python benchmarks/bench_model.py [--crop 64 64 32] [--batch 2] [--rounds 8] [--profile] [--compile] [--also full_res_conv attention_math]
+    python benchmarks/bench_model.py [--crop 64 64 32] [--batch 2] [--rounds 8] [--profile] [--compile] [--also full_res_conv attention_flash]
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ from mvl_pipeline.training.losses import make_loss, supervised_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL_RES_VARIANTS = {"full_res_conv": "conv", "full_res_s2d": "space_to_depth"}  # the default model, decoder.full_res set
-ALSO = sorted([*FULL_RES_VARIANTS, "attention_math"])  # --also choices
+ALSO = sorted([*FULL_RES_VARIANTS, "attention_flash"])  # --also choices
 MATMUL_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 INFER_SHAPE = (35, 50, 36)  # a median Hippocampus case (1 mm)
 INFER_ROI = (40, 56, 40)  # its plan's patch
@@ -119,8 +119,8 @@ def variant_params(base: dict, name: str) -> dict:
         params["decoder"]["full_res"] = "conv"
     elif name in FULL_RES_VARIANTS:
         params["decoder"]["full_res"] = FULL_RES_VARIANTS[name]
-    elif name == "attention_math":
-        params["cpu_math_attention_tokens"] = 192
+    elif name == "attention_flash":
+        params["cpu_math_attention_tokens"] = 0
     elif name == "fp32":
         params |= {"precision": "fp32"}
     elif name == "none":
@@ -240,7 +240,7 @@ def main() -> None:
     parser.add_argument("--compile-mode", default="default", help="model.compile_mode of the compiled variant (reduce-overhead: CUDA graphs)")
     parser.add_argument("--also", nargs="+", default=[], choices=ALSO,
                         help="time these variants too (the default model with decoder.full_res set, or with attention over "
-                             "<= 192 tokens on SDPA's math backend), with new's speed-up over each")  # fmt: skip
+                             "every attention on PyTorch's flash kernel: attention_flash), with new's speed-up over each")  # fmt: skip
     parser.add_argument("--llm-cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "mvl_pipeline-llm-cache")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--val-cases", type=int, default=8, help="validation patients scored after the last step")
     parser.add_argument("--variants", nargs=2, default=["new", "previous"], metavar=("A", "B"),
                         help="the two steps compared, A - B (bench_model.py's variants: new, previous, "
-                             "full_res_conv, full_res_s2d, attention_math, fp32, none; +ftz appended: "
+                             "full_res_conv, full_res_s2d, attention_flash, fp32, none; +ftz appended: "
                              "with fit.loop.flush_denormal)")  # fmt: skip
     args = parser.parse_args()
     if len(args.seeds) < 2:

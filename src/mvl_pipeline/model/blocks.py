@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .depthwise import depthwise_conv3d
 from .patch_ops import patchify
@@ -22,19 +21,62 @@ from .patch_ops import patchify
 Grid = tuple[int, int, int]
 
 
-def attention_backend(tokens: int, device: torch.device, math_up_to: int) -> AbstractContextManager:
-    """SDPA's math backend for attention over at most ``math_up_to`` tokens on CPU (the model's
-    ``cpu_math_attention_tokens`` under ``cpu_ops: tuned``, else 0); otherwise PyTorch's own
-    choice (its flash kernel on CPU). The same attention either way, up to rounding. Isolated
-    bf16 train steps of the default model on random crops, round-robin on a 2-core Xeon with AMX
-    (2026-12-01): the math backend 1.10x faster at 64 tokens, 1.05-1.09x at 175 (the Hippocampus
-    crop), 0.97x at 256, 0.84x at 384 and 512. But in the training loop on the Hippocampus task
-    the same threshold (192) trained at 0.79x the samples/s (3 seeds); with ``fit.loop.
-    flush_denormal`` on every thread, 1.07x the default's mean rate over 6 seed pairs (0.79-1.42x
-    per seed; README), too noisy to confirm: off by default (0)."""
-    if device.type == "cpu" and tokens <= math_up_to:
-        return sdpa_kernel([SDPBackend.MATH])
-    return nullcontext()
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Non-causal attention as its maths: ``softmax(q k^T * scale) v``, the scores' softmax in
+    fp32 and both products in the inputs' dtype (bf16 under autocast: the matrix units).
+    q (B, h, T, d), k and v (B, hk, T, d) with hk dividing h (grouped-query: each key/value head
+    serves h / hk query heads). Autograd gives its backward as matmuls too."""
+    groups = q.shape[-3] // k.shape[-3]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
+    scores = torch.matmul(q * (q.shape[-1] ** -0.5 if scale is None else scale), k.transpose(-1, -2))  # (B, h, T, T)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    return torch.matmul(weights, v)  # (B, h, T, d)
+
+
+def use_math_attention(q: torch.Tensor, math_up_to: int) -> bool:
+    """:func:`math_attention` for a training step on CPU over at most ``math_up_to`` tokens (the
+    model's ``cpu_math_attention_tokens`` under ``cpu_ops: tuned``, else 0); otherwise SDPA (its
+    flash kernel on CPU). PyTorch's CPU flash kernel is fast forward but slow backward on short
+    sequences: at 175 tokens (the Hippocampus crop), 2 x 9 query heads over 3 key/value heads (the
+    LLM layer), bf16 fwd+bwd 9.8-11.0 ms against 3.3-3.8 ms for these matmuls at 1 thread, 5.7
+    against 2.1 at 2; 2 x 3 heads (the encoder) 3.6-3.9 against 1.4-1.6 and 2.0 against 0.9; at
+    256 tokens 1.2-1.5x, at 512 slower (2026-12-06, Xeon with AMX). Forward alone the flash kernel
+    is faster, so inference (no autograd) keeps it. The same attention either way, up to rounding
+    (tested)."""
+    return q.device.type == "cpu" and torch.is_grad_enabled() and q.shape[-2] <= math_up_to
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, math_up_to: int) -> torch.Tensor:
+    """Non-causal multi-head attention of (B, h, T, d) tensors (see :func:`use_math_attention`)."""
+    if use_math_attention(q, math_up_to):
+        return math_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=k.shape[-3] != q.shape[-3])
+
+
+#: The frozen LLM layer's attention (transformers' ``AttentionInterface``, registered on first
+#: use): :func:`math_attention` where :func:`use_math_attention` says so, else transformers' SDPA.
+LLM_ATTENTION = "mvl_pipeline_sdpa_or_math"
+
+
+def _llm_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:  # fmt: skip
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    math_up_to = getattr(module, "math_attention_tokens", 0)
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal  # as transformers' SDPA reads it
+    if attention_mask is None and not causal and not kwargs.get("dropout") and use_math_attention(query, math_up_to):
+        out = math_attention(query, key, value, scale=kwargs.get("scaling"))  # (B, h, T, d)
+        return out.transpose(1, 2).contiguous(), None  # (B, T, h, d), as transformers' own functions
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register_llm_attention() -> str:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(LLM_ATTENTION, _llm_attention)
+    return LLM_ATTENTION
 
 
 def tokens_to_grid(x: torch.Tensor, grid: Grid) -> torch.Tensor:
@@ -107,8 +149,7 @@ class HybridAttention(nn.Module):
         q, k, v = (
             self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         )  # each (B, nh, T, hd)
-        with attention_backend(T, x.device, self.math_attention_tokens):
-            glob = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hd)
+        glob = attention(q, k, v, self.math_attention_tokens)  # (B, nh, T, hd)
         glob = glob.transpose(1, 2).reshape(B, T, E)  # (B, T, E)
         local = self._local(tokens_to_grid(x, grid))  # (B, E, X, Y, Z)
         local = grid_to_tokens(local).to(glob.dtype)  # (B, T, E)
@@ -245,6 +286,8 @@ class LLMBridge(nn.Module):
         self.head_dim = head_dim
         if self.layer is not None:
             self.layer.self_attn.is_causal = False
+            self.layer.self_attn.math_attention_tokens = math_attention_tokens
+            self.layer.self_attn.config._attn_implementation = _register_llm_attention()
             self.layer.eval()
 
     def train(self, mode: bool = True) -> LLMBridge:
@@ -267,8 +310,7 @@ class LLMBridge(nn.Module):
         B, T, _ = h.shape
         cos = torch.ones(B, T, self.head_dim, device=h.device, dtype=rope_dtype)  # (B, T, hd)
         sin = torch.zeros_like(cos)  # (B, T, hd): rotation by angle 0 = identity
-        with attention_backend(T, h.device, self.math_attention_tokens):
-            out = self.layer(h.to(layer_dtype), attention_mask=None, position_embeddings=(cos, sin))
+        out = self.layer(h.to(layer_dtype), attention_mask=None, position_embeddings=(cos, sin))
         if isinstance(out, tuple):  # older transformers return (hidden_states, ...)
             out = out[0]
         return out  # (B, T, H)

@@ -179,7 +179,7 @@ class MedVisionLlamaConfig(ConfigBlock):
     precision: str = "bf16-mixed"  # "bf16-mixed" (autocast) or "fp32"
     patch_ops: str = "matmul"  # patch embedding / decoder upsampling: matmul (GEMMs) | conv (oneDNN)
     cpu_ops: str = "tuned"  # tuned (faster CPU paths, same maths; GPU: depthwise conv in fp32) | reference (the step before)
-    cpu_math_attention_tokens: int = 0  # tuned: SDPA's math backend on CPU up to this many tokens (0: never)
+    cpu_math_attention_tokens: int = 256  # tuned: training-step attention over <= this many tokens as matmuls on CPU (0: never)
     grad_checkpointing: bool = False
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode when compile is on (COMPILE_MODES)

@@ -1,6 +1,7 @@
 """The ``cnn`` preset runs MONAI's DynUNet in the channels_last_3d layout, with instance norms
-that keep that layout (``model/cnn.py``): the same maths and state dict as the network MONAI
-builds, checked against it here in fp32 (forward and every gradient) and under bf16 autocast."""
+that keep that layout (``model/norms.py``): the same maths and state dict as the network MONAI
+builds, checked against it here in fp32 (forward and every gradient) and under bf16 autocast.
+The ViT's decoder (``cpu_ops: tuned``) uses the same norms in its conv blocks."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ import pytest
 import torch
 from monai.networks.nets import DynUNet
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mvl_pipeline.model import build_model
-from mvl_pipeline.model.cnn import ChannelsLastInstanceNorm3d, channels_last_norms, monai_dynunet
-from tests.model.test_model_presets import preset_config
+from mvl_pipeline.model.cnn import monai_dynunet
+from mvl_pipeline.model.decoder import ConvNormAct
+from mvl_pipeline.model.norms import ChannelsLastInstanceNorm3d, channels_last_norms
+from tests.model.test_model_presets import model_block, preset_config
 
 CL = torch.channels_last_3d
 
@@ -122,3 +126,52 @@ def test_channels_last_norms_replaces_each_norm_once():
     assert isinstance(first, ChannelsLastInstanceNorm3d) and first.affine
     channels_last_norms(net)
     assert net[1][0] is first
+
+
+class _FullSizeCopies(TorchDispatchMode):
+    """Counts the copies (clone, copy_, _to_copy) of tensors with ``numel`` elements."""
+
+    COPIES = {torch.ops.aten.clone.default, torch.ops.aten.copy_.default, torch.ops.aten._to_copy.default}
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.COPIES and args[0].numel() == self.numel:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_vit_decoders_conv_blocks_normalise_channels_last_maps_where_they_lie():
+    torch.manual_seed(4)
+    plain = ConvNormAct(8, 16, 3)  # InstanceNorm3d: the map goes to the default layout and back
+    with torch.no_grad():
+        plain.norm.weight.uniform_(0.5, 1.5)
+        plain.norm.bias.uniform_(-0.5, 0.5)
+    fast = copy.deepcopy(plain)
+    channels_last_norms(fast)
+    assert isinstance(fast.norm, ChannelsLastInstanceNorm3d)
+    x = torch.randn(2, 8, 10, 14, 10).contiguous(memory_format=CL)
+    upstream = torch.randn(2, 16, 10, 14, 10)
+    results = {}
+    for name, block in (("plain", plain), ("fast", fast)):
+        xi = x.detach().clone(memory_format=CL).requires_grad_()
+        with _FullSizeCopies(upstream.numel()) as copies:
+            out = block(xi)
+        (out * upstream).sum().backward()
+        results[name] = (copies.count, out, [xi.grad, *(p.grad for p in block.parameters())])
+    assert results["plain"][0] == 2 and results["fast"][0] == 0  # forward copies of the block's output map
+    assert results["fast"][1].is_contiguous(memory_format=CL) and not results["fast"][1].is_contiguous()
+    torch.testing.assert_close(results["fast"][1], results["plain"][1], rtol=1e-5, atol=1e-5)
+    for fast_grad, plain_grad in zip(results["fast"][2], results["plain"][2], strict=True):
+        # the conv's weight gradient sums 2 x 10 x 14 x 10 voxels: compared as a whole (fp32 rounding)
+        assert float((fast_grad - plain_grad).norm() / plain_grad.norm()) < 1e-5
+
+
+def test_the_vit_decoder_gets_the_layout_keeping_norms_under_tuned_cpu_ops_only(llm_cache_dir):
+    for ops, expected in (("tuned", True), ("reference", False)):
+        llm = {**model_block()["llm"], "mode": "none"}  # the decoder does not depend on the LLM layer
+        model = build_model(preset_config("medvisionllama", cpu_ops=ops, llm=llm), llm_cache_dir=llm_cache_dir)
+        norms = [m for m in model.decoder.modules() if isinstance(m, nn.InstanceNorm3d)]
+        assert norms and all(isinstance(m, ChannelsLastInstanceNorm3d) == expected for m in norms), ops

@@ -22,16 +22,19 @@ Grid = tuple[int, int, int]
 
 
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Non-causal attention as its maths: ``softmax(q k^T * scale) v``, the scores' softmax in
-    fp32 and both products in the inputs' dtype (bf16 under autocast: the matrix units).
+    """Non-causal attention as its maths: ``softmax(q k^T * scale) v``, both products in the
+    inputs' dtype (bf16 under autocast: the matrix units) and the softmax computed in fp32 inside
+    PyTorch's kernel (a bf16 input is read into fp32 and only the result is rounded, as an fp32
+    softmax of the same scores cast back would be, without those two copies of the scores).
     q (B, h, T, d), k and v (B, hk, T, d) with hk dividing h (grouped-query: each key/value head
-    serves h / hk query heads). Autograd gives its backward as matmuls too."""
-    groups = q.shape[-3] // k.shape[-3]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
-    scores = torch.matmul(q * (q.shape[-1] ** -0.5 if scale is None else scale), k.transpose(-1, -2))  # (B, h, T, T)
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
-    return torch.matmul(weights, v)  # (B, h, T, d)
+    serves h / hk consecutive query heads). Those query heads are stacked as rows of one product
+    with their key/value head, so k and v are never repeated per query head. Autograd gives its
+    backward as matmuls too."""
+    B, h, T, d = q.shape
+    hk = k.shape[-3]
+    q = q.reshape(B, hk, (h // hk) * T, d)  # (B, hk, g T, d): query head j*g + i is rows i*T.. of j
+    scores = torch.matmul(q * (d**-0.5 if scale is None else scale), k.transpose(-1, -2))  # (B, hk, g T, T)
+    return torch.matmul(torch.softmax(scores, dim=-1), v).reshape(B, h, T, d)
 
 
 def use_math_attention(q: torch.Tensor, math_up_to: int) -> bool:

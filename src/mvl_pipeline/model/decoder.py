@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .config import FULL_RES_MODES
+from .norms import ChannelsLastInstanceNorm3d
 from .patch_ops import PatchConvTranspose3d, space_to_depth
 
 Grid = tuple[int, int, int]
@@ -65,9 +66,10 @@ class ConvNormAct(nn.Module):
     """Conv3d (same padding, no bias: the norm has one) -> norm -> activation.
 
     Memory formats, for CPU speed: oneDNN convolves a channels_last_3d input about 2x faster,
-    InstanceNorm is faster on the default layout, and an elementwise backward whose gradient and
-    input differ in layout is slow. So: conv on channels_last, norm on contiguous, activation
-    (and the output) channels_last again; the copies cost much less than they save.
+    and an elementwise backward whose gradient and input differ in layout is slow. So the conv,
+    the activation and the output are channels_last. A :class:`ChannelsLastInstanceNorm3d`
+    (``cpu_ops: tuned``) normalises the map where it lies; any other norm gets it in the default
+    layout and hands it back channels_last (two copies, the step before).
     """
 
     def __init__(
@@ -92,7 +94,10 @@ class ConvNormAct(nn.Module):
                 x = self.conv(x.float()).to(torch.bfloat16)  # (B, C_out, X, Y, Z)
         else:
             x = self.conv(x)
-        x = self.norm(x.contiguous()).contiguous(memory_format=torch.channels_last_3d)
+        if isinstance(self.norm, ChannelsLastInstanceNorm3d) and self.norm.keeps_layout(x):
+            x = self.norm(x)
+        else:
+            x = self.norm(x.contiguous()).contiguous(memory_format=torch.channels_last_3d)
         x = self.act(x)
         if x.requires_grad:  # the activation's backward is ~20x slower when its gradient arrives
             x.register_hook(_channels_last)  # in another layout (e.g. through a cat), so match it

@@ -35,9 +35,15 @@ from .blocks import (
     tokens_to_grid,
 )
 from .config import LORA_LAYER_TARGETS, LORA_PROJECTION_TARGETS, MedVisionLlamaConfig
-from .decoder import FusionDecoder, PointwiseConv3d, default_conv_act, default_conv_norm
+from .decoder import (
+    FusionDecoder,
+    PointwiseConv3d,
+    default_conv_act,
+    default_conv_norm,
+)
 from .init import init_parameters
 from .llm_layer import LLMDims, LLMReference, LoadedLLMLayer, load_llm_layer
+from .norms import channels_last_norms
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +99,8 @@ class MedVisionLlama(nn.Module):
             deep_supervision=cfg.decoder.deep_supervision,
             full_res=cfg.decoder.full_res,
         )
+        if tuned:  # its InstanceNorms normalise channels-last maps in place (same maths, same state dict)
+            channels_last_norms(self.decoder)
         # with decoder.full_res space_to_depth the decoder's unfolding GEMM already yields logits
         self.classifier = (PointwiseConv3d(cfg.decoder.stem_channels, cfg.num_classes)
                            if cfg.decoder.full_res == "conv" else nn.Identity())  # fmt: skip

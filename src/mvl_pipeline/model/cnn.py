@@ -89,10 +89,10 @@ class CNNSegmenter(nn.Module):
     """DynUNet with the interface the training loop, inference and the registry expect.
 
     For CPU speed it runs in the channels_last_3d layout, with norms that keep that layout
-    (:class:`ChannelsLastInstanceNorm3d`): the same network and state dict as MONAI builds it.
-    The bare bf16 train step at the Hippocampus patch on one core: 1.19x MONAI's, inference 1.42x
-    (``benchmarks/bench_cnn.py``, 2026-12-06, Xeon with AMX); in the ablation's training loop,
-    two CNN trials side by side, no gain was measured (README, measured)."""
+    (``norms.ChannelsLastInstanceNorm3d``): the same network and state dict as MONAI builds it.
+    The bare bf16 train step at the Hippocampus patch on one core: 1.47x MONAI's, inference 1.49x
+    (``benchmarks/bench_cnn.py``, 2026-12-06, Xeon with AMX; 1.19-1.23x before the norm took its
+    samples by ``split``); the ablation's CNN trials: README, measured."""
 
     def __init__(self, cfg) -> None:  # cfg: MedVisionLlamaConfig with preset "cnn"
         super().__init__()

@@ -35,12 +35,7 @@ from .blocks import (
     tokens_to_grid,
 )
 from .config import LORA_LAYER_TARGETS, LORA_PROJECTION_TARGETS, MedVisionLlamaConfig
-from .decoder import (
-    FusionDecoder,
-    PointwiseConv3d,
-    default_conv_act,
-    default_conv_norm,
-)
+from .decoder import FusionDecoder, PointwiseConv3d, default_conv_act, default_conv_norm
 from .init import init_parameters
 from .llm_layer import LLMDims, LLMReference, LoadedLLMLayer, load_llm_layer
 from .norms import channels_last_norms

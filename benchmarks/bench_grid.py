@@ -35,46 +35,32 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
-from bench_model import machine, matmul_gflops
+from _hippocampus import base_params
+from bench_cnn import HIPPOCAMPUS_PLAN
+from bench_model import Variant, machine, matmul_gflops
 from torch.utils.flop_counter import FlopCounterMode
 
 from mvl_pipeline.model import MedVisionLlamaConfig, build_model, configure_optimizers
 from mvl_pipeline.training.ablation_config import AblationConfig
-from mvl_pipeline.training.loop import _gradients_finite
-from mvl_pipeline.training.losses import make_loss, supervised_loss
+from mvl_pipeline.training.losses import make_loss
 from mvl_pipeline.training.tune_driver import arm_models, trial_order
 
-ROOT = Path(__file__).resolve().parents[1]
-PLAN = {"patch_size": [40, 56, 40], "target_spacing": [1.0, 1.0, 1.0], "embed_patch_size": [8, 8, 8],
-        "label_values": [0, 1, 2], "label_names": {"1": "anterior", "2": "posterior"}}  # the Hippocampus plan  # fmt: skip
 
+class ArmStep(Variant):
+    """One arm's model, optimiser and fixed batch; ``step`` is bench_model's, the training loop's step
+    (deep supervision, the loop's gradient clip, AdamW). Built from the arm's complete model block,
+    which bench_model's own constructor does not take."""
 
-def params(name: str) -> dict:
-    return yaml.safe_load((ROOT / "conf" / "base" / f"parameters_{name}.yml").read_text())[name]
-
-
-class ArmStep:
-    """One arm's model, optimiser and fixed batch; ``step`` is the training loop's step."""
-
-    def __init__(self, model_params: dict, batch: int, lr: float, grad_clip: float, seed: int = 0):
+    def __init__(self, model_params: dict, crop: list[int], batch: int, lr: float, seed: int = 0):
         self.cfg = MedVisionLlamaConfig.from_params(model_params)
         cache = Path(tempfile.gettempdir()) / "mvl_pipeline-llm-cache"
         self.model = build_model(self.cfg, llm_cache_dir=cache, seed=seed).train()
         self.optimizer = configure_optimizers(self.model, lr=lr, weight_decay=0.01)
-        self.loss_fn, self.grad_clip = make_loss(self.cfg.num_classes), grad_clip
+        self.loss_fn = make_loss(self.cfg.num_classes)
         self.deep = getattr(self.model, "deep_supervision", 0)
         generator = torch.Generator().manual_seed(seed)
-        self.x = torch.randn((batch, self.cfg.in_channels, *PLAN["patch_size"]), generator=generator)
-        self.y = torch.randint(0, self.cfg.num_classes, (batch, *PLAN["patch_size"]), generator=generator)
-
-    def step(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        logits, coarse = self.model(self.x, aux=True) if self.deep else (self.model(self.x), [])
-        loss = supervised_loss(self.loss_fn, logits, coarse, self.y, self.cfg.num_classes)
-        loss.backward()
-        if _gradients_finite(self.model, self.grad_clip):
-            self.optimizer.step()
+        self.x = torch.randn((batch, self.cfg.in_channels, *crop), generator=generator)
+        self.y = torch.randint(0, self.cfg.num_classes, (batch, *crop), generator=generator)
 
     def flops(self) -> int:
         with FlopCounterMode(display=False) as counter:
@@ -101,17 +87,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per arm per round")
-    parser.add_argument("--crop", type=int, nargs=3, default=PLAN["patch_size"], help="the plan's patch (smaller: a quick check)")
+    parser.add_argument("--crop", type=int, nargs=3, default=HIPPOCAMPUS_PLAN["patch_size"], help="the plan's patch (smaller: a quick check)")
     parser.add_argument("--arms", nargs="+", default=None, help="time these arms only (default: the grid's)")
     args = parser.parse_args()
-    PLAN["patch_size"] = list(args.crop)
-    ablation = AblationConfig.from_params({**params("ablation"), **({"arms": args.arms} if args.arms else {})})
-    loop = params("fit")["loop"]
+    plan = {**HIPPOCAMPUS_PLAN, "patch_size": list(args.crop)}
+    ablation = AblationConfig.from_params({**base_params("ablation"), **({"arms": args.arms} if args.arms else {})})
+    loop = base_params("fit")["loop"]
     cores = os.cpu_count() or 1
     slots = max(1, min(ablation.local_concurrent_trials, cores))
     torch.set_num_threads(max(1, cores // slots))
-    models = arm_models(params("model"), ablation, PLAN)
-    arms = {arm: ArmStep(models[arm], loop["batch_size"], ablation.trial.lr, loop["grad_clip"]) for arm in ablation.arms}
+    models = arm_models(base_params("model"), ablation, plan)
+    arms = {arm: ArmStep(models[arm], plan["patch_size"], loop["batch_size"], ablation.trial.lr)
+            for arm in ablation.arms}  # fmt: skip
     flops = {arm: arm_step.flops() for arm, arm_step in arms.items()}  # also the warm-up
     for arm_step in arms.values():
         arm_step.step()
@@ -131,7 +118,7 @@ def main() -> None:
     floor = sum(steps * flops[t["arm"]] for t in order) / (rate * 1e9 * slots)
     result = {
         "machine": machine() | {"cores": cores},
-        "crop": PLAN["patch_size"], "batch": loop["batch_size"], "rounds": args.rounds, "steps_per_round": args.steps,
+        "crop": plan["patch_size"], "batch": loop["batch_size"], "rounds": args.rounds, "steps_per_round": args.steps,
         "slots": slots, "threads_per_trial": torch.get_num_threads(),
         "matmul_gflops_bf16": round(rate, 1), "matmul_gflops_bf16_per_round": [round(r, 1) for r in rates],
         "arms": {

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from mvl_pipeline.training.augmentation import AugmentConfig, augment
+from mvl_pipeline.training.augmentation import AugmentConfig, affine_grid, augment
 from mvl_pipeline.training.sampling import TrainingVolume, sample_batch
 
 
@@ -70,3 +70,49 @@ def test_the_rotation_turns_a_disc_on_a_patch_that_is_not_square_without_stretch
         spread = np.linalg.eigvalsh(np.cov(np.stack([xx[inside], yy[inside]])))
         worst = max(worst, float(np.sqrt(spread[1] / spread[0])))
     assert worst < 1.03, worst  # a rigid turn of a voxelised disc; the shear gave up to 1.20
+
+
+def test_the_affine_grid_is_torchs_up_to_rounding():
+    theta = torch.from_numpy(np.random.default_rng(0).normal(size=(3, 3, 4)).astype(np.float32))
+    for spatial in [(40, 56, 40), (8, 5, 3), (1, 4, 2)]:
+        expected = torch.nn.functional.affine_grid(theta, [3, 1, *spatial], align_corners=False)
+        torch.testing.assert_close(affine_grid(theta, spatial), expected, rtol=0, atol=2e-6)
+
+
+def _warp_whole_batch(x, y, thetas):
+    """The warp as it was until 2026-12-06: every sample of a batch that has one to warp goes through
+    torch's affine_grid and grid_sample, the others with the identity."""
+    identity = [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]
+    theta = torch.tensor([thetas.get(b, identity) for b in range(x.shape[0])], dtype=x.dtype)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    warped_x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    warped_y = torch.nn.functional.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return warped_x, warped_y[:, 0].round().long()
+
+
+def test_only_the_samples_that_drew_a_warp_are_warped_as_the_whole_batch_was_before():
+    """Sample 1 of 3 draws a rotation and a scale; samples 0 and 2 none: they come out as they went
+    in (bit for bit), where the whole-batch warp passed them through an identity (the same up to
+    rounding), and sample 1 comes out as that warp made it."""
+    x, y = sample_batch([volume()], (16, 24, 8), 3, np.random.default_rng(3), foreground_fraction=1.0)
+    config = AugmentConfig(flip_prob=0.0, rotate_prob=0.5, scale_prob=0.5, intensity_prob=0.0, noise_prob=0.0)
+
+    class Draws:  # the coins after the 9 flips' (probability 0): only sample 1's rotation and scale come up
+        def __init__(self):
+            self.coins = iter([0.9] * 9 + [0.9, 0.9, 0.1, 0.1, 0.9, 0.9])
+
+        def random(self):
+            return next(self.coins, 0.9)  # then the intensity and noise coins (probability 0)
+
+        def uniform(self, low, high):
+            return low + 0.7 * (high - low)
+
+    ax, ay = augment(x, y, Draws(), config)
+    assert torch.equal(ax[[0, 2]], x[[0, 2]]) and torch.equal(ay[[0, 2]], y[[0, 2]])
+    angle, scale = np.radians(-15.0 + 0.7 * 30.0), 0.85 + 0.7 * 0.3
+    cos, sin, ratio = np.cos(angle) / scale, np.sin(angle) / scale, 16 / 24
+    theta = {1: [[1.0 / scale, 0.0, 0.0, 0.0], [0.0, cos, -sin * ratio, 0.0], [0.0, sin / ratio, cos, 0.0]]}
+    bx, by = _warp_whole_batch(x, y, theta)
+    torch.testing.assert_close(ax, bx, rtol=0, atol=1e-5)
+    assert torch.equal(ay[1], by[1]) and not torch.equal(ay[1], y[1])
+    assert (ay == by).float().mean() == 1.0

@@ -35,6 +35,9 @@ PIP_INDEX = $(or $(PIP_INDEX_URL),$(shell $(PYTHON) -m pip config get global.ind
 UV_SOURCES = $(foreach link,$(PIP_FIND),--find-links $(link)) $(if $(PIP_INDEX),--index-url $(PIP_INDEX))
 
 $(STAMP): requirements/runtime.lock requirements/dev.lock pyproject.toml
+	@# requires-python in pyproject.toml: another Python would fail later, deep in the install
+	@test -x $(BIN)/python || $(PYTHON) -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] < (3, 13))' \
+		|| { echo "[setup] mvl_pipeline needs Python 3.11 or 3.12; $(PYTHON) is $$($(PYTHON) -V 2>&1): run make with PYTHON=python3.11 (or a path)" >&2; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "[setup] installing the locked environment into $(VENV) (first time: a minute or two)"
 	{ $(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION) \

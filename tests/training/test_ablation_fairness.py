@@ -55,7 +55,7 @@ def context(llm_cache_dir: str) -> TrialContext:
         plan=PLAN, class_names={1: "cube"}, train_ids=["case-0", "case-1", "case-2"], val_ids=["case-3"],
         loaders={c: (lambda case=case: case) for c, case in CASES.items()}, test_cases=[], llm_cache_dir=llm_cache_dir,
         scaling={"num_workers": 1, "cpus_per_worker": 1, "use_gpu": False, "gpus_per_worker": 0}, max_failures=0,
-        num_to_keep=1, storage_timeouts={}, evaluate={}, scoring_id="", mlflow=None, score_in_trial=True, tags={},
+        num_to_keep=1, storage_timeouts={}, evaluate={}, scoring_id="", mlflow=None, score_in_trial=True, train_in_trial=True, tags={},
     )  # fmt: skip
 
 

@@ -99,6 +99,7 @@ def test_a_test_patient_among_the_development_patients_is_refused():
         ({"crop_size": [1, 2]}, "needs 3 values"),
         ({"arms": ["pretrained", "a/b"], "arm_models": {"pretrained": {}, "a/b": {}}}, "letters, digits"),
         ({"local_concurrent_trials": 0}, "local_concurrent_trials must be >= 1"),
+        ({"local_engine": "ray"}, r"ablation.local_engine must be one of \['tune', 'ray_train'\]"),
     ],
 )
 def test_the_ablation_block_refuses_a_grid_it_cannot_run(params, message):
@@ -187,11 +188,44 @@ def test_another_scoring_of_the_same_grid_gets_its_own_tune_experiment():
 
     config = AblationConfig.from_params({"arms": ["pretrained", "none"], "seeds": [0, 1]})
     names = {arm: {seed: f"{arm}-seed{seed}-x" for seed in (0, 1)} for arm in ("pretrained", "none")}
-    context = SimpleNamespace(run_names=names, scoring_id="s1")
+    context = SimpleNamespace(run_names=names, scoring_id="s1", train_in_trial=True)
     name = tune_driver.tune_name(context, config, 2)
-    assert name == tune_driver.tune_name(SimpleNamespace(run_names=names, scoring_id="s1"), config, 2)  # resumable
-    assert name != tune_driver.tune_name(SimpleNamespace(run_names=names, scoring_id="s2"), config, 2)
+    assert name == tune_driver.tune_name(SimpleNamespace(run_names=names, scoring_id="s1", train_in_trial=True), config, 2)  # resumable
+    assert name != tune_driver.tune_name(SimpleNamespace(run_names=names, scoring_id="s2", train_in_trial=True), config, 2)
     assert name != tune_driver.tune_name(context, config, 1)
+    # the engine too: a restored experiment would keep the other engine's trial resources
+    assert name != tune_driver.tune_name(SimpleNamespace(run_names=names, scoring_id="s1", train_in_trial=False), config, 2)
+
+
+@pytest.mark.parametrize(
+    ("local", "engine", "scaling", "trials_dir", "in_trial"),
+    [
+        (True, "tune", {}, "data/06_models/ablation/x/trials", True),  # the default on one machine
+        (True, "ray_train", {}, "data/06_models/ablation/x/trials", False),  # asked for
+        (False, "tune", {}, "data/06_models/ablation/x/trials", False),  # a cluster (RAY_ADDRESS)
+        (True, "tune", {"num_workers": 2}, "data/06_models/ablation/x/trials", False),  # DDP over workers
+        (True, "tune", {}, "s3://bucket/ablation/x/trials", False),  # an object store: Ray Train's storage
+    ],
+)
+def test_a_trial_trains_in_its_tune_process_only_on_a_local_ray_with_one_worker(local, engine, scaling, trials_dir, in_trial):
+    from types import SimpleNamespace
+
+    fit = FitConfig.from_params({"scaling": {"cpus_per_worker": 1, **scaling}})
+    config = AblationConfig.from_params({"local_engine": engine})
+    context = SimpleNamespace(trials_dir=trials_dir)
+    assert tune_driver.trains_in_trial(context, config, fit, local=local) is in_trial
+
+
+def test_a_trial_that_trains_in_its_process_holds_its_workers_cpus_and_gpus():
+    from types import SimpleNamespace
+
+    scaling = {"cpus_per_worker": 1, "use_gpu": False, "gpus_per_worker": 1}
+    assert tune_driver.trial_resources(SimpleNamespace(train_in_trial=False, scaling=scaling)) == tune_driver.TRIAL_RESOURCES
+    assert tune_driver.TRIAL_RESOURCES["cpu"] == 0  # a Ray Train run's workers and its scoring task hold them
+    held = tune_driver.trial_resources(SimpleNamespace(train_in_trial=True, scaling=scaling))
+    assert held == {**tune_driver.TRIAL_RESOURCES, "cpu": 1}
+    with_gpu = tune_driver.trial_resources(SimpleNamespace(train_in_trial=True, scaling={**scaling, "cpus_per_worker": 4, "use_gpu": True}))
+    assert with_gpu == {**tune_driver.TRIAL_RESOURCES, "cpu": 4, "gpu": 1}
 
 
 def test_the_report_names_the_commits_that_trained_the_trials_not_the_one_that_read_them_back(caplog):

@@ -23,6 +23,11 @@ DEFAULT_ARM_MODELS: dict[str, dict[str, Any]] = {
 }
 
 
+#: How a local Ray trains a trial of one worker: in the Tune trial's own process, or as a Ray Train
+#: run (as on a cluster, where a trial is always a Ray Train run).
+LOCAL_ENGINES = ("tune", "ray_train")
+
+
 @dataclass(frozen=True)
 class TrialBudget(ConfigBlock):
     """``ablation.trial``: the overrides of ``fit.loop`` every trial trains with (same for all arms)."""
@@ -55,6 +60,7 @@ class AblationConfig(ConfigBlock):
     crop_size: tuple[int, int, int] | None = None
     max_concurrent_trials: int = 4
     local_concurrent_trials: int = 2
+    local_engine: str = "tune"
     storage_path: str = "data/06_models/ablation"
     name: str = "auto"
     statistics: StatisticsPlan = field(default_factory=StatisticsPlan)
@@ -78,5 +84,7 @@ class AblationConfig(ConfigBlock):
             raise ValueError("ablation.max_concurrent_trials must be >= 1")
         if self.local_concurrent_trials < 1:
             raise ValueError("ablation.local_concurrent_trials must be >= 1")
+        if self.local_engine not in LOCAL_ENGINES:
+            raise ValueError(f"ablation.local_engine must be one of {list(LOCAL_ENGINES)}; got {self.local_engine!r}")
         if self.crop_size is not None and (len(self.crop_size) != 3 or min(self.crop_size) < 1):
             raise ValueError(f"ablation.crop_size must be null or 3 positive ints; got {self.crop_size}")

@@ -1,17 +1,20 @@
-"""One trial of the ablation, as Ray Tune runs it: one Ray Train run of the project's loop for one
+"""One trial of the ablation, as Ray Tune runs it: one training of the project's loop for one
 (arm, seed), then its best checkpoint scored on the test cases.
 
-The trial trains ``train_loop_per_worker`` (the same loop as the ``fit`` pipeline) with the arm's
-model configuration and the trial's seed, which fixes the initial weights (tensor by tensor,
+The trial trains the loop of the ``fit`` pipeline (``training.loop``) with the arm's model
+configuration and the trial's seed, which fixes the initial weights (tensor by tensor,
 ``model/init.py``), the ``shuffled``/``random`` layer draw and the training patches (drawn from
 ``default_rng([seed, rank, epoch])``); the loop budget, the optimiser and its schedule are the
-same for every arm. Its Ray Train run has a fixed name inside the experiment folder, so a trial
-that is started again (after an interruption) resumes its run from the last checkpoint, and a
-finished run trains nothing. The checkpoint with the best validation Dice is scored on the test
-cases on their original grid (``evaluation.scoring``; the raw network: no post-processing is
-decided here), on a cluster in a Ray task holding the workers' CPUs; the per-case rows, the history and
-the figures go to ``ablation_trial.json`` in the trial's folder (written last, atomically: a
-trial whose file exists is done, and is not run again).
+same for every arm. On a cluster (or with several workers) the trial is a Ray Train run
+(``train_loop_per_worker``); on a local Ray a trial of one worker trains in the trial's own
+process (``ablation.local_engine: tune``, ``trial_session``: the same steps, without the
+processes of a Ray Train run). Either way its checkpoints have a fixed place inside the
+experiment folder, so a trial that is started again (after an interruption) resumes from the last
+checkpoint, and a finished training trains nothing. The checkpoint with the best validation Dice
+is scored on the test cases on their original grid (``evaluation.scoring``; the raw network: no
+post-processing is decided here), on a cluster in a Ray task holding the workers' CPUs; the
+per-case rows, the history and the figures go to ``ablation_trial.json`` in the trial's folder
+(written last, atomically: a trial whose file exists is done, and is not run again).
 """
 
 from __future__ import annotations
@@ -27,11 +30,21 @@ from typing import Any
 
 from mvl_pipeline.core import storage
 from mvl_pipeline.training import ablation_tracking
-from mvl_pipeline.training.loop import MODEL_DIR, STATE_FILE, train_loop_per_worker
+from mvl_pipeline.training.loop import (
+    MODEL_DIR,
+    STATE_FILE,
+    configure_worker_logging,
+    run_training,
+    train_loop_per_worker,
+)
+from mvl_pipeline.training.trial_session import TrialSession
 
 logger = logging.getLogger(__name__)
 
 RESULT_FILE = "ablation_trial.json"
+
+#: a trained trial: the best checkpoint's weights (parameters, buffers) and metrics, the last one's state
+TrainedRun = tuple[tuple[dict[str, Any], dict[str, Any]], dict[str, Any], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -57,6 +70,7 @@ class TrialContext:
     scoring_id: str  # test cases + evaluate settings: a stored result scored otherwise is redone
     mlflow: Mapping[str, str] | None  # the parent run
     score_in_trial: bool  # local Ray: score in the trial's process; a cluster: in a task with CPUs
+    train_in_trial: bool  # local Ray, 1 worker, ablation.local_engine tune: train in the trial's process
     tags: Mapping[str, Any]  # data_version, plan_id, git_commit, git_dirty, ablation
 
 
@@ -161,7 +175,24 @@ def _fit(context: TrialContext, arm: str, seed: int, child: Mapping[str, str] | 
     return trainer.fit()
 
 
-def _read_checkpoints(result: Any) -> tuple[tuple[dict[str, Any], dict[str, Any]], dict[str, Any], dict[str, Any]]:
+def _fit_in_trial(context: TrialContext, arm: str, seed: int, child: Mapping[str, str] | None) -> TrainedRun:
+    """Train in this process (the Tune trial's), checkpoints in the trial's folder
+    (``trial_session``); a trial started again resumes from its latest checkpoint."""
+    from mvl_pipeline.formats.model_bundle import read_weights
+
+    session = TrialSession(trial_dir(context, arm, seed), context.num_to_keep)
+    configure_worker_logging()
+    # the epoch lines, as a Ray Train worker prints them; not the scoring's line per test case
+    logging.getLogger("mvl_pipeline.evaluation.scoring").setLevel(logging.WARNING)
+    run_training(train_config(context, arm, seed, child), session)
+    best, latest = session.best(), session.latest()
+    if best is None or latest is None:
+        raise RuntimeError("the trial's training reported no checkpoint")
+    state = json.loads((latest.path / STATE_FILE).read_text(encoding="utf-8"))
+    return read_weights(best.path / MODEL_DIR), dict(best.metrics), state
+
+
+def _read_checkpoints(result: Any) -> TrainedRun:
     """The best checkpoint's weights and metrics, and the last checkpoint's trainer state."""
     from mvl_pipeline.formats.model_bundle import read_weights
 
@@ -201,8 +232,10 @@ def run_trial(config: Mapping[str, Any], context: TrialContext) -> None:
     child_id = ablation_tracking.start_child(context.mlflow, tags, directory)
     child = {**context.mlflow, "run_id": child_id} if context.mlflow and child_id else None
     started = time.time()
-    result = _fit(context, arm, seed, child)
-    weights, best_metrics, state = _read_checkpoints(result)
+    if context.train_in_trial:
+        weights, best_metrics, state = _fit_in_trial(context, arm, seed, child)
+    else:
+        weights, best_metrics, state = _read_checkpoints(_fit(context, arm, seed, child))
     trained = time.time()
     threads = int(context.scaling["cpus_per_worker"]) * int(context.scaling["num_workers"])
     arguments = (weights, list(context.test_cases), dict(context.plan), dict(context.class_names),

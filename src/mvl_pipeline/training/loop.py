@@ -356,6 +356,13 @@ def _run_training(config: Mapping[str, Any], session: Session, loop: LoopConfig,
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point (module level, as Ray's examples)."""
+    configure_worker_logging()
+    run_training(config, RaySession())
+
+
+def configure_worker_logging() -> None:
+    """The epoch lines at INFO in a Ray process that trains (a Ray Train worker, or a Tune trial
+    that trains in its own process), Ray's own lines from WARNING."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     noisy = ["ray", "ray.train", "highdicom"]
     try:  # Ray Train's "Reporting training result N: TrainingReport(...)" at every report(), a longer copy of
@@ -367,4 +374,3 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         pass
     for name in noisy:
         logging.getLogger(name).setLevel(logging.WARNING)
-    run_training(config, RaySession())

@@ -1,25 +1,27 @@
-"""The ablation driver: a Ray Tune ``Tuner`` over Ray Train runs, grid arm x seed
-(``training.ablation_trial`` is one trial). The ``ablation`` pipeline's node is a thin wrapper
-around :func:`run_ablation`.
+"""The ablation driver: a Ray Tune ``Tuner`` over the trials' trainings, grid arm x seed
+(``training.ablation_trial`` is one trial: a Ray Train run, or on a local Ray with one worker a
+training in the trial's own process, ``ablation.local_engine``). The ``ablation`` pipeline's node
+is a thin wrapper around :func:`run_ablation`.
 
 Where things go (``ablation.storage_path``, local or a URL Ray can write):
 
-    <storage>/<name>/trials/<arm>-seed<seed>-<arm digest>/   Ray Train run + ablation_trial.json
+    <storage>/<name>/trials/<arm>-seed<seed>-<arm digest>/   the training's checkpoints + ablation_trial.json
     <storage>/<name>/tune-<grid digest>/                    the Tune experiment (its state)
 
 ``<name>`` (``ablation.name: auto``) is a hash of what makes results comparable: the data version,
 the plan, the train/validation split, the shared model block, the loop budget and the workers.
 Running the same ablation again finds its Tune experiment and RESTORES it
 (``Tuner.restore(resume_unfinished=True, resume_errored=True)``): finished trials are kept,
-unfinished and errored trials run again, and each of those resumes its Ray Train run from its
-last checkpoint. A trial whose result file exists is never trained again, even in a new Tune
+unfinished and errored trials run again, and each of those resumes its training from its last
+checkpoint. A trial whose result file exists is never trained again, even in a new Tune
 experiment (another grid over the same runs: an extra seed or arm reuses the others).
 
 A local Ray runs up to ``ablation.local_concurrent_trials`` trials at once and shares the
 machine's cores out between them (:func:`local_trials`; at batch 2 a training step uses two cores
 poorly, so two 1-core trials train more samples a second than one 2-core trial); on a cluster
-(``RAY_ADDRESS``) up to ``ablation.max_concurrent_trials`` run at once. A trial reserves no CPU
-itself (its Ray Train workers and its scoring task hold the resources), only 64 MiB of memory.
+(``RAY_ADDRESS``) up to ``ablation.max_concurrent_trials`` run at once. A trial that starts a Ray
+Train run reserves no CPU itself (its workers and its scoring task hold the resources), only 64 MiB
+of memory; one that trains in its own process holds its worker's CPUs (:func:`trial_resources`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, replace
 from typing import Any
 
+from mvl_pipeline.core import storage
 from mvl_pipeline.core.hashing import json_digest, set_digest
 from mvl_pipeline.core.storage import train_storage
 from mvl_pipeline.evaluation.ablation import json_safe
@@ -175,6 +178,7 @@ def build_context(
         scoring_id=json_digest([set_digest(c for c, _ in test_cases), evaluate_cfg.to_dict(), classes]),
         mlflow=mlflow_target(),
         score_in_trial=not os.environ.get("RAY_ADDRESS"),
+        train_in_trial=False,  # decided when Ray is up (_run_grid: local_engine)
         tags={
             "data_version": data_version,
             "plan_id": str(preprocessing_plan.get("plan_id")),
@@ -184,6 +188,24 @@ def build_context(
         },
     )
     return context, experiment
+
+
+def trains_in_trial(context: TrialContext, config: AblationConfig, fit_cfg: FitConfig, *, local: bool) -> bool:
+    """Whether a trial trains in its own Tune process (``trial_session``) rather than as a Ray Train
+    run: on a local Ray, with ``ablation.local_engine: tune``, one worker and a local experiment
+    folder (a Ray Train run is what spreads a trial over workers and stores to object stores)."""
+    _, protocol, _ = storage.filesystem(context.trials_dir)
+    return local and config.local_engine == "tune" and fit_cfg.scaling.num_workers == 1 and protocol == "file"
+
+
+def trial_resources(context: TrialContext) -> dict[str, float]:
+    """What a trial reserves: a trial that trains in its process holds its worker's CPUs (and GPUs);
+    one that starts a Ray Train run holds none (its workers and its scoring task hold them)."""
+    if not context.train_in_trial:
+        return dict(TRIAL_RESOURCES)
+    scaling = context.scaling
+    gpus = {"gpu": scaling["gpus_per_worker"]} if scaling["use_gpu"] else {}
+    return {**TRIAL_RESOURCES, "cpu": scaling["cpus_per_worker"], **gpus}
 
 
 def local_trials(config: AblationConfig, fit_cfg: FitConfig, cpus: int) -> int:
@@ -213,7 +235,9 @@ def tune_name(context: TrialContext, config: AblationConfig, concurrent: int) ->
     with nothing to run, so a grid to be scored otherwise needs its own: with the scoring left out,
     a changed ``evaluate`` setting re-ran nothing and every later run failed ("left no result")."""
     grid = sorted(context.run_names[a][s] for a in config.arms for s in config.seeds)
-    return f"tune-{json_digest([grid, concurrent, context.scoring_id], length=10)}"
+    # the engine too: a restored experiment keeps each trial's resources
+    engine = ["in_trial"] if context.train_in_trial else []
+    return f"tune-{json_digest([grid, concurrent, context.scoring_id, *engine], length=10)}"
 
 
 def _tuner(context: TrialContext, experiment: str, config: AblationConfig, *, concurrent: int) -> Any:
@@ -221,7 +245,7 @@ def _tuner(context: TrialContext, experiment: str, config: AblationConfig, *, co
     number of trials at once, which Tune keeps in its state), restored."""
     from ray import tune
 
-    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), TRIAL_RESOURCES)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), trial_resources(context))
     name = tune_name(context, config, concurrent)
     storage_path, filesystem, path = tune_storage(experiment, name, context.storage_timeouts)
     if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
@@ -234,7 +258,12 @@ def _tuner(context: TrialContext, experiment: str, config: AblationConfig, *, co
         # one grid over the trials, in the order they start (Tune orders a grid over several keys itself)
         param_space={"trial": tune.grid_search(trial_order(context.model_configs, config.arms, config.seeds))},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem, verbose=1),
+        run_config=tune.RunConfig(
+            name=name, storage_path=storage_path, storage_filesystem=filesystem, verbose=1,
+            # a trial that trains in its process is restarted by Tune (from its last checkpoint) as
+            # Ray Train restarts its workers (fit.max_failures)
+            failure_config=tune.FailureConfig(max_failures=context.max_failures if context.train_in_trial else 0),
+        ),  # fmt: skip
     )
 
 
@@ -295,12 +324,13 @@ def _run_grid(context: TrialContext, experiment: str, fit_cfg: FitConfig, config
         else:
             concurrent = config.max_concurrent_trials
         sized = size_workers(fit_cfg, resources, local=local)
-        context = replace(context, scaling=asdict(sized.scaling))
+        context = replace(context, scaling=asdict(sized.scaling), train_in_trial=trains_in_trial(context, config, sized, local=local))
         total = len(config.arms) * len(config.seeds)
         logger.info(
-            "ablation %s: %d arms x %d seeds = %d trials, %d at a time, %d worker(s) x %d CPU each, %d test cases",
+            "ablation %s: %d arms x %d seeds = %d trials, %d at a time, %d worker(s) x %d CPU each, %d test cases; %s",
             experiment, len(config.arms), len(config.seeds), total, concurrent,
             sized.scaling.num_workers, sized.scaling.cpus_per_worker, len(context.test_cases),
+            "each trial trains in its Tune process" if context.train_in_trial else "each trial a Ray Train run",
         )  # fmt: skip
         grid = _tuner(context, experiment, config, concurrent=concurrent).fit()
         failed = ["{}/seed {}: {}: {}".format(*trial_of(r.config), type(r.error).__name__, r.error) for r in grid if r.error]

@@ -197,8 +197,10 @@ def test_an_interrupted_ablation_resumes_only_its_unfinished_trials(smoke):
     # a finished ablation run again trains nothing, and starts no Ray to find that out
     finished_children = _children(root, finished.info.run_id)
     assert trained(finished_children) == [] and len(adopted(finished_children)) == len(ARMS) * len(SEEDS)
-    assert "(RayTrainWorker pid=" in smoke["resumed_log"] and f"{len(ARMS)} arms x {len(SEEDS)} seeds = " in smoke["resumed_log"]
-    assert "(RayTrainWorker pid=" not in smoke["finished_log"] and "seeds = " not in smoke["finished_log"]
+    assert f"{len(ARMS)} arms x {len(SEEDS)} seeds = " in smoke["resumed_log"] and "epoch 2/2" in smoke["resumed_log"]
+    assert "epoch 1/2" not in smoke["finished_log"] and "seeds = " not in smoke["finished_log"]
+    # a local Ray trains each 1-worker trial in its Tune process (ablation.local_engine: tune)
+    assert "each trial trains in its Tune process" in smoke["resumed_log"] and "(RayTrainWorker pid=" not in smoke["resumed_log"]
     assert "every trial was finished by an earlier run of the ablation: nothing to train" in smoke["finished_log"]
     # no child of the killed run is left RUNNING: a trial killed mid-training is marked KILLED when
     # it trains again, one killed after storing its result (the kill comes as the first result
@@ -289,3 +291,4 @@ def test_a_local_ray_runs_trials_side_by_side_with_the_cores_shared_out(smoke):
     resumed = sorted((d["finished_unix"] - d["wall_s"], d["finished_unix"]) for d in stored if d["finished_unix"] > killed_run_ended)
     assert len(resumed) >= 2, resumed
     assert resumed[1][0] < resumed[0][1], f"the resumed trials ran one after the other: {resumed}"
+

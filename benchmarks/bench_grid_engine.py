@@ -10,14 +10,15 @@ preprocessed with the project's pipelines. Each side is a fresh process per roun
 alternating order, round after round:
 
 - ``tune`` and ``ray_train``: ``tune_driver.run_ablation`` (the ablation node's grid, no MLflow)
-  over two trials of equal cost, ``pretrained`` and ``shuffled`` at seed 0, 2 at a time, 1 core
-  each (the default grid on 2 cores), ``--epochs`` x ``--steps`` (the trial's 35), validation every 2 epochs, then
-  the test cases scored;
+  over two trials of equal cost, ``pretrained`` and ``shuffled`` at seed 0, 2 at a time on a local
+  Ray of 2 CPUs, 1 core each (the default grid on 2 cores), ``--epochs`` x ``--steps`` (the
+  trial's 35), validation every 2 epochs, then the test cases scored;
 - ``plain``: the same two trainings as two plain processes side by side, 1 thread each
   (``benchmarks/_plain_fit.py``: ``run_training`` with the same configuration, no Ray).
 
 Per side: the training samples/s of each epoch after the first (the loop's own figure: the steps
-only, without validation or reports), median over epochs, trials and rounds, and the wall time.
+only, without validation or reports), median over epochs, trials and rounds, and the wall time
+(not like for like: the plain side starts no Ray, builds no arm beforehand and scores nothing).
 ``tune_vs_ray_train`` is the speed-up of the default engine over the Ray Train run,
 ``tune_vs_plain`` and ``ray_train_vs_plain`` each engine's speed against plain processes;
 ``same_training`` says whether every side trained the same (equal losses and validation Dice,
@@ -64,7 +65,8 @@ def context_for(workspace: Path, epochs: int, steps: int, engine: str, storage: 
                  "trial": {**ablation["trial"], "epochs": epochs, "steps_per_epoch": steps}}  # fmt: skip
     ablation["arm_models"] = {arm: ablation["arm_models"][arm] for arm in ARMS}
     config = AblationConfig.from_params(ablation)
-    fit = FitConfig.from_params(base_params("fit") | {"llm_cache_dir": str(Path(tempfile.gettempdir()) / "mvl_pipeline-llm-cache")})
+    # a local Ray of 2 CPUs on any machine: the two trials 1 core each, as the plain processes get
+    fit = FitConfig.from_params(base_params("fit") | {"ray_num_cpus": 2, "llm_cache_dir": str(Path(tempfile.gettempdir()) / "mvl_pipeline-llm-cache")})
     context, experiment = tune_driver.build_context(
         model_input_cases=catalog.load("model_input_cases"), ingested_cases=catalog.load("ingested_cases"),
         development_split=catalog.load("development_split"), test_split=catalog.load("test_split"),

@@ -27,8 +27,9 @@ def test_the_benchmark_runs_every_side_and_finds_them_training_the_same(shared_d
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     for side in ("tune", "ray_train", "plain"):
         assert summary[f"{side}_samples_per_s"] > 0 and len(summary["wall_s"][side]) == 1
-    assert summary["tune_vs_ray_train"] == pytest.approx(summary["tune_samples_per_s"] / summary["ray_train_samples_per_s"], rel=0.01)
+        assert len(summary["per_round_samples_per_s"][side]) == 1
+    assert {"tune_vs_ray_train", "tune_vs_plain", "ray_train_vs_plain"} <= set(summary)
     # the same losses and validation Dice, epoch by epoch, on every side: ablation.local_engine
     # changes where a trial trains, not what it trains
     assert summary["same_training"] is True
-    assert summary["machine"]["cpu_bf16_units"] in ("amx_bf16", "avx512_bf16", "none")
+    assert summary["machine"]["cpu_bf16_units"] in ("amx_bf16", "avx512_bf16", "none")  # read the figures with the CPU

@@ -1,8 +1,9 @@
 """``TrialSession``: the checkpoints of a trial trained in its own Tune process (the local ablation's
-engine). Which checkpoints are kept (the best by validation Dice, ties to the later one, and the
-latest), that a half-written or half-removed folder is never taken for a checkpoint, and a REAL
+engine). Which checkpoints are kept (the best by validation Dice, the later of equal scores, and
+the latest) and which is scored (the earlier of equal scores), as Ray Train keeps and picks them;
+that a half-written or half-removed folder is never taken for a checkpoint; the device; and a REAL
 interruption: a training process SIGKILLed mid-run resumes, in a new process, after its last
-stored checkpoint, as if never stopped."""
+stored checkpoint, with the losses of an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -37,43 +38,49 @@ def _kept(session: TrialSession) -> list[int]:
     return [c.metrics["epoch"] for c in session.checkpoints()]
 
 
-def test_the_best_by_validation_dice_and_the_latest_are_kept_ties_going_to_the_later(tmp_path):
+def test_the_best_by_validation_dice_and_the_latest_are_kept_and_the_earlier_of_equal_scores_is_scored(tmp_path):
     session = TrialSession(tmp_path / "trial", num_to_keep=2)
-    for epoch, dice in enumerate([0.5, 0.7, 0.6, 0.7, 0.4]):
+    for epoch, dice in enumerate([0.7, 0.5, 0.7, 0.6, 0.7, 0.4]):
         _report(session, tmp_path, epoch, dice)
-    assert _kept(session) == [1, 3, 4]  # the two 0.7s, and the latest (a resume starts there)
-    assert session.best().metrics == {"epoch": 3, "val_dice": 0.7}  # the later of equal scores, as Ray Train
-    assert session.latest().metrics["epoch"] == 4
-    assert (session.latest().path / "weights.bin").read_bytes() == bytes([4])
+    # Ray Train's checkpoint manager keeps the later of equal scores; the latest is always kept
+    assert _kept(session) == [2, 4, 5]
+    # Result.get_best_checkpoint takes the first maximum of the kept ones: the earlier
+    assert session.best().metrics == {"epoch": 2, "val_dice": 0.7}
+    assert session.latest().metrics["epoch"] == 5
+    assert (session.latest().path / "weights.bin").read_bytes() == bytes([5])
     assert not list((tmp_path / "trial" / CHECKPOINTS).glob(".*"))  # no temporary folder left
 
 
-def test_a_checkpoint_without_a_score_ranks_below_every_scored_one(tmp_path):
+def test_a_nan_score_ranks_below_no_score_and_no_score_below_every_number(tmp_path):
     session = TrialSession(tmp_path / "trial", num_to_keep=1)
-    _report(session, tmp_path, 0, 0.1)
+    _report(session, tmp_path, 0, None)
     _report(session, tmp_path, 1, math.nan)
-    _report(session, tmp_path, 2, None)
-    assert session.best().metrics["epoch"] == 0
-    assert _kept(session) == [0, 2]
+    assert _kept(session) == [0, 1] and session.best().metrics["epoch"] == 0  # NaN < no score (-inf)
+    _report(session, tmp_path, 2, 0.1)
+    _report(session, tmp_path, 3, None)
+    assert _kept(session) == [2, 3] and session.best().metrics["epoch"] == 2
 
 
-def test_a_half_written_or_half_removed_folder_is_not_a_checkpoint(tmp_path):
-    session = TrialSession(tmp_path / "trial", num_to_keep=2)
-    _report(session, tmp_path, 0, 0.5)
+def test_a_half_written_or_half_removed_folder_is_not_a_checkpoint_and_a_resume_sweeps_them(tmp_path):
+    session = TrialSession(tmp_path / "trial", num_to_keep=1)
+    for epoch, dice in enumerate([0.5, 0.6, 0.4]):
+        _report(session, tmp_path, epoch, dice)
     stored = tmp_path / "trial" / CHECKPOINTS
-    cut_short = stored / "checkpoint_000001"  # a removal cut short: its marker went first
-    cut_short.mkdir()
-    (cut_short / REPORT_FILE).write_text(json.dumps({"epoch": 1, "val_dice": 0.9}))
-    (stored / ".checkpoint_000002.tmp-0123").mkdir()  # a write cut short: never renamed into place
-    assert _kept(session) == [0] and session.best().metrics["epoch"] == 0
-    # the next report replaces the folder that is not a checkpoint, whole
-    _report(session, tmp_path, 1, 0.6)
-    assert [c.path.name for c in session.checkpoints()] == ["checkpoint_000000", "checkpoint_000001"]
-    assert session.latest().metrics == {"epoch": 1, "val_dice": 0.6}
-    assert (cut_short / "weights.bin").read_bytes() == bytes([1]) and (cut_short / storage.COMPLETE_MARKER).exists()
-    # a resume sweeps the temporary folders a killed writer left
-    TrialSession(tmp_path / "trial", num_to_keep=2).get_checkpoint_dir()
-    assert not [p.name for p in stored.iterdir() if p.name.startswith(".")]
+    assert sorted(p.name for p in stored.iterdir()) == ["checkpoint_000001", "checkpoint_000002"]  # nothing else left
+    # what a kill leaves: a removal between its rename and its rmtree, a write before its rename,
+    # and a visible folder without its marker (never a checkpoint)
+    (stored / f".checkpoint_000000.old-{'a' * 32}").mkdir()
+    (stored / f".checkpoint_000003.tmp-{'b' * 32}").mkdir()
+    unmarked = stored / "checkpoint_000000"
+    unmarked.mkdir()
+    (unmarked / REPORT_FILE).write_text(json.dumps({"epoch": 0, "val_dice": 0.9}))
+    assert _kept(session) == [1, 2] and session.best().metrics["epoch"] == 1
+    resumed = TrialSession(tmp_path / "trial", num_to_keep=1)
+    copy = resumed.get_checkpoint_dir()
+    assert (Path(copy) / "weights.bin").read_bytes() == bytes([2])
+    resumed.close()
+    assert sorted(p.name for p in stored.iterdir()) == ["checkpoint_000000", "checkpoint_000001", "checkpoint_000002"]
+    assert not (unmarked / storage.COMPLETE_MARKER).exists()
 
 
 def test_a_resume_reads_a_copy_of_the_latest_checkpoint_and_close_removes_the_copy(tmp_path):
@@ -103,6 +110,7 @@ run_training(training_config(tmp, **{loop!r}), TrialSession(tmp / "trial", num_t
 
 def test_a_training_killed_mid_run_resumes_in_a_new_process_after_its_last_checkpoint(tmp_path):
     loop = {"epochs": 150, "val_every": 1, "steps_per_epoch": 2}
+    uninterrupted = run_training(training_config(tmp_path / "whole", **loop), TrialSession(tmp_path / "whole", num_to_keep=2))
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD.format(root=str(ROOT), tmp=str(tmp_path), loop=loop)],
         cwd=ROOT, start_new_session=True,
@@ -110,7 +118,7 @@ def test_a_training_killed_mid_run_resumes_in_a_new_process_after_its_last_check
     stored = tmp_path / "trial" / CHECKPOINTS
     deadline = time.monotonic() + 300
     try:
-        while len(list(stored.glob("checkpoint_*"))) < 3:
+        while max((int(p.name[-6:]) for p in stored.glob("checkpoint_[0-9]*")), default=-1) < 2:
             assert child.poll() is None, f"the training process ended (rc {child.returncode}) before it was killed"
             assert time.monotonic() < deadline, "no third checkpoint within 300 s"
             time.sleep(0.01)
@@ -130,6 +138,20 @@ def test_a_training_killed_mid_run_resumes_in_a_new_process_after_its_last_check
     assert json.loads((last.path / "trainer_state.json").read_text())["resumed_after_epochs"] == [before]
     assert len(session.checkpoints()) <= 3  # the best two and the latest, nothing else left behind
     assert not [p for p in stored.iterdir() if p.name.startswith(".")]
+    # as if never stopped: the epochs after the resume have the uninterrupted run's losses
+    for got, want in zip(state["history"][before + 1 :], uninterrupted["history"][before + 1 :], strict=True):
+        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-4)
+        assert got["lr"] == pytest.approx(want["lr"])
+
+
+def test_the_trial_trains_on_a_gpu_only_when_it_reserved_one(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with a GPU the trial did not reserve
+    assert TrialSession(tmp_path, 1).device() == torch.device("cpu")
+    assert TrialSession(tmp_path, 1, use_gpu=True).device() == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert TrialSession(tmp_path, 1, use_gpu=True).device() == torch.device("cpu")
 
 
 @pytest.mark.parametrize("num_to_keep", [0, -1])

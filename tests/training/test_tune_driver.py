@@ -188,13 +188,20 @@ def test_another_scoring_of_the_same_grid_gets_its_own_tune_experiment():
 
     config = AblationConfig.from_params({"arms": ["pretrained", "none"], "seeds": [0, 1]})
     names = {arm: {seed: f"{arm}-seed{seed}-x" for seed in (0, 1)} for arm in ("pretrained", "none")}
-    context = SimpleNamespace(run_names=names, scoring_id="s1", train_in_trial=True)
-    name = tune_driver.tune_name(context, config, 2)
-    assert name == tune_driver.tune_name(SimpleNamespace(run_names=names, scoring_id="s1", train_in_trial=True), config, 2)  # resumable
-    assert name != tune_driver.tune_name(SimpleNamespace(run_names=names, scoring_id="s2", train_in_trial=True), config, 2)
-    assert name != tune_driver.tune_name(context, config, 1)
-    # the engine too: a restored experiment would keep the other engine's trial resources
-    assert name != tune_driver.tune_name(SimpleNamespace(run_names=names, scoring_id="s1", train_in_trial=False), config, 2)
+    scaling = {"cpus_per_worker": 1, "use_gpu": False, "gpus_per_worker": 1}
+
+    def named(scoring_id: str = "s1", concurrent: int = 2, train_in_trial: bool = True, **resized) -> str:
+        context = SimpleNamespace(run_names=names, scoring_id=scoring_id, train_in_trial=train_in_trial, scaling=scaling | resized)
+        return tune_driver.tune_name(context, config, concurrent)
+
+    name = named()
+    assert name == named()  # resumable
+    assert name != named(scoring_id="s2")
+    assert name != named(concurrent=1)
+    # the engine and what its trials reserve too: a restored experiment keeps its trials' resources
+    assert name != named(train_in_trial=False)
+    assert name != named(cpus_per_worker=2) and name != named(use_gpu=True)
+    assert named(train_in_trial=False) == named(train_in_trial=False, cpus_per_worker=2)  # a Ray Train run's trial holds none
 
 
 @pytest.mark.parametrize(

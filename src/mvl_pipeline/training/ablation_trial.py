@@ -51,8 +51,8 @@ TrainedRun = tuple[tuple[dict[str, Any], dict[str, Any]], dict[str, Any], dict[s
 class TrialContext:
     """What every trial of one ablation shares (bound once with ``tune.with_parameters``)."""
 
-    trials_dir: str  # absolute: the Ray Train runs, one folder per trial
-    run_names: Mapping[str, Mapping[int, str]]  # arm -> seed -> Ray Train run name
+    trials_dir: str  # absolute: one folder per trial (its checkpoints or its Ray Train run, its result)
+    run_names: Mapping[str, Mapping[int, str]]  # arm -> seed -> the trial's folder (and Ray Train run) name
     model_configs: Mapping[str, Mapping[str, Any]]  # arm -> MedVisionLlamaConfig.to_dict()
     loop: Mapping[str, Any]  # fit.loop with the ablation's budget (seed set per trial)
     plan: Mapping[str, Any]
@@ -180,15 +180,21 @@ def _fit_in_trial(context: TrialContext, arm: str, seed: int, child: Mapping[str
     (``trial_session``); a trial started again resumes from its latest checkpoint."""
     from mvl_pipeline.formats.model_bundle import read_weights
 
-    session = TrialSession(trial_dir(context, arm, seed), context.num_to_keep)
+    directory = Path(trial_dir(context, arm, seed))
+    session = TrialSession(directory, context.num_to_keep, use_gpu=bool(context.scaling["use_gpu"]))
     configure_worker_logging()
     # the epoch lines, as a Ray Train worker prints them; not the scoring's line per test case
     logging.getLogger("mvl_pipeline.evaluation.scoring").setLevel(logging.WARNING)
-    run_training(train_config(context, arm, seed, child), session)
-    best, latest = session.best(), session.latest()
-    if best is None or latest is None:
+    if session.latest() is None and any(directory.glob("checkpoint_*")):
+        logger.warning(
+            "ablation trial %s seed %d: its checkpoints so far are a Ray Train run's (ablation.local_engine: "
+            "ray_train); training in the trial's process starts it again from its first epoch (set "
+            "ablation.local_engine: ray_train to resume that run instead)", arm, seed,
+        )  # fmt: skip
+    state = run_training(train_config(context, arm, seed, child), session)
+    best = session.best()
+    if best is None:
         raise RuntimeError("the trial's training reported no checkpoint")
-    state = json.loads((latest.path / STATE_FILE).read_text(encoding="utf-8"))
     return read_weights(best.path / MODEL_DIR), dict(best.metrics), state
 
 
@@ -241,7 +247,7 @@ def run_trial(config: Mapping[str, Any], context: TrialContext) -> None:
     arguments = (weights, list(context.test_cases), dict(context.plan), dict(context.class_names),
                  dict(context.evaluate), context.llm_cache_dir, threads)  # fmt: skip
     if context.score_in_trial:
-        # one machine: the Train workers have given the cores back; a task of its own would
+        # one machine: the training has given the cores back; a task of its own would
         # start (and import torch in) a new process per trial (~10-30 s on 2 cores)
         rows = score_weights(*arguments)
     else:

@@ -2,12 +2,14 @@
 
 ``Session`` is one plain process (rank 0 of 1: benchmarks, debugging, unit tests);
 ``RaySession`` is a Ray Train worker (``ray.train.get_context()``, ``get_checkpoint()``,
-``report()``, DDP through ``prepare_model``).
+``report()``, DDP through ``prepare_model``); ``trial_session.TrialSession`` is a local ablation
+trial training in its own Ray Tune process, its checkpoints in the trial's folder.
 """
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -40,6 +42,27 @@ class Session:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+class RestoredCopy:
+    """A temporary local copy of the checkpoint a worker resumes from (the loop writes its state
+    into the folder it resumes from), removed by ``cleanup``: every resume copied the model and
+    optimizer state (tens of MB) into the node's temporary folder and left it there."""
+
+    def __init__(self) -> None:
+        self._copy: tempfile.TemporaryDirectory[str] | None = None
+
+    def of(self, write: Callable[[str], Any]) -> str:
+        """The copy's folder, filled once by ``write(folder)``."""
+        if self._copy is None:
+            self._copy = tempfile.TemporaryDirectory(prefix="mvl-restore-")
+            write(self._copy.name)
+        return self._copy.name
+
+    def cleanup(self) -> None:
+        if self._copy is not None:
+            self._copy.cleanup()
+            self._copy = None
+
+
 class RaySession(Session):
     def __init__(self) -> None:
         import ray.train
@@ -49,23 +72,17 @@ class RaySession(Session):
         self.world_rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self._restored = ray.train.get_checkpoint()
-        self._restored_copy: tempfile.TemporaryDirectory[str] | None = None
+        self._restored_copy = RestoredCopy()
 
     def get_checkpoint_dir(self) -> str | None:
-        """A local copy of the checkpoint this worker resumes from (None: a fresh start); it is
-        removed by ``close``: every resume copied the model and optimizer state (tens of MB) into
-        the node's temporary folder and left it there."""
+        """A local copy of the checkpoint this worker resumes from (None: a fresh start), removed
+        by ``close``."""
         if self._restored is None:
             return None
-        if self._restored_copy is None:
-            self._restored_copy = tempfile.TemporaryDirectory(prefix="mvl-restore-")
-            self._restored.to_directory(self._restored_copy.name)
-        return self._restored_copy.name
+        return self._restored_copy.of(self._restored.to_directory)
 
     def close(self) -> None:
-        if self._restored_copy is not None:
-            self._restored_copy.cleanup()
-            self._restored_copy = None
+        self._restored_copy.cleanup()
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         checkpoint = None

@@ -14,12 +14,20 @@ samples/s, 0.94x the plain processes'.
 ``TrialSession`` keeps what Ray Train's checkpointing gave the trial, in ``<trial folder>/checkpoints``:
 
 - every validated epoch's checkpoint is stored atomically (``core.storage.atomic_directory``: a
-  folder appears whole or not at all) as ``checkpoint_<report index>``, with the metrics it was
-  reported with (``report.json``);
+  folder appears whole, with its ``_COMPLETE`` marker, or not at all) as
+  ``checkpoint_<report index>``, with the metrics it was reported with (``report.json``);
 - the ``num_to_keep`` best by validation Dice are kept, and the latest (a resume starts from it);
-  among equal scores the later one ranks higher, as in Ray Train;
+  among equal scores the later one is kept, as Ray Train's checkpoint manager keeps them; a
+  checkpoint is removed by a rename to a temporary name first (``core.storage.remove_directory``);
+- the checkpoint scored is the best kept, the earlier one among equal scores, as Ray Train's
+  ``Result.get_best_checkpoint`` picks it;
 - a trial started again (after an interruption) resumes from the latest, through a temporary
-  copy (the loop writes its state into the folder it resumes from), as ``RaySession`` does.
+  copy, as ``RaySession`` does; the temporaries a killed writer left are removed first.
+
+The epochs are not reported to Tune one by one (``TuneReportCallback`` did, for Tune's progress
+table): the trial reports once, its test scores. A trial that fails is started again by Tune
+(``fit.max_failures``), from the top of ``run_trial``: its MLflow child run is closed and a new one
+opened, where Ray Train restarted its workers inside one child run.
 """
 
 from __future__ import annotations
@@ -29,18 +37,21 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fsspec
+import torch
+
 from mvl_pipeline.core import storage
-from mvl_pipeline.training.session import Session
+from mvl_pipeline.training.session import RestoredCopy, Session
 
 CHECKPOINTS = "checkpoints"
 REPORT_FILE = "report.json"
 SCORE = "val_dice"
 _NAME = re.compile(r"^checkpoint_(\d{6})$")
+_LOCAL = fsspec.filesystem("file")
 
 
 @dataclass(frozen=True)
@@ -49,30 +60,33 @@ class StoredCheckpoint:
     path: Path
     metrics: dict[str, Any]
 
-    def rank(self) -> tuple[bool, float, int]:
-        """Ray Train's order (best last): no score < any score, then the score, then later first."""
-        score = self.metrics.get(SCORE)
-        valid = isinstance(score, int | float) and not math.isnan(score)
-        return valid, float(score) if valid else 0.0, self.index
+    def score(self) -> tuple[bool, float]:
+        """Ray Train's order of scores: NaN < no score (-inf) < any number."""
+        value = self.metrics.get(SCORE)
+        if value is None:
+            return True, -math.inf
+        return (False, 0.0) if math.isnan(value) else (True, float(value))
 
 
 class TrialSession(Session):
-    """One process, rank 0, checkpoints in ``<directory>/checkpoints`` (a local folder)."""
+    """One process, rank 0, checkpoints in ``<directory>/checkpoints`` (a local folder); on the
+    GPU only when the trial reserved one (``use_gpu``: a process without a GPU of its own still
+    sees the machine's)."""
 
-    def __init__(self, directory: str | os.PathLike[str], num_to_keep: int) -> None:
+    def __init__(self, directory: str | os.PathLike[str], num_to_keep: int, *, use_gpu: bool = False) -> None:
         if num_to_keep < 1:
             raise ValueError(f"num_to_keep must be >= 1, got {num_to_keep}")
         self.directory = Path(directory) / CHECKPOINTS
         self.num_to_keep = int(num_to_keep)
-        self._restored_copy: tempfile.TemporaryDirectory[str] | None = None
+        self.use_gpu = bool(use_gpu)
+        self._restored_copy = RestoredCopy()
 
     def checkpoints(self) -> list[StoredCheckpoint]:
-        """The complete stored checkpoints, in report order (a folder left half-written by a
-        killed process has no completion marker, and its name is not a checkpoint's)."""
+        """The complete stored checkpoints, in report order."""
         found = []
         for path in self.directory.glob("checkpoint_*"):
             match = _NAME.match(path.name)
-            if match and (path / storage.COMPLETE_MARKER).exists():
+            if match and storage.is_complete(_LOCAL, "file", str(path)):
                 metrics = json.loads((path / REPORT_FILE).read_text(encoding="utf-8"))
                 found.append(StoredCheckpoint(int(match.group(1)), path, metrics))
         return sorted(found, key=lambda c: c.index)
@@ -82,26 +96,22 @@ class TrialSession(Session):
         return stored[-1] if stored else None
 
     def best(self) -> StoredCheckpoint | None:
+        """The checkpoint to score: the best score kept, the earliest of equal ones."""
         stored = self.checkpoints()
-        return max(stored, key=StoredCheckpoint.rank) if stored else None
+        return max(stored, key=lambda c: (*c.score(), -c.index)) if stored else None
 
     def get_checkpoint_dir(self) -> str | None:
         """A copy of the latest checkpoint (None: a fresh start). Called once, as training starts:
-        the temporary folders a killed writer left are removed here (one process trains a trial)."""
-        for leftover in self.directory.glob(".checkpoint_*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+        the temporaries a killed writer left are removed here (one process trains a trial)."""
+        if self.directory.is_dir():
+            storage.remove_temporaries(str(self.directory))
         latest = self.latest()
         if latest is None:
             return None
-        if self._restored_copy is None:
-            self._restored_copy = tempfile.TemporaryDirectory(prefix="mvl-restore-")
-            shutil.copytree(latest.path, self._restored_copy.name, dirs_exist_ok=True)
-        return self._restored_copy.name
+        return self._restored_copy.of(lambda folder: shutil.copytree(latest.path, folder, dirs_exist_ok=True))
 
     def close(self) -> None:
-        if self._restored_copy is not None:
-            self._restored_copy.cleanup()
-            self._restored_copy = None
+        self._restored_copy.cleanup()
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         if checkpoint_dir is None:
@@ -115,12 +125,13 @@ class TrialSession(Session):
         self._prune()
 
     def _prune(self) -> None:
-        """Keep the ``num_to_keep`` best and the latest; remove the others."""
+        """Keep the ``num_to_keep`` best (the later of equal scores) and the latest."""
         stored = self.checkpoints()
-        keep = {c.index for c in sorted(stored, key=StoredCheckpoint.rank)[-self.num_to_keep :]}
+        keep = {c.index for c in sorted(stored, key=lambda c: (*c.score(), c.index))[-self.num_to_keep :]}
         keep.add(stored[-1].index)
         for checkpoint in stored:
             if checkpoint.index not in keep:
-                # the marker first: a removal cut short leaves a folder no reader takes for a checkpoint
-                (checkpoint.path / storage.COMPLETE_MARKER).unlink(missing_ok=True)
-                shutil.rmtree(checkpoint.path, ignore_errors=True)
+                storage.remove_directory(None, "file", str(checkpoint.path))
+
+    def device(self) -> torch.device:
+        return torch.device("cuda" if self.use_gpu and torch.cuda.is_available() else "cpu")

@@ -112,7 +112,8 @@ def experiment_name(identity: Mapping[str, Any], config: AblationConfig) -> str:
 
 
 def run_names(models: Mapping[str, Mapping[str, Any]], config: AblationConfig) -> dict[str, dict[int, str]]:
-    """Ray Train run name per (arm, seed): the arm, the seed and a hash of the arm's model."""
+    """The trial's folder (and Ray Train run) name per (arm, seed): the arm, the seed and a hash of
+    the arm's model."""
     return {arm: {seed: f"{arm}-seed{seed}-{json_digest(models[arm], length=6)}" for seed in config.seeds} for arm in config.arms}
 
 
@@ -233,11 +234,12 @@ def tune_name(context: TrialContext, config: AblationConfig, concurrent: int) ->
     """The Tune experiment of this grid, this many trials at once and this scoring (test cases,
     evaluate settings: ``scoring_id``). A Tune experiment whose trials have all ended is restored
     with nothing to run, so a grid to be scored otherwise needs its own: with the scoring left out,
-    a changed ``evaluate`` setting re-ran nothing and every later run failed ("left no result")."""
+    a changed ``evaluate`` setting re-ran nothing and every later run failed ("left no result").
+    A trial that trains in its process also names what it reserves (:func:`trial_resources`):
+    a restored experiment keeps each trial's resources as they were."""
     grid = sorted(context.run_names[a][s] for a in config.arms for s in config.seeds)
-    # the engine too: a restored experiment keeps each trial's resources
-    engine = ["in_trial"] if context.train_in_trial else []
-    return f"tune-{json_digest([grid, concurrent, context.scoring_id, *engine], length=10)}"
+    held = [sorted(trial_resources(context).items())] if context.train_in_trial else []
+    return f"tune-{json_digest([grid, concurrent, context.scoring_id, *held], length=10)}"
 
 
 def _tuner(context: TrialContext, experiment: str, config: AblationConfig, *, concurrent: int) -> Any:

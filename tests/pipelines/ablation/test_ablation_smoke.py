@@ -8,8 +8,8 @@ MLflow child runs that trained vs. adopted), MLflow nesting and tags, the per-ca
 
 Four trials, two at a time: at the kill one or both of the first pair have finished and the
 second pair has not (it starts only when a trial of the first pair ends), so the resume always
-has finished and unfinished trials (each trial costs ~40 s of Ray start-up on 2 cores, whatever
-its budget). How the seeds of an arm are pooled (per-patient means over seeds, the seed spread)
+has finished and unfinished trials (each trial costs seconds of start-up on 2 cores, whatever its
+budget). How the seeds of an arm are pooled (per-patient means over seeds, the seed spread)
 is tested on constructed results (tests/evaluation/test_ablation_statistics.py), the run names
 per seed in tests/training/test_tune_driver.py."""
 
@@ -198,7 +198,7 @@ def test_an_interrupted_ablation_resumes_only_its_unfinished_trials(smoke):
     finished_children = _children(root, finished.info.run_id)
     assert trained(finished_children) == [] and len(adopted(finished_children)) == len(ARMS) * len(SEEDS)
     assert f"{len(ARMS)} arms x {len(SEEDS)} seeds = " in smoke["resumed_log"] and "epoch 2/2" in smoke["resumed_log"]
-    assert "epoch 1/2" not in smoke["finished_log"] and "seeds = " not in smoke["finished_log"]
+    assert "seeds = " not in smoke["finished_log"]
     # a local Ray trains each 1-worker trial in its Tune process (ablation.local_engine: tune)
     assert "each trial trains in its Tune process" in smoke["resumed_log"] and "(RayTrainWorker pid=" not in smoke["resumed_log"]
     assert "every trial was finished by an earlier run of the ablation: nothing to train" in smoke["finished_log"]

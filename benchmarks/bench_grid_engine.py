@@ -123,7 +123,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-grid-engine-") as folder:
         tmp = Path(folder)
         hippocampus_workspace(tmp, n_cases=args.cases)
-        open_workspace(tmp)  # the cases read back as a trial reads them
+        open_workspace(tmp)  # fails here, before any side runs, if the cases do not read back as a trial reads them
         runs = {side: [] for side in SIDES}
         for round_ in range(args.rounds):
             order = SIDES if round_ % 2 == 0 else tuple(reversed(SIDES))

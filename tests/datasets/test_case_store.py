@@ -60,25 +60,35 @@ def test_saving_some_cases_leaves_the_others_and_none_deletes(tmp_path):
     assert sorted(store.load()) == ["case-b"]
 
 
-def test_a_crash_mid_save_leaves_nothing_a_later_load_accepts(tmp_path, monkeypatch):
+@pytest.mark.parametrize("crashing", ["case-a", "case-new"])
+def test_a_crash_mid_save_leaves_nothing_a_later_load_accepts(tmp_path, monkeypatch, crashing):
+    """The second file of ``crashing`` fails (its label, after its image): a replaced case keeps
+    its old version whole, a new one stays invisible; cases saved before it in the same call stay
+    saved. (An OSError here; the test after the next kills a real saver mid-case.)"""
     store = CaseStoreDataset(path=str(tmp_path / "cases"))
     store.save({"case-a": make_case("case-a")})
     calls = {"n": 0}
     original = store._put
 
     def failing_put(path, payload):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise OSError("disk full")
+        if f"{crashing}" in path:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise OSError("disk full")
         original(path, payload)
 
     monkeypatch.setattr(store, "_put", failing_put)
     with pytest.raises(DatasetError, match="disk full"):  # Kedro wraps the OSError
         store.save({"case-a": make_case("case-a", 9), "case-new": make_case("case-new")})
     monkeypatch.undo()
-    loaders = CaseStoreDataset(path=str(tmp_path / "cases")).load()
+    assert calls["n"] == 2  # the crash came where it was meant to, mid-case
+    store = CaseStoreDataset(path=str(tmp_path / "cases"))
+    loaders = store.load()
     assert sorted(loaders) == ["case-a"]  # the new case is invisible, not half-read
-    assert_same(loaders["case-a"](), make_case("case-a"))  # the old version stays whole
+    with pytest.raises(DatasetError, match="missing or incomplete"):
+        store.load_case("case-new")
+    # case-a crashed: its old version stays whole; case-new crashed: case-a, saved before it, stays saved
+    assert_same(loaders["case-a"](), make_case("case-a") if crashing == "case-a" else make_case("case-a", 9))
 
 
 def test_folders_without_the_completion_marker_are_ignored(tmp_path):
@@ -159,6 +169,46 @@ def test_a_process_killed_while_deleting_a_case_leaves_no_listed_half_case(tmp_p
     assert sorted(CaseStoreDataset(path=str(root)).load()) == ["case-b"]
     assert storage.remove_temporaries(str(root)) == 1
     assert sorted(p.name for p in root.iterdir()) == ["case-b"]
+
+
+_KILLED_MID_SAVE = r"""
+import os, signal, sys
+import numpy as np
+from mvl_pipeline.core.case import Case
+from mvl_pipeline.core.volume import Volume, affine_from_geometry
+from mvl_pipeline.datasets.case_store import CaseStoreDataset
+store = CaseStoreDataset(path=sys.argv[1])
+put = store._put
+def put_then_die(path, payload):  # SIGKILL right after case-new's first file (its image)
+    put(path, payload)
+    if "case-new" in path:
+        os.kill(os.getpid(), signal.SIGKILL)
+store._put = put_then_die
+affine = affine_from_geometry((0.7, 0.8, 3.0), origin=(-10.0, 4.0, 2.5))
+image = Volume(np.zeros((12, 10, 6), np.float32), affine, {"modality": "CT"})
+store.save({"case-new": Case("case-new", "pt-0002", image, Volume(np.zeros((12, 10, 6), np.uint8), affine, {}), {})})
+"""
+
+
+def test_a_saver_killed_mid_case_leaves_a_temporary_no_load_lists(tmp_path):
+    """SIGKILL between a new case's image and the rest of it: the next process lists only the
+    cases that were whole, refuses the half case by name, and clears its temporary."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "cases"
+    CaseStoreDataset(path=str(root)).save({"case-a": make_case("case-a")})
+    done = subprocess.run([sys.executable, "-c", _KILLED_MID_SAVE, str(root)], capture_output=True, timeout=120, check=False)
+    assert done.returncode == -9, done.stderr.decode()[-2000:]
+    assert any("case-new" in p.name and p.name != "case-new" for p in root.iterdir())  # killed half-way
+    store = CaseStoreDataset(path=str(root))
+    loaders = store.load()
+    assert sorted(loaders) == ["case-a"]
+    assert_same(loaders["case-a"](), make_case("case-a"))
+    with pytest.raises(DatasetError, match="missing or incomplete"):
+        store.load_case("case-new")
+    assert storage.remove_temporaries(str(root)) == 1
+    assert sorted(p.name for p in root.iterdir()) == ["case-a"]
 
 
 def test_removing_a_case_on_s3_takes_its_completion_marker_first(s3_bucket):

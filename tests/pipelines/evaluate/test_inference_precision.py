@@ -41,3 +41,6 @@ def test_bf16_inference_gives_the_labels_of_fp32_on_cases_it_was_not_trained_on(
         worst_mean_abs = max(worst_mean_abs, float(np.abs(probs["bf16-mixed"] - probs["fp32"]).mean()))
     assert worst_dice >= 0.98, f"bf16 vs fp32 label agreement (Dice) {worst_dice:.4f}"
     assert worst_mean_abs < 0.01, f"mean |p_bf16 - p_fp32| {worst_mean_abs:.4f}"
+    # and the two did run in different precisions: equal probabilities would mean the precision
+    # setting never reached inference, and the agreement above would prove nothing
+    assert worst_mean_abs > 1e-6, "bf16 and fp32 inference gave identical probabilities"

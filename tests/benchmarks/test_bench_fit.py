@@ -42,12 +42,29 @@ def test_run_fit_hands_the_fit_node_its_parameters_by_their_names(monkeypatch) -
     assert bound["model_params"] is model and bound["fit_params"] is fit and bound["registry_before"] is None
 
 
-def test_the_plain_side_builds_the_model_the_fit_node_trains(tmp_path) -> None:
+class _Trained(Exception):
+    """Raised by the stand-in for Ray's fit once it has seen the model the node hands it."""
+
+
+def test_the_plain_side_builds_the_model_the_fit_node_trains(tmp_path, monkeypatch) -> None:
+    from mvl_pipeline.pipelines.fit import nodes
+    from mvl_pipeline.training import ray_driver
+
     block = model_block(**TINY, llm={**model_block()["llm"], "mode": "none"})
     with pytest.raises(ValueError, match="pos_grid"):  # the raw YAML block, as the plain side had it
         build_model(MedVisionLlamaConfig.from_params(block), llm_cache_dir=tmp_path)
     plain = MedVisionLlamaConfig.from_params(bench_fit.plain_model(block, PLAN))
-    assert plain == MedVisionLlamaConfig.from_params(block).for_plan(PLAN)  # what fit_model trains
+    handed: list[MedVisionLlamaConfig] = []
+
+    def fit(cases, train, validation, plan, model_cfg, fit_cfg, **kwargs):
+        handed.append(model_cfg)
+        raise _Trained
+
+    monkeypatch.setattr(ray_driver, "fit", fit)
+    fit_block = yaml.safe_load((PROJECT / "conf" / "base" / "parameters_fit.yml").read_text())["fit"]
+    with pytest.raises(_Trained):  # the fit node as it is today, up to where it hands Ray the model
+        nodes.fit_model({}, {"train": [], "validation": []}, PLAN, {"fingerprint": "0" * 64}, None, block, fit_block)
+    assert handed == [plain]
     assert plain.pos_grid == (4, 4, 2) and plain.num_classes == 3
     build_model(plain, llm_cache_dir=tmp_path)
 

@@ -23,6 +23,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # OMP_NUM_THREADS was set already. Set here, before torch is imported in this process.
 XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
 if XDIST_WORKERS > 1:
+    # "0": the share below is ours (tests/test_test_harness.py checks it); "1": the caller's
+    os.environ.setdefault("MVL_TESTS_OMP_GIVEN", "1" if "OMP_NUM_THREADS" in os.environ else "0")
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // XDIST_WORKERS)))
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

@@ -20,3 +20,5 @@ def test_each_test_process_and_what_it_starts_gets_its_share_of_the_cores():
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
     if workers > 1:  # `make test`: -n 2. The share is cores // workers unless OMP_NUM_THREADS was set before
         assert omp_threads() is not None and here == omp_threads() <= (os.cpu_count() or 1)
+        if os.environ["MVL_TESTS_OMP_GIVEN"] == "0":
+            assert here == max(1, (os.cpu_count() or 1) // workers)

@@ -169,6 +169,7 @@ def test_a_checkpoint_store_that_is_down_is_named_and_any_other_training_failure
     try:  # found in the chain too
         raise ValueError("worker group failed") from ray_text
     except ValueError as wrapped:
-        assert storage.train_storage_outage("s3://b/ray-results", wrapped) is not None
+        found = storage.train_storage_outage("s3://b/ray-results", wrapped)
+        assert isinstance(found, StorageUnavailableError) and str(found) == message
     assert storage.train_storage_outage("s3://b/ray-results", RuntimeError("CUDA out of memory")) is None
     assert storage.train_storage_outage("/local/ray_results", ray_text) is None

@@ -17,7 +17,6 @@ from pydicom.data import get_testdata_file
 from mvl_pipeline.core.errors import EmptySeriesError, UnreadableFileError
 from mvl_pipeline.datasets.drop import (
     SAVE_MARKER,
-    DropFile,
     DropFolder,
     DropFolderDataset,
     DropFolderError,
@@ -212,7 +211,6 @@ def test_describe_never_shows_credentials(s3_bucket):
     credentials = {**s3_bucket["credentials"], "secret": "very-secret-value"}
     dataset = DropFolderDataset(filepath=f"s3://{s3_bucket['bucket']}/d", credentials=credentials)
     assert "very-secret-value" not in repr(dataset)
-    assert isinstance(DropFile("a", 1, "x"), DropFile)
 
 
 def test_entries_that_cannot_be_read_are_listed_with_their_problem(tmp_path):

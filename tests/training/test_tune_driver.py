@@ -5,6 +5,10 @@ names that make a re-run resume the same runs, the crop override, the split guar
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -59,7 +63,15 @@ def test_run_names_follow_the_arms_model_so_a_rerun_finds_its_runs():
     config = AblationConfig()
     models = tune_driver.arm_models(MODEL, config, PLAN)
     names = tune_driver.run_names(models, config)
-    assert names == tune_driver.run_names(tune_driver.arm_models(MODEL, config, PLAN), config)
+    # a rerun is another process: the names must not depend on anything of this one (hash seeds)
+    script = ("import json, sys, yaml; from mvl_pipeline.training import tune_driver;"
+              "from mvl_pipeline.training.ablation_config import AblationConfig as A; c = A();"
+              "m = yaml.safe_load(open(sys.argv[1]).read())['model'];"
+              "print(json.dumps(tune_driver.run_names(tune_driver.arm_models(m, c, json.loads(sys.argv[2])), c)))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", script, str(ROOT / "conf/base/parameters_model.yml"), json.dumps(PLAN)],
+                          capture_output=True, text=True, timeout=120, check=True, cwd=ROOT, env={**os.environ, "PYTHONHASHSEED": "123"})  # fmt: skip
+    elsewhere = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {arm: {int(seed): name for seed, name in arm_names.items()} for arm, arm_names in elsewhere.items()} == names
     assert names["none"][2].startswith("none-seed2-") and len({n for arm in names.values() for n in arm.values()}) == 18
     changed = AblationConfig(arm_models={**config.arm_models, "random": {"llm": {"mode": "random", "layer_index": -2}}})
     other = tune_driver.run_names(tune_driver.arm_models(MODEL, changed, PLAN), changed)

@@ -1,5 +1,5 @@
-"""Ray Train `fit` with 2 CPU workers: trains, reports per epoch, survives a worker failure,
-and a re-run of the same run name resumes instead of retraining."""
+"""Ray Train `fit` with 2 CPU workers: trains, reports per epoch, and a re-run of the same run
+name resumes instead of retraining. (A worker's failure, SIGKILLed, is tests/test_faults.py's.)"""
 
 from __future__ import annotations
 

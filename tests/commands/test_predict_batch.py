@@ -18,6 +18,7 @@ from pathlib import Path
 
 import mlflow
 import nibabel as nib
+import nrrd
 import numpy as np
 import pydicom
 import pytest
@@ -443,6 +444,16 @@ def test_the_log_never_repeats_an_input_path(bundle, llm_cache_dir, tmp_path, mo
     assert command.run([str(study), str(tmp_path / "out"), *argv]) == 1
     assert command.run([str(tmp_path / "Kowalska_missing"), str(tmp_path / "out"), *argv]) == 2
     assert "not a readable gzip file" in caplog.text  # the reason is there
+    # an NRRD without 'space' (what a plain nrrd.write gives) is read with a warning, and that
+    # warning names no path either (it did: an audit, 2026-12-07)
+    nrrd_study = tmp_path / "Kowalska_Anna_1961" / "Kowalska_Anna.nrrd"
+    nrrd.write(str(nrrd_study), np.zeros((12, 12, 8), np.float32), {"spacings": [1.0, 1.0, 1.0]})
+    assert command.run([str(nrrd_study), str(tmp_path / "out-nrrd"), *argv]) == 0
+    assert "NRRD without 'space'" in caplog.text
+    # the operating system's own errors quote the path: an output folder that cannot be made
+    (tmp_path / "Kowalska_file").write_bytes(b"")
+    assert command.run([str(study), str(tmp_path / "Kowalska_file" / "out"), *argv]) == 2
+    assert "NotADirectoryError" in caplog.text or "FileExistsError" in caplog.text
     assert "kowalska" not in caplog.text.lower()
 
 

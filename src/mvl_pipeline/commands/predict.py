@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from mvl_pipeline.core import storage
 from mvl_pipeline.core.channels import plan_channels
-from mvl_pipeline.core.errors import ImagingError
+from mvl_pipeline.core.errors import ImagingError, without_path
 from mvl_pipeline.core.volume import Volume, guess_modality
 from mvl_pipeline.formats.nifti import encode_nifti, geometry_disagreement_mm, header_geometry
 from mvl_pipeline.formats.volumes import read_volume, volume_suffix
@@ -197,7 +197,7 @@ def read_input(study: Study, channels: list[dict[str, Any]], plan: dict[str, Any
         image, datasets = read_dicom_study(study.paths, args.series_index)
         return image, datasets, str(datasets[0].get("Modality", "") or "") or guess_modality(image)
     path = study.paths[0]
-    image = read_volume(path.read_bytes(), str(path), read_sibling=lambda p: Path(p).read_bytes(), channels=bool(channels))
+    image = read_volume(path.read_bytes(), str(path), read_sibling=lambda p: Path(p).read_bytes(), channels=bool(channels), name="<input>")
     if channels:
         return recorded_volume_channels(image, channels, study.channel_names), [], str(channels[0]["modality"])
     return image, [], input_modality(image, plan, args.modality)
@@ -343,11 +343,10 @@ def run(argv: list[str] | None = None) -> int:
     logging.getLogger("highdicom").setLevel(logging.WARNING)
 
     from mvl_pipeline.serving.segmenter import Segmenter
-
     try:
         studies, batch = discover(args.input)
-    except (FileNotFoundError, ValueError) as exc:
-        logger.error("%s", exc)
+    except (OSError, ValueError) as exc:
+        logger.error("%s", without_path(exc))
         return 2
     if args.output.exists() and not args.output.is_dir():
         logger.error("the output must be a folder: a file is in its place (the path is not repeated: it may name a patient)")
@@ -357,7 +356,6 @@ def run(argv: list[str] | None = None) -> int:
         logger.error("%s", problem)
         return 2
     from mlflow.exceptions import MlflowException
-
     try:
         weights, plan, uri = load_registered(args.model_uri, args.tracking_uri)
     except MlflowException as exc:  # a model or alias the registry does not hold: one line, no traceback
@@ -366,7 +364,11 @@ def run(argv: list[str] | None = None) -> int:
         return 2
     segmenter = Segmenter(weights, plan, llm_cache_dir=args.llm_cache_dir)
     logger.info("%d stud%s to segment with %s", len(studies), "y" if len(studies) == 1 else "ies", uri)
-    args.output.mkdir(parents=True, exist_ok=True)
+    try:
+        args.output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        logger.error("the output folder cannot be made: %s", without_path(exc))
+        return 2
     rows, failed = [], 0
     results = predict_studies(segmenter, studies, args.output, batch=batch, uri=uri, args=args)
     progress = tqdm(results, total=len(studies), desc="predict", unit="study", disable=len(studies) < 2)

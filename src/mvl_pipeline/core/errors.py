@@ -8,6 +8,14 @@ only the ``reason`` and a PHI-free ``detail`` downstream.
 from __future__ import annotations
 
 
+def without_path(exc: BaseException) -> str:
+    """An error for a log: the operating system's own errors (an ``OSError`` with a ``filename``)
+    quote the path, which may name the patient, so only their kind and reason are kept."""
+    if isinstance(exc, OSError) and (exc.filename is not None or exc.filename2 is not None):
+        return f"{type(exc).__name__}: {exc.strerror or 'error'} (the path is not repeated: it may name a patient)"
+    return str(exc)
+
+
 class ImagingError(Exception):
     """Base class: bad or unsupported imaging input. ``reason`` is a stable snake_case code."""
 

@@ -76,7 +76,9 @@ def ingest(
             scan.n_files, scan.n_units, len(scan.todo), scan.n_units - len(scan.todo),
         )  # fmt: skip
         # Units whose files left the drop stay: their cases were collected and remain valid.
-        units_state = dict(manifest.get("units", {}))
+        units_state = {k: u for k, u in manifest.get("units", {}).items() if k not in scan.superseded_units}
+        if scan.superseded_units:
+            logger.info("%d quarantine or skip record(s) cleared: their files now read", len(scan.superseded_units))
         gone = [key for key, entry in units_state.items() if key not in scan.live_units and entry.get("cases")]
         if gone:  # a drop pointed elsewhere (MVL_MSD_TASK, drop_url) went on with the old cases in silence
             logger.warning(

@@ -47,6 +47,7 @@ class DropScan:
     files: dict[str, dict[str, Any]]  # manifest "files" section for the current drop
     todo: list[tuple[Unit, str, str]]  # (unit, unit key, source hash) to (re)process
     live_units: set[str] = field(default_factory=set)
+    superseded_units: set[str] = field(default_factory=set)  # case-less units whose files now read otherwise
     n_files: int = 0
     n_units: int = 0
 
@@ -116,6 +117,12 @@ def _patients_bytes(drop: Any, relpath: str) -> bytes:
         return b"\xff"
 
 
+def _task_files(descriptor: str, available: set[str]) -> set[str]:
+    """The files of the MSD task whose ``dataset.json`` is ``descriptor`` (those below its folder)."""
+    folder = posixpath.dirname(descriptor)
+    return {f for f in available if not folder or f.startswith(folder + "/")}
+
+
 def scan_drop(
     drop: Any, manifest: Mapping[str, Any], key: bytes, config: Any, pool: Executor | None, *, force: bool = False
 ) -> DropScan:
@@ -168,14 +175,26 @@ def scan_drop(
         Unit("bad_file", relpath, (relpath,), error_reason=problem, error_detail=ENTRY_PROBLEMS[problem])
         for relpath, problem in sorted(problems.items())
     ]
-    listing = [e for e in listing if e.relpath not in problems]
     descriptors = [e.relpath for e in listing if is_msd_descriptor(e.relpath)]
+    listing = [e for e in listing if e.relpath not in problems]
     available = {e.relpath for e in listing}
     msd_files: set[str] = set()
+    held: set[str] = set()  # units of tasks whose dataset.json cannot be read now: kept as they were
     for descriptor in descriptors:
         patients = posixpath.join(posixpath.dirname(descriptor), PATIENTS_FILE)
+        try:
+            text = None if descriptor in problems else drop.read_bytes(descriptor)
+        except ImagingError:  # gone or unreadable since hashed: the run's error would quote its path
+            units.append(Unit("bad_file", descriptor, (descriptor,), error_reason="unreadable_file",
+                              error_detail="an MSD dataset.json that could not be read"))  # fmt: skip
+            text = None
+        if text is None:  # its task waits: its volumes are not loose ones, and what they gave stays
+            task = _task_files(descriptor, available)
+            msd_files.update(task | {descriptor})
+            held.update(u for f in task if f in fkeys and (u := files[fkeys[f]].get("unit")))
+            continue
         task_units = msd_units(
-            descriptor, drop.read_bytes(descriptor), available,
+            descriptor, text, available,
             _patients_bytes(drop, patients) if patients in available else None,
         )  # fmt: skip
         units.extend(task_units)
@@ -231,7 +250,7 @@ def scan_drop(
                 )  # fmt: skip
 
     todo = []
-    live: set[str] = set(members)
+    live: set[str] = set(members) | held
     for unit in units:
         ukey = pseudonyms.unit_key(key, unit.kind, unit.source_id)
         live.add(ukey)
@@ -251,4 +270,15 @@ def scan_drop(
             or failed_internally(previous)
         ):
             todo.append((unit, ukey, source_hash))
-    return DropScan(files=files, todo=todo, live_units=live, n_files=len(fkeys), n_units=len(live))
+    # Units of the last manifest that no longer form, with no case and every file still in the drop:
+    # their files now read (a file that could not be read, then could) or group otherwise, so their
+    # quarantine records are of the past. Those whose files left the drop keep theirs.
+    old_files_of: dict[str, set[str]] = defaultdict(set)
+    for fkey, entry in old_files.items():
+        if entry.get("unit"):
+            old_files_of[entry["unit"]].add(fkey)
+    superseded = {
+        ukey for ukey, unit in old_units.items()
+        if ukey not in live and not unit.get("cases") and old_files_of.get(ukey) and old_files_of[ukey] <= set(files)
+    }  # fmt: skip
+    return DropScan(files=files, todo=todo, live_units=live, superseded_units=superseded, n_files=len(fkeys), n_units=len(live))

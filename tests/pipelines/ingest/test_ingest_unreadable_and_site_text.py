@@ -61,6 +61,7 @@ def test_a_file_ingest_may_not_read_is_quarantined_without_its_path_and_read_aga
     monkeypatch.setattr(LocalFileSystem, "_open", original)  # the permission is fixed
     run = run_ingest(drop, tmp_path / "data")
     assert sorted(run.case_ids()) == sorted([first.case_id, second.case_id])
+    assert run.quarantine == []  # the record of the file it could not read is of the past
 
 
 def test_an_msd_modality_that_is_not_a_dicom_term_is_not_kept(tmp_path, caplog):
@@ -132,3 +133,59 @@ def test_a_patients_csv_ingest_may_not_read_holds_back_the_images_it_covers(tmp_
     run = run_ingest(drop, tmp_path / "data")
     assert len(run.case_ids()) == 2
     assert len({run.case(c).patient_id for c in run.case_ids()}) == 1  # one patient's two visits
+    assert run.quarantine == []
+
+
+def _msd_task(task, n: int = 2) -> None:
+    rng = np.random.default_rng(3)
+    training = []
+    for k in range(n):
+        image = (400 + 50 * rng.standard_normal((16, 16, 16))).astype(np.float32)
+        label = np.zeros((16, 16, 16), np.uint8)
+        label[4 + k : 12, 4:12, 4:12] = 1
+        for kind, array in (("imagesTr", image), ("labelsTr", label)):
+            (task / kind).mkdir(parents=True, exist_ok=True)
+            (task / kind / f"case_{k:03d}.nii.gz").write_bytes(gzip.compress(nib.Nifti1Image(array, np.eye(4)).to_bytes()))
+        training.append({"image": f"./imagesTr/case_{k:03d}.nii.gz", "label": f"./labelsTr/case_{k:03d}.nii.gz"})
+    (task / "dataset.json").write_text(json.dumps({
+        "name": "task", "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "organ"},
+        "training": training, "test": [],
+    }))  # fmt: skip
+
+
+def test_an_msd_dataset_json_ingest_may_not_read_holds_its_task_and_names_no_path(tmp_path, monkeypatch, caplog):
+    """An audit (2026-12-07): a task's dataset.json that could be hashed once, then not read (its
+    permission taken, its fingerprint unchanged, so never hashed again) stopped the run with an
+    error quoting its full path; one unreadable when hashed left its task's volumes to be paired as
+    loose image/label files, new cases of the same images. Now it is quarantined, its task waits,
+    and the cases it gave stay."""
+    task = tmp_path / "drop" / FOLDER / "Task98_Site"
+    _msd_task(task)
+    caplog.set_level(logging.INFO)
+    first = run_ingest(tmp_path / "drop", tmp_path / "data", ingest_params())
+    cases = first.case_ids()
+    assert len(cases) == 2 and first.quarantine == []
+
+    original = LocalFileSystem._open
+
+    def refusing(self, path, mode="rb", *args, **kwargs):
+        if str(path).endswith("dataset.json"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return original(self, path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "_open", refusing)
+    held = run_ingest(tmp_path / "drop", tmp_path / "data", ingest_params())  # unchanged: read, not hashed
+    assert held.case_ids() == cases
+    assert [(q["reason"], q["n_files"]) for q in held.quarantine] == [("unreadable_file", 1)]
+    assert "not in this drop" not in caplog.text  # its cases are still the drop's
+
+    _msd_task(task, n=3)  # the site adds a case: dataset.json changes, and is hashed, which fails
+    held = run_ingest(tmp_path / "drop", tmp_path / "data", ingest_params())
+    assert held.case_ids() == cases  # no loose image/label pairs of the task's volumes
+    assert [(q["reason"], q["n_files"]) for q in held.quarantine] == [("unreadable_file", 1)]
+    shown = _outputs_text(tmp_path / "data") + caplog.text
+    assert NAME.lower() not in shown.lower() and "19310517" not in shown
+
+    monkeypatch.setattr(LocalFileSystem, "_open", original)  # the permission is fixed
+    again = run_ingest(tmp_path / "drop", tmp_path / "data", ingest_params())
+    assert len(again.case_ids()) == 3 and set(cases) < set(again.case_ids()) and again.quarantine == []

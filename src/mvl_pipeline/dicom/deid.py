@@ -253,7 +253,9 @@ class _Cleaner:
                     self.clean(item)
 
 
-def _burned_in(ds: Dataset) -> tuple[bool, str]:
+def burned_in(ds: Dataset) -> tuple[bool, str]:
+    """Whether ``ds``'s pixels may carry burned-in text (its flag, or a modality / SOP class where
+    such text is likely), and why. One file's answer: a series is flagged when any file is."""
     value = str(ds.get("BurnedInAnnotation", "") or "").upper()
     modality = str(ds.get("Modality", "") or "").upper()
     sop_class = str(ds.get("SOPClassUID", "") or "")
@@ -293,7 +295,7 @@ def deidentify(
     ``pseudonym(key, "patient", IssuerOfPatientID, PatientID)``.
     """
     key = require_key(key)
-    burned_in, burned_in_reason = _burned_in(ds)
+    burned_in_flag, burned_in_reason = burned_in(ds)
     pseudo = patient_pseudonym or _patient_pseudonym(ds, key)
     out = copy.deepcopy(ds)
     if hasattr(out, "filename"):
@@ -337,11 +339,11 @@ def deidentify(
     out.LongitudinalTemporalInformationModified = (
         "UNMODIFIED" if retain_longitudinal_temporal else "REMOVED"
     )
-    if burned_in:
+    if burned_in_flag:
         log.info("burned-in annotation flagged: %s", burned_in_reason)
     report = DeidReport(
         counts=dict(cleaner.counts),
-        burned_in_annotation=burned_in,
+        burned_in_annotation=burned_in_flag,
         burned_in_reason=burned_in_reason,
         patient_pseudonym=pseudo,
         retain_longitudinal_temporal=retain_longitudinal_temporal,

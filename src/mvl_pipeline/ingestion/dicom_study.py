@@ -5,9 +5,10 @@ resampled onto the reference channel's grid, labelled by the SEG/RTSTRUCT of any
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ from mvl_pipeline.core.errors import ImagingError, LabelGridMismatchError
 from mvl_pipeline.core.volume import Volume
 from mvl_pipeline.dicom import labels as dicom_labels
 from mvl_pipeline.dicom.assemble import assemble_series
-from mvl_pipeline.dicom.deid import deidentify
+from mvl_pipeline.dicom.deid import burned_in, deidentify
 from mvl_pipeline.dicom.read import (
     SEGMENTATION_STORAGE,
     modality_of,
@@ -119,10 +120,16 @@ def _assemble(drop: Any, files: list[str], config: IngestConfig, channels: tuple
     return image
 
 
-def _deidentify(header: Any, key: bytes, config: IngestConfig) -> tuple[Any, Any]:
+def _deidentify(header: Any, key: bytes, config: IngestConfig, series: Iterable[Any] = ()) -> tuple[Any, Any]:
+    """The series' first ``header`` de-identified; the burned-in check is made on every file of the
+    ``series`` (a slice annotated and sent again carries the flag that the first may not)."""
     deid_header, report = deidentify(
         header, key, retain_longitudinal_temporal=config.retain_longitudinal_temporal
     )
+    if not report.burned_in_annotation:
+        flagged = next((why for flag, why in map(burned_in, series) if flag), None)
+        if flagged is not None:
+            report = dataclasses.replace(report, burned_in_annotation=True, burned_in_reason=f"a file of the series: {flagged}")
     if report.burned_in_annotation and config.quarantine_burned_in:
         raise _BurnedInError("burned-in annotation flagged: pixels may carry identity")
     return deid_header, report
@@ -186,7 +193,7 @@ def _dicom_case(
 ) -> Case:
     image = _assemble(drop, files, config)
     first = headers[files[0]]
-    deidentified = _deidentify(first, key, config)
+    deidentified = _deidentify(first, key, config, (headers[f] for f in files[1:]))
     label, label_names = _labels(drop, label_files, image, config)
     return _case(case_id, key, image, label, label_names, first, deidentified, config)
 
@@ -211,7 +218,8 @@ def _channel_study(
             return
         firsts = [headers[study.series[uid][0]] for uid in chosen]
         check_frames(rules, firsts)
-        deidentified = [_deidentify(first, key, config) for first in firsts]
+        deidentified = [_deidentify(headers[study.series[uid][0]], key, config, (headers[f] for f in study.series[uid][1:]))
+                        for uid in chosen]  # fmt: skip
         volumes = [_assemble(drop, study.series[uid], config, (r.name,)) for uid, r in zip(chosen, rules, strict=True)]
         image, coverages = stack_channels(volumes, [r.name for r in rules], min_overlap=config.channel_min_overlap)
         label, label_names = None, {}

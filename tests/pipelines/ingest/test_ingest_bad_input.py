@@ -86,3 +86,19 @@ def test_each_bad_input_gets_its_own_reason_and_the_good_studies_are_ingested(tm
     ]  # fmt: skip
     assert len(run.case_ids()) == 2  # the good study and the good pair
     assert sample_studies[4].case_id in run.case_ids()
+
+
+def test_a_series_with_burned_in_text_on_any_slice_is_quarantined(tmp_path, sample_studies):
+    """An audit (2026-12-07): only the series' first file was checked for burned-in text, so a
+    series whose later slices were annotated and sent again (BurnedInAnnotation YES on them, not
+    on the first) was ingested, its pixels into the cases and the overlays."""
+    annotated = drop_files(sample_studies[0])
+    slices = sorted(p for p, data in annotated.items() if "SegmentSequence" not in pydicom.dcmread(io.BytesIO(data)))
+    for relpath in slices[1:]:  # every slice but the one read first
+        ds = pydicom.dcmread(io.BytesIO(annotated[relpath]))
+        ds.BurnedInAnnotation = "YES"
+        annotated[relpath] = encode_file(ds)
+    drop = write_drop(tmp_path / "drop", annotated | drop_files(sample_studies[4]))
+    run = run_ingest(drop, tmp_path / "data")
+    assert [r["reason"] for r in run.quarantine] == ["burned_in_annotation"]
+    assert run.case_ids() == [sample_studies[4].case_id]

@@ -265,3 +265,28 @@ def test_patient_module_attributes_outside_the_tables_are_removed() -> None:
     assert clean.AnatomicalOrientationType == "BIPED"
     assert report.counts["patient_group_outside_tables"] == 4
     assert clean.PatientID == report.patient_pseudonym  # the tables' own patient attributes as before
+
+
+def test_uids_outside_the_tables_are_mapped_and_well_known_ones_kept() -> None:
+    """The 2026c tables list neither Concatenation Source nor Volume / Table Frame of Reference
+    UIDs (an audit, 2026-12-07): kept, they carried a vendor's UID (often the acquisition date
+    and the scanner's serial number) into case.json. Every UID outside the tables is now mapped
+    as U maps, in sequences too; a well-known DICOM UID (a SOP class) stays."""
+    from mvl_pipeline.dicom.deid import _action_for
+
+    source = "1.3.12.2.1107.5.2.43.166004.2026113010221234567"
+    ds = planted()
+    ds.SOPInstanceUIDOfConcatenationSource = source
+    ds.VolumeFrameOfReferenceUID = source + ".1"
+    ds.TableFrameOfReferenceUID = source + ".2"
+    item = Dataset()
+    item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    item.MultiFrameSourceSOPInstanceUID = source + ".3"
+    ds.ProcedureCodeSequence = [item]  # an attribute the tables let through, with an item
+    assert all(_action_for(pydicom.tag.Tag(k)) is None for k in (0x00200242, 0x00209312, 0x00209313, 0x00081167))
+    clean, report = deidentify(ds, KEY)
+    assert source.encode() not in dataset_bytes(clean)
+    assert clean.SOPInstanceUIDOfConcatenationSource == map_uid(KEY, source)
+    assert clean.VolumeFrameOfReferenceUID == map_uid(KEY, source + ".1")
+    assert clean.ProcedureCodeSequence[0].ReferencedSOPClassUID == "1.2.840.10008.5.1.4.1.1.4"
+    assert report.counts["uids_outside_tables"] >= 4

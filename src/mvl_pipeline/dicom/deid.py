@@ -18,6 +18,7 @@ Table E.1-1); the actions themselves are implemented here:
   emptied / replaced; with ``retain_longitudinal_temporal=True`` they are kept (except the
   birth date and time) and code 113106 is recorded;
 - without that option, dates left outside the tables (DA/DT) get dummy values too;
+- UIDs outside the tables (UI) are mapped as by U (well-known ones kept);
 - burned-in annotation is flagged (BurnedInAnnotation YES, or a modality / SOP class where
   burned-in text is likely: secondary capture, US, endoscopy ...); pixels are not changed.
 
@@ -238,6 +239,11 @@ class _Cleaner:
                 ):
                     self.dummy(element)
                     self.counts["dates_outside_tables"] += 1
+                elif element.VR == "UI" and element.value not in (None, ""):
+                    # a UID outside the tables (newer than their source, e.g. Concatenation Source,
+                    # Volume Frame of Reference): vendors' UIDs embed dates and serial numbers
+                    self.map_uids(element)
+                    self.counts["uids_outside_tables"] += 1
                 continue
             self.counts[action] += 1
             if action == "X":

@@ -111,7 +111,7 @@ def discover(root: Path) -> tuple[list[Study], bool]:
         task = read_task((root / "dataset.json").read_bytes())
         volumes = [root / image for image in task.test if (root / image).is_file()]
         files = []
-        channel_names = tuple(name for _, name in sorted(task.modalities.items()))
+        channel_names = task.channel_names
     by_study: dict[str, list[Path]] = {}
     for path in files:
         if volume_suffix(path.name) or path.name.lower() == "dataset.json":

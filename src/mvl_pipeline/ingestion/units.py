@@ -245,6 +245,6 @@ def msd_units(
         units.append(
             Unit("volume", image, files, image=image, label=label, patient_hint=patient_of.get(case, case),
                  label_names=dict(task.labels), modality=task.modality,
-                 channel_names=tuple(name for _, name in sorted(task.modalities.items())))
+                 channel_names=task.channel_names)
         )  # fmt: skip
     return units

@@ -6,6 +6,7 @@ the good cases beside it are ingested; declared channels pick and order the volu
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -63,3 +64,28 @@ def test_declared_channels_pick_and_order_the_volumes_by_their_task_names(task, 
     np.testing.assert_allclose(case.image.array[0], second_contrast(t1))
     np.testing.assert_array_equal(case.image.array[1], t1)
     assert [(c["name"], c["index"]) for c in case.meta["channels"]] == [("t2", 1), ("t1", 0)]
+
+
+def test_a_modality_name_that_is_no_contrast_term_becomes_the_channels_index(task, tmp_path_factory, caplog):
+    """An audit (2026-12-07): a task's ``modality`` names are free text typed where it was made,
+    and a second one ("T2 St Elsewhere Kowalczyk") became the channel's name, kept in the cases,
+    the plan, the model bundle and predict's errors. Names that are no contrast term become
+    ``channel<index>``; predict names the input's volumes by the same rule, so it still finds them."""
+    from mvl_pipeline.formats.msd import read_task
+
+    site = tmp_path_factory.mktemp("msd-site") / "drop"
+    copy = site / task.name
+    shutil.copytree(task, copy)
+    descriptor = json.loads((copy / "dataset.json").read_text())
+    descriptor["modality"] = {"0": "T1", "1": "T2 St Elsewhere Kowalczyk"}
+    (copy / "dataset.json").write_text(json.dumps(descriptor))
+    caplog.set_level("INFO")
+    root = tmp_path_factory.mktemp("msd-site-data")
+    run = run_ingest(site, root, ingest_params(labels=None))
+    assert run.case_ids() == sorted(case_id(n) for n in GOOD)
+    case = run.case(case_id(GOOD[0]))
+    assert [(c["name"], c["source_name"], c["modality"]) for c in case.meta["channels"]] == [("T1", "T1", "MR"), ("channel1", "channel1", "MR")]
+    written = b"".join(p.read_bytes() for p in root.rglob("*") if p.is_file() and p.suffix in (".json", ".csv"))
+    assert b"elsewhere" not in written.lower() and b"kowalczyk" not in written.lower()
+    assert "elsewhere" not in caplog.text.lower()
+    assert read_task((copy / "dataset.json").read_bytes()).channel_names == ("T1", "channel1")  # predict's names

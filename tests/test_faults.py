@@ -369,6 +369,38 @@ def test_sigkill_mid_ingest_keeps_the_saved_batches_and_the_rerun_ingests_only_t
     assert json.loads((root / "data/02_intermediate/quarantine.json").read_text()) == []
 
 
+def test_sigkill_mid_reingest_under_new_settings_then_the_rerun_redoes_the_units_not_reached(tmp_path_factory, prepared):
+    """New ingest settings re-ingest every unit. Each batch's manifest holds the new settings and
+    every file's fingerprint, so a run killed after its first batch left the other units looking
+    done under the new settings, their old cases kept for good (an audit, 2026-12-07). The
+    manifest lists them as pending until done; the rerun does exactly those."""
+    root = clone(tmp_path_factory, prepared, "faults-reingest", data=("01_raw",))
+    Run(root, "--pipelines", "ingest", name="ingest-first").succeeded()
+    first = json.loads((root / MANIFEST).read_text())
+    changed = ("--pipelines", "ingest", "--params", "ingest.spacing_tolerance=0.06")  # part of the settings id
+    run = Run(root, *changed, name="ingest-reingest-killed")
+
+    def pending_saved() -> bool:
+        try:
+            return bool(json.loads((root / MANIFEST).read_text()).get("pending"))
+        except (OSError, ValueError):
+            return False
+
+    run_until(run, pending_saved, "the first batch of the re-ingest was saved")
+    run.kill()
+    killed = json.loads((root / MANIFEST).read_text())
+    assert killed["settings_id"] != first["settings_id"]
+    assert 0 < len(killed["pending"]) < N_STUDIES, f"not killed mid-run: {len(killed['pending'])} pending"
+
+    output = Run(root, *changed, name="ingest-reingest-rerun").succeeded()
+    assert f"{len(killed['pending'])} new or changed to process" in output, output[-3000:]
+    final = json.loads((root / MANIFEST).read_text())
+    assert "pending" not in final and final["settings_id"] == killed["settings_id"]
+    assert len(manifest_cases(root)) == N_STUDIES
+    output = Run(root, *changed, name="ingest-reingest-again").succeeded()
+    assert f"0 new or changed to process, {N_STUDIES} unchanged" in output
+
+
 def test_sigkill_mid_preprocess_keeps_the_written_cases_and_the_rerun_computes_only_the_rest(tmp_path_factory, prepared):
     root = clone(tmp_path_factory, prepared, "faults-preprocess", data=("01_raw", "02_intermediate"))
     done = root / MODEL_INPUT

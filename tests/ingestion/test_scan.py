@@ -238,3 +238,17 @@ def test_a_value_pydicom_cannot_decode_and_entries_that_are_not_files_are_bad_fi
                    ("a\\b.dcm",): "invalid_path", (JUNK,): "not_dicom"}  # fmt: skip
     assert sorted(u.kind for u, _, _ in first.todo) == ["bad_file"] * 4 + ["dicom", "volume"]
     assert scan(drop, manifest_after(first)).todo == []
+
+
+def test_units_a_cut_off_run_left_pending_are_done_though_nothing_changed(drop):
+    """A run saves its manifest with every batch, and that manifest already holds every file's new
+    fingerprint (and the run's settings): a unit not yet processed when the run was cut off looked
+    unchanged to the next scan, and kept its old result for good (an audit, 2026-12-07: a new
+    SEG for a study, or a re-ingest under new settings, never came). Listed as pending, it is done."""
+    first = scan(drop)
+    manifest = manifest_after(first)
+    assert scan(drop, manifest).todo == []
+    dicom_key = pseudonyms.unit_key(KEY, "dicom", UIDS.study)
+    volume_key = next(k for u, k, _ in first.todo if u.kind == "volume")
+    manifest["pending"] = [dicom_key, volume_key]
+    assert kinds(scan(drop, manifest)) == {"dicom": tuple(SLICES), "volume": (IMAGE, LABEL)}

@@ -114,6 +114,11 @@ def _process(
     key_id: str,
 ) -> Iterator[tuple[dict[str, Case | None], dict[str, Any]]]:
     todo = scan.todo
+    # Each batch's manifest already carries every file's new fingerprint and the new settings: the
+    # units not yet processed are listed, so that a run cut off between batches redoes them
+    # (without the list, the next scan saw them as unchanged and kept their old results).
+    pending = {ukey for _, ukey, _ in todo}
+    manifest["pending"] = sorted(pending)
     progress = tqdm(total=len(todo), desc="ingest", unit="unit", disable=not config.progress, mininterval=1.0)
     counts: Counter[str] = Counter()
     skipped: Counter[str] = Counter()
@@ -144,9 +149,11 @@ def _process(
         counts["quarantined"] += len(result.quarantined)
         skipped.update(str(record.get("reason", "other")) for record in result.skipped)  # fixed reasons, no text of the drop
         counts["units"] += 1
+        pending.discard(ukey)
         progress.update(1)
         progress.set_postfix(cases=counts["cases"], quarantined=counts["quarantined"], refresh=False)
         if len(batch) >= config.batch_size:
+            manifest["pending"] = sorted(pending)
             yield batch, manifest
             batch = {}
     progress.close()
@@ -159,4 +166,5 @@ def _process(
         logger.warning("ingest: images with no label beside them are skipped (a folder of images alone, or a label "
                        "file named other than ingest.label_suffixes expects?); ingest.keep_unlabelled: true keeps "
                        "them (for inference drops)")  # fmt: skip
+    manifest.pop("pending")  # all done: the manifest of a whole run has no such list
     yield batch, manifest

@@ -129,6 +129,9 @@ def scan_drop(
     """``force``: every unit still in the drop is processed again (the ingest settings changed)."""
     old_files: Mapping[str, Mapping[str, Any]] = manifest.get("files", {})
     old_units: Mapping[str, Mapping[str, Any]] = manifest.get("units", {})
+    # units a run set out to process and was cut off before (ingestion/run.py): its manifest already
+    # holds their files' new fingerprints and its settings, so nothing else would show them as work
+    pending = set(manifest.get("pending", []))
     files: dict[str, dict[str, Any]] = {}
     dirty: set[str] = set()
     fkeys: dict[str, str] = {}
@@ -235,7 +238,7 @@ def scan_drop(
         units.append(Unit("dicom", study, tuple(sorted(set(members.pop(ukey, [])) | set(new_files)))))
     # Studies with no new file: unchanged unless they have no result yet (or failed on a bug).
     for ukey, relpaths in members.items():
-        if ukey in old_units and not failed_internally(old_units[ukey]) and not force:
+        if ukey in old_units and not failed_internally(old_units[ukey]) and not force and ukey not in pending:
             for relpath in relpaths:
                 files[fkeys[relpath]]["unit"] = ukey
         else:  # re-read one header to rebuild the unit (new settings, a lost entry, a crash)
@@ -264,6 +267,7 @@ def scan_drop(
         previous = old_units.get(ukey)
         if (
             force
+            or ukey in pending
             or previous is None
             or previous.get("source_hash") != source_hash
             or any(f in dirty for f in unit.files)

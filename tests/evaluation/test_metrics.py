@@ -120,7 +120,14 @@ def test_a_model_that_never_predicts_the_lesion_never_reports_lesion_hd95_zero()
     assert lesion["hd95_worst_case_cases"] == 2
     assert lesion["dice_label_present"]["mean"] == 0.0
     assert lesion["hd95_mm"]["mean"] > 0.0
-    assert lesion["hd95_mm"]["mean"] == pytest.approx(math.sqrt(3 * 32.0**2) / 2)  # 2 of 4 cases: the diagonal
+    # over the 2 cases whose label holds a lesion, both missed: the diagonal (the 2 cases with
+    # neither label nor prediction of a lesion halved it, an audit 2026-12-07), NSD and Jaccard 0,
+    # precision undefined (nothing predicted); "cases" says which cases a figure is over
+    assert lesion["hd95_mm"]["mean"] == pytest.approx(math.sqrt(3 * 32.0**2))
+    assert lesion["hd95_mm"]["n"] == 2 and lesion["hd95_mm"]["cases"] == "label holds the class"
+    assert lesion["nsd"]["mean"] == 0.0 and lesion["jaccard"]["mean"] == 0.0
+    assert lesion["precision"]["mean"] is None and lesion["precision"]["n_undefined"] == 2
+    assert lesion["dice"]["n"] == 4 and lesion["dice"]["mean"] == pytest.approx(0.5)  # both-empty as 1: plain Dice
 
 
 def test_lesion_dice_where_present_is_reported_apart_from_both_empty_cases():

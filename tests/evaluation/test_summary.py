@@ -126,3 +126,26 @@ def test_false_positives_and_misses_in_a_rare_class_are_seen_beside_the_plain_me
     assert entry["false_positive_rate"] == pytest.approx(1 / 9)
     assert entry["n_cases_label_absent"] == 9
     assert summarise([row("c", "p", 0.9)])["organ"]["false_positive_rate"] is None  # never absent: no figure
+
+
+def test_an_interval_names_the_bootstrap_it_came_from(monkeypatch):
+    """BCa falls back to the percentile interval where it is undefined; the summary said "BCa"
+    all the same (an audit, 2026-12-07). It now names the method used."""
+    from mvl_pipeline.evaluation import summary as module
+
+    values, patients = [0.7, 0.8, 0.9, 0.85], ["a", "b", "c", "d"]
+    assert module.describe(values, patients)["ci_method"] == "BCa bootstrap over patients"
+    real = stats.bootstrap
+
+    def bca_undefined(data, statistic, **kwargs):
+        result = real(data, statistic, **kwargs)
+        if kwargs["method"] == "BCa":  # as scipy gives it for some tiny skewed samples
+            result.confidence_interval = type(result.confidence_interval)(float("nan"), float("nan"))
+        return result
+
+    monkeypatch.setattr(module.stats, "bootstrap", bca_undefined)
+    described = module.describe(values, patients)
+    assert described["ci_method"] == "percentile bootstrap over patients"
+    low, high = described["ci95"]
+    assert low <= 0.8125 <= high
+    assert module.bootstrap_ci([1.0, 2.0, 4.0]).method == "percentile"

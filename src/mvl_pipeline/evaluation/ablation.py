@@ -162,6 +162,7 @@ def compare(differences: Sequence[float], plan: StatisticsPlan) -> dict[str, Any
         "n_patients": n,
         "mean_difference": float(diffs.mean()) if n else None,
         "ci": None if interval is None else [interval[0], interval[1]],
+        "ci_method": None if interval is None else interval.method,
         "sd_difference": sd,
         "p_value": wilcoxon_p(diffs),
         "minimum_detectable_difference": minimum_detectable_difference(sd, n, alpha=plan.alpha, power=plan.power),

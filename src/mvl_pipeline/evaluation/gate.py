@@ -116,6 +116,7 @@ def paired_difference(
     return {
         "mean": float(diffs.mean()) if diffs.size else None,
         "ci": None if interval is None else [interval[0], interval[1]],
+        "ci_method": None if interval is None else interval.method,
         "n_patients": int(diffs.size),
     }
 

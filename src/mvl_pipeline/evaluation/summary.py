@@ -21,6 +21,12 @@ from scipy import stats
 from mvl_pipeline.evaluation.metric_names import METRICS
 
 MIN_PATIENTS_FOR_CI = 3
+#: Summarised over the cases whose label holds the class only: where neither label nor prediction
+#: holds it they score as perfect (HD95 0 mm, NSD 1 ...), which lifts a model that misses a rare
+#: class in its few cases. A prediction where the label lacks the class is the false-positive rate.
+#: "dice" keeps every case (its where-present figure is ``dice_label_present``); specificity and
+#: accuracy count true negatives, so every case too.
+LABEL_PRESENT_METRICS = frozenset({"jaccard", "precision", "recall", "hd95_mm", "nsd"})
 
 
 def patient_means(values: Sequence[float], patients: Sequence[str]) -> np.ndarray:
@@ -31,16 +37,29 @@ def patient_means(values: Sequence[float], patients: Sequence[str]) -> np.ndarra
     return np.array([np.mean(grouped[p]) for p in sorted(grouped)], dtype=np.float64)
 
 
+class Interval(tuple):
+    """``(low, high)``, with ``method``: the bootstrap the interval came from ("BCa", or
+    "percentile" where BCa is undefined), so that a report names the one it used."""
+
+    method: str
+
+    def __new__(cls, low: float, high: float, method: str) -> Interval:
+        interval = super().__new__(cls, (low, high))
+        interval.method = method
+        return interval
+
+
 def bootstrap_ci(
     values: Sequence[float], *, n_resamples: int = 5000, seed: int = 0, level: float = 0.95
-) -> tuple[float, float] | None:
+) -> Interval | None:
     """BCa bootstrap interval of the mean of ``values`` (one value per independent unit); None
-    for fewer than :data:`MIN_PATIENTS_FOR_CI` values."""
+    for fewer than :data:`MIN_PATIENTS_FOR_CI` values. Where BCa is undefined (a skewed tiny
+    sample) the percentile interval, and ``method`` says so."""
     data = np.asarray(values, dtype=np.float64)
     if data.size < MIN_PATIENTS_FOR_CI:
         return None
     if np.allclose(data, data[0]):
-        return (float(data[0]), float(data[0]))
+        return Interval(float(data[0]), float(data[0]), "BCa")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # BCa warns on near-degenerate data; the fallback follows
         result = stats.bootstrap(
@@ -48,15 +67,15 @@ def bootstrap_ci(
             random_state=np.random.default_rng(seed),
         )  # fmt: skip
     low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
-    if math.isnan(low) or math.isnan(high):  # BCa undefined (e.g. a skewed tiny sample)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            result = stats.bootstrap(
-                (data,), np.mean, n_resamples=n_resamples, confidence_level=level, method="percentile",
-                random_state=np.random.default_rng(seed),
-            )  # fmt: skip
-        low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
-    return (low, high)
+    if not (math.isnan(low) or math.isnan(high)):
+        return Interval(low, high, "BCa")
+    with warnings.catch_warnings():  # BCa undefined (e.g. a skewed tiny sample)
+        warnings.simplefilter("ignore")
+        result = stats.bootstrap(
+            (data,), np.mean, n_resamples=n_resamples, confidence_level=level, method="percentile",
+            random_state=np.random.default_rng(seed),
+        )  # fmt: skip
+    return Interval(float(result.confidence_interval.low), float(result.confidence_interval.high), "percentile")
 
 
 def describe(values: Sequence[float], patients: Sequence[str], *, seed: int = 0) -> dict[str, Any]:
@@ -72,12 +91,13 @@ def describe(values: Sequence[float], patients: Sequence[str], *, seed: int = 0)
         "ci95": None if interval is None else [interval[0], interval[1]],
         "n": len(values),
         "n_patients": int(means.size),
-        "ci_method": f"none (fewer than {MIN_PATIENTS_FOR_CI} patients)" if interval is None else "BCa bootstrap over patients",
+        "ci_method": f"none (fewer than {MIN_PATIENTS_FOR_CI} patients)" if interval is None else f"{interval.method} bootstrap over patients",
     }
 
 
 def summarise(rows: Sequence[Mapping[str, Any]], *, seed: int = 0) -> dict[str, Any]:
-    """Per class and metric: mean over patients with its interval, median, n (cases), n_patients;
+    """Per class and metric: mean over patients with its interval, median, n (cases), n_patients
+    (:data:`LABEL_PRESENT_METRICS` over the cases whose label holds the class; ``cases`` says which);
     plus "Dice where present" (cases whose label holds the class), the detection rate, the
     false-positive rate (cases whose label lacks the class and whose prediction has it) and the
     worst-case HD95 count. A row's patient is ``patient_id`` (else its case is its own patient)."""
@@ -91,9 +111,12 @@ def summarise(rows: Sequence[Mapping[str, Any]], *, seed: int = 0) -> dict[str, 
             "status": {s: sum(r["status"] == s for r in class_rows) for s in sorted({r["status"] for r in class_rows})},
         }
         for metric in METRICS:
-            defined = [(float(r[metric]), p) for r, p in zip(class_rows, patients, strict=True) if r.get(metric) is not None]
+            counted = [(r, p) for r, p in zip(class_rows, patients, strict=True)
+                       if metric not in LABEL_PRESENT_METRICS or r["voxels_label"] > 0]  # fmt: skip
+            defined = [(float(r[metric]), p) for r, p in counted if r.get(metric) is not None]
             entry[metric] = describe([v for v, _ in defined], [p for _, p in defined], seed=seed)
-            entry[metric]["n_undefined"] = len(class_rows) - len(defined)
+            entry[metric]["n_undefined"] = len(counted) - len(defined)
+            entry[metric]["cases"] = "label holds the class" if metric in LABEL_PRESENT_METRICS else "all"
         present = [(float(r["dice"]), p) for r, p in zip(class_rows, patients, strict=True) if r["voxels_label"] > 0]
         entry["dice_label_present"] = describe([v for v, _ in present], [p for _, p in present], seed=seed)
         with_label = [r for r in class_rows if r["voxels_label"] > 0]

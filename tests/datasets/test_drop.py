@@ -163,10 +163,13 @@ def test_crash_mid_save_leaves_only_complete_files(tmp_path, monkeypatch):
     with pytest.raises(DatasetError):
         dataset.save({"s/1.dcm": b"a" * 1000, "s/2.dcm": b"b" * 1000, "s/3.dcm": b"c" * 1000})
     monkeypatch.undo()
+    assert (tmp_path / "drop" / SAVE_MARKER).is_file()  # the save did not finish: it says so
+    with pytest.raises(DatasetError, match="did not finish"):
+        dataset.load()
+    (tmp_path / "drop" / SAVE_MARKER).unlink()  # the user takes the folder as it is
     listed = {f.relpath: f.size for f in dataset.load().files}
     assert listed == {"old.dcm": 14, "s/1.dcm": 1000}  # 2 never appears, not even truncated
     assert sorted(os.listdir(tmp_path / "drop" / "s")) == ["1.dcm"]
-    assert (tmp_path / "drop" / SAVE_MARKER).is_file()  # the save did not finish: it says so
 
 
 SAVER = """
@@ -177,9 +180,10 @@ DropFolderDataset(filepath=sys.argv[1]).save({f"s/{i:05d}.dcm": bytes(2048) for 
 """
 
 
-def test_a_save_killed_half_way_leaves_a_marker_that_load_warns_about_and_a_full_save_clears(tmp_path, caplog):
+def test_a_save_killed_half_way_leaves_a_marker_that_load_refuses_and_a_full_save_clears(tmp_path):
     """An audit (2026-12-05): `make train` after a sample-drop generation stopped half-way used
-    the partial drop (3 of 8 patients) without a word. A real process, SIGKILLed mid-save."""
+    the partial drop (3 of 8 patients) without a word; then with a warning, still training on
+    part of the drop (an audit, 2026-12-07); now refused. A real process, SIGKILLed mid-save."""
     import signal
     import subprocess
     import sys
@@ -198,13 +202,13 @@ def test_a_save_killed_half_way_leaves_a_marker_that_load_warns_about_and_a_full
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (drop / SAVE_MARKER).is_file()
-    with caplog.at_level("WARNING", logger="mvl_pipeline.datasets.drop"):
-        partial = DropFolderDataset(filepath=str(drop)).load()
-    assert 10 < len(partial.files) < 20000, len(partial.files)  # SIGKILL came after the 11th file
-    assert SAVE_MARKER not in {f.relpath for f in partial.files}
-    assert "a save into this drop folder did not finish" in caplog.text
+    assert 10 < written() < 20000, written()  # SIGKILL came after the 11th file
+    with pytest.raises(DatasetError, match="a save into this drop folder did not finish"):
+        DropFolderDataset(filepath=str(drop)).load()
     DropFolderDataset(filepath=str(drop)).save({"s/00000.dcm": bytes(2048)})  # a save that finishes
     assert not (drop / SAVE_MARKER).exists()
+    whole = DropFolderDataset(filepath=str(drop)).load()
+    assert SAVE_MARKER not in {f.relpath for f in whole.files} and len(whole.files) == written()
 
 
 def test_describe_never_shows_credentials(s3_bucket):

@@ -12,8 +12,8 @@ an unfinished atomic write (``storage.write_bytes_atomic``) or OS litter.
 (DICOM data sets as Part 10 files with preamble and file meta). Files already in the folder and
 not named in the mapping are never touched; a file named again is replaced atomically. A save
 marks the folder (``SAVE_MARKER``, hidden) until its last file is written: a save killed half-way
-(the sample drop's generation stopped with Ctrl-C) leaves the marker, ``load()`` warns that the
-folder may be incomplete, and ``make sample-data`` generates it again instead of using it.
+(the sample drop's generation stopped with Ctrl-C) leaves the marker, ``load()`` refuses the
+folder as incomplete, and ``make sample-data`` generates it again instead of using it.
 
 The fingerprint of a file is ``"mtime_ns:size"`` locally and ``"etag:<ETag>"`` on object stores:
 enough to notice that a file changed since it was last ingested, without reading it.
@@ -288,9 +288,13 @@ class DropFolderDataset(AbstractDataset[Mapping[str, Any], DropFolder]):
     def load(self) -> DropFolder:
         files = list_drop_files(self._fs, self._protocol, self._root)
         if self._fs.exists(storage.join(self._root, SAVE_MARKER)):
-            logger.warning("a save into this drop folder did not finish (%s is there): it may be incomplete; "
-                           "for the sample drop, run `make sample-data` or `kedro run --pipelines sample_data` "
-                           "again", SAVE_MARKER)  # fmt: skip
+            # refused, not warned about: a run on it would train on part of the drop and record a data
+            # version for that part (an audit, 2026-12-07)
+            raise DatasetError(
+                f"a save into this drop folder did not finish ({SAVE_MARKER} is there): it is incomplete. For the "
+                "sample drop run `make sample-data` (or `kedro run --pipelines sample_data`) again; to use the "
+                "folder as it is, delete that file"
+            )
         if not files and not self._load_args["allow_empty"]:
             raise EmptyDropFolderError(f"drop folder holds no files ({DROP_HINT})", path=self._filepath)
         return DropFolder(

@@ -332,3 +332,20 @@ def test_a_registered_artifact_replaced_after_registration_is_refused_by_the_gat
     _download_bundle.cache_clear()  # a process that had downloaded it before would hold the old copy
     with pytest.raises(WeightsMismatchError):
         dataset.load().champion.load_bundle()
+
+
+def test_a_fit_history_of_other_weights_is_refused_before_anything_is_registered(tiny_training_data, tiny_models, registry):
+    """fit saves its history from its first node and the model from its second: a run cut off
+    between them left a new history beside the old model, and register tagged the old model with
+    the new fit's data version and run (an audit, 2026-12-07)."""
+    dataset, client = registry
+    data = tiny_training_data
+    other = {"data_version": "v2", "run_name": "cut-off-run", "weights_sha256": weights_sha256(tiny_models["short"][0])}
+    with pytest.raises(ValueError, match="fit_history.json is of other weights"):
+        decide_registration(tiny_models["long"], dataset.load(), data["ingested_cases"], data["gate_split"],
+                            data["preprocessing_plan"], other, LINEAGE, data["llm_cache_dir"], {}, {})  # fmt: skip
+    assert versions(client) == []
+    mine = other | {"weights_sha256": weights_sha256(tiny_models["long"][0])}
+    request, _ = decide_registration(tiny_models["long"], dataset.load(), data["ingested_cases"], data["gate_split"],
+                                     data["preprocessing_plan"], mine, LINEAGE, data["llm_cache_dir"], {}, {})  # fmt: skip
+    assert request.tags["data_version"] == "v2"

@@ -66,6 +66,7 @@ def fit_model(
         "class_names": {str(v): name for v, name in names.items()},
         "num_workers": state["num_workers"],
         "init": state["init"],
+        "weights_sha256": weights_sha256(weights[0]),  # which weights this history is of (register checks)
     }
     logger.info("fit: best validation Dice %.3f at epoch %d", history["best_val_dice"], history["best_epoch"] + 1)
     return weights, history

@@ -69,6 +69,11 @@ def decide_registration(
     evaluate = EvaluateConfig.from_params(evaluate_params)
     state, model_config = trained_model
     digest = weights_sha256(state)
+    if fit_history.get("weights_sha256") not in (None, digest):
+        # fit_history is saved by fit's first node, the model by its second: a run cut off between them
+        raise ValueError("fit_history.json is of other weights than the trained model (a fit run cut off between "
+                         "its nodes?): run `kedro run --pipelines fit` again; its data version and fit run would "
+                         "tag the wrong model in the registry")  # fmt: skip
     cases = cases_in(ingested_cases, gate_split, "gate")
     gate_patients = list(gate_split.get("patients", {}).get("gate", []))
     decision: dict[str, Any] = {

@@ -156,8 +156,12 @@ class RunLock:
         self.left_behind = parse_record(os.pread(fd, 1 << 16, 0))
         self._record = holder_record(self.pipeline)
         record = json.dumps(self._record).encode()
-        os.ftruncate(fd, 0)
-        self._written = os.pwrite(fd, record, 0)
+        # written over the old record (padded with blanks, which JSON ignores), then cut to length:
+        # truncating first left an empty record to a kill in between, and the next run learnt of no
+        # dead holder (no temporaries swept, its MLflow run left RUNNING)
+        os.pwrite(fd, record + b" " * max(0, os.fstat(fd).st_size - len(record)), 0)
+        os.ftruncate(fd, len(record))
+        self._written = len(record)
 
     def note(self, **fields: str) -> None:
         """Add ``fields`` (ids, no PHI) to this run's record while it holds the lock: what the run

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from mvl_pipeline.core import storage
 from mvl_pipeline.evaluation.gate import per_case
 from mvl_pipeline.training.metric_stream import (
     epoch_metrics,
@@ -80,8 +81,8 @@ def start_child(parent: Mapping[str, str] | None, tags: Mapping[str, Any], marke
     run_tags |= {"mlflow.parentRunId": parent["run_id"], "mlflow.runName": f"{tags['arm']}-seed{tags['seed']}"}
     run = client.create_run(experiment, tags=run_tags)
     if marker is not None:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"run_id": run.info.run_id}), encoding="utf-8")
+        # whole or absent: a truncated marker left a killed trial's child run RUNNING for good
+        storage.write_bytes_atomic(None, "file", str(marker), json.dumps({"run_id": run.info.run_id}).encode("utf-8"))
     return run.info.run_id
 
 

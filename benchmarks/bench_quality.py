@@ -67,18 +67,20 @@ def cpu_flags() -> dict[str, bool]:
     return {"amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags, "avx512f": "avx512f" in flags}
 
 
-def score_on_test(weights: tuple[Any, Any], data: dict[str, Any], cache: str) -> tuple[float, dict[str, float], Any]:
-    """Mean and per-class test Dice of ``weights`` (state, config) on the test patients, on their
-    original grid (the project's evaluation, no post-processing); and the model."""
+def score_on(weights: tuple[Any, Any], data: dict[str, Any], cache: str, role: str = "test") -> tuple[float, dict[str, float], Any]:
+    """Mean and per-class Dice of ``weights`` (state, config) on the patients of the split's
+    ``role``, on their original grid (the project's evaluation, no post-processing; Dice where the
+    label holds the class, evaluate's headline); and the model. A benchmark whose figures choose
+    a default scores on ``gate``, the role kept for comparing models, never on ``test``."""
     plan = data["preprocessing_plan"]
     model = model_from_weights(*weights, llm_cache_dir=cache)
     classes = plan_classes(plan)
     rows, _ = score_cases(
-        model, cases_in(data["ingested_cases"], data["data_split"], "test"), plan, classes,
+        model, cases_in(data["ingested_cases"], data["data_split"], role), plan, classes,
         num_classes=model.cfg.num_classes, params=EvaluateConfig(),
     )  # fmt: skip
     summary = summarise(rows)
-    per_class = {name: round(summary[name]["dice"]["mean"], 4) for name in classes.values()}
+    per_class = {name: round(summary[name]["dice_label_present"]["mean"], 4) for name in classes.values()}
     return round(sum(per_class.values()) / len(per_class), 4), per_class, model
 
 
@@ -98,7 +100,7 @@ def train_preset(preset: str, data: dict[str, Any], args: argparse.Namespace, ca
         run_training(config, session)
     except Budget:
         pass
-    dice, per_class, model = score_on_test(session.best[1], data, cache)
+    dice, per_class, model = score_on(session.best[1], data, cache)
     reached = next((point["t_s"] for point in session.curve if point["val_dice"] >= 0.80), None)
     rates = [point["samples_per_s"] for point in session.curve]
     return {

@@ -211,6 +211,43 @@ def test_a_saver_killed_mid_case_leaves_a_temporary_no_load_lists(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["case-a"]
 
 
+_KILLED_MID_SWAP = r"""
+import os, signal, sys
+import numpy as np
+from mvl_pipeline.core.case import Case
+from mvl_pipeline.core.volume import Volume, affine_from_geometry
+from mvl_pipeline.datasets.case_store import CaseStoreDataset
+replace = os.replace
+def replace_then_die(src, dst, *args, **kwargs):  # SIGKILL between the swap's two renames
+    replace(src, dst, *args, **kwargs)
+    if ".old-" in os.path.basename(dst):
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace_then_die
+affine = affine_from_geometry((0.7, 0.8, 3.0), origin=(-10.0, 4.0, 2.5))
+image = Volume(np.full((12, 10, 6), 7.0, np.float32), affine, {"modality": "CT"})
+label = Volume(np.ones((12, 10, 6), np.uint8), affine, {})
+CaseStoreDataset(path=sys.argv[1]).save({"case-a": Case("case-a", "pt-0001", image, label, {"modality": "CT"})})
+"""
+
+
+def test_a_saver_killed_between_the_swaps_two_renames_loses_neither_version(tmp_path):
+    """A case replaced by a new version: the old folder is renamed away, then the new one into
+    place. SIGKILL between the two left no case-a, and the sweep of temporaries deleted both
+    versions (an audit, 2026-12-07). The sweep now puts the complete new version in place."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "cases"
+    CaseStoreDataset(path=str(root)).save({"case-a": make_case("case-a")})
+    done = subprocess.run([sys.executable, "-c", _KILLED_MID_SWAP, str(root)], capture_output=True, timeout=120, check=False)
+    assert done.returncode == -9, done.stderr.decode()[-2000:]
+    assert not (root / "case-a").exists()  # killed between the renames
+    assert storage.remove_temporaries(str(root)) == 1  # the old version's folder
+    case = CaseStoreDataset(path=str(root)).load_case("case-a")
+    assert np.all(np.asarray(case.image.array) == 7.0)  # the new version, whole
+    assert sorted(p.name for p in root.iterdir()) == ["case-a"]
+
+
 def test_removing_a_case_on_s3_takes_its_completion_marker_first(s3_bucket):
     """On an object store there is no rename: the marker goes before the objects it vouches for.
     The removal of the objects is watched on the real (moto) store: the marker is already gone."""

@@ -21,6 +21,7 @@ instead of recording it as a verdict on the data.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -32,6 +33,8 @@ from urllib.parse import urlsplit
 
 import fsspec
 from kedro.io.core import get_protocol_and_path
+
+logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "_COMPLETE"
 
@@ -212,13 +215,21 @@ def remove_temporaries(root: str) -> int:
     """Remove the temporaries of interrupted saves under the local folder ``root``; their count.
 
     Loaders never read them (hidden names, no ``_COMPLETE``), but DVC would hash them into a
-    data version. Only safe while no other process writes under ``root`` (the run lock).
+    data version. Only safe while no other process writes under ``root`` (the run lock). A
+    complete new folder whose target is gone (a swap killed between its two renames) is put in
+    place instead of removed: it is the saved version, and the old one is already out of place.
     """
     removed = 0
     for parent, dirs, files in os.walk(root):
         for name in [d for d in dirs if TEMPORARY.match(d)]:
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
             dirs.remove(name)
+            folder, target = os.path.join(parent, name), os.path.join(parent, name[1:].rsplit(".", 1)[0])
+            if ".tmp-" in name and not os.path.exists(target) and os.path.exists(os.path.join(folder, COMPLETE_MARKER)):
+                # a swap killed between its two renames: the new version is whole, the target gone
+                os.replace(folder, target)
+                logger.info("an interrupted save's complete folder was put in place")
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
             removed += 1
         for name in (f for f in files if TEMPORARY.match(f)):
             with contextlib.suppress(FileNotFoundError):

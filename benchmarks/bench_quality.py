@@ -70,8 +70,9 @@ def cpu_flags() -> dict[str, bool]:
 def score_on(weights: tuple[Any, Any], data: dict[str, Any], cache: str, role: str = "test") -> tuple[float, dict[str, float], Any]:
     """Mean and per-class Dice of ``weights`` (state, config) on the patients of the split's
     ``role``, on their original grid (the project's evaluation, no post-processing; Dice where the
-    label holds the class, evaluate's headline); and the model. A benchmark whose figures choose
-    a default scores on ``gate``, the role kept for comparing models, never on ``test``."""
+    label holds the class, evaluate's headline); and the model. This benchmark reports each
+    preset's test figure (``test``); bench_retrain, whose figures choose a default, scores on
+    ``gate``, the role kept for comparing models."""
     plan = data["preprocessing_plan"]
     model = model_from_weights(*weights, llm_cache_dir=cache)
     classes = plan_classes(plan)
@@ -80,7 +81,8 @@ def score_on(weights: tuple[Any, Any], data: dict[str, Any], cache: str, role: s
         num_classes=model.cfg.num_classes, params=EvaluateConfig(),
     )  # fmt: skip
     summary = summarise(rows)
-    per_class = {name: round(summary[name]["dice_label_present"]["mean"], 4) for name in classes.values()}
+    means = {name: summary[name]["dice_label_present"]["mean"] for name in classes.values() if name in summary}
+    per_class = {name: round(mean, 4) for name, mean in means.items() if mean is not None}  # a class no label holds: none
     return round(sum(per_class.values()) / len(per_class), 4), per_class, model
 
 

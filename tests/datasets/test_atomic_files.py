@@ -78,3 +78,30 @@ def test_the_catalog_writes_no_file_with_kedro_datasets_own_in_place_writers():
             if types & in_place:
                 found.append(f"{path.name}: {name}")
     assert found == []
+
+
+_KILLED_MID_WRITE = r"""
+import os, signal, sys
+import pandas as pd
+from mvl_pipeline.datasets.atomic_files import AtomicCSVDataset
+os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)  # the bytes are out, the rename not yet
+AtomicCSVDataset(filepath=sys.argv[1], save_args={"index": False}).save(
+    pd.DataFrame({"case_id": [f"case-{k:06d}" for k in range(50_000)], "dice": [0.5] * 50_000}))
+"""
+
+
+def test_a_save_killed_while_writing_leaves_the_previous_file_and_a_hidden_temporary(tmp_path):
+    """The write itself interrupted (a real SIGKILL after the new bytes are written, before they
+    replace the file): the previous file loads, whole; the temporary is hidden and swept."""
+    import subprocess
+    import sys
+
+    from mvl_pipeline.core import storage
+
+    path = tmp_path / "results.csv"
+    AtomicCSVDataset(filepath=str(path), save_args={"index": False}).save(rows(10))
+    done = subprocess.run([sys.executable, "-c", _KILLED_MID_WRITE, str(path)], capture_output=True, timeout=120, check=False)
+    assert done.returncode == -9, done.stderr.decode()[-2000:]
+    assert len(AtomicCSVDataset(filepath=str(path)).load()) == 10
+    assert [p.name.startswith(".results.csv.tmp-") for p in sorted(tmp_path.iterdir())] == [True, False]
+    assert storage.remove_temporaries(str(tmp_path)) == 1

@@ -102,6 +102,21 @@ def test_predict_finds_an_msd_inputs_channels_by_their_names_whatever_their_orde
     np.testing.assert_array_equal(recorded_volume_channels(image, declared, ["T2", "x", "T1"]).array, image.array[[2, 0]])
 
 
+def test_a_model_that_recorded_a_raw_site_name_still_finds_its_channel_under_the_index_name():
+    """Since 2026-12-07 an MSD modality name that is no contrast term is ``channel<index>``, at ingest
+    and in predict's names of the input's volumes. A model trained before recorded the raw name:
+    it goes through the same rule, and the error never quotes it."""
+    image = four_d()  # volumes: [ct, mr, 2 * mr]
+    old = [{"name": "T1", "modality": "MR", "match": {"index": "^0$"}, "index": 0, "n_volumes": 2, "source_name": "T1"},
+           {"name": "T2_St_Elsewhere", "modality": "MR", "match": {"index": "^1$"}, "index": 1, "n_volumes": 2,
+            "source_name": "T2 St Elsewhere"}]  # fmt: skip
+    picked = recorded_volume_channels(image, old, ["T1", "channel1", "FLAIR"])  # as read_task names them now
+    np.testing.assert_array_equal(picked.array, image.array[[0, 1]])
+    with pytest.raises(MissingChannelError, match="held it in a volume named 'channel1'") as refused:
+        recorded_volume_channels(image, old, ["T1", "FLAIR", "T2"])
+    assert "elsewhere" not in str(refused.value).lower()
+
+
 def test_predict_refuses_an_unnamed_4d_image_whose_volumes_cannot_be_told_apart():
     image = four_d()  # three volumes
     channels = [{"name": "T1", "modality": "MR", "match": {"index": "^0$"}, "index": 0, "n_volumes": 2},

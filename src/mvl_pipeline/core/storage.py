@@ -7,7 +7,8 @@ swapped in when complete; on object stores the folder's ``_COMPLETE`` marker is 
 (then any objects of an earlier version) and written last, and :func:`is_complete` is what
 loaders check. A crash mid-save therefore never leaves something a later load would accept; the
 hidden temporaries a killed process leaves locally are removed by :func:`remove_temporaries`
-(the next run, once it holds the run lock: ``hooks.RunLockHook``).
+(the next run, once it holds the run lock: ``hooks.RunLockHook``), which puts a complete new
+folder in place where a swap was killed between its two renames.
 
 Object stores fail transiently. Every S3 filesystem made here attempts a request at most
 ``S3_RETRY["total_max_attempts"]`` times (botocore's ``standard`` mode: exponential backoff with
@@ -224,7 +225,8 @@ def remove_temporaries(root: str) -> int:
         for name in [d for d in dirs if TEMPORARY.match(d)]:
             dirs.remove(name)
             folder, target = os.path.join(parent, name), os.path.join(parent, name[1:].rsplit(".", 1)[0])
-            if ".tmp-" in name and not os.path.exists(target) and os.path.exists(os.path.join(folder, COMPLETE_MARKER)):
+            complete = os.path.exists(os.path.join(folder, COMPLETE_MARKER))
+            if TEMPORARY.match(name).group(1) == "tmp" and complete and not os.path.exists(target):
                 # a swap killed between its two renames: the new version is whole, the target gone
                 os.replace(folder, target)
                 logger.info("an interrupted save's complete folder was put in place")

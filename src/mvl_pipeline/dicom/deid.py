@@ -48,7 +48,7 @@ from mvl_pipeline.dicom.write import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VE
 log = logging.getLogger(__name__)
 
 ACTION_DATABASE = "dicomfields_2026c"
-METHOD_VERSION = "mvl_pipeline deid 2"  # 2: the Patient module outside the tables removed
+METHOD_VERSION = "mvl_pipeline deid 3"  # 2: the Patient module outside the tables removed; 3: UIDs outside the tables mapped, burned-in text checked on every file of a series, MSD channel names kept only if contrast terms
 #: What an ingest manifest records: a change re-ingests every study still in the drop.
 DEID_METHOD = f"{METHOD_VERSION}; action tables {ACTION_DATABASE}"
 _BASIC_PROFILE = ("113100", "Basic Application Confidentiality Profile")

@@ -220,6 +220,7 @@ def _describe_arm(averaged: pd.DataFrame, endpoints: pd.DataFrame, metric: str, 
     return {
         "mean": float(values.mean()) if len(values) else None,
         "ci": None if interval is None else [interval[0], interval[1]],
+        "ci_method": None if interval is None else interval.method,
         "n_patients": len(values),
         "per_seed": per_seed,
         "seed_sd": float(np.std(spread, ddof=1)) if len(spread) > 1 else None,

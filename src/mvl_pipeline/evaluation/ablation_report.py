@@ -46,6 +46,12 @@ def _p(value: float | None) -> str:
     return "n/a" if value is None else ("< 0.001" if value < 0.001 else f"{value:.3f}")
 
 
+def _percentile_note(summary: Mapping[str, Any]) -> str:
+    """Says how many intervals fell back to the percentile bootstrap (BCa undefined), if any."""
+    n = sum(e.get("ci_method") == "percentile" for family in summary["comparisons"].values() for e in family.values())
+    return f"; {n} interval(s) by the percentile method, where BCa is undefined" if n else ""
+
+
 def arm_sentence(arm: str, entry: Mapping[str, Any], metric: str, design: Mapping[str, Any]) -> str:
     """One sentence: what the numbers say about ``arm`` against the reference on ``metric``."""
     reference, label = design["reference"], LABELS[metric]
@@ -139,7 +145,7 @@ def render_report(summary: Mapping[str, Any]) -> str:
         "Statistics fixed in advance (`conf/base/parameters_ablation.yml`, `ablation.statistics`): a case's endpoint is the "
         "mean over the foreground classes its label holds, averaged over the seeds of its arm, then per patient; per arm "
         f"against `{reference}`: the mean paired difference with a {plan['confidence_level']:.0%} BCa bootstrap interval "
-        f"over patients ({plan['n_resamples']} resamples), scipy's Wilcoxon signed-rank test, Holm's correction over the "
+        f"over patients ({plan['n_resamples']} resamples{_percentile_note(summary)}), scipy's Wilcoxon signed-rank test, Holm's correction over the "
         f"{len(summary['comparisons'][primary])} comparisons of each endpoint at alpha {plan['alpha']}; the minimum "
         f"detectable difference is the mean paired difference this Wilcoxon test finds with {plan['power']:.0%} power at "
         "Holm's first level (alpha / the number of comparisons), by a seeded simulation of normal per-patient "

@@ -110,7 +110,8 @@ def patient_differences(
 def paired_difference(
     challenger: Mapping[str, Mapping[str, Any]], champion: Mapping[str, Mapping[str, Any]], metric: str, config: RegisterConfig
 ) -> dict[str, Any]:
-    """Mean over patients of (challenger - champion) on ``metric`` and its BCa interval."""
+    """Mean over patients of (challenger - champion) on ``metric`` and its bootstrap interval (BCa;
+    the percentile interval where BCa is undefined, ``ci_method`` says which)."""
     diffs = patient_differences(challenger, champion, metric)
     interval = bootstrap_ci(diffs, n_resamples=config.n_resamples, seed=config.seed, level=config.confidence_level)
     return {

@@ -3,7 +3,8 @@
 Cases of one patient (follow-ups) are not independent: every interval resamples patients, not
 cases. A metric's values are first averaged per patient; the mean of those patient means is the
 figure, and its 95% interval is scipy's BCa bootstrap over patients (the percentile method
-under-covers with few patients; BCa corrects bias and skew). With fewer than three patients no
+under-covers with few patients; BCa corrects bias and skew; where BCa is undefined, the
+percentile interval, and ``ci_method`` says which). With fewer than three patients no
 interval is given (``ci95: null``, ``ci_method`` says why): an interval of zero width at n = 1
 would claim a certainty that is not there.
 """
@@ -48,6 +49,13 @@ class Interval(tuple):
         interval.method = method
         return interval
 
+    def __getnewargs__(self) -> tuple[float, float, str]:  # pickle and deepcopy pass all three
+        return (self[0], self[1], self.method)
+
+    def describe(self) -> str:
+        """The method in words, for a report's ``ci_method``."""
+        return f"{self.method} bootstrap over patients" if self.method in ("BCa", "percentile") else self.method
+
 
 def bootstrap_ci(
     values: Sequence[float], *, n_resamples: int = 5000, seed: int = 0, level: float = 0.95
@@ -59,7 +67,7 @@ def bootstrap_ci(
     if data.size < MIN_PATIENTS_FOR_CI:
         return None
     if np.allclose(data, data[0]):
-        return Interval(float(data[0]), float(data[0]), "BCa")
+        return Interval(float(data[0]), float(data[0]), "none (all values equal)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # BCa warns on near-degenerate data; the fallback follows
         result = stats.bootstrap(
@@ -91,7 +99,7 @@ def describe(values: Sequence[float], patients: Sequence[str], *, seed: int = 0)
         "ci95": None if interval is None else [interval[0], interval[1]],
         "n": len(values),
         "n_patients": int(means.size),
-        "ci_method": f"none (fewer than {MIN_PATIENTS_FOR_CI} patients)" if interval is None else f"{interval.method} bootstrap over patients",
+        "ci_method": f"none (fewer than {MIN_PATIENTS_FOR_CI} patients)" if interval is None else interval.describe(),
     }
 
 
@@ -130,7 +138,8 @@ def summarise(rows: Sequence[Mapping[str, Any]], *, seed: int = 0) -> dict[str, 
             None if not without_label else float(np.mean([r["voxels_pred"] > 0 for r in without_label]))
         )
         entry["n_cases_label_absent"] = len(without_label)
-        entry["hd95_worst_case_cases"] = int(sum(bool(r.get("hd95_worst_case")) for r in class_rows))
+        # among the cases the HD95 figure is over (a prediction of a class the label lacks is a false positive)
+        entry["hd95_worst_case_cases"] = int(sum(bool(r.get("hd95_worst_case")) for r in with_label))
         summary[name] = entry
     return summary
 

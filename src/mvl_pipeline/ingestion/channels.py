@@ -36,6 +36,7 @@ from mvl_pipeline.core.errors import (
     MissingChannelError,
 )
 from mvl_pipeline.core.volume import Volume, guess_modality
+from mvl_pipeline.formats.msd import channel_name
 
 
 def rules_for_unit(channel_rules: Sequence[ChannelRule], channel_names: Sequence[str]) -> tuple[ChannelRule, ...]:
@@ -129,14 +130,17 @@ def recorded_volume_channels(image: Volume, channels: Sequence[Mapping[str, Any]
         indices = []
         for channel in channels:
             if channel.get("source_name"):
-                hits = [i for i, source in enumerate(sources) if _same_name(source["name"], channel["source_name"])]
+                # by the rule the input's names went through (a model trained before it recorded the raw name)
+                index = int(channel.get("index") or 0)
+                recorded, shown = channel_name(index, channel["source_name"]), channel_name(index, channel["name"])
+                hits = [i for i, source in enumerate(sources) if _same_name(source["name"], recorded)]
                 if not hits:
                     raise MissingChannelError(
-                        f"channel {channel['name']!r} is missing: the training images held it in a volume named "
-                        f"{channel['source_name']!r}, and no volume of the input is named so"
+                        f"channel {shown!r} is missing: the training images held it in a volume named "
+                        f"{recorded!r}, and no volume of the input is named so"
                     )
                 if len(hits) > 1:
-                    raise AmbiguousChannelError(f"channel {channel['name']!r}: {len(hits)} volumes of the input share its name")
+                    raise AmbiguousChannelError(f"channel {shown!r}: {len(hits)} volumes of the input share its name")
                 indices.append(hits[0])
             else:
                 rule = ChannelRule(str(channel["name"]), dict(channel.get("match") or {}))

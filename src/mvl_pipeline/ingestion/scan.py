@@ -191,15 +191,18 @@ def scan_drop(
             units.append(Unit("bad_file", descriptor, (descriptor,), error_reason="unreadable_file",
                               error_detail="an MSD dataset.json that could not be read"))  # fmt: skip
             text = None
-        if text is None:  # its task waits: its volumes are not loose ones, and what they gave stays
-            task = _task_files(descriptor, available)
-            msd_files.update(task | {descriptor})
-            held.update(u for f in task if f in fkeys and (u := files[fkeys[f]].get("unit")))
-            continue
-        task_units = msd_units(
+        task_units = [] if text is None else msd_units(
             descriptor, text, available,
             _patients_bytes(drop, patients) if patients in available else None,
         )  # fmt: skip
+        if text is None or [(u.kind, u.source_id) for u in task_units] in ([("bad_file", descriptor)], [("bad_file", patients)]):
+            # its dataset.json or patients.csv cannot be read: the task waits. Its volumes are not
+            # loose ones, and the units they gave stay (a changed file's unit too: from the last manifest)
+            units.extend(task_units)
+            task = _task_files(descriptor, available)
+            msd_files.update(task | {descriptor})
+            held.update(u for f in task if f in fkeys and (u := (old_files.get(fkeys[f]) or {}).get("unit")))
+            continue
         units.extend(task_units)
         msd_files.update(f for u in task_units for f in u.files)
         msd_files.add(descriptor)

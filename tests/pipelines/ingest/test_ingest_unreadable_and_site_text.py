@@ -189,3 +189,20 @@ def test_an_msd_dataset_json_ingest_may_not_read_holds_its_task_and_names_no_pat
     monkeypatch.setattr(LocalFileSystem, "_open", original)  # the permission is fixed
     again = run_ingest(tmp_path / "drop", tmp_path / "data", ingest_params())
     assert len(again.case_ids()) == 3 and set(cases) < set(again.case_ids()) and again.quarantine == []
+
+
+def test_a_task_whose_dataset_json_is_broken_waits_and_keeps_its_cases(tmp_path, caplog):
+    """A half-copied or hand-edited dataset.json: its task's volumes were paired as loose image /
+    label files, and its cases said to have left the drop (a review, 2026-12-07)."""
+    task = tmp_path / "drop" / "Task97_Site"
+    _msd_task(task)
+    first = run_ingest(tmp_path / "drop", tmp_path / "data", ingest_params())
+    (task / "dataset.json").write_text('{"name": "task", "training": [')  # cut off mid-copy
+    caplog.set_level(logging.INFO)
+    held = run_ingest(tmp_path / "drop", tmp_path / "data", ingest_params())
+    assert held.case_ids() == first.case_ids()
+    assert [q["reason"] for q in held.quarantine] == ["invalid_msd_descriptor"]
+    assert "not in this drop" not in caplog.text and "unlabelled" not in caplog.text
+    _msd_task(task)  # copied again, whole
+    again = run_ingest(tmp_path / "drop", tmp_path / "data", ingest_params())
+    assert again.case_ids() == first.case_ids() and again.quarantine == []

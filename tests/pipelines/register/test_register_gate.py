@@ -96,7 +96,8 @@ def test_a_first_model_below_the_floor_is_registered_without_the_champion_alias(
     gate = dict(tiny_training_data["gate_split"])
     gate["patients"] = {**gate["patients"], "gate": [*gate["patients"]["gate"], "pt-withdrawn"]}
     report = register(dataset, tiny_training_data, one_step_models[0], {"first_model_floor": 0.5}, gate_split=gate)
-    assert report["n_gate_patients"] == len(tiny_training_data["gate_split"]["patients"]["gate"])
+    assert report["n_gate_patients_scored"] == len(tiny_training_data["gate_split"]["patients"]["gate"])
+    assert report["n_gate_patients"] == report["n_gate_patients_scored"] + 1  # listed
     assert report["n_gate_patients_without_cases"] == 1
     assert report["challenger_gate_dice"] < 0.5  # the premise: a model below the floor
     assert report["registered"] is True and report["promoted"] is False

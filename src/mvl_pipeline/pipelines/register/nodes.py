@@ -119,9 +119,11 @@ def decide_registration(
     check_no_leakage(model_config, gate_patients, role="gate", model="challenger", key_id=key_id, cases=gate_cases)
     check_plan(model_config, preprocessing_plan, model="challenger")
     challenger_rows = _score(trained_model, preprocessing_plan, cases, llm_cache_dir, evaluate)
-    # the patients scored: a held-out patient whose cases left the data stays listed, without cases
-    decision["n_gate_patients"] = len({str(r["patient_id"]) for r in challenger_rows})
-    decision["n_gate_patients_without_cases"] = len(gate_patients) - decision["n_gate_patients"]
+    # the patients scored (as the gate pairs them); a held-out patient whose cases left the data stays
+    # listed in n_gate_patients, without cases
+    scored = {str(r.get("patient_id") or r["case_id"]) for r in challenger_rows}
+    decision["n_gate_patients_scored"] = len(scored)
+    decision["n_gate_patients_without_cases"] = len(set(gate_patients) - scored)
     champion_rows = None
     if registry.champion is not None:
         champion_weights, champion_plan = registry.champion.load_bundle()

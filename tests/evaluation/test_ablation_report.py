@@ -48,6 +48,11 @@ def test_a_null_result_is_no_detectable_difference_with_the_detectable_differenc
     assert "peak learning rate" not in report  # a design from before ablation.trial.lr: not named
     # the design paragraph describes how the stated figure is found (it was the normal formula's text)
     assert "simulation" in report and "Holm's first level" in report and "z(1-alpha/2)" not in report
+    # every interval here is BCa; one that fell back to the percentile method is counted in the text
+    assert {e["ci_method"] for family in summary["comparisons"].values() for e in family.values()} == {"BCa"}
+    assert "by the percentile method" not in report
+    summary["comparisons"]["dice"]["shuffled"]["ci_method"] = "percentile"
+    assert "1 interval(s) by the percentile method, where BCa is undefined" in render_report(summary)
 
 
 def test_a_real_difference_is_named_with_its_direction_and_figures():

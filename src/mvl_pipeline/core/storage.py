@@ -209,7 +209,7 @@ def train_storage_outage(url: str, exc: BaseException) -> StorageUnavailableErro
 
 #: What an interrupted save leaves beside its target: ``.<name>.tmp-<uuid hex>`` (being written)
 #: and ``.<name>.old-<uuid hex>`` (the replaced version, between the two renames of a swap).
-TEMPORARY = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{32}$")
+TEMPORARY = re.compile(r"^\.(?P<target>.+)\.(?P<kind>tmp|old)-[0-9a-f]{32}$")
 
 
 def remove_temporaries(root: str) -> int:
@@ -222,11 +222,11 @@ def remove_temporaries(root: str) -> int:
     """
     removed = 0
     for parent, dirs, files in os.walk(root):
-        for name in [d for d in dirs if TEMPORARY.match(d)]:
+        for name, match in [(d, m) for d in dirs if (m := TEMPORARY.match(d))]:
             dirs.remove(name)
-            folder, target = os.path.join(parent, name), os.path.join(parent, name[1:].rsplit(".", 1)[0])
+            folder, target = os.path.join(parent, name), os.path.join(parent, match["target"])
             complete = os.path.exists(os.path.join(folder, COMPLETE_MARKER))
-            if TEMPORARY.match(name).group(1) == "tmp" and complete and not os.path.exists(target):
+            if match["kind"] == "tmp" and complete and not os.path.exists(target):
                 # a swap killed between its two renames: the new version is whole, the target gone
                 os.replace(folder, target)
                 logger.info("an interrupted save's complete folder was put in place")

@@ -218,8 +218,8 @@ def _channel_study(
             return
         firsts = [headers[study.series[uid][0]] for uid in chosen]
         check_frames(rules, firsts)
-        deidentified = [_deidentify(headers[study.series[uid][0]], key, config, (headers[f] for f in study.series[uid][1:]))
-                        for uid in chosen]  # fmt: skip
+        deidentified = [_deidentify(first, key, config, (headers[f] for f in study.series[uid][1:]))
+                        for uid, first in zip(chosen, firsts, strict=True)]  # fmt: skip
         volumes = [_assemble(drop, study.series[uid], config, (r.name,)) for uid, r in zip(chosen, rules, strict=True)]
         image, coverages = stack_channels(volumes, [r.name for r in rules], min_overlap=config.channel_min_overlap)
         label, label_names = None, {}

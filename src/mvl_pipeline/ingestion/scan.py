@@ -286,6 +286,6 @@ def scan_drop(
             old_files_of[entry["unit"]].add(fkey)
     superseded = {
         ukey for ukey, unit in old_units.items()
-        if ukey not in live and not unit.get("cases") and old_files_of.get(ukey) and old_files_of[ukey] <= set(files)
+        if ukey not in live and not unit.get("cases") and old_files_of.get(ukey) and old_files_of[ukey] <= files.keys()
     }  # fmt: skip
     return DropScan(files=files, todo=todo, live_units=live, superseded_units=superseded, n_files=len(fkeys), n_units=len(live))

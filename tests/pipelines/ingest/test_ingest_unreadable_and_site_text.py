@@ -19,6 +19,7 @@ import gzip
 import json
 import logging
 import os
+from collections.abc import Callable
 
 import nibabel as nib
 import numpy as np
@@ -33,6 +34,20 @@ def _outputs_text(root) -> str:
     return "\n".join(p.read_text(errors="replace") for p in sorted(root.rglob("*")) if p.suffix in (".json", ".csv"))
 
 
+def _refuse_reading(monkeypatch, refused) -> Callable[[], None]:
+    """The filesystem's open refuses the paths ``refused(path)`` picks (as root no file is
+    unreadable); the function returned gives the permission back."""
+    original = LocalFileSystem._open
+
+    def refusing(self, path, mode="rb", *args, **kwargs):
+        if refused(str(path)):
+            raise PermissionError(13, "Permission denied", str(path))
+        return original(self, path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "_open", refusing)
+    return lambda: monkeypatch.setattr(LocalFileSystem, "_open", original)
+
+
 def test_a_file_ingest_may_not_read_is_quarantined_without_its_path_and_read_again_later(
     tmp_path, sample_studies, monkeypatch, caplog
 ):
@@ -42,14 +57,7 @@ def test_a_file_ingest_may_not_read_is_quarantined_without_its_path_and_read_aga
     files[f"{FOLDER}/{seg.rsplit('/', 1)[1]}"] = files.pop(seg)  # the SEG, in a patient-named folder
     drop = write_drop(tmp_path / "drop", files)
 
-    original = LocalFileSystem._open
-
-    def refusing(self, path, mode="rb", *args, **kwargs):
-        if FOLDER in str(path):
-            raise PermissionError(13, "Permission denied", str(path))
-        return original(self, path, mode, *args, **kwargs)
-
-    monkeypatch.setattr(LocalFileSystem, "_open", refusing)
+    give_back = _refuse_reading(monkeypatch, lambda path: FOLDER in path)
     caplog.set_level(logging.INFO)
     run = run_ingest(drop, tmp_path / "data")
 
@@ -58,7 +66,7 @@ def test_a_file_ingest_may_not_read_is_quarantined_without_its_path_and_read_aga
     shown = _outputs_text(tmp_path / "data") + caplog.text
     assert NAME.lower() not in shown.lower() and "19310517" not in shown
 
-    monkeypatch.setattr(LocalFileSystem, "_open", original)  # the permission is fixed
+    give_back()  # the permission is fixed
     run = run_ingest(drop, tmp_path / "data")
     assert sorted(run.case_ids()) == sorted([first.case_id, second.case_id])
     assert run.quarantine == []  # the record of the file it could not read is of the past
@@ -117,19 +125,12 @@ def test_a_patients_csv_ingest_may_not_read_holds_back_the_images_it_covers(tmp_
     files["export/patients.csv"] = b"case_id,patient_id\nP0/scan,visit-owner\nP1/scan,visit-owner\n"
     drop = write_drop(tmp_path / "drop", files)
 
-    original = LocalFileSystem._open
-
-    def refusing(self, path, mode="rb", *args, **kwargs):
-        if str(path).endswith("patients.csv"):
-            raise PermissionError(13, "Permission denied", str(path))
-        return original(self, path, mode, *args, **kwargs)
-
-    monkeypatch.setattr(LocalFileSystem, "_open", refusing)
+    give_back = _refuse_reading(monkeypatch, lambda path: path.endswith("patients.csv"))
     run = run_ingest(drop, tmp_path / "data")
     assert run.case_ids() == []  # both images wait for their patients
     assert [q["reason"] for q in run.quarantine] == ["invalid_patients_file"]
 
-    monkeypatch.setattr(LocalFileSystem, "_open", original)  # the permission is fixed
+    give_back()  # the permission is fixed
     run = run_ingest(drop, tmp_path / "data")
     assert len(run.case_ids()) == 2
     assert len({run.case(c).patient_id for c in run.case_ids()}) == 1  # one patient's two visits
@@ -166,14 +167,7 @@ def test_an_msd_dataset_json_ingest_may_not_read_holds_its_task_and_names_no_pat
     cases = first.case_ids()
     assert len(cases) == 2 and first.quarantine == []
 
-    original = LocalFileSystem._open
-
-    def refusing(self, path, mode="rb", *args, **kwargs):
-        if str(path).endswith("dataset.json"):
-            raise PermissionError(13, "Permission denied", str(path))
-        return original(self, path, mode, *args, **kwargs)
-
-    monkeypatch.setattr(LocalFileSystem, "_open", refusing)
+    give_back = _refuse_reading(monkeypatch, lambda path: path.endswith("dataset.json"))
     held = run_ingest(tmp_path / "drop", tmp_path / "data", ingest_params())  # unchanged: read, not hashed
     assert held.case_ids() == cases
     assert [(q["reason"], q["n_files"]) for q in held.quarantine] == [("unreadable_file", 1)]
@@ -186,7 +180,7 @@ def test_an_msd_dataset_json_ingest_may_not_read_holds_its_task_and_names_no_pat
     shown = _outputs_text(tmp_path / "data") + caplog.text
     assert NAME.lower() not in shown.lower() and "19310517" not in shown
 
-    monkeypatch.setattr(LocalFileSystem, "_open", original)  # the permission is fixed
+    give_back()  # the permission is fixed
     again = run_ingest(tmp_path / "drop", tmp_path / "data", ingest_params())
     assert len(again.case_ids()) == 3 and set(cases) < set(again.case_ids()) and again.quarantine == []
 
